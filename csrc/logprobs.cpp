@@ -1,0 +1,182 @@
+// CPU kernels for rlhf_fast::gather_logprobs (token log-probs + entropy from logits).
+//
+// Forward, per row of V logits: one pass converts x / T to a float row buffer and finds the
+// max, one pass over that (L1/L2-resident) buffer accumulates sum(exp(z - m)) and
+// sum(exp(z - m) * (z - m)) with a vectorised exp. Nothing of size [N, V] is written: the outputs
+// are three floats per row (log-prob, entropy, log-sum-exp).
+//   lse = m + log(s),  logprob = z[y] - lse,  entropy = log(s) - t / s.
+// Backward, per row, one read of the logits and one write of d(logits):
+//   dz_k = g_lp * (1[k = y] - p_k) - g_H * p_k * (z_k - lse + H),  dx = dz / T.
+// Rows are independent: OpenMP over rows (the same libgomp runtime torch uses, so
+// torch.set_num_threads applies).
+#include "common.h"
+
+#include <omp.h>
+
+namespace rlhf_fast {
+namespace {
+
+struct RowStats {
+  float logprob, entropy, lse;
+};
+
+template <typename scalar_t>
+RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
+                     float temperature, int64_t ignore_index, bool want_entropy, float* buf) {
+  float m = -std::numeric_limits<float>::infinity();
+  if (use_div) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) {
+      float z = to_float(x[j]) / temperature;
+      buf[j] = z;
+      m = z > m ? z : m;
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) {
+      float z = to_float(x[j]);
+      buf[j] = z;
+      m = z > m ? z : m;
+    }
+  }
+  float s = 0.f, t = 0.f;
+  if (want_entropy) {
+#pragma omp simd reduction(+ : s, t)
+    for (int64_t j = 0; j < V; ++j) {
+      float d = buf[j] - m;
+      float e = fast_expf(d);
+      s += e;
+      t += e > 0.f ? e * d : 0.f;  // exp(-inf) * -inf would be NaN: a -inf logit adds nothing
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < V; ++j) s += fast_expf(buf[j] - m);
+  }
+  // A row with NaN: the max reduction may skip the NaN, the sum does not.
+  float log_s = std::log(s);
+  RowStats r;
+  r.lse = m + log_s;
+  r.entropy = want_entropy ? log_s - t / s : 0.f;
+  if (label == ignore_index) {
+    r.logprob = 0.f;
+  } else if (label >= 0 && label < V) {
+    r.logprob = buf[label] - r.lse;
+  } else {
+    r.logprob = std::numeric_limits<float>::quiet_NaN();  // the Python layer rejects these first
+  }
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool return_entropy,
+    int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 3, "gather_logprobs: logits must be (B, T, V), got ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
+              "gather_logprobs: labels must be (B, T)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "gather_logprobs: labels must be int64");
+  // (B, T, V) with any strides on B and T (e.g. logits[:, :-1] of a [B, T+1, V] tensor) is read
+  // in place; only a non-unit stride along V forces a copy.
+  at::Tensor x = logits.stride(2) == 1 ? logits : logits.contiguous();
+  at::Tensor y = labels.contiguous();
+  const int64_t B = x.size(0), Tn = x.size(1), N = B * Tn, V = x.size(2);
+  const int64_t sb = x.stride(0), st = x.stride(1);
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor lp = at::empty({B, Tn}, opts), ent = at::empty({B, Tn}, opts), lse = at::empty({B, Tn}, opts);
+  float* lp_p = lp.data_ptr<float>();
+  float* ent_p = ent.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t* y_p = y.data_ptr<int64_t>();
+  const float temp = static_cast<float>(temperature);
+  const bool use_div = temp != 1.0f;
+  dispatch_floating(x.scalar_type(), "gather_logprobs", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+#pragma omp parallel if (N > 1)
+    {
+      std::vector<float> buf(static_cast<size_t>(V));
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N; ++i) {
+        RowStats r = logprob_row<scalar_t>(x_p + (i / Tn) * sb + (i % Tn) * st, V, y_p[i], use_div,
+                                           temp, ignore_index, return_entropy, buf.data());
+        lp_p[i] = r.logprob;
+        ent_p[i] = r.entropy;
+        lse_p[i] = r.lse;
+      }
+    }
+  });
+  return {lp, ent, lse};
+}
+
+at::Tensor gather_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
+                                       const std::optional<at::Tensor>& grad_entropy,
+                                       const at::Tensor& logits, const at::Tensor& labels,
+                                       const at::Tensor& lse, const at::Tensor& entropy,
+                                       double temperature, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 3, "gather_logprobs_backward: logits must be (B, T, V)");
+  at::Tensor x = logits.stride(2) == 1 ? logits : logits.contiguous();
+  const int64_t B = x.size(0), Tn = x.size(1), N = B * Tn, V = x.size(2);
+  const int64_t sb = x.stride(0), st = x.stride(1);
+  at::Tensor glp = grad_logprobs.to(at::kFloat).contiguous();
+  const bool has_gh = grad_entropy.has_value() && grad_entropy->defined();
+  at::Tensor gh = has_gh ? grad_entropy->to(at::kFloat).contiguous() : glp;
+  at::Tensor y = labels.contiguous(), lse_c = lse.contiguous(), ent_c = entropy.contiguous();
+  at::Tensor dx = at::empty({B, Tn, V}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* glp_p = glp.data_ptr<float>();
+  const float* gh_p = gh.data_ptr<float>();
+  const float* lse_p = lse_c.data_ptr<float>();
+  const float* ent_p = ent_c.data_ptr<float>();
+  const int64_t* y_p = y.data_ptr<int64_t>();
+  const float temp = static_cast<float>(temperature);
+  dispatch_floating(x.scalar_type(), "gather_logprobs_backward", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    scalar_t* dx_p = dx.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* xr = x_p + (i / Tn) * sb + (i % Tn) * st;
+      scalar_t* dr = dx_p + i * V;
+      const int64_t label = y_p[i];
+      const bool has_label = label != ignore_index && label >= 0 && label < V;
+      const float g_lp = has_label ? glp_p[i] : 0.f;
+      const float g_h = has_gh ? gh_p[i] : 0.f;
+      const float row_lse = lse_p[i];
+      const float h_minus_lse = ent_p[i] - row_lse;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) {
+        float z = to_float(xr[j]) / temp;
+        float p = fast_expf(z - row_lse);
+        float ent_term = p > 0.f ? p * (z + h_minus_lse) : 0.f;
+        float dz = -g_lp * p - g_h * ent_term;
+        dr[j] = from_float<scalar_t>(dz / temp);
+      }
+      if (has_label) {
+        float z = to_float(xr[label]) / temp;
+        float p = fast_expf(z - row_lse);
+        float ent_term = p > 0.f ? p * (z + h_minus_lse) : 0.f;
+        float dz = g_lp * (1.f - p) - g_h * ent_term;
+        dr[label] = from_float<scalar_t>(dz / temp);
+      }
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+
+// The schemas are mirrored in rlhf_fast/ops/logprobs.py (SCHEMAS) for the no-compiler fallback;
+// tests/test_gather_logprobs.py checks the two agree.
+TORCH_LIBRARY_FRAGMENT(rlhf_fast, m) {
+  m.def(
+      "gather_logprobs(Tensor logits, Tensor labels, float temperature=1.0, "
+      "bool return_entropy=False, int ignore_index=-100) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gather_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("gather_logprobs", &gather_logprobs_cpu);
+  m.impl("gather_logprobs_backward", &gather_logprobs_backward_cpu);
+}
+
+}  // namespace rlhf_fast

@@ -1,0 +1,83 @@
+"""Input validation shared by the ops and the reference: clear ValueErrors that name the argument.
+
+Checks that need the tensor's values (label range, finiteness) synchronise with the device; they
+are skipped while torch.compile traces (``torch.compiler.is_compiling()``), where the kernels'
+own guards (out-of-range labels give NaN, never an out-of-bounds read) still hold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, floating: bool | None = None, min_dim: int = 0) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating is True and x.dtype not in FLOATING:
+        raise ValueError(
+            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}"
+        )
+    if floating is False and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise ValueError(f"{k} is on {v.device} but {first_name} is on {first.device}")
+
+
+def check_positive_finite(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
+    """Labels must lie in [0, vocab) or equal ignore_index. One host sync (skipped when tracing)."""
+    if tracing() or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):  # CPU-GPU sync point: the price of a clear error instead of a NaN
+        idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{name}{list(idx)} = {int(labels[idx])} is outside [0, {vocab}) and is not "
+            f"ignore_index={ignore_index}"
+        )
+
+
+def check_logprob_inputs(logits, labels, temperature, ignore_index) -> float:
+    """Validates ``gather_logprobs`` arguments; returns the temperature as a float."""
+    check_tensor("logits", logits, floating=True, min_dim=1)
+    check_tensor("labels", labels, floating=False)
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    check_same_device(logits=logits, labels=labels)
+    temperature = check_positive_finite("temperature", temperature)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty last (vocabulary) dimension")
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_labels(labels, logits.shape[-1], ignore_index)
+    return temperature

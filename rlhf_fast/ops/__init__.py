@@ -1,0 +1,7 @@
+"""The public fused ops: ``torch.ops.rlhf_fast.*`` custom ops (C++ on CPU, Triton on CUDA, fake
+kernels for torch.compile, autograd) behind validated Python functions. Importing this package
+builds the C++ library on first use (cached)."""
+
+from rlhf_fast.ops.logprobs import gather_logprobs
+
+__all__ = ["gather_logprobs"]

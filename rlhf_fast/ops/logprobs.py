@@ -1,0 +1,158 @@
+"""``gather_logprobs``: token log-probs (+ entropy) from logits, as one fused custom op.
+
+``torch.ops.rlhf_fast.gather_logprobs(logits (B, T, V), labels (B, T), temperature, return_entropy,
+ignore_index) -> (logprobs, entropy, lse)``, all (B, T) float32, dispatches to the C++ kernel on
+CPU (csrc/logprobs.cpp) and the Triton kernel on CUDA (kernels/logprobs.py); a fake kernel lets
+torch.compile trace it; autograd runs ``gather_logprobs_backward``, one pass writing d(logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import _checks
+from rlhf_fast.ops import _library
+
+# Mirrors TORCH_LIBRARY_FRAGMENT in csrc/logprobs.cpp (used only when the C++ library cannot be
+# built); a test checks the two agree.
+SCHEMAS = {
+    "gather_logprobs": (
+        "gather_logprobs(Tensor logits, Tensor labels, float temperature=1.0, "
+        "bool return_entropy=False, int ignore_index=-100) -> (Tensor, Tensor, Tensor)"
+    ),
+    "gather_logprobs_backward": (
+        "gather_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+        "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor"
+    ),
+}
+
+
+# ---- CPU fallback (no compiler): plain torch, materialises [B, T, V] -------------------------
+
+def _fwd_torch(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+    z = logits.float() / temperature
+    logp = torch.log_softmax(z, -1)
+    lse = torch.logsumexp(z, -1)
+    ignored = labels == ignore_index
+    lp = logp.gather(-1, labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    lp = torch.where(ignored, 0.0, lp)
+    p = logp.exp()
+    ent = -(p * torch.where(p > 0, logp, 0.0)).sum(-1) if return_entropy else torch.zeros_like(lse)
+    return lp, ent, lse
+
+
+def _bwd_torch(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    z = logits.float() / temperature
+    p = torch.exp(z - lse.unsqueeze(-1))
+    has_label = labels != ignore_index
+    g = torch.where(has_label, grad_logprobs.float(), 0.0).unsqueeze(-1)
+    onehot = torch.zeros_like(p).scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 1.0)
+    dz = g * (onehot - p)
+    if grad_entropy is not None:
+        term = torch.where(p > 0, p * (z - lse.unsqueeze(-1) + entropy.unsqueeze(-1)), 0.0)
+        dz = dz - grad_entropy.float().unsqueeze(-1) * term
+    return (dz / temperature).to(logits.dtype)
+
+
+# ---- CUDA: Triton ----------------------------------------------------------------------------
+
+def _fwd_cuda(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+    from rlhf_fast.kernels.logprobs import gather_logprobs_fwd
+
+    return gather_logprobs_fwd(logits, labels, temperature, return_entropy, ignore_index)
+
+
+def _bwd_cuda(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    from rlhf_fast.kernels.logprobs import gather_logprobs_bwd
+
+    return gather_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index)
+
+
+# ---- fake (meta) kernels, autograd -----------------------------------------------------------
+
+def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+    shape = logits.shape[:-1]
+    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(3))
+
+
+def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, return_entropy, ignore_index = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature, ctx.return_entropy, ctx.ignore_index = temperature, return_entropy, ignore_index
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if not ctx.return_entropy:
+        grad_entropy = None  # entropy was not computed: it is a constant zero
+    dlogits = torch.ops.rlhf_fast.gather_logprobs_backward(
+        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+    )
+    return dlogits, None, None, None, None
+
+
+def _register() -> None:
+    if not _library.load_extension():
+        _library.define_fallback(
+            SCHEMAS, {"gather_logprobs": _fwd_torch, "gather_logprobs_backward": _bwd_torch}
+        )
+    torch.library.register_fake("rlhf_fast::gather_logprobs")(_fwd_fake)
+    torch.library.register_fake("rlhf_fast::gather_logprobs_backward")(_bwd_fake)
+    torch.library.register_kernel("rlhf_fast::gather_logprobs", "cuda", _fwd_cuda)
+    torch.library.register_kernel("rlhf_fast::gather_logprobs_backward", "cuda", _bwd_cuda)
+    torch.library.register_autograd("rlhf_fast::gather_logprobs", _backward, setup_context=_setup_context)
+
+
+_register()
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (B, T, V) without copying when the leading dims allow a view."""
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() == 3:
+        return x
+    return x.flatten(0, -3)  # copies only if the leading dims cannot be merged
+
+
+def gather_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+):
+    """Log-prob of each label under ``softmax(logits / temperature)``, fused, float32.
+
+    Args:
+        logits: (..., V) float32 / bfloat16 / float16 / float64, any strides (a unit stride along
+            V avoids a copy; slices like ``logits[:, :-1]`` are read in place).
+        labels: (...) integer, in [0, V) or equal to ``ignore_index`` (log-prob 0, no gradient).
+        temperature: > 0; logits are divided by it (N-details #10: use the sampling temperature).
+        return_entropy: also return the entropy of ``softmax(logits / temperature)``.
+    Returns:
+        logprobs (...) float32, and entropy (...) float32 if ``return_entropy``. Differentiable
+        w.r.t. logits through both; no [..., V] float32 temporary is ever created.
+    Raises:
+        ValueError naming the argument: non-floating logits, integer labels of the wrong shape or
+        out of range, a device mismatch, temperature <= 0 or not finite.
+    """
+    temperature = _checks.check_logprob_inputs(logits, labels, temperature, ignore_index)
+    lead = logits.shape[:-1]
+    x = _as_3d(logits)
+    y = labels.reshape(x.shape[:-1]).long()
+    lp, ent, _ = torch.ops.rlhf_fast.gather_logprobs(x, y, temperature, bool(return_entropy), int(ignore_index))
+    if return_entropy:
+        return lp.reshape(lead), ent.reshape(lead)
+    return lp.reshape(lead)
