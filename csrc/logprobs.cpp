@@ -3,10 +3,11 @@
 // Forward, per row of V logits: one pass converts x / T to a float row buffer and finds the
 // max, one pass over that (L1/L2-resident) buffer accumulates sum(exp(z - m)) and
 // sum(exp(z - m) * (z - m)) with a vectorised exp. Nothing of size [N, V] is written: the outputs
-// are three floats per row (log-prob, entropy, log-sum-exp).
-//   lse = m + log(s),  logprob = z[y] - lse,  entropy = log(s) - t / s.
-// Backward, per row, one read of the logits and one write of d(logits):
-//   dz_k = g_lp * (1[k = y] - p_k) - g_H * p_k * (z_k - lse + H),  dx = dz / T.
+// are four floats per row (log-prob, entropy, and the row stats m and log(s)).
+//   logprob = (z[y] - m) - log(s),  entropy = log(s) - t / s.
+// Backward, per row, one read of the logits and one write of d(logits), with
+// log p_k = (z_k - m) - log(s):
+//   dz_k = g_lp * (1[k = y] - p_k) - g_H * p_k * (log p_k + H),  dx = dz / T.
 // Rows are independent: OpenMP over rows (the same libgomp runtime torch uses, so
 // torch.set_num_threads applies).
 #include "common.h"
@@ -17,7 +18,7 @@ namespace rlhf_fast {
 namespace {
 
 struct RowStats {
-  float logprob, entropy, lse;
+  float logprob, entropy, max, log_sum;  // lse = max + log_sum, kept in two parts (see below)
 };
 
 template <typename scalar_t>
@@ -55,12 +56,15 @@ RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
   // A row with NaN: the max reduction may skip the NaN, the sum does not.
   float log_s = std::log(s);
   RowStats r;
-  r.lse = m + log_s;
+  r.max = m;
+  r.log_sum = log_s;
   r.entropy = want_entropy ? log_s - t / s : 0.f;
   if (label == ignore_index) {
     r.logprob = 0.f;
   } else if (label >= 0 && label < V) {
-    r.logprob = buf[label] - r.lse;
+    // (z - m) - log_s, not z - (m + log_s): a rounded lse of ~10 carries an absolute error of
+    // ~5e-7, four times what torch's log_softmax has on log-probs of order 1.
+    r.logprob = (buf[label] - m) - log_s;
   } else {
     r.logprob = std::numeric_limits<float>::quiet_NaN();  // the Python layer rejects these first
   }
@@ -81,10 +85,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_cpu(
   const int64_t B = x.size(0), Tn = x.size(1), N = B * Tn, V = x.size(2);
   const int64_t sb = x.stride(0), st = x.stride(1);
   auto opts = x.options().dtype(at::kFloat);
-  at::Tensor lp = at::empty({B, Tn}, opts), ent = at::empty({B, Tn}, opts), lse = at::empty({B, Tn}, opts);
+  at::Tensor lp = at::empty({B, Tn}, opts), ent = at::empty({B, Tn}, opts);
+  at::Tensor stats = at::empty({B, Tn, 2}, opts);  // (max, log sum exp(z - max)) per row
   float* lp_p = lp.data_ptr<float>();
   float* ent_p = ent.data_ptr<float>();
-  float* lse_p = lse.data_ptr<float>();
+  float* stats_p = stats.data_ptr<float>();
   const int64_t* y_p = y.data_ptr<int64_t>();
   const float temp = static_cast<float>(temperature);
   const bool use_div = temp != 1.0f;
@@ -100,17 +105,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_cpu(
                                            temp, ignore_index, return_entropy, buf.data());
         lp_p[i] = r.logprob;
         ent_p[i] = r.entropy;
-        lse_p[i] = r.lse;
+        stats_p[2 * i] = r.max;
+        stats_p[2 * i + 1] = r.log_sum;
       }
     }
   });
-  return {lp, ent, lse};
+  return {lp, ent, stats};
 }
 
 at::Tensor gather_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
                                        const std::optional<at::Tensor>& grad_entropy,
                                        const at::Tensor& logits, const at::Tensor& labels,
-                                       const at::Tensor& lse, const at::Tensor& entropy,
+                                       const at::Tensor& stats, const at::Tensor& entropy,
                                        double temperature, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 3, "gather_logprobs_backward: logits must be (B, T, V)");
   at::Tensor x = logits.stride(2) == 1 ? logits : logits.contiguous();
@@ -119,11 +125,11 @@ at::Tensor gather_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
   at::Tensor glp = grad_logprobs.to(at::kFloat).contiguous();
   const bool has_gh = grad_entropy.has_value() && grad_entropy->defined();
   at::Tensor gh = has_gh ? grad_entropy->to(at::kFloat).contiguous() : glp;
-  at::Tensor y = labels.contiguous(), lse_c = lse.contiguous(), ent_c = entropy.contiguous();
+  at::Tensor y = labels.contiguous(), stats_c = stats.contiguous(), ent_c = entropy.contiguous();
   at::Tensor dx = at::empty({B, Tn, V}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const float* glp_p = glp.data_ptr<float>();
   const float* gh_p = gh.data_ptr<float>();
-  const float* lse_p = lse_c.data_ptr<float>();
+  const float* stats_p = stats_c.data_ptr<float>();
   const float* ent_p = ent_c.data_ptr<float>();
   const int64_t* y_p = y.data_ptr<int64_t>();
   const float temp = static_cast<float>(temperature);
@@ -139,20 +145,20 @@ at::Tensor gather_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
       const bool has_label = label != ignore_index && label >= 0 && label < V;
       const float g_lp = has_label ? glp_p[i] : 0.f;
       const float g_h = has_gh ? gh_p[i] : 0.f;
-      const float row_lse = lse_p[i];
-      const float h_minus_lse = ent_p[i] - row_lse;
+      const float row_max = stats_p[2 * i], log_sum = stats_p[2 * i + 1];
+      const float h = ent_p[i];
 #pragma omp simd
       for (int64_t j = 0; j < V; ++j) {
-        float z = to_float(xr[j]) / temp;
-        float p = fast_expf(z - row_lse);
-        float ent_term = p > 0.f ? p * (z + h_minus_lse) : 0.f;
+        float logp = (to_float(xr[j]) / temp - row_max) - log_sum;
+        float p = fast_expf(logp);
+        float ent_term = p > 0.f ? p * (logp + h) : 0.f;
         float dz = -g_lp * p - g_h * ent_term;
         dr[j] = from_float<scalar_t>(dz / temp);
       }
       if (has_label) {
-        float z = to_float(xr[label]) / temp;
-        float p = fast_expf(z - row_lse);
-        float ent_term = p > 0.f ? p * (z + h_minus_lse) : 0.f;
+        float logp = (to_float(xr[label]) / temp - row_max) - log_sum;
+        float p = fast_expf(logp);
+        float ent_term = p > 0.f ? p * (logp + h) : 0.f;
         float dz = g_lp * (1.f - p) - g_h * ent_term;
         dr[label] = from_float<scalar_t>(dz / temp);
       }
@@ -171,7 +177,7 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast, m) {
       "bool return_entropy=False, int ignore_index=-100) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gather_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-      "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+      "Tensor labels, Tensor row_stats, Tensor entropy, float temperature, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {

@@ -81,3 +81,30 @@ def check_logprob_inputs(logits, labels, temperature, ignore_index) -> float:
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     check_labels(labels, logits.shape[-1], ignore_index)
     return temperature
+
+
+def check_linear_logprob_inputs(hidden, weight, labels, temperature, ignore_index) -> float:
+    """Validates ``linear_logprobs`` arguments; returns the temperature as a float."""
+    check_tensor("hidden", hidden, floating=True, min_dim=1)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("labels", labels, floating=False)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]})"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    check_same_device(hidden=hidden, weight=weight, labels=labels)
+    temperature = check_positive_finite("temperature", temperature)
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have a non-empty first (vocabulary) dimension")
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_labels(labels, weight.shape[0], ignore_index)
+    return temperature

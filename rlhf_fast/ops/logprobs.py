@@ -1,7 +1,8 @@
 """``gather_logprobs``: token log-probs (+ entropy) from logits, as one fused custom op.
 
 ``torch.ops.rlhf_fast.gather_logprobs(logits (B, T, V), labels (B, T), temperature, return_entropy,
-ignore_index) -> (logprobs, entropy, lse)``, all (B, T) float32, dispatches to the C++ kernel on
+ignore_index) -> (logprobs, entropy, row_stats)``, float32 (B, T), (B, T) and (B, T, 2) (the row max and
+log-sum-exp minus it, saved for the backward), dispatches to the C++ kernel on
 CPU (csrc/logprobs.cpp) and the Triton kernel on CUDA (kernels/logprobs.py); a fake kernel lets
 torch.compile trace it; autograd runs ``gather_logprobs_backward``, one pass writing d(logits).
 """
@@ -22,7 +23,7 @@ SCHEMAS = {
     ),
     "gather_logprobs_backward": (
         "gather_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-        "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor"
+        "Tensor labels, Tensor row_stats, Tensor entropy, float temperature, int ignore_index) -> Tensor"
     ),
 }
 
@@ -32,24 +33,25 @@ SCHEMAS = {
 def _fwd_torch(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
     z = logits.float() / temperature
     logp = torch.log_softmax(z, -1)
-    lse = torch.logsumexp(z, -1)
+    m = z.amax(-1, keepdim=True)
+    stats = torch.cat([m, torch.logsumexp(z - m, -1, keepdim=True)], -1)
     ignored = labels == ignore_index
     lp = logp.gather(-1, labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
     lp = torch.where(ignored, 0.0, lp)
     p = logp.exp()
-    ent = -(p * torch.where(p > 0, logp, 0.0)).sum(-1) if return_entropy else torch.zeros_like(lse)
-    return lp, ent, lse
+    ent = -(p * torch.where(p > 0, logp, 0.0)).sum(-1) if return_entropy else torch.zeros_like(lp)
+    return lp, ent, stats
 
 
-def _bwd_torch(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
-    z = logits.float() / temperature
-    p = torch.exp(z - lse.unsqueeze(-1))
+def _bwd_torch(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
+    logp = (logits.float() / temperature - row_stats[..., :1]) - row_stats[..., 1:]
+    p = torch.exp(logp)
     has_label = labels != ignore_index
     g = torch.where(has_label, grad_logprobs.float(), 0.0).unsqueeze(-1)
     onehot = torch.zeros_like(p).scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 1.0)
     dz = g * (onehot - p)
     if grad_entropy is not None:
-        term = torch.where(p > 0, p * (z - lse.unsqueeze(-1) + entropy.unsqueeze(-1)), 0.0)
+        term = torch.where(p > 0, p * (logp + entropy.unsqueeze(-1)), 0.0)
         dz = dz - grad_entropy.float().unsqueeze(-1) * term
     return (dz / temperature).to(logits.dtype)
 
@@ -62,39 +64,43 @@ def _fwd_cuda(logits, labels, temperature=1.0, return_entropy=False, ignore_inde
     return gather_logprobs_fwd(logits, labels, temperature, return_entropy, ignore_index)
 
 
-def _bwd_cuda(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+def _bwd_cuda(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
     from rlhf_fast.kernels.logprobs import gather_logprobs_bwd
 
-    return gather_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index)
+    return gather_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index)
 
 
 # ---- fake (meta) kernels, autograd -----------------------------------------------------------
 
 def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
     shape = logits.shape[:-1]
-    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(3))
+    return (
+        logits.new_empty(shape, dtype=torch.float32),
+        logits.new_empty(shape, dtype=torch.float32),
+        logits.new_empty((*shape, 2), dtype=torch.float32),
+    )
 
 
-def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, return_entropy, ignore_index = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    _, entropy, row_stats = output
+    ctx.save_for_backward(logits, labels, row_stats, entropy)
     ctx.temperature, ctx.return_entropy, ctx.ignore_index = temperature, return_entropy, ignore_index
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(row_stats)
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+    logits, labels, row_stats, entropy = ctx.saved_tensors
     if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
+        grad_logprobs = torch.zeros_like(entropy)
     if not ctx.return_entropy:
         grad_entropy = None  # entropy was not computed: it is a constant zero
     dlogits = torch.ops.rlhf_fast.gather_logprobs_backward(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+        grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index
     )
     return dlogits, None, None, None, None
 
