@@ -1,0 +1,182 @@
+"""Shared benchmark harness: timing, memory, device facts, and the JSON record format.
+
+Every benchmark reports physics, not just milliseconds (STYLE.md #11): GB/s and percent of the
+device's memory bandwidth for memory-bound ops, TFLOP/s and percent of peak for matmul-bound
+ones. Compile and warm-up are excluded; on a GPU the L2 cache is flushed before every timed call.
+
+Record (one JSON file per run under benchmarks/results/):
+    {"benchmark", "date", "device": {"name", "kind", "peak_bandwidth_gbps", "peak_bandwidth_source",
+     "peak_tflops_bf16"}, "versions": {...}, "config": {...}, "results": [{"impl", "case", "pass",
+     "p20_ms", "p50_ms", "p80_ms", "gbps", "pct_peak_bandwidth", "tflops", "pct_peak_tflops",
+     "peak_extra_mb", ...}]}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Datasheet peaks (dense bf16 tensor-core TFLOP/s; HBM bandwidth).
+_GPU_PEAKS = {
+    "H200": (4800.0, 989.0),
+    "H100 80GB HBM3": (3350.0, 989.0),  # SXM
+    "H100 PCIe": (2000.0, 756.0),
+    "H100": (3350.0, 989.0),
+    "A100": (2039.0, 312.0),
+}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "transformers", "deepspeed"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+_CPU_BW: float | None = None
+
+
+def measured_cpu_bandwidth_gbps() -> float:
+    """Copy bandwidth of this CPU (read + write bytes / time of a 256 MiB clone, best of 5)."""
+    global _CPU_BW
+    if _CPU_BW is None:
+        x = torch.empty(64 * 1024 * 1024, dtype=torch.float32).fill_(1.0)
+        y = torch.empty_like(x)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            y.copy_(x)
+            best = min(best, time.perf_counter() - t0)
+        _CPU_BW = 2 * x.numel() * 4 / best / 1e9
+    return _CPU_BW
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bw, tf = next(((b, t) for k, (b, t) in _GPU_PEAKS.items() if k in name), (None, None))
+        return {"name": name, "kind": "cuda", "peak_bandwidth_gbps": bw, "peak_bandwidth_source": "datasheet",
+                "peak_tflops_bf16": tf, "capability": list(torch.cuda.get_device_capability(device))}
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"name": f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)", "kind": "cpu",
+            "peak_bandwidth_gbps": round(measured_cpu_bandwidth_gbps(), 1),
+            "peak_bandwidth_source": "measured copy bandwidth", "peak_tflops_bf16": None}
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, reps: int = 20, warmup: int = 3,
+            flush_l2: bool = True) -> dict:
+    """p20 / p50 / p80 of `reps` timed calls after `warmup` calls, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device) if flush_l2 else None
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            if flush is not None:
+                flush.zero_()  # evict L2 (50 MB on H100/H200) so small kernels are not flattered
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)  # CPU-GPU sync point: per-rep timing
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {"p20_ms": q[1], "p50_ms": statistics.median(times), "p80_ms": q[7], "reps": len(times)}
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory allocated by one call of `fn` beyond what existed before it.
+
+    CUDA: the caching allocator's peak counter. CPU: `fn` runs in a forked child whose peak
+    resident set (ru_maxrss) is compared with its resident set at the fork, so the parent's history
+    does not count (Linux only; returns -1 elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    if not hasattr(os, "fork") or not Path("/proc/self/statm").exists():
+        return -1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            page = os.sysconf("SC_PAGE_SIZE")
+            before = int(open("/proc/self/statm").read().split()[1]) * page
+            before = max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            fn()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            os.write(w, str(max(0, peak - before)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return int(data or -1)
+
+
+def result_row(impl: str, case: dict, pass_: str, timing: dict, dev: dict, *, bytes_moved: float | None = None,
+               flops: float | None = None, peak_extra: int | None = None, **extra) -> dict:
+    row = {"impl": impl, "case": case, "pass": pass_, **{k: round(v, 5) for k, v in timing.items() if k != "reps"}}
+    sec = timing["p50_ms"] / 1e3
+    if bytes_moved is not None:
+        row["gbps"] = round(bytes_moved / sec / 1e9, 2)
+        if dev.get("peak_bandwidth_gbps"):
+            row["pct_peak_bandwidth"] = round(100 * row["gbps"] / dev["peak_bandwidth_gbps"], 1)
+    if flops is not None:
+        row["tflops"] = round(flops / sec / 1e12, 3)
+        if dev.get("peak_tflops_bf16"):
+            row["pct_peak_tflops"] = round(100 * row["tflops"] / dev["peak_tflops_bf16"], 1)
+    if peak_extra is not None:
+        row["peak_extra_mb"] = round(peak_extra / 2**20, 2)
+    row.update(extra)
+    return row
+
+
+def write_record(benchmark: str, device: torch.device, config: dict, results: list[dict],
+                 out_dir: Path = RESULTS_DIR) -> Path:
+    dev = device_info(device)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    record = {"benchmark": benchmark, "date": now.isoformat(timespec="seconds"), "device": dev,
+              "versions": versions(), "config": config, "results": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "-" for c in dev["name"].split("(")[0].strip())[:40].strip("-")
+    path = out_dir / f"{benchmark}_{dev['kind']}_{tag}_{now.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def print_table(rows: list[dict], keys: list[str]) -> None:
+    widths = [max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
