@@ -13,14 +13,17 @@ an online max ``m``, ``s = sum exp(z - m)``, ``t = sum exp(z - m) * (z - m)`` (b
 the max moves) and the label's logit ``z_y`` (picked out of the tile by comparison, so no gather
 and no out-of-bounds read for a bad label). Each split writes four floats per row; the launcher
 merges the SPLIT partials with a few [SPLIT, N] torch ops:
-``lse = M + log sum_s s_s e^{m_s - M}``, ``entropy = log S - T / S``, ``logprob = z_y - lse``.
+``log S = log sum_s s_s e^{m_s - M}``, ``entropy = log S - T / S``,
+``logprob = (z_y - M) - log S``. Like ``gather_logprobs``, the row's log-sum-exp is kept in two
+parts, ``row_stats = (M, log S)``: a rounded lse of ~10 carries ~5e-7 absolute error, more than
+torch's own log_softmax has on log-probs of order 1.
 HBM traffic: hidden and weight are streamed (the weight once per row block, from L2 mostly), plus
 16 * SPLIT bytes per row. It is a matmul with a softmax epilogue: compute-bound, like attention.
 
 Backward (``_linear_logprobs_bwd_kernel``), one program per (row block, vocab block) tile: it
-recomputes the logits tile with ``tl.dot``, forms the float32 d(logits) tile from the saved lse
-and entropy,
-``dz_k = (g_lp * (1[k = y] - p_k) - g_H * p_k * (z_k - lse + H)) / T``,
+recomputes the logits tile with ``tl.dot``, forms the float32 d(logits) tile from the saved
+row stats and entropy, ``log p_k = (z_k - M) - log S``,
+``dz_k = (g_lp * (1[k = y] - p_k) - g_H * p_k * (log p_k + H)) / T``,
 and immediately contracts it: ``dhidden[rows] += dz @ weight[cols]`` and
 ``dweight[cols] += dz.T @ hidden[rows]``, one BLOCK_H slice of H at a time, with float32
 ``tl.atomic_add`` into [N, H] and [V, H] float32 accumulators (cast to the input dtype at the end).
@@ -141,7 +144,7 @@ def _linear_logprobs_bwd_kernel(
     labels_ptr,
     grad_logprobs_ptr,
     grad_entropy_ptr,
-    lse_ptr,
+    stats_ptr,
     entropy_ptr,
     dhidden_ptr,
     dweight_ptr,
@@ -175,13 +178,15 @@ def _linear_logprobs_bwd_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
     has_label = (labels != ignore_index) & (labels >= 0) & (labels < V)
     g_lp = tl.where(has_label, tl.load(grad_logprobs_ptr + rows, mask=row_mask, other=0.0).to(tl.float32), 0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    row_max = tl.load(stats_ptr + 2 * rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
+    logp = (z - row_max[:, None]) - log_sum[:, None]
+    p = tl.exp(logp)
     dz = tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
     if HAS_GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        h_minus_lse = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0) - lse
-        dz -= g_h[:, None] * tl.where(p > 0, p * (z + h_minus_lse[:, None]), 0.0)
+        ent = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        dz -= g_h[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
     if HAS_TEMPERATURE:
         dz = dz / temperature
     dz = tl.where(tile_mask, dz, 0.0)  # padded rows / columns contribute nothing
@@ -259,14 +264,15 @@ def linear_logprobs_fwd(
 ):
     """hidden: (N, H), weight: (V, H), same dtype (float32 / bfloat16 / float16), unit stride
     along H (else copied); labels: (N,) int64. ``splits`` overrides the vocabulary split (tests).
-    Returns (logprobs, entropy, lse), each (N,) float32; entropy is zeros unless asked for."""
+    Returns (logprobs (N,), entropy (N,), row_stats (N, 2)) float32; row_stats holds the row max
+    and log sum exp(z - max); entropy is zeros unless asked for."""
     hidden, weight, labels = _rowwise(hidden), _rowwise(weight), labels.contiguous()
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     if N == 0:
         z = torch.empty(0, dtype=torch.float32, device=dev)
-        return z, z.clone(), z.clone()
+        return z, z.clone(), z.new_empty((0, 2))
     cfg = _launch_config(N, V, H, hidden.dtype, dev)
     n_split, per = _num_splits(N, V, cfg, dev)
     if splits is not None:
@@ -284,16 +290,15 @@ def linear_logprobs_fwd(
     a = torch.exp(m - shift)
     s_all = (s * a).sum(0)
     log_s = torch.log(s_all)
-    lse = shift + log_s
     if return_entropy:
         t_all = (a * (t + torch.where(s > 0, s * (m - shift), 0.0))).sum(0)
         ent = log_s - t_all / s_all
     else:
-        ent = torch.zeros_like(lse)
+        ent = torch.zeros_like(log_s)
     valid = (labels >= 0) & (labels < V)
-    lp = torch.where(valid, zy.sum(0) - lse, float("nan"))
+    lp = torch.where(valid, (zy.sum(0) - shift) - log_s, float("nan"))
     lp = torch.where(labels == ignore_index, 0.0, lp)
-    return lp, ent, lse
+    return lp, ent, torch.stack([shift, log_s], dim=-1)
 
 
 def linear_logprobs_bwd(
@@ -302,12 +307,13 @@ def linear_logprobs_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_stats: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     ignore_index: int,
 ):
-    """hidden: (N, H), weight: (V, H); grad_logprobs, grad_entropy, labels, lse, entropy: (N,).
+    """hidden: (N, H), weight: (V, H); grad_logprobs, grad_entropy, labels, entropy: (N,);
+    row_stats: (N, 2) from the forward.
     Returns (d_hidden (N, H) in hidden's dtype, d_weight (V, H) in weight's dtype)."""
     hidden, weight = _rowwise(hidden), _rowwise(weight)
     N, H = hidden.shape
@@ -322,7 +328,7 @@ def linear_logprobs_bwd(
     gh = grad_entropy.to(torch.float32).contiguous() if has_gh else glp
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
     _linear_logprobs_bwd_kernel[grid](
-        hidden, weight, labels.contiguous(), glp, gh, lse.contiguous(), entropy.contiguous(), dh, dw,
+        hidden, weight, labels.contiguous(), glp, gh, row_stats.contiguous(), entropy.contiguous(), dh, dw,
         N, V, H, hidden.stride(0), weight.stride(0), float(temperature), int(ignore_index),
         HAS_TEMPERATURE=float(temperature) != 1.0, HAS_GRAD_ENTROPY=has_gh, **cfg,
     )

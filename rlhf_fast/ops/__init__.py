@@ -2,6 +2,7 @@
 kernels for torch.compile, autograd) behind validated Python functions. Importing this package
 builds the C++ library on first use (cached)."""
 
+from rlhf_fast.ops.linear_logprobs import linear_logprobs
 from rlhf_fast.ops.logprobs import gather_logprobs
 
-__all__ = ["gather_logprobs"]
+__all__ = ["gather_logprobs", "linear_logprobs"]

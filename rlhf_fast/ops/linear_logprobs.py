@@ -1,0 +1,244 @@
+"""``linear_logprobs``: token log-probs (+ entropy) straight from hidden states, logits never stored.
+
+``torch.ops.rlhf_fast.linear_logprobs(hidden (N, H), weight (V, H), labels (N,), temperature,
+return_entropy, ignore_index) -> (logprobs, entropy, row_stats)``, float32 (N,), (N,) and (N, 2)
+(the row max and log-sum-exp minus it, as ``gather_logprobs`` saves them), equals
+``gather_logprobs(hidden @ weight.T, labels, ...)`` without an [N, V] tensor:
+
+- CUDA: Triton kernels (kernels/linear_logprobs.py) that keep logits tiles on chip, forward and
+  backward.
+- CPU (and float64 on CUDA): chunked torch. Rows are processed ``_row_chunk`` at a time: one
+  matmul writes a [rows, V] float32 logits chunk (MKL / oneDNN GEMM: the fastest matmul on a CPU,
+  which is why this is not a hand-written C++ loop), the C++ ``gather_logprobs`` kernel reduces it
+  in one pass, and the chunk is freed. The backward recomputes the chunk, turns it into d(logits)
+  with ``gather_logprobs_backward`` and contracts it with two GEMMs into d(hidden) and a float32
+  d(weight). Extra memory: one or two [rows, V] float32 chunks (``CPU_CHUNK_BYTES`` each), never
+  [N, V]. Half-precision weights are upcast VOCAB_SLICE rows at a time, so no float32 copy of the
+  whole weight is made either.
+
+Autograd runs ``linear_logprobs_backward`` (one more custom op, so torch.compile sees both); fake
+kernels let torch.compile trace them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import _checks
+from rlhf_fast.ops import logprobs as _logprobs  # noqa: F401  (registers rlhf_fast::gather_logprobs)
+
+SCHEMAS = {
+    "linear_logprobs": (
+        "linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, float temperature=1.0, "
+        "bool return_entropy=False, int ignore_index=-100) -> (Tensor, Tensor, Tensor)"
+    ),
+    "linear_logprobs_backward": (
+        "linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
+        "Tensor weight, Tensor labels, Tensor row_stats, Tensor entropy, float temperature, "
+        "int ignore_index) -> (Tensor, Tensor)"
+    ),
+}
+
+# Bytes of one [rows, V] float32 logits chunk on the CPU path. 32 MiB: large enough that the GEMMs
+# run at full speed (>= 256 rows for V = 32k), small enough to stay a fraction of a materialised
+# [N, V] for any N worth chunking. Module-level so callers and tests can change it.
+CPU_CHUNK_BYTES = 32 << 20
+# Rows of a half-precision weight upcast to float32 at a time on the CPU path.
+VOCAB_SLICE = 4096
+
+
+def _row_chunk(n_rows: int, vocab: int, chunk_bytes: int | None = None) -> int:
+    """Rows per CPU chunk: as many as fit ``chunk_bytes`` of float32 logits, at least 1."""
+    budget = CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, min(n_rows, budget // (4 * max(vocab, 1))))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vocab_slices(weight: torch.Tensor):
+    """(start, weight slice in the compute dtype): the whole weight when no upcast is needed."""
+    cd = _compute_dtype(weight.dtype)
+    if weight.dtype == cd:
+        yield 0, weight
+        return
+    for v0 in range(0, weight.shape[0], VOCAB_SLICE):
+        yield v0, weight[v0 : v0 + VOCAB_SLICE].to(cd)
+
+
+def _logits_chunk(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h: (rows, H) in the compute dtype -> (rows, V) logits in the compute dtype."""
+    if weight.dtype == h.dtype:
+        return h @ weight.T
+    z = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+    for v0, w in _vocab_slices(weight):
+        z[:, v0 : v0 + w.shape[0]] = h @ w.T  # a [rows, VOCAB_SLICE] temporary
+    return z
+
+
+# ---- CPU (and float64): chunked torch ------------------------------------------------------------
+# The kernels are below autograd (the op's own backward is registered), so no graph is built here;
+# no_grad also lets the backward's out= / in-place GEMMs run when opcheck feeds inputs that
+# require grad straight to linear_logprobs_backward.
+
+@torch.no_grad()
+def _fwd_chunked(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+    N = hidden.shape[0]
+    opts = dict(dtype=torch.float32, device=hidden.device)
+    lp, ent, stats = torch.empty(N, **opts), torch.empty(N, **opts), torch.empty((N, 2), **opts)
+    cd = _compute_dtype(hidden.dtype)
+    rows = _row_chunk(N, weight.shape[0])
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = _logits_chunk(hidden[r0:r1].to(cd), weight)
+        out = torch.ops.rlhf_fast.gather_logprobs(
+            z.unsqueeze(0), labels[r0:r1].unsqueeze(0), temperature, return_entropy, ignore_index
+        )
+        for dst, src in zip((lp, ent, stats), out):
+            dst[r0:r1] = src[0]
+        del z  # the chunk's memory is reused by the next iteration
+    return lp, ent, stats
+
+
+@torch.no_grad()
+def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index):
+    N, V = hidden.shape[0], weight.shape[0]
+    cd = _compute_dtype(hidden.dtype)
+    dh = torch.empty(hidden.shape, dtype=cd, device=hidden.device)
+    dw = torch.zeros(weight.shape, dtype=cd, device=hidden.device)  # float32 accumulator over chunks
+    glp = grad_logprobs.to(torch.float32)
+    gh = grad_entropy.to(torch.float32) if grad_entropy is not None else None
+    rows = _row_chunk(N, V)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h = hidden[r0:r1].to(cd)
+        z = _logits_chunk(h, weight)
+        dz = torch.ops.rlhf_fast.gather_logprobs_backward(
+            glp[r0:r1].unsqueeze(0), None if gh is None else gh[r0:r1].unsqueeze(0), z.unsqueeze(0),
+            labels[r0:r1].unsqueeze(0), row_stats[r0:r1].unsqueeze(0), entropy[r0:r1].unsqueeze(0),
+            temperature, ignore_index,
+        )[0]
+        del z
+        if weight.dtype == cd:
+            torch.mm(dz, weight, out=dh[r0:r1])
+            dw.addmm_(dz.T, h)
+        else:
+            dh[r0:r1].zero_()
+            for v0, w in _vocab_slices(weight):
+                d = dz[:, v0 : v0 + w.shape[0]]
+                dh[r0:r1].addmm_(d, w)
+                dw[v0 : v0 + w.shape[0]].addmm_(d.T, h)
+        del dz
+    return dh.to(hidden.dtype), dw.to(weight.dtype)
+
+
+# ---- CUDA: Triton ---------------------------------------------------------------------------------
+
+def _fwd_cuda(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+    if hidden.dtype == torch.float64:  # tensor cores have no float64 path worth a kernel
+        return _fwd_chunked(hidden, weight, labels, temperature, return_entropy, ignore_index)
+    from rlhf_fast.kernels.linear_logprobs import linear_logprobs_fwd
+
+    return linear_logprobs_fwd(hidden, weight, labels, temperature, return_entropy, ignore_index)
+
+
+def _bwd_cuda(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index):
+    args = (grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index)
+    if hidden.dtype == torch.float64:
+        return _bwd_chunked(*args)
+    from rlhf_fast.kernels.linear_logprobs import linear_logprobs_bwd
+
+    return linear_logprobs_bwd(*args)
+
+
+# ---- fake (meta) kernels, autograd ----------------------------------------------------------------
+
+def _fwd_fake(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+    lead = hidden.shape[:-1]
+    f32 = torch.float32
+    return hidden.new_empty(lead, dtype=f32), hidden.new_empty(lead, dtype=f32), hidden.new_empty((*lead, 2), dtype=f32)
+
+
+def _bwd_fake(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, temperature, return_entropy, ignore_index = inputs
+    _, entropy, row_stats = output
+    ctx.save_for_backward(hidden, weight, labels, row_stats, entropy)
+    ctx.temperature, ctx.return_entropy, ctx.ignore_index = temperature, return_entropy, ignore_index
+    ctx.mark_non_differentiable(row_stats)
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+    hidden, weight, labels, row_stats, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(entropy)
+    if not ctx.return_entropy:
+        grad_entropy = None  # entropy was not computed: it is a constant zero
+    dh, dw = torch.ops.rlhf_fast.linear_logprobs_backward(
+        grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index
+    )
+    return dh, dw, None, None, None, None
+
+
+_LIB = torch.library.Library("rlhf_fast", "FRAGMENT")
+
+
+def _register() -> None:
+    for name, schema in SCHEMAS.items():
+        _LIB.define(schema)
+    torch.library.register_kernel("rlhf_fast::linear_logprobs", "cpu", _fwd_chunked, lib=_LIB)
+    torch.library.register_kernel("rlhf_fast::linear_logprobs_backward", "cpu", _bwd_chunked, lib=_LIB)
+    torch.library.register_kernel("rlhf_fast::linear_logprobs", "cuda", _fwd_cuda, lib=_LIB)
+    torch.library.register_kernel("rlhf_fast::linear_logprobs_backward", "cuda", _bwd_cuda, lib=_LIB)
+    torch.library.register_fake("rlhf_fast::linear_logprobs", lib=_LIB)(_fwd_fake)
+    torch.library.register_fake("rlhf_fast::linear_logprobs_backward", lib=_LIB)(_bwd_fake)
+    torch.library.register_autograd(
+        "rlhf_fast::linear_logprobs", _backward, setup_context=_setup_context, lib=_LIB
+    )
+
+
+_register()
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+):
+    """Log-prob of each label under ``softmax(hidden @ weight.T / temperature)``, float32, without
+    ever storing the [..., V] logits.
+
+    Args:
+        hidden: (..., H) float32 / bfloat16 / float16 / float64, e.g. the final hidden states.
+        weight: (V, H), the lm_head weight, same dtype and device as ``hidden``.
+        labels: (...) integer, in [0, V) or equal to ``ignore_index`` (log-prob 0, no gradient).
+        temperature: > 0; logits are divided by it (N-details #10: use the sampling temperature).
+        return_entropy: also return the entropy of ``softmax(hidden @ weight.T / temperature)``.
+    Returns:
+        logprobs (...) float32, and entropy (...) float32 if ``return_entropy``. Differentiable
+        w.r.t. hidden and weight through both.
+    Raises:
+        ValueError naming the argument: non-floating hidden or weight, mismatched dtypes, weight
+        not (V, H) with H = hidden.shape[-1], labels of the wrong shape or out of range, a device
+        mismatch, temperature <= 0 or not finite.
+    """
+    temperature = _checks.check_linear_logprob_inputs(hidden, weight, labels, temperature, ignore_index)
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).long()
+    lp, ent, _ = torch.ops.rlhf_fast.linear_logprobs(
+        h, weight, y, temperature, bool(return_entropy), int(ignore_index)
+    )
+    if return_entropy:
+        return lp.reshape(lead), ent.reshape(lead)
+    return lp.reshape(lead)
