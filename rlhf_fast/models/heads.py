@@ -1,0 +1,127 @@
+"""Scalar heads, padding-aware position ids, last-valid-token gather and log-probs from hidden states.
+
+These are the small pure pieces the Policy, Critic and RewardModel wrappers share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rlhf_fast import _checks
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) - mask``, clamped at 0: position 0 at the first valid token of each row
+    whatever the left padding ("The N Implementation Details of RLHF with PPO" #3: with it,
+    left-padded logits equal unpadded ones). Pads get position 0. int64, same shape as the mask."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - mask).clamp_(min=0)
+
+
+def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with ``mask == 1`` in each row (works for left, right and no
+    padding, and for masks with holes). A row with no valid token gives 0. Shape ``mask.shape[:-1]``."""
+    mask = attention_mask.bool()
+    T = mask.shape[-1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, 0).amax(-1)
+
+
+def gather_last_valid(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``values[b, last_valid_index(mask)[b]]`` for per-token ``values`` of shape (B, T)."""
+    if values.shape != attention_mask.shape:
+        raise ValueError(
+            f"values must have the shape of attention_mask {tuple(attention_mask.shape)}, got {tuple(values.shape)}"
+        )
+    idx = last_valid_index(attention_mask).unsqueeze(-1)
+    return values.gather(-1, idx).squeeze(-1)
+
+
+class ScalarHead(nn.Module):
+    """``Linear(hidden_size, 1)`` over the final hidden state, kept in float32 whatever the
+    backbone's dtype (the head is tiny; its output feeds the RL math, which is float32)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> (...) float32."""
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def init_reward_head(head: ScalarHead, seed: int | None = None) -> ScalarHead:
+    """Weight ~ N(0, std = 1 / sqrt(d_model + 1)), bias 0 ("The N Implementation Details of RLHF
+    with PPO" #8; the paper's appendix omits the sqrt, a typo that OpenRLHF copies; N+ uses the
+    same init). Drawn from a private generator when ``seed`` is given."""
+    std = 1.0 / math.sqrt(head.hidden_size + 1)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        w = torch.randn(head.linear.weight.shape, generator=gen, dtype=torch.float32) * std
+        head.linear.weight.copy_(w)
+        head.linear.bias.zero_()
+    return head
+
+
+def init_value_head(head: ScalarHead) -> ScalarHead:
+    """Weight and bias zero ("The N Implementation Details of RLHF with PPO" #11): the initial
+    value estimate is 0 everywhere."""
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.zero_()
+    return head
+
+
+def _linear_logprobs_op():
+    """``rlhf_fast.ops.linear_logprobs`` if this build has it, else None (imported lazily)."""
+    try:
+        from rlhf_fast import ops
+    except ImportError:  # pragma: no cover - the ops package always exists
+        return None
+    return getattr(ops, "linear_logprobs", None)
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    use_linear_logprobs: bool = False,
+):
+    """Per-token log-probs of ``labels`` under ``softmax(lm_head(hidden) / temperature)``.
+
+    hidden (..., H), labels (...) -> float32 (...) [, entropy (...)]. With
+    ``use_linear_logprobs`` and an ``ops.linear_logprobs`` present (and a bias-free ``nn.Linear``
+    head), the logits are never stored whole; otherwise the logits are formed and
+    ``ops.gather_logprobs`` fuses the log-softmax and gather. Labels equal to ``ignore_index``
+    give 0. Temperature divides the logits ("The N Implementation Details of RLHF with PPO" #10).
+    """
+    from rlhf_fast.ops import gather_logprobs
+
+    _checks.check_tensor("hidden", hidden, floating=True, min_dim=1)
+    op = _linear_logprobs_op() if use_linear_logprobs else None
+    if op is not None and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
+        return op(
+            hidden, lm_head.weight, labels, temperature=temperature,
+            return_entropy=return_entropy, ignore_index=ignore_index,
+        )
+    logits = lm_head(hidden)
+    return gather_logprobs(
+        logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index
+    )
+
+
+def shifted_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token labels ``input_ids[:, 1:]`` with padded targets set to ``ignore_index``.
+    Shape (B, T - 1): entry t is the token at t + 1, predicted from the hidden state at t."""
+    labels = input_ids[:, 1:]
+    return labels.masked_fill(~attention_mask[:, 1:].bool(), ignore_index)

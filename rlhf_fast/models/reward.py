@@ -1,0 +1,231 @@
+"""The reward model (backbone + scalar head + stored normalisation) and the separate critic."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from rlhf_fast.models import _io
+from rlhf_fast.models.heads import (
+    ScalarHead,
+    gather_last_valid,
+    init_reward_head,
+    init_value_head,
+)
+from rlhf_fast.models.loading import Source, backbone_of, hidden_size_of, load_backbone
+from rlhf_fast.models.policy import response_slice, run_backbone
+
+
+@dataclass
+class RewardOutput:
+    """Result of ``RewardModel.forward``.
+
+    scores: (B,) float32 normalised score ``gain * raw_scores + bias``.
+    raw_scores: (B,) float32 head output at each row's last valid token (N details #7; N+ reads
+        it at the EOS token, which is the last valid token once responses are truncated after EOS).
+    rewards: (B, T) float32 raw head output at every position (N details #1: per-token outputs).
+    hidden: (B, T, H) final hidden state.
+    """
+
+    scores: torch.Tensor
+    raw_scores: torch.Tensor
+    rewards: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass
+class CriticOutput:
+    """values: (B, N) float32; N = T without ``response_start``, else the T - response_start
+    states that predict the response tokens (aligned with ``Policy.logprobs``). hidden: (B, T, H)."""
+
+    values: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _backbone_from(source, *, dtype, attn_implementation, seed):
+    if isinstance(source, PreTrainedModel):
+        # An in-memory model (e.g. the SFT policy): copy its body, never share weights.
+        body = backbone_of(source) if source.get_output_embeddings() is not None else source
+        return copy.deepcopy(body)
+    return load_backbone(source, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
+
+
+def _extras(source):
+    return _io.load_extras(source) if isinstance(source, (str, os.PathLike)) else ({}, {})
+
+
+class RewardModel(nn.Module):
+    """Backbone + scalar reward head; the score is read at the last valid token.
+
+    Normalisation is stored with the model as two float32 buffers, ``gain`` and ``bias``
+    (``scores = gain * raw + bias``), set by:
+
+    - ``calibrate(...)`` / ``set_normalization(raw_scores)``: gain and bias so that the given
+      samples score mean 0 and std 1 (population std, as TF's ``tf.nn.moments``) - "The N
+      Implementation Details of RLHF with PPO" #9, done before and after RM training on responses
+      sampled from the fixed initial policy;
+    - ``calibrate(..., reference=True)`` / ``set_reference_normalization(raw_scores)``: gain 1 and
+      bias = -mean, so reference responses (the SFT dataset's human summaries) score 0 on average
+      (N+ TL;DR).
+    """
+
+    def __init__(self, backbone: PreTrainedModel, *, seed: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = init_reward_head(ScalarHead(hidden_size_of(backbone.config)), seed=seed)
+        self.register_buffer("gain", torch.ones((), dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros((), dtype=torch.float32))
+        self.normalization: dict = {"mode": None}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: Source | PreTrainedModel,
+        *,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        seed: int | None = None,
+    ) -> "RewardModel":
+        """From a directory saved by ``save_pretrained`` (head and normalisation restored), a plain
+        HF (causal) LM directory or in-memory model such as the SFT policy's (N+: the RM starts from
+        the SFT model; fresh head drawn from ``seed``), or a config (random backbone)."""
+        rm = cls(_backbone_from(source, dtype=dtype, attn_implementation=attn_implementation, seed=seed), seed=seed)
+        tensors, meta = _extras(source)
+        kind = meta.get("kind")
+        if kind not in (None, "policy", "reward_model"):
+            raise ValueError(f"{source}: saved as a {kind!r}; a reward model loads from a reward_model, policy or plain LM")
+        if kind == "reward_model":
+            rm.head.load_state_dict(_io.take_prefix(tensors, "head."))
+            rm.gain.copy_(tensors["gain"])
+            rm.bias.copy_(tensors["bias"])
+            rm.normalization = dict(meta.get("normalization", {"mode": None}))
+        return rm
+
+    def save_pretrained(self, directory, **hf_kwargs) -> None:
+        self.backbone.save_pretrained(directory, **hf_kwargs)
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        tensors.update(gain=self.gain, bias=self.bias)
+        _io.save_extras(directory, tensors, {"kind": "reward_model", "normalization": self.normalization})
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> RewardOutput:
+        hidden = run_backbone(self.backbone, input_ids, attention_mask, position_ids)
+        rewards = self.head(hidden)
+        raw = gather_last_valid(rewards, attention_mask)
+        return RewardOutput(scores=self.normalize(raw), raw_scores=raw, rewards=rewards, hidden=hidden)
+
+    def normalize(self, raw_scores: torch.Tensor) -> torch.Tensor:
+        return raw_scores * self.gain + self.bias
+
+    # ---- normalisation ------------------------------------------------------------------
+
+    def set_normalization(self, raw_scores: torch.Tensor, *, target_mean: float = 0.0, target_std: float = 1.0) -> None:
+        """Gain and bias so that ``normalize(raw_scores)`` has mean ``target_mean`` and population
+        std ``target_std`` (N details #9)."""
+        raw = raw_scores.detach().double().flatten()
+        if raw.numel() < 2:
+            raise ValueError(f"raw_scores needs at least 2 samples to set a std, got {raw.numel()}")
+        mean, std = raw.mean(), raw.std(unbiased=False)
+        if not torch.isfinite(std) or float(std) == 0.0:
+            raise ValueError(f"raw_scores have std {float(std)}; cannot normalise to std {target_std}")
+        gain = target_std / std
+        self.gain.fill_(float(gain))
+        self.bias.fill_(float(target_mean - gain * mean))
+        self.normalization = {
+            "mode": "samples", "num_samples": int(raw.numel()), "raw_mean": float(mean), "raw_std": float(std),
+            "target_mean": float(target_mean), "target_std": float(target_std),
+        }
+
+    def set_reference_normalization(self, raw_scores: torch.Tensor) -> None:
+        """Gain 1, bias = -mean(raw_scores): reference responses score 0 on average (N+ TL;DR)."""
+        raw = raw_scores.detach().double().flatten()
+        if raw.numel() < 1:
+            raise ValueError("raw_scores is empty")
+        mean = raw.mean()
+        self.gain.fill_(1.0)
+        self.bias.fill_(float(-mean))
+        self.normalization = {"mode": "reference_mean", "num_samples": int(raw.numel()), "raw_mean": float(mean)}
+
+    @torch.no_grad()
+    def raw_scores(self, input_ids, attention_mask, *, batch_size: int = 64) -> torch.Tensor:
+        """Raw (unnormalised) scores of many sequences, ``batch_size`` rows at a time."""
+        out = []
+        for i in range(0, input_ids.shape[0], batch_size):
+            out.append(self.forward(input_ids[i : i + batch_size], attention_mask[i : i + batch_size]).raw_scores)
+        return torch.cat(out) if out else torch.empty(0)
+
+    def calibrate(self, input_ids, attention_mask, *, reference: bool = False, batch_size: int = 64) -> torch.Tensor:
+        """Scores the given sequences and sets the normalisation from them (see the class
+        docstring); returns their raw scores. Distributed callers gather the raw scores from all
+        ranks and call ``set_normalization`` themselves."""
+        raw = self.raw_scores(input_ids, attention_mask, batch_size=batch_size)
+        if reference:
+            self.set_reference_normalization(raw)
+        else:
+            self.set_normalization(raw)
+        return raw
+
+
+class Critic(nn.Module):
+    """A separate value model: backbone + scalar value head. Zero-initialised head from a plain LM
+    (N details #11), or the reward model's head and backbone (N+ and PPO-max: the critic starts
+    from the reward model) via ``from_reward_model`` or ``from_pretrained(rm_dir)``. The reward
+    normalisation is not part of the critic."""
+
+    def __init__(self, backbone: PreTrainedModel):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = init_value_head(ScalarHead(hidden_size_of(backbone.config)))
+
+    @classmethod
+    def from_reward_model(cls, reward_model: RewardModel) -> "Critic":
+        critic = cls(copy.deepcopy(reward_model.backbone))
+        critic.value_head.load_state_dict(reward_model.head.state_dict())
+        return critic
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: Source | PreTrainedModel,
+        *,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        seed: int | None = None,
+    ) -> "Critic":
+        """From a saved critic, a saved reward model (its head becomes the value head), a plain HF
+        LM directory or in-memory model (zero head), or a config."""
+        critic = cls(_backbone_from(source, dtype=dtype, attn_implementation=attn_implementation, seed=seed))
+        tensors, meta = _extras(source)
+        kind = meta.get("kind")
+        if kind == "critic":
+            critic.value_head.load_state_dict(_io.take_prefix(tensors, "value_head."))
+        elif kind == "reward_model":
+            critic.value_head.load_state_dict(_io.take_prefix(tensors, "head."))
+        elif kind not in (None, "policy"):
+            raise ValueError(f"{source}: saved as a {kind!r}; a critic loads from a critic, reward_model, policy or plain LM")
+        return critic
+
+    def save_pretrained(self, directory, **hf_kwargs) -> None:
+        self.backbone.save_pretrained(directory, **hf_kwargs)
+        tensors = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        _io.save_extras(directory, tensors, {"kind": "critic"})
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids, attention_mask, position_ids=None, *, response_start: Optional[int] = None) -> CriticOutput:
+        hidden = run_backbone(self.backbone, input_ids, attention_mask, position_ids)
+        values = self.value_head(hidden)
+        if response_start is not None:
+            values = response_slice(values, response_start)
+        return CriticOutput(values=values, hidden=hidden)

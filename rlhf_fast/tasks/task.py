@@ -1,0 +1,90 @@
+"""The task object users touch (``get_task("tiny_sentiment")``) and the task registry."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rlhf_fast.tasks import sentiment
+from rlhf_fast.tasks.tiny_models import tiny_config
+from rlhf_fast.tasks.tokenizer import default_cache_dir, load_or_train_tokenizer
+
+
+class TinySentimentTask:
+    """The built-in ``tiny_sentiment`` task: everything generated locally from ``config.seed``.
+
+    - ``tokenizer``: byte-level BPE trained on the corpus, cached under ``cache_dir``
+      (default ``$RLHF_FAST_CACHE`` or ``~/.cache/rlhf_fast``) in ``tasks/tiny_sentiment-<hash>``.
+    - ``sft_records()``, ``prompt_records(split)``, ``preference_records()``: lists of dicts with
+      the fields the ``rlhf_fast.data`` datasets read by default (prompt / response / chosen /
+      rejected); ``write_jsonl(directory)`` writes them as JSONL files.
+    - ``gold_reward(responses)``: the hidden reward (PPO's true objective; the reward model only
+      sees the preference labels).
+    - ``model_config(arch, size)``: a tiny GPT-2 / Llama / GPT-NeoX / Qwen2 config sized to the
+      tokenizer (``size="task"``: ~3.5 M parameters).
+    """
+
+    name = "tiny_sentiment"
+    max_prompt_length = 8
+    """Tokens; every generated prompt fits (prompts are 2-4 words)."""
+    max_response_length = 32
+    """Tokens, EOS included; every generated response fits."""
+
+    def __init__(self, config: Optional[sentiment.SentimentTaskConfig] = None, *, cache_dir=None, **overrides):
+        config = config or sentiment.SentimentTaskConfig()
+        self.config = replace(config, **overrides) if overrides else config
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.cache_dir / "tasks" / f"{self.name}-{self.config.cache_key()}" / "tokenizer"
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_or_train_tokenizer(
+            self.tokenizer_dir, lambda: sentiment.tokenizer_corpus(self.config), self.config.vocab_size
+        )
+
+    def sft_records(self) -> list[dict]:
+        return sentiment.make_sft_records(self.config)
+
+    def prompt_records(self, split: str = "train") -> list[dict]:
+        return sentiment.make_prompt_records(self.config, split)
+
+    def preference_records(self) -> list[dict]:
+        return sentiment.make_preference_records(self.config)
+
+    def gold_reward(self, responses: Sequence[str], prompts: Optional[Sequence[str]] = None) -> list[float]:
+        return sentiment.gold_reward(responses, prompts)
+
+    def gold_reward_from_ids(self, response_ids) -> list[float]:
+        """Gold scores of token-id responses (special tokens such as EOS / pad are dropped)."""
+        texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        return sentiment.gold_reward(texts)
+
+    def model_config(self, arch: str = "gpt2", *, size: str = "task", **overrides):
+        return tiny_config(arch, tokenizer=self.tokenizer, size=size, **overrides)
+
+    def write_jsonl(self, directory) -> dict[str, Path]:
+        """Writes sft.jsonl, prompts_train.jsonl, prompts_eval.jsonl and preferences.jsonl."""
+        from rlhf_fast.data.records import write_jsonl
+
+        directory = Path(directory)
+        return {
+            "sft": write_jsonl(directory / "sft.jsonl", self.sft_records()),
+            "prompts_train": write_jsonl(directory / "prompts_train.jsonl", self.prompt_records("train")),
+            "prompts_eval": write_jsonl(directory / "prompts_eval.jsonl", self.prompt_records("eval")),
+            "preferences": write_jsonl(directory / "preferences.jsonl", self.preference_records()),
+        }
+
+
+TASKS = {TinySentimentTask.name: TinySentimentTask}
+
+
+def get_task(name: str = "tiny_sentiment", **kwargs):
+    """A built-in task by name; ``kwargs`` go to its constructor (``cache_dir=``, config fields)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
