@@ -146,6 +146,54 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
   return {rewards, kl};
 }
 
+// One row, scalar: the tail rows that do not fill a lane group.
+template <typename scalar_t>
+void gae_row(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
+             float gl) {
+  float next_value = 0.f;  // the value after the last valid token is 0
+  float running = 0.f;     // the advantage of the next valid token
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if (m[t]) {
+      const float value = to_float(v[t]);
+      running = to_float(r[t]) + g * next_value - value + gl * running;
+      next_value = value;
+      adv[t] = running;
+      ret[t] = running + value;
+    } else {  // a hole: the next value and the running advantage carry across it
+      adv[t] = 0.f;
+      ret[t] = 0.f;
+    }
+  }
+}
+
+// kLanes rows at once, stepping back through time together. One row alone is a dependency chain
+// (one FMA latency per token); kLanes independent rows interleaved keep the FP units busy. Measured
+// on a 2-core AMD EPYC (Zen 4), one thread, [512, 1024]: 1 row 0.55 ms, 4 rows 0.34 ms, 8 rows
+// 0.81 ms and 16 rows 2.6 ms (at T = 1024 the rows are 4 KiB apart: 8 x 5 streams alias in the same
+// L1 sets), and staging rows through [chunk][lane] buffers for SIMD was slower still (the scalar
+// transposes cost more than the recurrence). Selects, not branches: the value at a masked position
+// may be anything (NaN padding) and is never used.
+constexpr int64_t kLanes = 4;
+
+template <typename scalar_t>
+void gae_lanes(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
+               float gl) {
+  float next_value[kLanes] = {0.f}, running[kLanes] = {0.f};
+  for (int64_t t = T - 1; t >= 0; --t) {
+#pragma GCC unroll 4
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t i = l * T + t;
+      const bool valid = m[i];
+      const float value = to_float(v[i]);
+      const float a = to_float(r[i]) + g * next_value[l] - value + gl * running[l];
+      running[l] = valid ? a : running[l];
+      next_value[l] = valid ? value : next_value[l];
+      adv[i] = valid ? a : 0.f;
+      ret[i] = valid ? a + value : 0.f;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
   TORCH_CHECK(rewards.dim() == 2, "gae: rewards must be (B, T)");
@@ -162,28 +210,20 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   const bool* m_p = m.data_ptr<bool>();
   const float g = static_cast<float>(gamma);
   const float gl = static_cast<float>(gamma * lam);
+  const int64_t groups = B / kLanes;
   dispatch_floating(r.scalar_type(), "gae", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* r_p = r.data_ptr<scalar_t>();
     const scalar_t* v_p = v.data_ptr<scalar_t>();
-#pragma omp parallel for schedule(static) if (B * T > 16384)
-    for (int64_t row = 0; row < B; ++row) {
-      const int64_t off = row * T;
-      float next_value = 0.f;  // value after the last valid token is 0
-      float running = 0.f;     // the advantage of the next valid token
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t i = off + t;
-        if (m_p[i]) {
-          const float value = to_float(v_p[i]);
-          const float delta = to_float(r_p[i]) + g * next_value - value;
-          running = delta + gl * running;
-          next_value = value;
-          a_p[i] = running;
-          q_p[i] = running + value;
-        } else {  // a hole: next value and running advantage carry across it
-          a_p[i] = 0.f;
-          q_p[i] = 0.f;
-        }
+    const int64_t work = groups + (B - groups * kLanes);  // lane groups, then the tail rows one by one
+#pragma omp parallel for schedule(static) if (B * T > 65536)
+    for (int64_t w = 0; w < work; ++w) {
+      if (w < groups) {
+        const int64_t off = w * kLanes * T;
+        gae_lanes<scalar_t>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, g, gl);
+      } else {
+        const int64_t off = (groups * kLanes + (w - groups)) * T;
+        gae_row<scalar_t>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, g, gl);
       }
     }
   });
@@ -206,14 +246,14 @@ at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask) {
 #pragma omp parallel for schedule(static) if (n > 65536)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-      float s = 0.f;
-      int64_t k = 0;
+      float s = 0.f, k = 0.f;  // a float count is exact up to 2^24 > kChunk, and keeps the loop one SIMD type
 #pragma omp simd reduction(+ : s, k)
       for (int64_t i = lo; i < hi; ++i) {
-        s += m_p[i] ? to_float(x_p[i]) : 0.f;
-        k += m_p[i] ? 1 : 0;
+        const bool valid = m_p[i];
+        s += valid ? to_float(x_p[i]) : 0.f;
+        k += valid ? 1.f : 0.f;
       }
-      const float mu = k > 0 ? s / static_cast<float>(k) : 0.f;
+      const float mu = k > 0.f ? s / k : 0.f;
       float q = 0.f;
 #pragma omp simd reduction(+ : q)
       for (int64_t i = lo; i < hi; ++i) {

@@ -4,5 +4,9 @@ builds the C++ library on first use (cached)."""
 
 from rlhf_fast.ops.linear_logprobs import linear_logprobs
 from rlhf_fast.ops.logprobs import gather_logprobs
+from rlhf_fast.ops.rlmath import gae, kl_penalty, masked_mean, masked_var, masked_whiten, shape_rewards
 
-__all__ = ["gather_logprobs", "linear_logprobs"]
+__all__ = [
+    "gather_logprobs", "linear_logprobs",
+    "kl_penalty", "shape_rewards", "gae", "masked_mean", "masked_var", "masked_whiten",
+]

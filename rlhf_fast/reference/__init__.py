@@ -2,5 +2,9 @@
 
 from rlhf_fast.reference.linear_logprobs import linear_logprobs
 from rlhf_fast.reference.logprobs import gather_logprobs
+from rlhf_fast.reference.rlmath import gae, kl_penalty, masked_mean, masked_var, masked_whiten, shape_rewards
 
-__all__ = ["gather_logprobs", "linear_logprobs"]
+__all__ = [
+    "gather_logprobs", "linear_logprobs",
+    "kl_penalty", "shape_rewards", "gae", "masked_mean", "masked_var", "masked_whiten",
+]
