@@ -139,6 +139,24 @@ def test_logprobs_temperature_entropy_and_response_start(arch):
     torch.testing.assert_close(lin.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_use_linear_logprobs_calls_the_op_when_present(monkeypatch):
+    import rlhf_fast.ops as ops
+
+    calls = []
+
+    def spy(hidden, weight, labels, **kw):
+        calls.append((hidden.shape, weight.shape))
+        return ops.gather_logprobs(hidden @ weight.T, labels, **kw)
+
+    monkeypatch.setattr(ops, "linear_logprobs", spy, raising=False)
+    policy = Policy.from_pretrained(tiny_config("gpt2", vocab_size=V), seed=0, use_linear_logprobs=True)
+    ids, mask = _random_batch(2, 6)
+    lp = policy.logprobs(ids, mask, response_start=2).logprobs
+    assert calls == [((2, 4, 32), (V, 32))] and lp.shape == (2, 4)
+    monkeypatch.delattr(ops, "linear_logprobs")  # an older build without the op: falls back
+    torch.testing.assert_close(policy.logprobs(ids, mask, response_start=2).logprobs, lp)
+
+
 def test_logprobs_are_differentiable():
     policy = Policy.from_pretrained(tiny_config("gpt2", vocab_size=V), seed=0)
     ids, mask = _random_batch(2, 6)

@@ -54,7 +54,7 @@ def left_pad(
 class PromptCollator:
     """Prompts -> ``input_ids``, ``attention_mask``, ``position_ids`` (B, L), left-padded with
     ``pad_token_id``; ``pad_to_length`` fixes L (N details #2: queries padded to a fixed length),
-    and ``index`` (B,) holds each example's dataset index."""
+    and ``index`` (B,) holds each example's dataset index (-1 when an item has none)."""
 
     pad_token_id: int
     pad_to_length: Optional[int] = None
@@ -65,7 +65,7 @@ class PromptCollator:
                              length=self.pad_to_length, pad_to_multiple_of=self.pad_to_multiple_of)
         return {
             "input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "index": torch.tensor([it.get("index", -1) for it in items], dtype=torch.long),
         }
 
 

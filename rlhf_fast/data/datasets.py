@@ -4,28 +4,28 @@ its file and line, not in the middle of training."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from rlhf_fast.data.collate import PreferenceCollator, PromptCollator, SFTCollator, IGNORE_INDEX
+from rlhf_fast.data.collate import IGNORE_INDEX, PreferenceCollator, PromptCollator, SFTCollator
 from rlhf_fast.data.records import Record, RecordSource, load_records
-from rlhf_fast.data.tokenize import encode, prepare_tokenizer, truncate
+from rlhf_fast.data.tokenize import check_tokenizer, encode, prepare_tokenizer, truncate
 
 
 class _Base(Dataset):
     def __init__(self, source: RecordSource, tokenizer, *, split: Optional[str], prepare: bool):
         if prepare:
             prepare_tokenizer(tokenizer)
-        else:  # still refuse a tokenizer without EOS
-            from rlhf_fast.data.tokenize import check_tokenizer
-
+        else:  # still refuse a tokenizer without EOS or without a distinct pad
             check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.records: list[Record] = load_records(source, split=split)
         if not self.records:
-            raise ValueError(f"data source {source if isinstance(source, str) else type(source).__name__} is empty")
+            name = str(source) if isinstance(source, (str, os.PathLike)) else f"({type(source).__name__})"
+            raise ValueError(f"data source {name} is empty")
 
     def __len__(self) -> int:
         return len(self.records)

@@ -44,11 +44,8 @@ def run_backbone(backbone: nn.Module, input_ids, attention_mask, position_ids=No
     check_input_ids(input_ids, attention_mask)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    out = backbone(
-        input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
-        use_cache=False, return_dict=True,
-    )
-    return out.last_hidden_state
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
 def response_slice(hidden: torch.Tensor, response_start: Optional[int]) -> torch.Tensor:
