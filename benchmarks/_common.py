@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -112,9 +111,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, reps: int = 20, w
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory allocated by one call of `fn` beyond what existed before it.
 
-    CUDA: the caching allocator's peak counter. CPU: `fn` runs in a forked child whose peak
-    resident set (ru_maxrss) is compared with its resident set at the fork, so the parent's history
-    does not count (Linux only; returns -1 elsewhere)."""
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -122,26 +119,26 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    if not hasattr(os, "fork") or not Path("/proc/self/statm").exists():
-        return -1
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(r)
-            page = os.sysconf("SC_PAGE_SIZE")
-            before = int(open("/proc/self/statm").read().split()[1]) * page
-            before = max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            fn()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            os.write(w, str(max(0, peak - before)).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = os.read(r, 64)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return int(data or -1)
+    return _cpu_peak_extra_bytes(fn)
+
+
+def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    # The profiler's memory events carry the running total of bytes allocated through torch's
+    # CPU allocator since profiling started; its maximum is the peak extra. (Forking a child and
+    # reading ru_maxrss hangs: libgomp's thread pool does not survive fork.) Memory that C++ code
+    # takes with malloc / std::vector is not seen: the rlhf_fast kernels take O(V) per thread.
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    return max([0] + [int(e["args"]["Total Allocated"]) for e in mem])
 
 
 def result_row(impl: str, case: dict, pass_: str, timing: dict, dev: dict, *, bytes_moved: float | None = None,
