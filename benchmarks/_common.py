@@ -141,18 +141,22 @@ def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     return max([0] + [int(e["args"]["Total Allocated"]) for e in mem])
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def result_row(impl: str, case: dict, pass_: str, timing: dict, dev: dict, *, bytes_moved: float | None = None,
                flops: float | None = None, peak_extra: int | None = None, **extra) -> dict:
-    row = {"impl": impl, "case": case, "pass": pass_, **{k: round(v, 5) for k, v in timing.items() if k != "reps"}}
+    row = {"impl": impl, "case": case, "pass": pass_, **{k: _sig(v) for k, v in timing.items() if k != "reps"}}
     sec = timing["p50_ms"] / 1e3
     if bytes_moved is not None:
-        row["gbps"] = round(bytes_moved / sec / 1e9, 2)
+        row["gbps"] = _sig(bytes_moved / sec / 1e9)
         if dev.get("peak_bandwidth_gbps"):
-            row["pct_peak_bandwidth"] = round(100 * row["gbps"] / dev["peak_bandwidth_gbps"], 1)
+            row["pct_peak_bandwidth"] = _sig(100 * row["gbps"] / dev["peak_bandwidth_gbps"], 3)
     if flops is not None:
-        row["tflops"] = round(flops / sec / 1e12, 3)
+        row["tflops"] = _sig(flops / sec / 1e12)
         if dev.get("peak_tflops_bf16"):
-            row["pct_peak_tflops"] = round(100 * row["tflops"] / dev["peak_tflops_bf16"], 1)
+            row["pct_peak_tflops"] = _sig(100 * row["tflops"] / dev["peak_tflops_bf16"], 3)
     if peak_extra is not None:
         row["peak_extra_mb"] = round(peak_extra / 2**20, 2)
     row.update(extra)
