@@ -1,1 +1,67 @@
-"""rlhf_fast.algos."""
+"""PPO building blocks as small pure functions with registries (STYLE #9): policy losses, the
+clipped value loss, entropy bonus, KL placement and controllers, advantage estimators, response
+truncation and penalties, typed rollout / statistics containers and the shared hyper-parameters.
+
+Functions that run RL math ops take ``backend=`` (``rlhf_fast.ops`` by default, or
+``rlhf_fast.reference``); importing this package does not build the C++ ops.
+"""
+
+from rlhf_fast.algos.advantages import (
+    ESTIMATORS,
+    AdvantageInput,
+    AdvantageParams,
+    compute_advantages,
+    contiguous_group_ids,
+    gae_advantages,
+    grpo_advantages,
+    rloo_advantages,
+    sequence_rewards,
+)
+from rlhf_fast.algos.hparams import PRESETS, PPOHyperParams
+from rlhf_fast.algos.kl import KL_PLACEMENTS, KLPlacement, compute_rewards
+from rlhf_fast.algos.kl_control import KL_CONTROLLERS, AdaptiveKLController, FixedKLController, make_kl_controller
+from rlhf_fast.algos.losses import (
+    AGGREGATIONS,
+    POLICY_LOSSES,
+    PolicyLossOutput,
+    PolicyLossParams,
+    ValueLossOutput,
+    aggregate,
+    clipped_value_loss,
+    entropy_bonus,
+    kl_loss,
+    policy_loss,
+    ppo_clip_loss,
+    vanilla_pg_loss,
+)
+from rlhf_fast.algos.registry import Registry
+from rlhf_fast.algos.truncation import (
+    MISSING_STOP_PENALTIES,
+    TRUNCATION_PRESETS,
+    Truncation,
+    TruncationParams,
+    apply_missing_stop_penalty,
+    first_stop_index,
+    truncate_at_stop,
+)
+from rlhf_fast.algos.types import (
+    MINIBATCH_METRIC_NAMES,
+    OBJECTIVE_METRIC_NAMES,
+    MinibatchStats,
+    ObjectiveStats,
+    PPOStats,
+    Rollout,
+    objective_stats,
+)
+
+__all__ = [
+    "AGGREGATIONS", "ESTIMATORS", "KL_CONTROLLERS", "KL_PLACEMENTS", "MINIBATCH_METRIC_NAMES", "MISSING_STOP_PENALTIES",
+    "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS", "TRUNCATION_PRESETS",
+    "AdaptiveKLController", "AdvantageInput", "AdvantageParams", "FixedKLController", "KLPlacement", "MinibatchStats",
+    "ObjectiveStats", "PPOHyperParams", "PPOStats", "PolicyLossOutput", "PolicyLossParams", "Registry", "Rollout",
+    "Truncation", "TruncationParams", "ValueLossOutput",
+    "aggregate", "apply_missing_stop_penalty", "clipped_value_loss", "compute_advantages", "compute_rewards",
+    "contiguous_group_ids", "entropy_bonus", "first_stop_index", "gae_advantages", "grpo_advantages", "kl_loss",
+    "make_kl_controller", "objective_stats", "policy_loss", "ppo_clip_loss", "rloo_advantages", "sequence_rewards",
+    "truncate_at_stop", "vanilla_pg_loss",
+]

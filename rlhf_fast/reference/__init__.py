@@ -7,4 +7,14 @@ from rlhf_fast.reference.rlmath import gae, kl_penalty, masked_mean, masked_var,
 __all__ = [
     "gather_logprobs", "linear_logprobs",
     "kl_penalty", "shape_rewards", "gae", "masked_mean", "masked_var", "masked_whiten",
+    "ppo_iteration", "make_experience", "ReferencePPOResult",
 ]
+
+
+def __getattr__(name):
+    # The reference PPO is imported lazily: it pulls in rlhf_fast.algos, which the ops import.
+    if name in ("ppo_iteration", "make_experience", "ReferencePPOResult"):
+        from rlhf_fast.reference import ppo
+
+        return getattr(ppo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

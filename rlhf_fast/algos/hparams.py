@@ -1,0 +1,161 @@
+"""PPO-math hyper-parameters, shared by the reference PPO and the fast trainer, with presets for
+each seed. Each field's docstring names where its default comes from."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from rlhf_fast.algos.advantages import ESTIMATORS, AdvantageParams
+from rlhf_fast.algos.kl import KL_PLACEMENTS
+from rlhf_fast.algos.kl_control import KL_CONTROLLERS, make_kl_controller
+from rlhf_fast.algos.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams
+
+_KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass(frozen=True)
+class PPOHyperParams:
+    """The PPO math of one iteration (not generation, optimiser or schedule settings)."""
+
+    # -- advantages --
+    gamma: float = 1.0
+    """discount ("N details" #15; TRL, verl, OpenRLHF, DeepSpeed-Chat all use 1)."""
+    lam: float = 0.95
+    """GAE lambda ("N details" #15; N+ TL;DR; DeepSpeed-Chat; verl / OpenRLHF default 1)."""
+    advantage_estimator: str = "gae"
+    """registered estimator: "gae" (PPO), "grpo", "rloo" (``rlhf_fast.algos.advantages``)."""
+    whiten_rewards: bool = False
+    """whiten token rewards without shifting the mean before GAE ("N details" #18: on in
+    lm-human-preferences; off in N+ TL;DR and TRL)."""
+    whiten_advantages: bool = True
+    """whiten advantages with the mean shift ("N details" #18; N+ TL;DR; TRL; PPO-max)."""
+    whiten_unbiased: bool = False
+    """variance with n - 1 (torch.var, TRL) instead of n (TF ``tf.nn.moments``, the N-details and
+    N+ code; "N details" #18)."""
+    whiten_eps: float = 1e-8
+    """added to the variance in whitening (the N-details code, TRL)."""
+    advantages_per_minibatch: bool = False
+    """compute rewards whitening, GAE and advantage whitening per minibatch inside the update
+    (lm-human-preferences ``loss()``; "N details" #18 "per-minibatch whitening") instead of once
+    per batch (TRL, N+ TL;DR)."""
+
+    # -- KL --
+    kl_estimator: str = "k1"
+    """per-token KL estimator k1 / k2 / k3 ("N details" #17 and N+ TL;DR: k1)."""
+    kl_placement: str = "in_reward"
+    """"in_reward" (Ziegler et al.; TRL; N+) or "in_loss" (GRPO; verl ``use_kl_loss``)."""
+    kl_clamp: Optional[float] = None
+    """clamp of the per-token KL estimate (verl / OpenRLHF clamp at 10; TRL and N-details: none)."""
+    kl_controller: str = "fixed"
+    """"fixed" (N+ TL;DR, PPO-max) or "adaptive" (lm-human-preferences; "N details" #20)."""
+    kl_init: float = 0.05
+    """initial beta (N+ TL;DR 0.05; lm-human-preferences 0.15; PPO-max 0.01)."""
+    kl_target: float = 6.0
+    """adaptive controller's target KL in nats per sequence ("N details" #20)."""
+    kl_horizon: float = 10000.0
+    """adaptive controller's horizon in episodes ("N details" #20)."""
+
+    # -- losses --
+    policy_loss: str = "ppo_clip"
+    """registered policy loss (``rlhf_fast.algos.losses.POLICY_LOSSES``)."""
+    clip_range: float = 0.2
+    """policy ratio clip epsilon, lower side ("N details" #19; N+; PPO-max)."""
+    clip_range_high: Optional[float] = None
+    """upper-side epsilon; None = clip_range (yuanxuns' RLHF-from-scratch uses 0.2 / 0.3)."""
+    dual_clip: Optional[float] = None
+    """dual-clip constant c > 1 for negative advantages (Ye et al. 2020; verl 3.0); None = off."""
+    value_clip_range: Optional[float] = 0.2
+    """value clip around the old values, baselines ppo2 ("N details" #19: 0.2; yuanxuns 1.0);
+    None = unclipped value loss."""
+    vf_coef: float = 0.1
+    """value-loss coefficient ("N details" #19 and N+: 0.1; yuanxuns 0.5; PPO-max 1.0)."""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient (0 in the N-details and N+ runs; optional in PPO-max)."""
+    loss_aggregation: str = "token-mean"
+    """"token-mean" (TRL, N-details code) or "seq-mean" (``AGGREGATIONS``)."""
+    score_clip: Optional[float] = None
+    """clip scores to [-c, c] before shaping (PPO-max reward clipping; DeepSpeed-Chat clips at 5)."""
+
+    # -- update loop --
+    num_epochs: int = 4
+    """PPO epochs over each batch ("N details" #16: 4; N+: 4)."""
+    num_minibatches: int = 1
+    """minibatches per epoch, a fresh permutation each epoch ("N details" #16: 1 in the original)."""
+    micro_batch_size: Optional[int] = None
+    """rows per forward/backward inside a minibatch (gradient accumulation); None = the whole
+    minibatch. The loss is normalised by the minibatch's token (or row) count, so this does not
+    change the math, only memory."""
+    max_grad_norm: Optional[float] = None
+    """clip the global gradient norm before each optimizer step (TRL / OpenRLHF 1.0; the N-details
+    and N+ runs: none)."""
+    temperature: float = 1.0
+    """divides the logits when computing log-probs, as in sampling ("N details" #10; N+ 0.7).
+    PPO-max samples at 0.8 but scores log-probs from raw logits (1.0)."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            (ESTIMATORS, self.advantage_estimator), (KL_PLACEMENTS, self.kl_placement),
+            (KL_CONTROLLERS, self.kl_controller), (POLICY_LOSSES, self.policy_loss),
+            (AGGREGATIONS, self.loss_aggregation),
+        )
+        for registry, name in checks:
+            registry[name]  # ValueError listing the known names on a typo
+        if self.kl_estimator not in _KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.num_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError(f"num_epochs and num_minibatches must be >= 1, got {self.num_epochs}, {self.num_minibatches}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be None or >= 1, got {self.micro_batch_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self.policy_loss_params()  # validates the clip ranges
+
+    # -- derived views: components receive only what they need (STYLE #7) --
+
+    def policy_loss_params(self) -> PolicyLossParams:
+        return PolicyLossParams(
+            clip_low=self.clip_range, clip_high=self.clip_range_high, dual_clip=self.dual_clip,
+            aggregation=self.loss_aggregation,
+        )
+
+    def advantage_params(self) -> AdvantageParams:
+        return AdvantageParams(
+            gamma=self.gamma, lam=self.lam, whiten_rewards=self.whiten_rewards,
+            whiten_advantages=self.whiten_advantages, unbiased=self.whiten_unbiased, eps=self.whiten_eps,
+        )
+
+    def make_kl_controller(self):
+        return make_kl_controller(self.kl_controller, init=self.kl_init, target=self.kl_target, horizon=self.kl_horizon)
+
+    def replace(self, **changes) -> "PPOHyperParams":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, PPOHyperParams] = {
+    # openai/lm-human-preferences via "The N Implementation Details of RLHF with PPO".
+    "lm_human_preferences": PPOHyperParams(
+        gamma=1.0, lam=0.95, whiten_rewards=True, whiten_advantages=True, whiten_unbiased=False,
+        advantages_per_minibatch=True, kl_estimator="k1", kl_placement="in_reward", kl_controller="adaptive",
+        kl_init=0.15, kl_target=6.0, kl_horizon=10000.0, clip_range=0.2, value_clip_range=0.2, vf_coef=0.1,
+        num_epochs=4, num_minibatches=1, temperature=0.7,
+    ),
+    # "The N+ Implementation Details of RLHF with PPO: TL;DR summarization".
+    "tldr": PPOHyperParams(
+        gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=False,
+        kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed", kl_init=0.05, clip_range=0.2,
+        value_clip_range=0.2, vf_coef=0.1, num_epochs=4, num_minibatches=1, temperature=0.7,
+    ),
+    # "Secrets of RLHF, Part I" PPO-max (MOSS-RLHF run_en.sh / config_ppo.py at 4865d82):
+    # token-level KL in the reward with a small fixed beta, value clipping 0.2, policy clip 0.2,
+    # vf weight 1, advantage normalisation, reward clip 10, log-probs from raw logits.
+    "ppo_max": PPOHyperParams(
+        gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=True,
+        kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed", kl_init=0.01, clip_range=0.2,
+        value_clip_range=0.2, vf_coef=1.0, score_clip=10.0, num_epochs=1, num_minibatches=1, temperature=1.0,
+    ),
+}

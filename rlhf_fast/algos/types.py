@@ -1,0 +1,230 @@
+"""Typed containers for one PPO iteration (STYLE #8): the rollout batch and its statistics.
+
+Shapes: B rollouts (prompts x samples), Q query (prompt) tokens, R response tokens. Every
+per-token tensor is aligned with ``response_ids``: entry ``[b, t]`` is about the token
+``response_ids[b, t]`` (its log-prob, the value of the state that predicts it, its reward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+#: per-row tensors that ``Rollout.select`` slices (everything except the scalar bookkeeping)
+_ROW_FIELDS = (
+    "query_ids", "query_mask", "response_ids", "response_mask", "scores", "logprobs", "ref_logprobs",
+    "values", "kl", "rewards", "advantages", "returns", "group_ids",
+)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. The first five fields come from generation and scoring; the
+    rest are filled by the experience / advantage phases (``None`` until then).
+
+    query_ids: (B, Q) long, left-padded prompts ("N details" #2, #3).
+    query_mask: (B, Q) bool, True on prompt tokens.
+    response_ids: (B, R) long, sampled responses, padded after the stop token (EOS trick).
+    response_mask: (B, R) bool, True on response tokens up to and including the stop token.
+    scores: (B,) float, sequence scores from the reward model / function, after any missing-stop
+        penalty and score clipping.
+    logprobs: (B, R) float32, log-probs of the response tokens under the policy that sampled
+        them, at the sampling temperature ("old" log-probs of the PPO ratio).
+    ref_logprobs: (B, R) float32, the same under the frozen reference policy.
+    values: (B, R) float32, the critic's values of the states that predict each response token
+        (None without a critic: grpo / rloo).
+    kl: (B, R) per-token KL estimate ``kl_penalty(logprobs, ref_logprobs)``, 0 on padding.
+    rewards: (B, R) per-token rewards: ``-beta * kl`` (KL in the reward) plus the score at the
+        last valid token ("N details" #17).
+    advantages: (B, R), returns: (B, R): from the advantage estimator; 0 on padding.
+    group_ids: (B,) long, rows with the same id answer the same prompt (grpo / rloo baselines).
+    """
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    scores: torch.Tensor
+    logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+    group_ids: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        B, R = self.response_ids.shape[0], self.response_ids.shape[-1]
+        if self.query_ids.dim() != 2 or self.response_ids.dim() != 2:
+            raise ValueError(
+                f"query_ids and response_ids must be (B, Q) and (B, R), got {tuple(self.query_ids.shape)} "
+                f"and {tuple(self.response_ids.shape)}"
+            )
+        expected = {"query_mask": tuple(self.query_ids.shape), "response_mask": (B, R), "scores": (B,)}
+        expected.update({k: (B, R) for k in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns")})
+        expected["group_ids"] = (B,)
+        expected["query_ids"] = (B, self.query_ids.shape[-1])
+        for name, shape in expected.items():
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"Rollout.{name} must have shape {shape}, got {tuple(t.shape)}")
+        self.query_mask = self.query_mask.bool()
+        self.response_mask = self.response_mask.bool()
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def response_start(self) -> int:
+        """Index of the first response token in ``sequences`` (= Q)."""
+        return self.query_ids.shape[-1]
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(B, Q + R) long: prompt and response."""
+        return torch.cat([self.query_ids, self.response_ids], dim=-1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, Q + R) bool: prompt mask and response mask (tokens after the stop are padding)."""
+        return torch.cat([self.query_mask, self.response_mask], dim=-1)
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The rows ``index`` (a (b,) long tensor) of every per-row field: a minibatch."""
+        kw = {k: (None if getattr(self, k) is None else getattr(self, k)[index]) for k in _ROW_FIELDS}
+        return Rollout(**kw)
+
+    def replace(self, **changes) -> "Rollout":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- statistics -----------------------------------------------------------------------------
+
+#: attribute -> the metric name users know from TRL / the N-details code
+MINIBATCH_METRIC_NAMES = {
+    "loss": "loss/total",
+    "policy_loss": "loss/policy",
+    "value_loss": "loss/value",
+    "kl_loss": "loss/kl",
+    "approxkl": "policy/approxkl",
+    "clipfrac": "policy/clipfrac",
+    "entropy": "policy/entropy",
+    "ratio_mean": "policy/ratio_mean",
+    "ratio_max": "policy/ratio_max",
+    "vf_clipfrac": "val/clipfrac",
+    "vpred": "val/vpred",
+    "verror": "val/error",
+}
+
+OBJECTIVE_METRIC_NAMES = {
+    "kl": "objective/kl",
+    "entropy": "objective/entropy",
+    "scores": "objective/scores",
+    "non_score_reward": "objective/non_score_reward",
+    "rlhf_reward": "objective/rlhf_reward",
+    "response_length": "objective/response_length",
+    "kl_coef": "kl_coef",
+}
+
+
+def _zero() -> torch.Tensor:
+    return torch.zeros(())
+
+
+@dataclass
+class MinibatchStats:
+    """Statistics of one minibatch update, each a 0-dim detached tensor (no host sync until
+    ``to_dict``). Token means are over the minibatch's valid response tokens.
+
+    loss: the total loss that was back-propagated (policy + vf_coef * value - ent_coef * entropy
+        + KL-in-loss term). policy_loss / value_loss / kl_loss: its parts (value_loss already
+        includes the 0.5 of baselines ppo2, not vf_coef).
+    approxkl: 0.5 * mean((logp - old_logp)^2) (the N-details code). clipfrac: fraction of tokens
+        where the clipped surrogate is the active one. entropy: mean policy entropy.
+    ratio_mean / ratio_max: mean / max of exp(logp - old_logp).
+    vf_clipfrac: fraction of tokens where the clipped value error is the larger. vpred: mean
+        new value. verror: mean squared error (v - returns)^2.
+    """
+
+    loss: torch.Tensor = field(default_factory=_zero)
+    policy_loss: torch.Tensor = field(default_factory=_zero)
+    value_loss: torch.Tensor = field(default_factory=_zero)
+    kl_loss: torch.Tensor = field(default_factory=_zero)
+    approxkl: torch.Tensor = field(default_factory=_zero)
+    clipfrac: torch.Tensor = field(default_factory=_zero)
+    entropy: torch.Tensor = field(default_factory=_zero)
+    ratio_mean: torch.Tensor = field(default_factory=_zero)
+    ratio_max: torch.Tensor = field(default_factory=_zero)
+    vf_clipfrac: torch.Tensor = field(default_factory=_zero)
+    vpred: torch.Tensor = field(default_factory=_zero)
+    verror: torch.Tensor = field(default_factory=_zero)
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, attr)) for attr, name in MINIBATCH_METRIC_NAMES.items()}
+
+
+@dataclass
+class ObjectiveStats:
+    """Statistics of the rollout batch (before the update), TRL's ``objective/*`` names.
+
+    kl: mean over rows of the summed per-token KL. entropy: mean over rows of ``-sum(logprobs)``
+    (a sample estimate of the sequence entropy). scores: mean score. non_score_reward: mean over
+    rows of ``-kl_coef * sum(kl)``. rlhf_reward: scores + non_score_reward. response_length: mean
+    number of valid response tokens. kl_coef: the beta used for this batch.
+    """
+
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor
+    non_score_reward: torch.Tensor
+    rlhf_reward: torch.Tensor
+    response_length: torch.Tensor
+    kl_coef: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, attr)) for attr, name in OBJECTIVE_METRIC_NAMES.items()}
+
+
+def objective_stats(rollout: Rollout, kl_coef: float) -> ObjectiveStats:
+    """``ObjectiveStats`` of a rollout whose ``logprobs`` and ``kl`` are filled."""
+    if rollout.logprobs is None or rollout.kl is None:
+        raise ValueError("objective_stats needs rollout.logprobs and rollout.kl")
+    m = rollout.response_mask
+    zero = torch.zeros((), dtype=rollout.kl.dtype, device=m.device)
+    kl_sum = torch.where(m, rollout.kl, zero).sum(-1)
+    neg_lp = torch.where(m, -rollout.logprobs, torch.zeros_like(zero, dtype=rollout.logprobs.dtype)).sum(-1)
+    non_score = -kl_coef * kl_sum
+    scores = rollout.scores.to(kl_sum.dtype)
+    return ObjectiveStats(
+        kl=kl_sum.mean().detach(),
+        entropy=neg_lp.mean().detach(),
+        scores=scores.mean().detach(),
+        non_score_reward=non_score.mean().detach(),
+        rlhf_reward=(scores + non_score).mean().detach(),
+        response_length=m.sum(-1).to(kl_sum.dtype).mean(),
+        kl_coef=float(kl_coef),
+    )
+
+
+@dataclass
+class PPOStats:
+    """Everything one PPO iteration reports: the rollout's objective statistics and one
+    ``MinibatchStats`` per optimizer step (epoch-major order)."""
+
+    objective: ObjectiveStats
+    minibatches: list[MinibatchStats]
+
+    def to_dict(self) -> dict[str, float]:
+        """Objective stats plus the minibatch stats averaged over the iteration (``ratio_max``:
+        the maximum), under their TRL / N-details names."""
+        out = self.objective.to_dict()
+        if self.minibatches:
+            for attr, name in MINIBATCH_METRIC_NAMES.items():
+                vals = torch.stack([getattr(s, attr).detach().double().cpu() for s in self.minibatches])
+                out[name] = float(vals.max() if attr == "ratio_max" else vals.mean())
+        return out

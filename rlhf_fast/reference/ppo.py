@@ -1,0 +1,308 @@
+"""Reference PPO: one iteration from a given batch of rollouts, written the plain way.
+
+This is the oracle the fast trainer (``rlhf_fast.trainers.ppo``) is held to. It follows "The N
+Implementation Details of RLHF with PPO" step by step, with the reference ops, explicit Python
+loops and plain ``torch.optim``; one process, no DeepSpeed. It deliberately does not reuse the
+loss functions of ``rlhf_fast.algos`` (only its containers and hyper-parameters), so that a
+parity test compares two independent implementations of the same formulas.
+
+One iteration::
+
+    make_experience:  old log-probs, reference log-probs, values      (no grad, initial weights)
+                      rewards = -beta * kl, + score at the last token ("N details" #17)
+                      advantages, returns (GAE + whitening, or grpo / rloo)   once per batch...
+    for epoch in range(num_epochs):                                    ("N details" #16)
+        perm = randperm(B, generator)                                  fresh every epoch
+        for each minibatch:
+            (... or here, per minibatch: "N details" #18 / lm-human-preferences)
+            zero_grad
+            for each micro-batch:  loss = pg + vf_coef * vf - ent_coef * H + kl-in-loss
+                                   loss.backward()                     (gradient accumulation)
+            optimizer.step()
+
+The losses are normalised by the minibatch's token count (``token-mean``) or row count
+(``seq-mean``), so the accumulated gradient is that of the whole minibatch whatever the
+micro-batch size.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rlhf_fast.algos.hparams import PPOHyperParams
+from rlhf_fast.algos.types import MinibatchStats, PPOStats, Rollout, objective_stats
+from rlhf_fast.reference import rlmath as ref
+
+
+@dataclass
+class ReferencePPOResult:
+    """rollout: the input with logprobs, ref_logprobs, values, kl, rewards, advantages, returns
+    filled (advantages / returns of the whole batch, even when ``advantages_per_minibatch``).
+    stats: objective statistics and one ``MinibatchStats`` per optimizer step, epoch-major.
+    kl_coef: the beta used."""
+
+    rollout: Rollout
+    stats: PPOStats
+    kl_coef: float
+
+
+# ---- experience -------------------------------------------------------------------------------
+
+
+def _forward(policy, critic, batch: Rollout, temperature: float):
+    """(logprobs, entropy, values) of the response tokens: (b, R) each; values None when there is
+    neither a value head nor a critic."""
+    out = policy.logprobs(
+        batch.sequences, batch.attention_mask, temperature=temperature, return_entropy=True,
+        response_start=batch.response_start,
+    )
+    values = out.values
+    if critic is not None:
+        values = critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values
+    return out.logprobs, out.entropy, values
+
+
+@torch.no_grad()
+def make_experience(
+    policy, ref_policy, rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float, critic=None,
+    dtype: torch.dtype = torch.float32,
+) -> Rollout:
+    """Old / reference log-probs and values from the current (initial) weights, then the shaped
+    rewards and, unless ``hp.advantages_per_minibatch``, the advantages and returns."""
+    logprobs, _, values = _forward(policy, critic, rollout, hp.temperature)
+    ref_logprobs, _, _ = _forward(ref_policy, None, rollout, hp.temperature)
+    mask = rollout.response_mask
+    scores = rollout.scores.to(dtype)
+    if hp.score_clip is not None:
+        scores = scores.clamp(-hp.score_clip, hp.score_clip)
+    beta_in_reward = kl_coef if hp.kl_placement == "in_reward" else 0.0
+    rewards, kl = ref.shape_rewards(
+        scores, logprobs, ref_logprobs, mask, kl_coef=beta_in_reward, estimator=hp.kl_estimator,
+        clamp=hp.kl_clamp, compute_dtype=dtype,
+    )
+    if values is not None:
+        values = torch.where(mask, values.to(dtype), 0.0)
+    out = rollout.replace(
+        scores=scores, logprobs=logprobs.to(dtype), ref_logprobs=ref_logprobs.to(dtype), values=values, kl=kl,
+        rewards=rewards,
+    )
+    advantages, returns = compute_advantages(out, hp, dtype)
+    return out.replace(advantages=advantages, returns=returns)
+
+
+def compute_advantages(batch: Rollout, hp: PPOHyperParams, dtype: torch.dtype = torch.float32):
+    """(advantages, returns) of ``batch`` with the reference ops: GAE with the N-details
+    whitening, or the grpo / rloo group baselines written as loops over the groups."""
+    mask = batch.response_mask
+    if hp.advantage_estimator == "gae":
+        if batch.values is None:
+            raise ValueError("gae needs values: give the policy a value head or pass a critic")
+        rewards = batch.rewards
+        if hp.whiten_rewards:  # without the mean shift ("N details" #18)
+            rewards = ref.masked_whiten(
+                rewards, mask, shift_mean=False, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps, compute_dtype=dtype
+            )
+        advantages, returns = ref.gae(rewards, batch.values, mask, gamma=hp.gamma, lam=hp.lam, compute_dtype=dtype)
+        if hp.whiten_advantages:
+            advantages = ref.masked_whiten(
+                advantages, mask, shift_mean=True, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps, compute_dtype=dtype
+            )
+        return advantages, returns
+    if hp.advantage_estimator in ("grpo", "rloo"):
+        seq = group_baseline_advantages(
+            (batch.rewards.to(dtype) * mask).sum(-1), batch.group_ids, hp.advantage_estimator,
+        )
+        if hp.advantage_estimator == "rloo" and hp.whiten_advantages:
+            seq = ref.masked_whiten(
+                seq, torch.ones_like(seq, dtype=torch.bool), unbiased=hp.whiten_unbiased, eps=hp.whiten_eps,
+                compute_dtype=dtype,
+            )
+        advantages = seq[:, None] * mask
+        return advantages, advantages
+    raise NotImplementedError(f"the reference PPO has no advantage estimator {hp.advantage_estimator!r}")
+
+
+def group_baseline_advantages(
+    seq_rewards: torch.Tensor, group_ids: Optional[torch.Tensor], estimator: str, *, group_eps: float = 1e-6
+) -> torch.Tensor:
+    """(B,) sequence advantages with a loop over groups: grpo ``(r - mean) / (std + eps)``
+    (unbiased std, 0 for a single row), rloo ``r_i - mean of the others`` (0 for a single row)."""
+    if group_ids is None:
+        raise ValueError(f"{estimator} needs rollout.group_ids")
+    rows = defaultdict(list)
+    for i, g in enumerate(group_ids.tolist()):
+        rows[g].append(i)
+    adv = torch.zeros_like(seq_rewards)
+    for idx in rows.values():
+        r = seq_rewards[idx]
+        n = len(idx)
+        if estimator == "grpo":
+            std = r.std() if n > 1 else torch.zeros((), dtype=r.dtype)
+            adv[idx] = (r - r.mean()) / (std + group_eps)
+        else:
+            adv[idx] = r - (r.sum() - r) / (n - 1) if n > 1 else torch.zeros_like(r)
+    return adv
+
+
+# ---- losses (written out, independent of rlhf_fast.algos.losses) -------------------------------
+
+
+def _aggregate(x, mask, mode: str, normalizer):
+    """Sum over the micro-batch, divided by the minibatch's token or row count."""
+    if mode == "token-mean":
+        return (x * mask).sum() / normalizer
+    if mode == "seq-mean":
+        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normalizer
+    raise NotImplementedError(f"the reference PPO has no loss aggregation {mode!r}")
+
+
+def policy_loss_per_token(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
+    """(per-token clipped surrogate, ratio, where the clipped term is active)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    if hp.policy_loss == "vanilla_pg":
+        return -advantages * ratio, ratio, torch.zeros_like(ratio, dtype=torch.bool)
+    if hp.policy_loss != "ppo_clip":
+        raise NotImplementedError(f"the reference PPO has no policy loss {hp.policy_loss!r}")
+    high = hp.clip_range if hp.clip_range_high is None else hp.clip_range_high
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - hp.clip_range, 1.0 + high)
+    pg = torch.max(pg_losses, pg_losses2)
+    if hp.dual_clip is not None:  # cap the loss of negative advantages at -A * c
+        pg = torch.where(advantages < 0, torch.min(pg, -advantages * hp.dual_clip), pg)
+    return pg, ratio, pg_losses2 > pg_losses
+
+
+def value_loss_per_token(values, old_values, returns, hp: PPOHyperParams):
+    """(per-token 0.5 * max(unclipped, clipped) squared error (baselines ppo2), unclipped error,
+    where the clipped error is the larger)."""
+    vf_losses1 = (values - returns) ** 2
+    if hp.value_clip_range is None:
+        return 0.5 * vf_losses1, vf_losses1, torch.zeros_like(vf_losses1, dtype=torch.bool)
+    vpredclipped = old_values + torch.clamp(values - old_values, -hp.value_clip_range, hp.value_clip_range)
+    vf_losses2 = (vpredclipped - returns) ** 2
+    return 0.5 * torch.max(vf_losses1, vf_losses2), vf_losses1, vf_losses2 > vf_losses1
+
+
+# ---- the update -------------------------------------------------------------------------------
+
+
+def _minibatch_loss(policy, critic, micro: Rollout, hp: PPOHyperParams, kl_coef: float, normalizer, dtype):
+    """Loss of one micro-batch (a share of the minibatch loss) and the per-token pieces for stats."""
+    mask = micro.response_mask
+    fmask = mask.to(dtype)
+    logprobs, entropy, values = _forward(policy, critic, micro, hp.temperature)
+    logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
+
+    pg, ratio, clipped = policy_loss_per_token(logprobs, micro.logprobs, micro.advantages, hp)
+    pg_loss = _aggregate(pg, fmask, hp.loss_aggregation, normalizer)
+    loss = pg_loss
+    pieces = dict(mask=mask, logr=(logprobs - micro.logprobs).detach(), ratio=ratio.detach(), clipped=clipped,
+                  entropy=entropy.detach())
+
+    vf_loss = torch.zeros((), dtype=dtype)
+    if hp.advantage_estimator == "gae":
+        values = values.to(dtype)
+        vf, verror, vclipped = value_loss_per_token(values, micro.values, micro.returns, hp)
+        vf_loss = _aggregate(vf, fmask, hp.loss_aggregation, normalizer)
+        loss = loss + hp.vf_coef * vf_loss
+        pieces.update(vpred=values.detach(), verror=verror.detach(), vclipped=vclipped)
+
+    if hp.ent_coef != 0.0:
+        loss = loss - hp.ent_coef * _aggregate(entropy, fmask, hp.loss_aggregation, normalizer)
+
+    kl_part = torch.zeros((), dtype=dtype)
+    if hp.kl_placement == "in_loss":
+        kl = ref.kl_penalty(logprobs, micro.ref_logprobs, estimator=hp.kl_estimator, clamp=hp.kl_clamp, compute_dtype=dtype)
+        kl_part = _aggregate(kl, fmask, hp.loss_aggregation, normalizer)
+        loss = loss + kl_coef * kl_part
+    parts = dict(loss=loss.detach(), policy_loss=pg_loss.detach(), value_loss=vf_loss.detach(), kl_loss=kl_part.detach())
+    return loss, parts, pieces
+
+
+def _stats(parts: list[dict], pieces: list[dict]) -> MinibatchStats:
+    """Minibatch statistics: losses summed over micro-batches (each is already a share of the
+    minibatch loss), token means over all of the minibatch's valid tokens."""
+    cat = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    m = cat["mask"]
+
+    def mean(x):
+        return x[m].double().mean() if bool(m.any()) else torch.zeros((), dtype=torch.float64)
+
+    s = MinibatchStats(**{k: sum(p[k] for p in parts) for k in parts[0]})
+    s.approxkl = 0.5 * mean(cat["logr"] ** 2)
+    s.clipfrac = mean(cat["clipped"].double())
+    s.entropy = mean(cat["entropy"])
+    s.ratio_mean = mean(cat["ratio"])
+    s.ratio_max = cat["ratio"][m].max().double() if bool(m.any()) else torch.zeros((), dtype=torch.float64)
+    if "vpred" in cat:
+        s.vf_clipfrac = mean(cat["vclipped"].double())
+        s.vpred = mean(cat["vpred"])
+        s.verror = mean(cat["verror"])
+    return s
+
+
+def ppo_iteration(
+    policy,
+    ref_policy,
+    rollout: Rollout,
+    hp: PPOHyperParams,
+    optimizer: torch.optim.Optimizer,
+    *,
+    kl_coef: float,
+    generator: torch.Generator,
+    critic=None,
+    dtype: torch.dtype = torch.float32,
+) -> ReferencePPOResult:
+    """One PPO iteration on ``rollout`` (query / response ids and masks, scores; group_ids for
+    grpo / rloo), leaving ``policy`` (and ``critic``) updated.
+
+    policy: ``rlhf_fast.models.Policy`` (with a value head unless ``critic`` is given or the
+        estimator needs no values). ref_policy: the frozen reference ``Policy``.
+    optimizer: a plain ``torch.optim`` optimizer over the trained parameters (policy and critic
+        together, as TRL's PolicyAndValueWrapper). kl_coef: this iteration's beta (the caller owns
+        the KL controller and updates it from ``result.stats.objective.kl``).
+    generator: draws the per-epoch permutations ("N details" #16). dtype: the RL math's dtype
+        (float64 for an oracle run; models keep their own dtype).
+    Dropout should be off (models from ``rlhf_fast.models`` load that way, "N details" #13): then
+    the ratio is exactly 1 on the first minibatch of the first epoch.
+    """
+    B = rollout.batch_size
+    if B % hp.num_minibatches:
+        raise ValueError(f"batch size {B} is not divisible by num_minibatches {hp.num_minibatches}")
+    mb_size = B // hp.num_minibatches
+    micro_size = hp.micro_batch_size or mb_size
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+
+    experience = make_experience(policy, ref_policy, rollout, hp, kl_coef=kl_coef, critic=critic, dtype=dtype)
+    minibatch_stats: list[MinibatchStats] = []
+    for _epoch in range(hp.num_epochs):
+        perm = torch.randperm(B, generator=generator)
+        for start in range(0, B, mb_size):
+            minibatch = experience.select(perm[start : start + mb_size])
+            if hp.advantages_per_minibatch:  # lm-human-preferences: whitening + GAE inside loss()
+                adv, ret = compute_advantages(minibatch, hp, dtype)
+                minibatch = minibatch.replace(advantages=adv, returns=ret)
+            if hp.loss_aggregation == "token-mean":
+                normalizer = minibatch.response_mask.sum().clamp(min=1).to(dtype)
+            else:
+                normalizer = torch.tensor(float(mb_size), dtype=dtype)
+
+            optimizer.zero_grad(set_to_none=True)
+            parts, pieces = [], []
+            for m0 in range(0, mb_size, micro_size):
+                micro = minibatch.select(torch.arange(m0, min(m0 + micro_size, mb_size)))
+                loss, p, pc = _minibatch_loss(policy, critic, micro, hp, kl_coef, normalizer, dtype)
+                loss.backward()
+                parts.append(p)
+                pieces.append(pc)
+            if hp.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trained, hp.max_grad_norm)
+            optimizer.step()
+            minibatch_stats.append(_stats(parts, pieces))
+
+    stats = PPOStats(objective=objective_stats(experience, kl_coef), minibatches=minibatch_stats)
+    return ReferencePPOResult(rollout=experience, stats=stats, kl_coef=float(kl_coef))
