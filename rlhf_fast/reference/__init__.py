@@ -12,7 +12,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The reference PPO is imported lazily: it pulls in rlhf_fast.algos, which the ops import.
+    # The reference PPO is imported lazily: it pulls in rlhf_fast.algos and the models
+    # (transformers), which the reference ops and their users do not need.
     if name in ("ppo_iteration", "make_experience", "ReferencePPOResult"):
         from rlhf_fast.reference import ppo
 
