@@ -70,11 +70,32 @@ def check_impl(fwd, hidden, weight, labels, temperature, return_entropy, *, grad
         assert c[1].dtype == torch.float32
         assert_no_worse_than_baseline("entropy", c[1], o[1], b[1], atol=2e-6 * (1.0 + math.log(weight.shape[0])))
     if grads:
-        eps = torch.finfo(hidden.dtype).eps
+        # d_hidden = dZ @ W and d_weight = dZ.T @ X: float32 sums of terms whose own rounding is
+        # set by the formula dz_k = (g_lp (1[k=y] - p_k) - g_H p_k (log p_k + H)) / T, where
+        # log p_k + H cancels. Any float32 evaluation is off by ~eps * (|dZ|_cond @ |W|), with
+        # |dZ|_cond = (|g_lp| (1[k=y] + p_k) + |g_H| p_k (|log p_k| + H)) / T, and the peer's
+        # single draw can be luckily exact; so atol is four float32 ulps of that condition number
+        # (a sum over V terms may lose sqrt(V) ulps), beside the 2 x baseline rule. Hypothesis
+        # found such a case (see the @example: 2.3 ulps of the condition, peer 0.1).
+        V = weight.shape[0]
+        z = (hidden.double() @ weight.double().T).reshape(-1, V) / temperature
+        logp = torch.log_softmax(z, -1)
+        p = logp.exp()
+        ent = -(p * logp).sum(-1, keepdim=True)
+        y = labels.reshape(-1, 1)
+        valid = (y != IGNORE).double()
+        onehot = torch.zeros_like(p).scatter_(-1, y.clamp(min=0), 1.0)
+        dzc = g_lp.reshape(-1, 1).abs() * valid * (onehot + p)
+        if return_entropy:
+            dzc = dzc + g_h.reshape(-1, 1).abs() * p * (logp.abs() + ent)
+        dzc = dzc / temperature
+        x_abs = hidden.double().abs().reshape(-1, weight.shape[1])
+        cond = {"d_hidden": dzc @ weight.double().abs(), "d_weight": dzc.T @ x_abs}
+        eps = torch.finfo(torch.float32).eps
         for name, i, x in (("d_hidden", 2, hidden), ("d_weight", 3, weight)):
             assert c[i].dtype == x.dtype and c[i].shape == x.shape
-            gscale = 1.0 + float(o[i].abs().max())
-            assert_no_worse_than_baseline(name, c[i], o[i], b[i], atol=4 * eps * 1e-3 * gscale + 1e-7)
+            atol = 4 * eps * float(cond[name].max()) + 1e-7
+            assert_no_worse_than_baseline(name, c[i], o[i], b[i], atol=atol)
 
 
 def public_op(h, w, labels, temperature, return_entropy):
@@ -146,6 +167,7 @@ def cases(draw):
 @given(cases())
 @example((1, 1, 2, torch.float32, 1.0, True, 0.0, 1, 0))
 @example((5, 3, 600, torch.bfloat16, 0.1, True, 1.0, 2, 7))
+@example((1, 1, 127, torch.float32, 1.5, True, 0.0, 1, 0))  # found by hypothesis: see check_impl's atol
 def test_public_op_property(case):
     N, H, V, dtype, temperature, return_entropy, ignore_frac, chunk_rows, seed = case
     note(f"N={N} H={H} V={V} dtype={dtype} T={temperature} entropy={return_entropy} "
@@ -179,9 +201,9 @@ def test_cpu_path_extra_memory_bounded_by_chunk(monkeypatch):
     seen = []
     real = lin._logits_chunk
 
-    def spy(h, w):
-        z = real(h, w)
-        seen.append(z.numel() * z.element_size())
+    def spy(h, w, out):
+        z = real(h, w, out)
+        seen.append(out.untyped_storage().nbytes())  # the whole reused buffer, not just the view
         return z
 
     monkeypatch.setattr(lin, "_logits_chunk", spy)
@@ -199,7 +221,7 @@ def test_cpu_path_extra_memory_bounded_by_chunk(monkeypatch):
 # ---- opcheck, compile, bad input ----------------------------------------------------------------
 
 # aot_dispatch_dynamic also differentiates through the backward op, which has no double backward.
-@pytest.mark.filterwarnings("ignore:.*linear_logprobs_backward: an autograd kernel was not registered")
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered to the Autograd key")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("return_entropy", [False, True])
 def test_opcheck(dtype, return_entropy):

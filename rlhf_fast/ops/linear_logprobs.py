@@ -67,14 +67,17 @@ def _vocab_slices(weight: torch.Tensor):
         yield v0, weight[v0 : v0 + VOCAB_SLICE].to(cd)
 
 
-def _logits_chunk(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h: (rows, H) in the compute dtype -> (rows, V) logits in the compute dtype."""
+def _logits_chunk(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """h: (rows, H) in the compute dtype -> ``out``: (rows, V) logits in the compute dtype.
+
+    ``out`` is one buffer reused by every chunk of a call: a fresh [rows, V] allocation per chunk
+    would be served by mmap and page-faulted in again each time (glibc maps blocks > 32 MiB
+    afresh), which costs about as much as the matmul at H = 256."""
     if weight.dtype == h.dtype:
-        return h @ weight.T
-    z = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+        return torch.mm(h, weight.T, out=out)
     for v0, w in _vocab_slices(weight):
-        z[:, v0 : v0 + w.shape[0]] = h @ w.T  # a [rows, VOCAB_SLICE] temporary
-    return z
+        out[:, v0 : v0 + w.shape[0]] = h @ w.T  # a [rows, VOCAB_SLICE] temporary
+    return out
 
 
 # ---- CPU (and float64): chunked torch ------------------------------------------------------------
@@ -89,15 +92,15 @@ def _fwd_chunked(hidden, weight, labels, temperature=1.0, return_entropy=False, 
     lp, ent, stats = torch.empty(N, **opts), torch.empty(N, **opts), torch.empty((N, 2), **opts)
     cd = _compute_dtype(hidden.dtype)
     rows = _row_chunk(N, weight.shape[0])
+    buf = torch.empty((rows, weight.shape[0]), dtype=cd, device=hidden.device)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        z = _logits_chunk(hidden[r0:r1].to(cd), weight)
+        z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
         out = torch.ops.rlhf_fast.gather_logprobs(
             z.unsqueeze(0), labels[r0:r1].unsqueeze(0), temperature, return_entropy, ignore_index
         )
         for dst, src in zip((lp, ent, stats), out):
             dst[r0:r1] = src[0]
-        del z  # the chunk's memory is reused by the next iteration
     return lp, ent, stats
 
 
@@ -110,16 +113,16 @@ def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats,
     glp = grad_logprobs.to(torch.float32)
     gh = grad_entropy.to(torch.float32) if grad_entropy is not None else None
     rows = _row_chunk(N, V)
+    buf = torch.empty((rows, V), dtype=cd, device=hidden.device)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h = hidden[r0:r1].to(cd)
-        z = _logits_chunk(h, weight)
+        z = _logits_chunk(h, weight, buf[: r1 - r0])
         dz = torch.ops.rlhf_fast.gather_logprobs_backward(
             glp[r0:r1].unsqueeze(0), None if gh is None else gh[r0:r1].unsqueeze(0), z.unsqueeze(0),
             labels[r0:r1].unsqueeze(0), row_stats[r0:r1].unsqueeze(0), entropy[r0:r1].unsqueeze(0),
             temperature, ignore_index,
         )[0]
-        del z
         if weight.dtype == cd:
             torch.mm(dz, weight, out=dh[r0:r1])
             dw.addmm_(dz.T, h)
