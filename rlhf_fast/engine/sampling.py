@@ -1,0 +1,126 @@
+"""Sampling parameters and the per-step token choice: pure functions of a (B, V) logits tensor.
+
+Order of the logit transforms, as in Hugging Face ``generate`` (min-new-tokens processor, then
+the temperature, top-k and top-p warpers): stop tokens masked to -inf until ``min_new_tokens``,
+divide by the temperature, keep the top k, keep the smallest top-probability set whose mass
+reaches top_p. The returned log-prob of a token is under exactly that distribution (the
+"temperature-scaled, renormalised" one it was drawn from; "N Implementation Details" #10).
+
+Sampling is the exponential race ``argmax(p / q), q ~ Exp(1)`` (equivalent to Gumbel-max, as in
+gpt-fast): no ``torch.multinomial``, so no host sync and a fixed number of RNG draws per step,
+which keeps seeded runs reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode.
+
+    max_new_tokens: tokens generated per row at most (the response length R is the longest row's).
+    do_sample: sample (True) or take the argmax (False, identical to HF greedy ``generate``).
+    temperature: logits are divided by it before top-k / top-p and for the returned log-probs
+        (also in greedy mode, where it changes only the log-probs).
+    top_k: keep the k most likely tokens (0 = off). Ties with the k-th logit are kept, as in HF.
+    top_p: nucleus mass (1.0 = off); the most likely token is always kept.
+    min_new_tokens: EOS / stop tokens get -inf logits before this many tokens were generated.
+    eos_token_id: an id or a sequence of ids that end a row (None: none).
+    stop_token_ids: more ids that end a row (the stop token is kept and counted in the mask).
+    seed: seeds a ``torch.Generator`` for this call (None: the global RNG).
+    """
+
+    max_new_tokens: int
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens!r}"
+            )
+        t = float(self.temperature)
+        if not t > 0 or t == float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for tok in self.stop_ids():
+            if tok < 0:
+                raise ValueError(f"stop / eos token ids must be >= 0, got {tok}")
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """EOS and stop ids together, deduplicated, in first-seen order."""
+        eos = self.eos_token_id
+        eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+        ids = []
+        for tok in (*eos, *tuple(self.stop_token_ids)):
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise ValueError(f"stop / eos token ids must be ints, got {tok!r}")
+            if tok not in ids:
+                ids.append(tok)
+        return tuple(ids)
+
+
+def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering of (..., V) float logits (already temperature-scaled): removed
+    tokens get -inf. Returns a new tensor unless nothing is filtered. Public so a caller (or a
+    test) can rebuild the exact distribution the engine sampled from."""
+    V = z.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        # Remove a token when the mass of the tokens ranked above it already reaches top_p
+        # (HF TopPLogitsWarper: ascending cumsum <= 1 - top_p); rank 0 is always kept.
+        before = torch.cumsum(probs, dim=-1) - probs
+        remove_sorted = before >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
+        z = z.masked_fill(remove, float("-inf"))
+    return z
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    *,
+    step: int,
+    stop_ids: Optional[torch.Tensor],
+    generator: Optional[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's token choice. ``logits``: (B, V) next-token logits; ``step``: how many
+    tokens were generated before this one (host int, no sync); ``stop_ids``: (S,) int64 or None.
+    Returns ``(tokens (B,) int64, logprobs (B,) float32)``. No host synchronisation."""
+    x = logits.float()
+    if stop_ids is not None and step < params.min_new_tokens:
+        x = x.index_fill(-1, stop_ids, float("-inf"))
+    z = filter_logits(x / params.temperature, params.top_k, params.top_p)
+    if params.do_sample:
+        probs = torch.softmax(z, dim=-1)
+        q = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(_TINY)
+        tokens = (probs / q).argmax(dim=-1)
+    else:
+        # argmax of the unscaled logits: dividing by a temperature can merge near-ties, and HF
+        # greedy never applies it. Top-k / top-p always keep the argmax.
+        tokens = x.argmax(dim=-1)
+    logprobs = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return tokens, logprobs
