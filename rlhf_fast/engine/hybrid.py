@@ -12,6 +12,10 @@ Per call: inference mode (``inference.inference_mode``), ZeRO-3 parameters gathe
 engine-owned KV buffers (``cache.KVBufferPool``). The decode loop keeps the token choice on the
 device; the only host syncs are the all-finished check every ``sync_every`` steps, where finished
 rows are also compacted away so they stop costing compute, and one at the end to trim R.
+
+Not done yet: DESIGN's GPU decode step on a static cache captured with CUDA graphs /
+``torch.compile(mode="reduce-overhead")``. The eager loop runs on a GPU as is; the compiled path
+needs a GPU to validate and is left for a session that has one.
 """
 
 from __future__ import annotations
@@ -228,13 +232,9 @@ class HybridEngine:
 
 
 def _concat(outs, input_ids: torch.Tensor, pad: int) -> GenerationOutput:
-    """Joins chunk results, trimming R to the longest response (one host sync)."""
-    R = max(int(v.sum(1).max()) for _, v, _ in outs)  # responses are prefixes: longest = last used column
-    tokens = torch.cat([t[:, :R] if t.shape[1] >= R else _pad_cols(t, R, pad) for t, _, _ in outs])
-    valid = torch.cat([v[:, :R] if v.shape[1] >= R else _pad_cols(v, R, False) for _, v, _ in outs])
-    logps = torch.cat([lp[:, :R] if lp.shape[1] >= R else _pad_cols(lp, R, 0.0) for _, _, lp in outs])
+    """Joins chunk results (each max_new_tokens wide), trimming R to the longest response."""
+    R = max(int(v.sum(1).max()) for _, v, _ in outs)  # one host sync; responses are prefixes
+    tokens = torch.cat([t[:, :R] for t, _, _ in outs])
+    valid = torch.cat([v[:, :R] for _, v, _ in outs])
+    logps = torch.cat([lp[:, :R] for _, _, lp in outs])
     return GenerationOutput(sequences=torch.cat([input_ids, tokens], 1), response_mask=valid, logprobs=logps)
-
-
-def _pad_cols(x: torch.Tensor, R: int, value) -> torch.Tensor:
-    return torch.cat([x, x.new_full((x.shape[0], R - x.shape[1]), value)], 1)
