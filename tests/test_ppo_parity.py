@@ -75,12 +75,12 @@ def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_
         lambda ps: torch.optim.Adam(ps, lr=lr))
     ref_policy = copy.deepcopy(policy0).eval()
 
-    # reference: one optimizer over policy (+ critic)
     p_ref = copy.deepcopy(policy0)
     c_ref = copy.deepcopy(critic0) if separate_critic else None
-    params = list(p_ref.parameters()) + (list(c_ref.parameters()) if c_ref is not None else [])
-    res = ppo_iteration(p_ref, ref_policy, rollout, hp, make_opt(params), kl_coef=kl_coef,
-                        generator=torch.Generator().manual_seed(seed), critic=c_ref)
+    # the trainer gives the critic its own engine: the reference gets its own optimizer too
+    res = ppo_iteration(p_ref, ref_policy, rollout, hp, make_opt(list(p_ref.parameters())), kl_coef=kl_coef,
+                        generator=torch.Generator().manual_seed(seed), critic=c_ref,
+                        critic_optimizer=make_opt(list(c_ref.parameters())) if c_ref is not None else None)
 
     # fast: experience with the fused ops, the Stepper loop
     p_fast = copy.deepcopy(policy0)
@@ -164,17 +164,30 @@ def configs(draw):
         temperature=draw(st.sampled_from([1.0, 0.7])),
     )
     separate = draw(st.booleans()) and est == "gae"
-    rollout = make_rollout(B, draw(st.integers(2, 5)), draw(st.integers(1, 6)), draw(st.integers(0, 1000)),
-                           holes=draw(st.booleans()), group_size=2 if est != "gae" else 1)
-    note(f"hp={hp} separate_critic={separate} B={B}")
-    return hp, rollout, separate
+    shape = (B, draw(st.integers(2, 5)), draw(st.integers(1, 6)), draw(st.integers(0, 1000)), draw(st.booleans()),
+             2 if est != "gae" else 1)
+    note(f"hp={hp} separate_critic={separate} rollout(B, Q, R, seed, holes, group_size)={shape}")
+    return hp, shape, separate
 
 
 @settings(max_examples=int(os.environ.get("PARITY_EXAMPLES", "12")))
 @given(configs())
 def test_property_fast_loop_matches_reference(case):
-    hp, rollout, separate = case
+    hp, (B, Q, R, seed, holes, group_size), separate = case
+    rollout = make_rollout(B, Q, R, seed, holes=holes, group_size=group_size)
     assert_parity(*run_both(hp, rollout, separate_critic=separate))
+
+
+# Found by hypothesis: with value_clip_range 1.0 inside the range, old + (v - old) rounded away from
+# v and both sides counted rounding noise as value clipping (fixed in algos, reference and core).
+_FOUND_HP = PPOHyperParams(gamma=1.0, lam=0.0, whiten_rewards=True, whiten_advantages=False, clip_range=0.1,
+                           value_clip_range=1.0, vf_coef=0.1, loss_aggregation="seq-mean", num_epochs=2,
+                           max_grad_norm=0.5, temperature=1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_value_clipfrac_counts_no_rounding_noise(seed):
+    assert_parity(*run_both(_FOUND_HP, make_rollout(4, 3, 5, seed, holes=bool(seed % 2)), separate_critic=False))
 
 
 def test_determinism_bit_identical():

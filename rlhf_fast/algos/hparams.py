@@ -15,9 +15,12 @@ from rlhf_fast.algos.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams
 _KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PPOHyperParams:
-    """The PPO math of one iteration (not generation, optimiser or schedule settings)."""
+    """The PPO math of one iteration (not generation, optimiser or schedule settings).
+
+    Mutable so that ``rlhf_fast.config`` can set fields from YAML and the command line; the config
+    layer re-runs ``validate()`` after every change (``__post_init__`` runs it at construction)."""
 
     # -- advantages --
     gamma: float = 1.0
@@ -89,12 +92,16 @@ class PPOHyperParams:
     change the math, only memory."""
     max_grad_norm: Optional[float] = None
     """clip the global gradient norm before each optimizer step (TRL / OpenRLHF 1.0; the N-details
-    and N+ runs: none)."""
+    and N+ runs: none). With a separate critic the policy's and the critic's norms are clipped
+    separately (one DeepSpeed engine each, as OpenRLHF and DeepSpeed-Chat; TRL clips them jointly)."""
     temperature: float = 1.0
     """divides the logits when computing log-probs, as in sampling ("N details" #10; N+ 0.7).
     PPO-max samples at 0.8 but scores log-probs from raw logits (1.0)."""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         checks = (
             (ESTIMATORS, self.advantage_estimator), (KL_PLACEMENTS, self.kl_placement),
             (KL_CONTROLLERS, self.kl_controller), (POLICY_LOSSES, self.policy_loss),

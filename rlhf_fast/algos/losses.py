@@ -228,7 +228,10 @@ def clipped_value_loss(
         v_clip = old + torch.clamp(values - old, -clip_range, clip_range)
         err2 = (v_clip - ret) ** 2
         per_token = torch.maximum(err1, err2)
-        clipfrac = _masked_mean((err2 > err1).to(values.dtype), m)
+        # Count a token as clipped only where the clamp is active: inside the range old + (v - old)
+        # can round away from v, and err2 > err1 by an ulp is not clipping.
+        active = (values - old).abs() > clip_range
+        clipfrac = _masked_mean((active & (err2 > err1)).to(values.dtype), m)
     return ValueLossOutput(
         loss=0.5 * aggregate(per_token, m, aggregation, normalizer=normalizer),
         clipfrac=clipfrac,

@@ -184,7 +184,10 @@ def value_loss_per_token(values, old_values, returns, hp: PPOHyperParams):
         return 0.5 * vf_losses1, vf_losses1, torch.zeros_like(vf_losses1, dtype=torch.bool)
     vpredclipped = old_values + torch.clamp(values - old_values, -hp.value_clip_range, hp.value_clip_range)
     vf_losses2 = (vpredclipped - returns) ** 2
-    return 0.5 * torch.max(vf_losses1, vf_losses2), vf_losses1, vf_losses2 > vf_losses1
+    # clipped: the clamp is active and the clipped error is the larger (old + (v - old) may round
+    # away from v inside the range: that is not clipping)
+    active = (values - old_values).abs() > hp.value_clip_range
+    return 0.5 * torch.max(vf_losses1, vf_losses2), vf_losses1, active & (vf_losses2 > vf_losses1)
 
 
 # ---- the update -------------------------------------------------------------------------------
@@ -255,6 +258,7 @@ def ppo_iteration(
     kl_coef: float,
     generator: torch.Generator,
     critic=None,
+    critic_optimizer: Optional[torch.optim.Optimizer] = None,
     dtype: torch.dtype = torch.float32,
 ) -> ReferencePPOResult:
     """One PPO iteration on ``rollout`` (query / response ids and masks, scores; group_ids for
@@ -263,7 +267,9 @@ def ppo_iteration(
     policy: ``rlhf_fast.models.Policy`` (with a value head unless ``critic`` is given or the
         estimator needs no values). ref_policy: the frozen reference ``Policy``.
     optimizer: a plain ``torch.optim`` optimizer over the trained parameters (policy and critic
-        together, as TRL's PolicyAndValueWrapper). kl_coef: this iteration's beta (the caller owns
+        together, as TRL's PolicyAndValueWrapper, clipped by one global norm). critic_optimizer:
+        the critic's own optimizer instead (OpenRLHF, DeepSpeed-Chat and rlhf_fast's trainer: one
+        engine each), so policy and critic gradients are clipped separately. kl_coef: this iteration's beta (the caller owns
         the KL controller and updates it from ``result.stats.objective.kl``).
     generator: draws the per-epoch permutations ("N details" #16). dtype: the RL math's dtype
         (float64 for an oracle run; models keep their own dtype).
@@ -275,7 +281,8 @@ def ppo_iteration(
         raise ValueError(f"batch size {B} is not divisible by num_minibatches {hp.num_minibatches}")
     mb_size = B // hp.num_minibatches
     micro_size = hp.micro_batch_size or mb_size
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizers = [optimizer] + ([critic_optimizer] if critic_optimizer is not None else [])
+    trained = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
 
     experience = make_experience(policy, ref_policy, rollout, hp, kl_coef=kl_coef, critic=critic, dtype=dtype)
     minibatch_stats: list[MinibatchStats] = []
@@ -291,7 +298,8 @@ def ppo_iteration(
             else:
                 normalizer = torch.tensor(float(mb_size), dtype=dtype)
 
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             parts, pieces = [], []
             for m0 in range(0, mb_size, micro_size):
                 micro = minibatch.select(torch.arange(m0, min(m0 + micro_size, mb_size)))
@@ -299,9 +307,10 @@ def ppo_iteration(
                 loss.backward()
                 parts.append(p)
                 pieces.append(pc)
-            if hp.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trained, hp.max_grad_norm)
-            optimizer.step()
+            for opt, params in zip(optimizers, trained):
+                if hp.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+                opt.step()
             minibatch_stats.append(_stats(parts, pieces))
 
     stats = PPOStats(objective=objective_stats(experience, kl_coef), minibatches=minibatch_stats)

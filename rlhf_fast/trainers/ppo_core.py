@@ -276,7 +276,8 @@ def _v_clipped(values, micro: Rollout, hp: PPOHyperParams):
     if hp.value_clip_range is None:
         return torch.zeros_like(values, dtype=torch.bool)
     clipped = micro.values + torch.clamp(values - micro.values, -hp.value_clip_range, hp.value_clip_range)
-    return (clipped - micro.returns) ** 2 > (values - micro.returns) ** 2
+    active = (values - micro.values).abs() > hp.value_clip_range  # see algos.clipped_value_loss
+    return active & ((clipped - micro.returns) ** 2 > (values - micro.returns) ** 2)
 
 
 def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> MinibatchStats:
