@@ -10,11 +10,12 @@ return_entropy, ignore_index) -> (logprobs, entropy, row_stats)``, float32 (N,),
 - CPU (and float64 on CUDA): chunked torch. Rows are processed ``_row_chunk`` at a time: one
   matmul writes a [rows, V] float32 logits chunk (MKL / oneDNN GEMM: the fastest matmul on a CPU,
   which is why this is not a hand-written C++ loop), the C++ ``gather_logprobs`` kernel reduces it
-  in one pass, and the chunk is freed. The backward recomputes the chunk, turns it into d(logits)
-  with ``gather_logprobs_backward`` and contracts it with two GEMMs into d(hidden) and a float32
-  d(weight). Extra memory: one or two [rows, V] float32 chunks (``CPU_CHUNK_BYTES`` each), never
-  [N, V]. Half-precision weights are upcast VOCAB_SLICE rows at a time, so no float32 copy of the
-  whole weight is made either.
+  in one pass, and the next chunk overwrites the same buffer. The backward recomputes the chunk,
+  turns it into d(logits) with ``gather_logprobs_backward`` and contracts it with two GEMMs into
+  d(hidden) and a float32 d(weight) accumulator. Extra memory: the forward one [rows, V] float32
+  buffer (``CPU_CHUNK_BYTES``), the backward two (logits and d(logits)) plus the [V, H] float32
+  accumulator — never [N, V]. Half-precision weights are upcast VOCAB_SLICE rows at a time, so no
+  float32 copy of the whole weight is made either.
 
 Autograd runs ``linear_logprobs_backward`` (one more custom op, so torch.compile sees both); fake
 kernels let torch.compile trace them.
