@@ -1,0 +1,166 @@
+"""The ``rlhf-fast`` command.
+
+    rlhf-fast sft --output-dir runs/sft                       # SFT on the built-in task
+    rlhf-fast rm --output-dir runs/rm --rm.sft_model runs/sft/model
+    rlhf-fast rm --preset ci --output-dir runs/rm             # trains its own small SFT model first
+    rlhf-fast sft --config run.yaml --sft.deepspeed.zero_stage 2 --sft.lr 1e-4 --resume --output-dir runs/sft
+    torchrun --nproc_per_node 8 -m rlhf_fast.cli sft --config run.yaml --output-dir runs/sft
+    rlhf-fast config --preset n_plus --docs                   # the resolved config, with every field's doc
+
+Subcommands live in ``COMMANDS`` (name -> ``Command``); a new stage registers itself with
+``@command("ppo", help=...)`` and receives the resolved ``RunConfig`` and the parsed arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from rlhf_fast import config as C
+
+
+@dataclass
+class Command:
+    """A subcommand: ``run(cfg, args) -> exit code``; ``section`` is the config section that bare
+    overrides (``--lr``) refer to; ``trains``: whether it takes --output-dir / --resume."""
+
+    name: str
+    help: str
+    description: str
+    run: Callable[[C.RunConfig, argparse.Namespace], int]
+    section: Optional[str] = None
+    trains: bool = True
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, *, help: str, description: str = "", section: Optional[str] = None, trains: bool = True):
+    """Registers a subcommand (decorator)."""
+
+    def wrap(fn):
+        COMMANDS[name] = Command(name, help, textwrap.dedent(description or fn.__doc__ or help).strip(), fn,
+                                 section if section is not None else name, trains)
+        return fn
+
+    return wrap
+
+
+# ---- the subcommands -----------------------------------------------------------------------------------
+
+
+def _summary(metrics: dict, output_dir: Path) -> None:
+    print(json.dumps({"output_dir": str(output_dir), **{k: v for k, v in metrics.items() if k.startswith(("eval/", "norm/"))}}))
+
+
+@command("sft", help="supervised fine-tuning of the policy", description="""
+    Supervised fine-tuning on prompt + response pairs (config section `sft`). Without
+    sft.data.train_file it trains on the built-in tiny_sentiment task. Writes DIR/model (HF format
+    + tokenizer), DIR/metrics.jsonl, DIR/tensorboard and DIR/checkpoints.""")
+def run_sft(cfg: C.RunConfig, args: argparse.Namespace) -> int:
+    from rlhf_fast.trainers.sft import train_sft
+
+    _summary(train_sft(cfg.sft, args.output_dir, resume=args.resume), args.output_dir)
+    return 0
+
+
+@command("rm", help="reward-model training (Bradley-Terry) and normalisation", description="""
+    Reward-model training on preference pairs (config section `rm`), then its normalisation.
+    The RM starts from rm.sft_model (an SFT output, e.g. runs/sft/model) or rm.model.path; when
+    neither is set it first runs the `sft` section into DIR/sft (reused when DIR/sft/model
+    exists) and starts from DIR/sft/model. Without rm.data.train_file it trains on the built-in
+    task's preference pairs.""")
+def run_rm(cfg: C.RunConfig, args: argparse.Namespace) -> int:
+    from rlhf_fast.trainers.rm import train_rm
+
+    if cfg.rm.sft_model is None and cfg.rm.model.path is None:
+        sft_dir = Path(args.output_dir) / "sft"
+        if not (sft_dir / "model" / "config.json").is_file():
+            from rlhf_fast.trainers.sft import train_sft
+
+            train_sft(cfg.sft, sft_dir, resume=args.resume)
+        cfg.rm.sft_model = str(sft_dir / "model")
+    _summary(train_rm(cfg.rm, args.output_dir, resume=args.resume, reference_data=cfg.sft.data), args.output_dir)
+    return 0
+
+
+@command("config", help="print the resolved config (YAML) or every field's documentation", section="", trains=False,
+         description="Prints the config that --config / --preset / overrides resolve to, as YAML; "
+         "with --docs, every field with its default and documentation.")
+def run_config(cfg: C.RunConfig, args: argparse.Namespace) -> int:
+    if args.docs:
+        for path, default, doc in C.describe():
+            print(f"{path} = {default!r}\n    {doc}")
+    else:
+        print(C.dump_yaml(cfg), end="")
+    return 0
+
+
+# ---- parsing -------------------------------------------------------------------------------------------
+
+_EPILOG = """\
+overrides:
+  Any config field as --<section>.<field> VALUE or --<section>.<field>=VALUE, e.g.
+  --rm.optim.lr 3e-6, --sft.deepspeed.zero_stage 2. The sub-section may be left out when the
+  field name is unique in the stage (--rm.lr, --sft.zero_stage), and inside a stage's command
+  the stage too (rlhf-fast sft --lr 1e-4). Order: defaults < --config file < --preset(s) <
+  overrides. `rlhf-fast config --docs` lists every field.
+
+presets: {presets}
+
+multi-process: torchrun --nproc_per_node N -m rlhf_fast.cli <command> ... (or the deepspeed
+launcher); NCCL on GPUs, gloo on CPU. A plain single process needs no launcher.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = _EPILOG.format(presets=", ".join(sorted(C.PRESETS)))
+    parser = argparse.ArgumentParser(
+        prog="rlhf-fast", description="RLHF with PPO on DeepSpeed: SFT, reward-model training and (soon) PPO.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+        p.add_argument("--config", metavar="FILE", help="YAML file with sections (sft:, rm:, ...)")
+        p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                       help=f"named set of overrides, repeatable ({', '.join(sorted(C.PRESETS))})")
+        if cmd.trains:
+            p.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                           help="where metrics.jsonl, tensorboard/, checkpoints/ and model/ go")
+            p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one")
+        if cmd.name == "config":
+            p.add_argument("--docs", action="store_true", help="list every field with its default and doc")
+    return parser
+
+
+def parse(argv: Optional[list[str]] = None) -> tuple[Command, C.RunConfig, argparse.Namespace]:
+    """(command, resolved config, arguments); ValueError on a bad config."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    cmd = COMMANDS[args.command]
+    overrides = C.parse_overrides(extra, default_section=cmd.section or None)
+    cfg = C.load_config(args.config, presets=args.preset, overrides=overrides)
+    return cmd, cfg, args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cmd, cfg, args = parse(argv)
+        return cmd.run(cfg, args)
+    except ValueError as e:  # bad config, missing data: a one-line message (RLHF_FAST_DEBUG=1: traceback)
+        if os.environ.get("RLHF_FAST_DEBUG"):
+            raise
+        print(f"rlhf-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

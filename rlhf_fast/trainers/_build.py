@@ -1,0 +1,79 @@
+"""Model, tokenizer and record loading for the stage trainers, from the typed config sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from rlhf_fast.config import DataConfig, ModelConfig
+from rlhf_fast.data import load_records, prepare_tokenizer
+
+
+def get_task(data: DataConfig):
+    from rlhf_fast.tasks import get_task as _get_task
+
+    return _get_task(data.task)
+
+
+def load_tokenizer(model: ModelConfig, data: DataConfig, *, source: Optional[str] = None):
+    """The tokenizer for a stage: ``model.tokenizer_path``, else ``source`` / ``model.path`` when it
+    holds a tokenizer, else the built-in task's. Prepared for RLHF (dedicated pad, left padding)."""
+    path = model.tokenizer_path or source or model.path
+    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    elif model.tokenizer_path is not None:
+        raise ValueError(f"model.tokenizer_path {model.tokenizer_path!r} is not a tokenizer directory")
+    else:
+        tok = get_task(data).tokenizer
+    return prepare_tokenizer(tok)
+
+
+def model_source(model: ModelConfig, data: DataConfig, tokenizer, path: Optional[str] = None):
+    """A local directory to load from, or a fresh config of ``model.arch`` / ``model.size``."""
+    path = path or model.path
+    if path is not None:
+        if not Path(path).is_dir():
+            raise ValueError(f"model path {path!r} is not a directory (rlhf_fast never downloads models)")
+        return path
+    from rlhf_fast.tasks import tiny_config
+
+    return tiny_config(model.arch, tokenizer=tokenizer, size=model.size, **model.config_overrides)
+
+
+def _check_file(path: str, what: str) -> str:
+    if not Path(path).exists():
+        raise ValueError(f"{what}: {path!r} does not exist (a JSONL file or a local datasets directory)")
+    return path
+
+
+def check_data_files(data: DataConfig, stage: str) -> None:
+    """Fails fast (before any distributed set-up) on data files that do not exist."""
+    for name in ("train_file", "eval_file"):
+        if getattr(data, name) is not None:
+            _check_file(getattr(data, name), f"{stage}.data.{name}")
+
+
+def split_records(data: DataConfig, stage: str, task_records) -> tuple[list, list]:
+    """(train, eval) records: from ``data.train_file`` / ``data.eval_file`` or, without a train
+    file, from ``task_records()`` (the built-in task); without an eval file the last
+    ``eval_fraction`` of the training records are held out."""
+    if data.train_file is not None:
+        train = load_records(_check_file(data.train_file, f"{stage}.data.train_file"))
+    else:
+        train = list(task_records())
+    if data.eval_file is not None:
+        evals = load_records(_check_file(data.eval_file, f"{stage}.data.eval_file"))
+    else:
+        n_eval = int(round(len(train) * data.eval_fraction))
+        train, evals = (train[:-n_eval], train[-n_eval:]) if n_eval else (train, [])
+    if data.max_train_examples is not None:
+        train = train[: data.max_train_examples]
+    if data.max_eval_examples is not None:
+        evals = evals[: data.max_eval_examples]
+    if not train:
+        raise ValueError(f"{stage}.data: no training records")
+    if not evals:
+        raise ValueError(f"{stage}.data: no held-out records (set eval_file or eval_fraction > 0)")
+    return train, evals

@@ -1,0 +1,422 @@
+"""Plumbing shared by the SFT and reward-model trainers (and meant for PPO): data order and
+sharding, metrics (``DIR/metrics.jsonl`` + TensorBoard + a tqdm bar), atomic checkpoints with
+``--resume``, and the ``StageTrainer`` loop that a stage fills in with a model, datasets and a
+loss.
+
+Output directory layout::
+
+    DIR/config.yaml                       the stage's resolved config
+    DIR/metrics.jsonl                     one JSON object per logged step: {"step": ..., "train/loss": ...}
+    DIR/tensorboard/                      the same metrics as TensorBoard events
+    DIR/checkpoints/step-000120/          model/ (HF format + tokenizer), deepspeed/ (engine state),
+                                          trainer_state.json (written last)
+    DIR/checkpoints/latest                name of the newest complete checkpoint
+    DIR/model/                            the final model (HF format + tokenizer)
+
+Checkpoints are written to ``checkpoints/.tmp-step-N`` and renamed into place, and ``latest`` is
+replaced atomically after that: a run killed mid-save leaves the previous checkpoint as
+``latest``, complete and loadable. Multi-node runs need ``DIR`` on a shared file system (as
+DeepSpeed's own checkpoints do).
+
+Exactness: a loss is a sum over units (tokens or pairs) divided by the number of units in the
+whole global batch, so 1 rank with 2 micro-batches and 2 ranks with 1 each compute the same
+gradient up to summation order. Data order depends on the seed and epoch only (never on the rank
+or world size); a resumed run skips the batches it has done, so it repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from rlhf_fast import config as config_mod
+from rlhf_fast.config import BatchPlan, LoggingConfig
+from rlhf_fast.trainers import _build
+from rlhf_fast.trainers import deepspeed_setup as dss
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+
+
+# ---- data order -------------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a permutation seeded by (seed, epoch), the same on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def rank_micro_batches(global_batch: Sequence[int], plan: BatchPlan, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: rank r takes the r-th contiguous slice of
+    ``batch_size / world_size`` examples and cuts it into ``grad_accum`` micro-batches."""
+    per_rank = plan.batch_size // plan.world_size
+    mine = list(global_batch[rank * per_rank : (rank + 1) * per_rank])
+    m = plan.micro_batch_size
+    return [mine[i : i + m] for i in range(0, per_rank, m)]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size  # the last, incomplete global batch of an epoch is dropped
+
+
+def total_steps_of(n: int, batch_size: int, epochs: float, max_steps: Optional[int]) -> int:
+    per_epoch = steps_per_epoch(n, batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"the training set has {n} examples, fewer than one global batch ({batch_size})")
+    return max_steps if max_steps is not None else max(1, int(round(epochs * per_epoch)))
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """``DIR/metrics.jsonl`` (one JSON object per logged step) and TensorBoard, on rank 0 only.
+    ``resume_from(step)`` drops the lines after ``step`` so a resumed run's file reads as if the
+    run had never stopped."""
+
+    def __init__(self, output_dir: Path, *, tensorboard: bool, enabled: bool):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb_dir = output_dir / "tensorboard" if tensorboard else None
+        self._writer = None
+
+    def resume_from(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        _atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self._purge_step = step + 1
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        writer = self._tb()
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, step)
+            writer.flush()
+
+    def _tb(self):
+        if self.tb_dir is None:
+            return None
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tb_dir), purge_step=getattr(self, "_purge_step", None))
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def read_metrics(output_dir) -> list[dict]:
+    """The rows of ``DIR/metrics.jsonl``."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def make_progress(total: int, initial: int, *, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Moves a finished directory into place; an existing one is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """Atomic checkpoints under ``root`` (see the module docstring). Every rank calls ``save`` and
+    ``load`` (DeepSpeed state is per rank); rank 0 owns the directory moves."""
+
+    def __init__(self, root: Path, *, keep: int, is_main: bool):
+        self.root, self.keep, self.is_main = Path(root), keep, is_main
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint, or None."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / STATE_FILE).is_file() else None
+
+    def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
+        name = f"step-{step:06d}"
+        tmp, final = self.root / f".tmp-{name}", self.root / name
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dss.barrier()
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        save_model(tmp / "model")  # every rank calls it (ZeRO-3 gathers); rank 0 writes
+        if self.is_main:
+            _atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")  # last: marks it complete
+            _replace_dir(tmp, final)
+            _atomic_write_text(self.root / LATEST, name + "\n")
+            self._prune(keep_name=name)
+        dss.barrier()
+        return final
+
+    def load(self, path: Path, engine) -> dict:
+        """Restores the engine (weights, optimizer, scheduler) and returns the trainer state."""
+        load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ValueError(f"{path}: no DeepSpeed state to resume from")
+        return json.loads((path / STATE_FILE).read_text())
+
+    def _prune(self, keep_name: str) -> None:
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if self.keep <= 0:
+            return
+        done = sorted(p for p in self.root.glob("step-*") if (p / STATE_FILE).is_file())
+        for old in done[: -self.keep]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_atomically(directory: Path, write: Callable[[Path], None], *, is_main: bool) -> None:
+    """Writes a model directory through a temporary sibling and a rename (rank 0 writes)."""
+    if not is_main:
+        return
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    _replace_dir(tmp, directory)
+
+
+# ---- the stage loop ----------------------------------------------------------------------------------
+
+
+class StageTrainer:
+    """The training loop of one stage on a DeepSpeed engine.
+
+    A stage subclass provides ``build_model``, ``build_datasets`` (``self.train_items`` /
+    ``self.eval_items``: lists of dataset items), ``collate``, ``units`` (how many loss units,
+    tokens or pairs, a list of items holds), ``micro_step`` (summed loss and summed statistics of
+    one micro-batch), ``metrics`` (from summed statistics), ``write_model`` and optionally
+    ``finish`` (work after training, e.g. reward normalisation; returns extra final metrics).
+    """
+
+    stage = "stage"
+
+    def __init__(self, cfg, output_dir, *, resume: bool = False, dist_info: Optional[dss.DistInfo] = None):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.resume = resume
+        _build.check_data_files(cfg.data, self.stage)
+        self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
+        self.plan = BatchPlan.resolve(cfg, self.dist.world_size, path=f"{self.stage}.")
+        dss.seed_everything(cfg.seed, self.dist.rank)
+        self.is_main = self.dist.is_main
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def build_datasets(self) -> None:
+        raise NotImplementedError
+
+    def collate(self, items: list) -> dict:
+        raise NotImplementedError
+
+    def units(self, items: list) -> int:
+        raise NotImplementedError
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def metrics(self, sums: dict, prefix: str) -> dict:
+        raise NotImplementedError
+
+    def write_model(self, module, directory: Path) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> dict:
+        return {}
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def save_model(self, directory: Path) -> None:
+        """HF-format save of the engine's module; every rank calls it (ZeRO-3 gathers the
+        partitioned parameters), rank 0 writes."""
+        module = self.engine.module
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.is_main:
+                    self.write_model(module, directory)
+        elif self.is_main:
+            self.write_model(module, directory)
+
+    def _setup(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.build_datasets()
+        self.total_steps = total_steps_of(len(self.train_items), self.plan.batch_size, self.cfg.epochs, self.cfg.max_steps)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_items), self.plan.batch_size)
+        model = self.build_model()
+        self.engine = dss.build_engine(model, optim=self.cfg.optim, sched=self.cfg.scheduler, ds=self.cfg.deepspeed,
+                                       plan=self.plan, total_steps=self.total_steps)
+        log: LoggingConfig = self.cfg.logging
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=log.keep_checkpoints, is_main=self.is_main)
+        self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
+        self.step = 0
+        if self.resume and (ckpt := self.checkpointer.latest()) is not None:
+            self.step = int(self.checkpointer.load(ckpt, self.engine)["step"])
+            self.logger.resume_from(self.step)
+        elif self.is_main:
+            for stale in ("metrics.jsonl",):
+                (self.output_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
+        if self.is_main:
+            _atomic_write_text(self.output_dir / "config.yaml", config_mod.dump_yaml(self.cfg))
+
+    def _global_batches(self) -> Iterator[list[int]]:
+        """Global batches from ``self.step`` on (skipping those already done)."""
+        step = self.step
+        while step < self.total_steps:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            order = epoch_order(len(self.train_items), self.cfg.seed, epoch)
+            bs = self.plan.batch_size
+            yield order[k * bs : (k + 1) * bs].tolist()
+            step += 1
+
+    def train_step(self, global_batch: list[int]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns the summed statistics of
+        the whole global batch (all ranks)."""
+        denom = self.units([self.train_items[i] for i in global_batch])
+        scale = self.plan.grad_accum * self.plan.world_size / max(denom, 1)  # undo DeepSpeed's averaging
+        sums: dict[str, float] = {"lr": self.engine.get_lr()[0] / self.dist.world_size}  # the lr this step uses
+        self.engine.train()
+        for micro in rank_micro_batches(global_batch, self.plan, self.dist.rank):
+            batch = self.to_device(self.collate([self.train_items[i] for i in micro]))
+            loss_sum, stats = self.micro_step(batch)
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        return dict(zip(keys, dss.all_reduce_sum([sums[k] for k in keys], self.dist.device)))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Metrics on the held-out items (each rank a strided shard; sums all-reduced)."""
+        self.engine.eval()
+        idx = list(range(self.dist.rank, len(self.eval_items), self.dist.world_size))
+        sums: dict[str, float] = {}
+        bs = self.cfg.eval_batch_size
+        n_batches = math.ceil(len(self.eval_items) / (bs * self.dist.world_size))  # same count on every rank (ZeRO-3)
+        for b in range(n_batches):
+            chunk = idx[b * bs : (b + 1) * bs]
+            if not chunk:  # keep collective forwards in step: score a dummy item, count nothing
+                batch = self.to_device(self.collate([self.eval_items[0]]))
+                self.micro_step(batch)
+                continue
+            _, stats = self.micro_step(self.to_device(self.collate([self.eval_items[i] for i in chunk])))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(set(sums) | set(self.stat_keys()))
+        reduced = dict(zip(keys, dss.all_reduce_sum([sums.get(k, 0.0) for k in keys], self.dist.device)))
+        return self.metrics(reduced, "eval")
+
+    def stat_keys(self) -> Sequence[str]:
+        return ()
+
+    def _checkpoint(self) -> None:
+        self.checkpointer.save(self.step, engine=self.engine, save_model=self.save_model,
+                               state={"step": self.step, "total_steps": self.total_steps, "stage": self.stage})
+
+    def fit(self) -> dict:
+        """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;
+        returns the last logged metrics."""
+        self._setup()
+        log = self.cfg.logging
+        stop_at = min(self.total_steps, self.cfg.stop_after_steps or self.total_steps)
+        bar = make_progress(self.total_steps, self.step, enabled=self.is_main and log.progress_bar
+                            and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
+        last: dict = {}
+        t0, units0 = time.perf_counter(), 0.0
+        for global_batch in self._global_batches():
+            if self.step >= stop_at:
+                break
+            sums = self.train_step(global_batch)
+            self.step += 1
+            units0 += sums.get("tokens", 0.0)
+            row = self.metrics(sums, "train")
+            row["train/lr"] = sums["lr"]
+            elapsed = time.perf_counter() - t0
+            row["perf/tokens_per_s"] = units0 / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
+            final = self.step == self.total_steps
+            if (log.eval_every and self.step % log.eval_every == 0) or final:
+                row.update(self.evaluate())
+            if final:
+                row.update(self.finish())
+            if self.step % log.log_every == 0 or final or self.step == stop_at or "eval/loss" in row:
+                self.logger.log(self.step, row)
+                last = row
+            if (log.save_every and self.step % log.save_every == 0) or final or self.step == stop_at:
+                self._checkpoint()
+        bar.close()
+        if self.step == self.total_steps:
+            save_model_atomically(self.output_dir / "model", lambda d: self.write_model(self.engine.module, d),
+                                  is_main=self.is_main) if self.cfg.deepspeed.zero_stage != 3 else self._final_zero3()
+        self.logger.close()
+        dss.barrier()
+        return last
+
+    def _final_zero3(self) -> None:
+        tmp = self.output_dir / ".tmp-model"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.save_model(tmp)
+        if self.is_main:
+            _replace_dir(tmp, self.output_dir / "model")

@@ -1,0 +1,224 @@
+"""The one place that starts torch.distributed and builds DeepSpeed engines.
+
+- ``init_distributed``: works under ``torchrun`` / the ``deepspeed`` launcher (reads RANK,
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and as a plain single process (fills in a 1-rank
+  group on 127.0.0.1 and a free port). NCCL on CUDA, gloo on CPU.
+- ``seed_everything``: seed + rank * 100003 ("The N Implementation Details of RLHF with PPO" #6).
+- ``build_engine``: AdamW (torch's, or DeepSpeed's CPU Adam when the optimizer is offloaded),
+  warm-up + linear / cosine decay (``WarmupDecayLR``), the TF-style Adam epsilon, ZeRO 0-3,
+  bf16 / fp16 / fp32, offload, accumulation and clipping, from the typed config sections.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rlhf_fast.config import BatchPlan, DeepSpeedConfig, OptimConfig, SchedulerConfig
+
+SEED_STRIDE = 100003  # N details #6: a different seed per process
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """rank / world_size / local_rank of this process and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quiet_deepspeed() -> None:
+    import logging
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def init_distributed(backend: Optional[str] = None) -> DistInfo:
+    """Joins (or creates) the default process group; idempotent. ``backend`` None: NCCL when CUDA
+    is available, else gloo. Without a launcher, a 1-rank group on 127.0.0.1 and a free port."""
+    _quiet_deepspeed()
+    import deepspeed
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seeds python, numpy and torch with ``seed + rank * 100003`` (N details #6); returns it."""
+    s = seed + rank * SEED_STRIDE
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return s
+
+
+# ---- schedule and TF-style epsilon -----------------------------------------------------------------
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up from
+    1/(warmup+1) to 1, then "linear" / "cosine" decay to ``min_ratio`` at ``total_steps`` or
+    "constant". The last step of a run uses a small positive lr; the value at ``total_steps`` is
+    ``min_ratio`` (0: lr annealed to 0, N details #5)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def warmup_steps_of(sched: SchedulerConfig, total_steps: int) -> int:
+    return sched.warmup_steps or int(round(sched.warmup_ratio * total_steps))
+
+
+class WarmupDecayLR(torch.optim.lr_scheduler.LambdaLR):
+    """``lr_factor`` as a torch scheduler (DeepSpeed steps it once per optimizer step).
+
+    With ``tf_eps=(eps, beta2)`` it also sets each param group's ``eps`` before every optimizer
+    step to ``eps / sqrt(1 - beta2 ** t)`` (t = the 1-based step about to run). PyTorch's Adam
+    computes ``m_hat / (sqrt(v_hat) + eps)``; TF's computes ``lr_t * m / (sqrt(v) + eps)`` with
+    ``lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``; the two agree exactly when PyTorch's eps is
+    TF's eps divided by ``sqrt(1 - beta2^t)`` (N details, "PyTorch Adam vs TF Adam"). Any Adam that
+    reads ``group["eps"]`` at each step (torch, DeepSpeed CPU / fused Adam) is covered.
+    """
+
+    def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, decay: str, min_ratio: float = 0.0,
+                 tf_eps: Optional[tuple[float, float]] = None):
+        self.tf_eps = tf_eps
+        fn = lambda step: lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps,  # noqa: E731
+                                    decay=decay, min_ratio=min_ratio)
+        super().__init__(optimizer, fn)
+
+    def step(self, epoch=None):
+        super().step() if epoch is None else super().step(epoch)
+        self._set_eps()
+
+    def _set_eps(self):
+        if self.tf_eps is None:
+            return
+        eps, beta2 = self.tf_eps
+        t = self.last_epoch + 1  # LambdaLR starts at last_epoch 0 before the first optimizer step
+        for group in self.optimizer.param_groups:
+            group["eps"] = eps / math.sqrt(1.0 - beta2**t)
+
+    def state_dict(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
+        return state
+
+    def load_state_dict(self, state_dict):
+        self.__dict__.update(state_dict)
+        self._set_eps()
+
+
+# ---- the engine --------------------------------------------------------------------------------------
+
+
+def deepspeed_config_dict(ds: DeepSpeedConfig, plan: BatchPlan) -> dict:
+    """The DeepSpeed JSON config for these sections (batch geometry from the resolved plan)."""
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0 and not torch.cuda.is_available():
+        zero["reduce_scatter"] = False  # gloo has no reduce_scatter: ZeRO-1/2 reduce with all-reduce
+        zero["overlap_comm"] = False
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        "train_batch_size": plan.batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if ds.dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif ds.dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return cfg
+
+
+def make_optimizer(params, optim: OptimConfig, *, offload: bool):
+    """AdamW over ``params``; DeepSpeed's CPU Adam (built on first use) when offloaded, since ZeRO
+    offload steps on the CPU."""
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(params, **kwargs, **fused)
+
+
+def build_engine(model: torch.nn.Module, *, optim: OptimConfig, sched: SchedulerConfig, ds: DeepSpeedConfig,
+                 plan: BatchPlan, total_steps: int):
+    """``deepspeed.initialize`` with our optimizer and schedule. Returns the engine; the
+    optimizer and scheduler are ``engine.optimizer`` / ``engine.lr_scheduler``."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, optim, offload=ds.offload_optimizer)
+    scheduler = WarmupDecayLR(
+        optimizer, total_steps=total_steps, warmup_steps=warmup_steps_of(sched, total_steps), decay=sched.decay,
+        min_ratio=sched.min_lr_ratio, tf_eps=(optim.eps, optim.betas[1]) if optim.tf_adam_eps else None,
+    )
+    scheduler._set_eps()  # eps of step 1
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_dict(ds, plan),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sums a list of floats over ranks (float64; one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,192 @@
+"""Reward-model training: Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected - margin)`` on
+the score at the last valid token (the EOS; N details #7, N+), accuracy, then the normalisation of
+``RewardModel`` (N details #9 on policy samples, or N+'s reference mean).
+
+Each forward scores 2B sequences (chosen rows first, rejected rows after: ``PreferenceCollator``).
+The loss is the mean over the pairs of the global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.config import DataConfig, RMConfig
+from rlhf_fast.data import PreferenceDataset, left_pad
+from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.trainers import _build
+from rlhf_fast.trainers.common import StageTrainer
+from rlhf_fast.trainers.deepspeed_setup import DistInfo
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per-pair ``-log sigmoid(chosen - rejected - margin)`` (float32, shape of the inputs)."""
+    return -F.logsigmoid(chosen.float() - rejected.float() - margin)
+
+
+def _field(record, name: str) -> str:
+    return record.text(name) if hasattr(record, "text") else record[name]
+
+
+class RMTrainer(StageTrainer):
+    """``RMTrainer(cfg.rm, "out/rm").fit()`` writes ``out/rm/model`` (a ``RewardModel`` with its
+    normalisation, and the tokenizer) and returns the last logged metrics (``eval/accuracy``,
+    ``eval/loss``, ``norm/*``...).
+
+    The backbone comes from ``cfg.sft_model`` (N+: the RM starts from the SFT model), else
+    ``cfg.model.path``, else a fresh ``cfg.model`` config. ``reference_data``: where the reference
+    responses for the "reference_*" normalisations come from (the ``sft`` section's data).
+    """
+
+    stage = "rm"
+    cfg: RMConfig
+
+    def __init__(self, cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
+                 dist_info: Optional[DistInfo] = None):
+        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+        self.reference_data = reference_data or DataConfig()
+        self.init_path = cfg.sft_model or cfg.model.path
+        if cfg.normalization == "policy_samples" and self.init_path is None:
+            raise ValueError(
+                "rm.normalization 'policy_samples' samples from the initial policy, but there is none: set "
+                "rm.sft_model (or rm.model.path), or choose 'reference_mean', 'reference_std' or 'none'"
+            )
+
+    def build_datasets(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, source=self.init_path)
+        train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).preference_records())
+        kw = dict(
+            prompt_field=cfg.data.prompt_field, chosen_field=cfg.data.chosen_field,
+            rejected_field=cfg.data.rejected_field, max_prompt_length=cfg.data.max_prompt_length,
+            max_response_length=cfg.data.max_response_length,
+        )
+        self.train_items = PreferenceDataset(train, self.tokenizer, **kw).items
+        eval_ds = PreferenceDataset(evals, self.tokenizer, **kw)
+        self.eval_items = eval_ds.items
+        self.prompts = [_field(r, cfg.data.prompt_field) for r in train[: cfg.normalization_samples]]
+        self._collate = eval_ds.collator()
+
+    def build_model(self) -> torch.nn.Module:
+        src = _build.model_source(self.cfg.model, self.cfg.data, self.tokenizer, path=self.init_path)
+        if not isinstance(src, str):  # a fresh model: build it as a causal LM so the vocabulary can grow
+            src = load_causal_lm(src, seed=self.cfg.model.init_seed)
+            resize_embeddings_for_tokenizer(src, self.tokenizer)
+        rm = RewardModel.from_pretrained(src, attn_implementation=self.cfg.model.attn_implementation,
+                                         seed=self.cfg.model.init_seed)
+        if rm.backbone.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
+            raise ValueError(f"{src}: the model's vocabulary is smaller than its tokenizer ({len(self.tokenizer)})")
+        return rm
+
+    def collate(self, items: list) -> dict:
+        return self._collate(items)
+
+    def units(self, items: list) -> int:
+        return len(items)
+
+    def stat_keys(self):
+        return ("loss_sum", "correct", "pairs", "tokens", "chosen_sum", "rejected_sum")
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = self.engine(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        n = batch["num_pairs"]
+        chosen, rejected = out.raw_scores[:n], out.raw_scores[n:]
+        losses = bradley_terry_loss(chosen, rejected, self.cfg.margin)
+        loss_sum = losses.sum()
+        c, r = chosen.detach().float(), rejected.detach().float()
+        stats = {
+            "loss_sum": loss_sum.item(), "correct": float((c > r).sum()), "pairs": float(n),
+            "tokens": float(batch["attention_mask"].sum()), "chosen_sum": float(c.sum()), "rejected_sum": float(r.sum()),
+        }
+        return loss_sum, stats
+
+    def metrics(self, sums: dict, prefix: str) -> dict:
+        pairs = max(sums.get("pairs", 0.0), 1.0)
+        chosen, rejected = sums.get("chosen_sum", 0.0) / pairs, sums.get("rejected_sum", 0.0) / pairs
+        return {
+            f"{prefix}/loss": sums.get("loss_sum", 0.0) / pairs, f"{prefix}/accuracy": sums.get("correct", 0.0) / pairs,
+            f"{prefix}/reward_chosen": chosen, f"{prefix}/reward_rejected": rejected,
+            f"{prefix}/reward_margin": chosen - rejected, f"{prefix}/pairs": sums.get("pairs", 0.0),
+        }
+
+    def write_model(self, module, directory: Path) -> None:
+        module.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    # ---- normalisation ------------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        """Sets the reward normalisation (every rank computes the same scores; no collectives
+        beyond ZeRO-3's own)."""
+        mode = self.cfg.normalization
+        if mode == "none":
+            return {}
+        ids, mask = self._policy_samples() if mode == "policy_samples" else self._reference_sequences()
+        raw = self._raw_scores(ids, mask)
+        rm: RewardModel = self.engine.module
+        if mode == "reference_mean":
+            rm.set_reference_normalization(raw)
+        else:
+            rm.set_normalization(raw)
+        return {"norm/raw_mean": float(raw.mean()), "norm/raw_std": float(raw.std(unbiased=False)),
+                "norm/gain": float(rm.gain), "norm/bias": float(rm.bias), "norm/samples": int(raw.numel())}
+
+    @torch.no_grad()
+    def _raw_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        bs, out = 2 * self.cfg.eval_batch_size, []
+        for i in range(0, ids.shape[0], bs):
+            b_ids, b_mask = ids[i : i + bs].to(self.dist.device), mask[i : i + bs].to(self.dist.device)
+            out.append(self.engine(b_ids, b_mask).raw_scores.float().cpu())
+        return torch.cat(out)
+
+    def _reference_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + reference response (+ EOS) from the SFT data (N+: the SFT dataset's reference summaries)."""
+        from rlhf_fast.data import SFTDataset
+
+        data = self.reference_data
+        records, _ = _build.split_records(data, "sft", lambda: _build.get_task(data).sft_records())
+        records = records[: self.cfg.normalization_samples]
+        ds = SFTDataset(records, self.tokenizer, prompt_field=data.prompt_field, response_field=data.response_field,
+                        max_prompt_length=data.max_prompt_length, max_response_length=data.max_response_length)
+        return left_pad([it["input_ids"] for it in ds.items], self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def _policy_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses sampled from the initial (SFT) policy at ``sample_temperature``, top_k 0,
+        top_p 1 (N details #4, #9), cut after the first EOS; same seed on every rank."""
+        policy = load_causal_lm(self.init_path).to(self.dist.device).eval()
+        resize_embeddings_for_tokenizer(policy, self.tokenizer)
+        tok = self.tokenizer
+        prompts = [tok(p)["input_ids"] for p in self.prompts]
+        p_ids, p_mask = left_pad(prompts, tok.pad_token_id)
+        seqs = []
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed)
+            for i in range(0, p_ids.shape[0], self.cfg.eval_batch_size):
+                sl = slice(i, i + self.cfg.eval_batch_size)
+                out = policy.generate(
+                    input_ids=p_ids[sl].to(self.dist.device), attention_mask=p_mask[sl].to(self.dist.device),
+                    do_sample=True, temperature=self.cfg.sample_temperature, top_k=0, top_p=1.0,
+                    max_new_tokens=self.cfg.sample_max_new_tokens, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                seqs.append(out.cpu())
+        width = max(s.shape[1] for s in seqs)
+        ids = torch.cat([F.pad(s, (0, width - s.shape[1]), value=tok.pad_token_id) for s in seqs])
+        P = p_ids.shape[1]
+        resp = ids[:, P:]
+        is_eos = resp == tok.eos_token_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # positions after the first EOS
+        resp_mask = (~after_eos) & (resp != tok.pad_token_id)
+        mask = torch.cat([p_mask, resp_mask.long()], dim=1)
+        del policy
+        return ids, mask
+
+
+def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None) -> dict:
+    """Runs the reward-model stage; returns its last logged metrics."""
+    return RMTrainer(cfg, output_dir, resume=resume, reference_data=reference_data).fit()

@@ -1,0 +1,90 @@
+"""Supervised fine-tuning: next-token loss on the responses (or on whole sequences) of prompt +
+reference-response pairs, on a DeepSpeed engine.
+
+The loss is the mean over every target token of the global batch (not a mean of per-micro-batch
+means), so the gradient does not depend on how the batch is cut into micro-batches and ranks.
+Log-probs come from ``rlhf_fast.ops.gather_logprobs``, which never materialises a float32
+(B, T, V) log-softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.config import SFTConfig
+from rlhf_fast.data import IGNORE_INDEX, SFTDataset
+from rlhf_fast.models import Policy, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.trainers import _build
+from rlhf_fast.trainers.common import StageTrainer
+
+
+class SFTTrainer(StageTrainer):
+    """``SFTTrainer(cfg.sft, "out/sft").fit()`` writes ``out/sft/model`` (a policy in HF format,
+    with its tokenizer) and returns the last logged metrics (``train/loss``, ``eval/loss``,
+    ``eval/perplexity``...)."""
+
+    stage = "sft"
+    cfg: SFTConfig
+
+    def build_datasets(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data)
+        train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).sft_records())
+        kw = dict(
+            prompt_field=cfg.data.prompt_field, response_field=cfg.data.response_field,
+            max_prompt_length=cfg.data.max_prompt_length, max_response_length=cfg.data.max_response_length,
+            train_on_prompt=cfg.loss_on == "all",
+        )
+        self.train_items = SFTDataset(train, self.tokenizer, **kw).items
+        eval_ds = SFTDataset(evals, self.tokenizer, **kw)
+        self.eval_items = eval_ds.items
+        self._collate = eval_ds.collator()
+
+    def build_model(self) -> torch.nn.Module:
+        src = _build.model_source(self.cfg.model, self.cfg.data, self.tokenizer)
+        model = load_causal_lm(src, attn_implementation=self.cfg.model.attn_implementation, seed=self.cfg.model.init_seed)
+        resize_embeddings_for_tokenizer(model, self.tokenizer)
+        return model
+
+    def collate(self, items: list) -> dict:
+        return self._collate(items)
+
+    def units(self, items: list) -> int:
+        # Target tokens: labels shifted by one (the first token of a sequence predicts nothing).
+        return sum(int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in items)
+
+    def stat_keys(self):
+        return ("nll", "targets", "tokens", "sequences")
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"], use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        labels = batch["labels"][:, 1:]
+        logprobs = ops.gather_logprobs(logits[:, :-1], labels, ignore_index=IGNORE_INDEX)
+        nll = -logprobs.sum()
+        stats = {
+            "nll": nll.detach().item(), "targets": int((labels != IGNORE_INDEX).sum()),
+            "tokens": int(batch["attention_mask"].sum()), "sequences": int(batch["input_ids"].shape[0]),
+        }
+        return nll, stats
+
+    def metrics(self, sums: dict, prefix: str) -> dict:
+        loss = sums.get("nll", 0.0) / max(sums.get("targets", 0.0), 1.0)
+        out = {f"{prefix}/loss": loss, f"{prefix}/tokens": sums.get("tokens", 0.0)}
+        if prefix == "eval":
+            out["eval/perplexity"] = math.exp(min(loss, 50.0))
+        return out
+
+    def write_model(self, module, directory: Path) -> None:
+        Policy(module).save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def train_sft(cfg: SFTConfig, output_dir, *, resume: bool = False) -> dict:
+    """Runs the SFT stage; returns its last logged metrics."""
+    return SFTTrainer(cfg, output_dir, resume=resume).fit()
