@@ -5,6 +5,8 @@
     rlhf-fast rm --preset ci --output-dir runs/rm             # trains its own small SFT model first
     rlhf-fast sft --config run.yaml --sft.deepspeed.zero_stage 2 --sft.lr 1e-4 --resume --output-dir runs/sft
     torchrun --nproc_per_node 8 -m rlhf_fast.cli sft --config run.yaml --output-dir runs/sft
+    rlhf-fast ppo --output-dir runs/ppo --ppo.policy.path runs/sft/model --ppo.reward.model_path runs/rm/model
+    rlhf-fast pipeline --output-dir runs/demo                 # SFT -> RM -> PPO on the built-in task
     rlhf-fast config --preset n_plus --docs                   # the resolved config, with every field's doc
 
 Subcommands live in ``COMMANDS`` (name -> ``Command``); a new stage registers itself with
@@ -90,6 +92,34 @@ def run_rm(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+@command("ppo", help="PPO on the hybrid engine and DeepSpeed", description="""
+    PPO (config section `ppo`): rollouts on the live policy weights, reward model (ppo.reward.model_path)
+    or reward function (ppo.reward.function = package.module:function), fused log-probs / KL / GAE /
+    whitening, clipped policy and value losses on DeepSpeed engines. The policy starts from
+    ppo.policy.path (an SFT output). Presets reproduce the papers: lm_human_preferences, tldr,
+    ppo_max. Writes DIR/metrics.jsonl (TRL / N-details metric names), DIR/tensorboard,
+    DIR/checkpoints, DIR/model and DIR/plots/*.png.""")
+def run_ppo(cfg: C.RunConfig, args: argparse.Namespace) -> int:
+    from rlhf_fast.trainers.ppo import PPOTrainer
+
+    _summary(PPOTrainer(cfg.ppo, args.output_dir, resume=args.resume).fit(), args.output_dir)
+    return 0
+
+
+@command("pipeline", help="the main job: SFT -> reward model -> PPO, then a summary", section="", description="""
+    SFT, reward-model training and PPO in one run (sections `sft`, `rm`, `ppo`), on the built-in
+    task when no data is given (nothing is downloaded). Writes DIR/sft, DIR/rm, DIR/ppo (each with
+    metrics.jsonl, tensorboard/, checkpoints/, model/), DIR/ppo/plots/*.png (gold score, reward-model
+    score and KL over PPO iterations) and DIR/summary.json (sft_gold_score, ppo_gold_score,
+    final_kl, seconds, ...), and prints a summary table. --resume skips finished stages and resumes
+    the interrupted one.""")
+def run_pipeline(cfg: C.RunConfig, args: argparse.Namespace) -> int:
+    from rlhf_fast.trainers.pipeline import run_pipeline as _run
+
+    _run(cfg, args.output_dir, resume=args.resume)
+    return 0
+
+
 @command("config", help="print the resolved config (YAML) or every field's documentation", section="", trains=False,
          description="Prints the config that --config / --preset / overrides resolve to, as YAML; "
          "with --docs, every field with its default and documentation.")
@@ -122,7 +152,7 @@ launcher); NCCL on GPUs, gloo on CPU. A plain single process needs no launcher.
 def build_parser() -> argparse.ArgumentParser:
     epilog = _EPILOG.format(presets=", ".join(sorted(C.PRESETS)))
     parser = argparse.ArgumentParser(
-        prog="rlhf-fast", description="RLHF with PPO on DeepSpeed: SFT, reward-model training and (soon) PPO.",
+        prog="rlhf-fast", description="RLHF with PPO on DeepSpeed: SFT, reward-model training, PPO, and the whole pipeline.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -133,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", action="append", default=[], metavar="NAME",
                        help=f"named set of overrides, repeatable ({', '.join(sorted(C.PRESETS))})")
         if cmd.trains:
-            p.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
-                           help="where metrics.jsonl, tensorboard/, checkpoints/ and model/ go")
+            default = Path("runs/pipeline") if cmd.name == "pipeline" else None  # the main job needs no argument
+            p.add_argument("--output-dir", required=default is None, default=default, type=Path, metavar="DIR",
+                           help="where metrics.jsonl, tensorboard/, checkpoints/ and model/ go"
+                           + (f" (default: {default})" if default else ""))
             p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one")
         if cmd.name == "config":
             p.add_argument("--docs", action="store_true", help="list every field with its default and doc")

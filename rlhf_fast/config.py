@@ -31,6 +31,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from rlhf_fast.algos.hparams import PRESETS as PPO_PRESETS
+from rlhf_fast.algos.hparams import PPOHyperParams
+
 # ---- the sections ------------------------------------------------------------------------------
 
 
@@ -235,12 +238,105 @@ class RMConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Rollout sampling and response post-processing (the hybrid engine, then truncation)."""
+
+    max_new_tokens: int = 24
+    """Tokens sampled per response (the EOS trick samples this many, then truncates; N+)."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False: deterministic rollouts, used by parity tests)."""
+    min_new_tokens: int = 0
+    """EOS / stop tokens are blocked before this many tokens."""
+    temperature: float = 0.7
+    """Sampling temperature (N+ TL;DR 0.7; lm-human-preferences 0.7). ``algo.temperature`` should
+    equal it: log-probs at the sampling temperature ("N details" #10)."""
+    top_k: int = 0
+    """Top-k filtering; 0 = off ("N details" #4: top_k 0, top_p 1)."""
+    top_p: float = 1.0
+    """Nucleus filtering; 1.0 = off."""
+    stop_at_eos: bool = True
+    """Truncate after the first EOS (the EOS trick) and stop rows that emitted it; False gives
+    fixed-length responses with EOS ignored ("N details" #4)."""
+    stop_tokens: list = field(default_factory=list)
+    """More token strings that end a response, e.g. ["."] ("N details" #14: truncate at '.')."""
+    stop_during_generation: bool = True
+    """Also stop sampling a row at a stop token (saves compute); False samples the full length and
+    truncates afterwards, as lm-human-preferences does."""
+    truncate_min_length: int = 0
+    """Only stop tokens at index >= this count ("N details" #14: '.' at or after token 16)."""
+    missing_stop_penalty: Optional[Literal["replace", "subtract"]] = "replace"
+    """Rows with no stop token: "replace" the score with ``missing_stop_value`` (lm-human-
+    preferences, N+: -1), "subtract" it (TRL ``missing_eos_penalty``), or null (none)."""
+    missing_stop_value: float = -1.0
+    """The replacement score, or the amount subtracted."""
+    max_batch_size: int = 256
+    """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
+
+
+@dataclass
+class RewardConfig:
+    """Where the scores come from."""
+
+    model_path: Optional[str] = None
+    """A reward-model directory written by ``rlhf-fast rm`` (normalisation included). The
+    pipeline fills it in."""
+    function: Optional[str] = None
+    """Instead of a model: ``package.module:function`` taking (prompts, responses) lists and
+    returning one finite number per prompt; ``task:gold`` uses the built-in task's gold reward."""
+    batch_size: int = 64
+    """Sequences per reward-model forward."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO on the hybrid engine and DeepSpeed (``rlhf_fast.trainers.ppo``)."""
+
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (``policy.path``: an SFT checkpoint); the frozen reference is a copy."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts: ``data.train_file`` (a JSONL / datasets directory with ``prompt_field``) or the built-in task's."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    algo: PPOHyperParams = field(default_factory=lambda: PPO_PRESETS["tldr"].replace(temperature=0.7))
+    """The PPO math (``rlhf_fast.algos.PPOHyperParams``): default the N+ TL;DR settings."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    """Policy optimizer. 3e-4 suits the built-in task's 3 M-parameter model (N+: 3e-6 at 1B+)."""
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    """Critic optimizer (a separate critic only)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Linear decay to 0 over all optimizer steps ("N details" #5)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """``grad_clip`` is taken from ``algo.max_grad_norm``; ``grad_accum`` from the minibatch plan."""
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1, eval_every=5))
+    critic: Literal["separate", "value_head"] = "separate"
+    """"separate": a critic initialised from the reward model (N+ TL;DR, PPO-max); "value_head": a
+    zero-initialised value head on the policy backbone ("N details" #11)."""
+    ref_on_cpu: bool = False
+    """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B)."""
+    use_linear_logprobs: bool = False
+    """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
+    iterations: int = 40
+    """PPO iterations (rollout + update)."""
+    stop_after_iterations: Optional[int] = None
+    """Stop (checkpointed) after this many iterations while the schedule spans ``iterations``."""
+    rollout_batch_size: int = 64
+    """Prompts per iteration over all ranks."""
+    samples_per_prompt: int = 1
+    """Responses per prompt (grpo / rloo groups); the rollout batch is the product."""
+    eval_prompts: int = 128
+    """Held-out prompts sampled at each evaluation."""
+    seed: int = 1
+    """Seeds prompts order, sampling (per rank and iteration) and minibatch permutations."""
+
+
+@dataclass
 class RunConfig:
     """All stages of a run; ``rlhf-fast <stage>`` reads its own section (and ``rm`` reads ``sft``
     when it has to train its own SFT backbone). Adding a stage is one line here."""
 
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # ---- constraints beyond the types --------------------------------------------------------------
@@ -272,6 +368,17 @@ for _stage in (SFTConfig, RMConfig):
 _CHECKS[(RMConfig, "normalization_samples")] = (lambda v: v >= 2, "an integer >= 2")
 _CHECKS[(RMConfig, "sample_temperature")] = (lambda v: v > 0, _POSITIVE)
 _CHECKS[(RMConfig, "sample_max_new_tokens")] = (lambda v: v >= 1, "an integer >= 1")
+for _name in ("max_new_tokens", "max_batch_size"):
+    _CHECKS[(GenerationConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
+_CHECKS[(GenerationConfig, "min_new_tokens")] = (lambda v: v >= 0, "an integer >= 0")
+_CHECKS[(GenerationConfig, "truncate_min_length")] = (lambda v: v >= 0, "an integer >= 0")
+_CHECKS[(GenerationConfig, "temperature")] = (lambda v: v > 0, _POSITIVE)
+_CHECKS[(GenerationConfig, "top_k")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
+_CHECKS[(GenerationConfig, "top_p")] = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+_CHECKS[(RewardConfig, "batch_size")] = (lambda v: v >= 1, "an integer >= 1")
+for _name in ("iterations", "rollout_batch_size", "samples_per_prompt", "eval_prompts"):
+    _CHECKS[(PPOConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
+_CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
 
 
 def _cross_checks(cfg, path: str) -> None:
@@ -281,6 +388,15 @@ def _cross_checks(cfg, path: str) -> None:
             raise ValueError(f"{path}.offload_optimizer needs {path}.zero_stage >= 1 (got 0)")
         if cfg.offload_params and cfg.zero_stage != 3:
             raise ValueError(f"{path}.offload_params needs {path}.zero_stage 3 (got {cfg.zero_stage})")
+    if isinstance(cfg, PPOHyperParams):
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if isinstance(cfg, GenerationConfig) and cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ValueError(f"{path}.min_new_tokens ({cfg.min_new_tokens}) exceeds {path}.max_new_tokens ({cfg.max_new_tokens})")
+    if isinstance(cfg, RewardConfig) and cfg.model_path is not None and cfg.function is not None:
+        raise ValueError(f"{path}: give reward.model_path or reward.function, not both")
     if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(
             f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"
@@ -299,7 +415,8 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+            list: "a list of strings"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
@@ -363,6 +480,12 @@ def _coerce(value, tp, path: str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad()
+    if tp is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if not value.strip().startswith("[") else yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{path}: expected a list of strings, got {value!r}")
+        return list(value)
     if tp is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -547,6 +670,49 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft.deepspeed.zero_stage": 2, "rm.deepspeed.zero_stage": 2, "rm.normalization": "reference_mean",
     },
 }
+
+
+def _ppo_preset(name: str, **extra) -> dict[str, Any]:
+    """A PPO paper preset: every ``algo`` field of ``rlhf_fast.algos.PRESETS[name]`` plus the
+    generation / model settings the paper pairs with it."""
+    algo = {f"ppo.algo.{k}": v for k, v in dataclasses.asdict(PPO_PRESETS[name]).items()}
+    return {**algo, **extra}
+
+
+PRESETS.update({
+    # "The N Implementation Details of RLHF with PPO" (lm-human-preferences): fixed-length
+    # responses with EOS ignored (#4), truncation at the first '.' at or after token 16 and a
+    # -1 score without one (#14), temperature 0.7 in sampling and log-probs (#10), a zero-init
+    # value head on the policy (#11), adaptive KL (#20), TF-style Adam eps.
+    "lm_human_preferences": _ppo_preset(
+        "lm_human_preferences", **{
+            "ppo.generation.stop_at_eos": False, "ppo.generation.stop_tokens": ["."],
+            "ppo.generation.stop_during_generation": False, "ppo.generation.truncate_min_length": 16,
+            "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,
+            "ppo.generation.temperature": 0.7, "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
+            "ppo.critic": "value_head", "ppo.optim.tf_adam_eps": True, "ppo.scheduler.decay": "linear",
+        }),
+    # "The N+ Implementation Details ... TL;DR": EOS trick with -1 for a missing EOS, beta 0.05,
+    # temperature 0.7, critic from the reward model, ZeRO-2, lr 3e-6 / eps 1e-5.
+    "tldr": _ppo_preset(
+        "tldr", **{
+            "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",
+            "ppo.generation.missing_stop_value": -1.0, "ppo.generation.temperature": 0.7, "ppo.critic": "separate",
+        }),
+    # "Secrets of RLHF, Part I" PPO-max: score clipping, small fixed beta, value clipping, critic
+    # from the reward model, samples at 0.8 / top-p 0.9 but log-probs from raw logits.
+    "ppo_max": _ppo_preset(
+        "ppo_max", **{
+            "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.missing_stop_penalty": None,
+            "ppo.critic": "separate",
+        }),
+})
+PRESETS["ci"].update({
+    # PPO on the built-in task inside the CI budget (the pipeline test): a few dozen iterations.
+    "ppo.iterations": 30, "ppo.rollout_batch_size": 32, "ppo.eval_prompts": 64, "ppo.logging.eval_every": 10,
+    "ppo.algo.num_epochs": 2, "ppo.algo.num_minibatches": 2, "ppo.optim.lr": 5e-4, "ppo.critic_optim.lr": 5e-4,
+    "ppo.generation.max_new_tokens": 20,
+})
 
 
 def apply_preset(cfg: RunConfig, name: str) -> None:
