@@ -339,7 +339,7 @@ class PPOTrainer:
                 groups = algos.contiguous_group_ids(resp.shape[0], cfg.samples_per_prompt, resp.device)
                 groups = groups + self.dist.rank * self.local_prompts
             local = Rollout(q_ids, q_mask, resp, rmask, scores, group_ids=groups)
-            rollout = ppo_core.gather_rollout(local)
+            rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)
         with timer("logprobs"):
             plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, hp, device=resp.device)
@@ -363,8 +363,10 @@ class PPOTrainer:
         gap = torch.where(rmask, (mine - gen_lp).abs(), 0.0).max()
         elapsed = time.perf_counter() - t_start
         n_tokens = float(exp.response_mask.sum())
+        raw_sum, missing, n_rows = dss.all_reduce_sum(
+            [float(raw_scores.sum()), float((~has_stop).sum()), float(raw_scores.numel())], self.dist.device)
         row.update({
-            "objective/raw_scores": float(raw_scores.mean()), "objective/missing_stop_frac": float((~has_stop).float().mean()),
+            "objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows,
             "generation/logprob_gap_max": float(gap), "perf/tokens_per_s": n_tokens / max(elapsed, 1e-9),
             "perf/iteration_s": elapsed, "train/lr": float(self.policy_engine.get_lr()[0]),
         })

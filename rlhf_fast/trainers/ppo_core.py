@@ -200,12 +200,20 @@ def advantages_of(batch: Rollout, hp: PPOHyperParams):
     return algos.compute_advantages(hp.advantage_estimator, inp, hp.advantage_params())
 
 
-def gather_rollout(rollout: Rollout) -> Rollout:
+def gather_rollout(rollout: Rollout, *, pad_token_id: int = 0) -> Rollout:
     """The rollouts of all ranks concatenated in rank order (every rank gets the same global
-    batch). Responses must share R on every rank (the trainer pads to max_new_tokens)."""
+    batch). Responses must share R on every rank (the trainer pads to max_new_tokens); prompts
+    are left-padded to the widest rank's width first."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return rollout
     world = dist.get_world_size()
+    width = torch.tensor([rollout.query_ids.shape[1]], device=rollout.query_ids.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    extra = int(width) - rollout.query_ids.shape[1]
+    if extra:
+        pad = torch.nn.functional.pad
+        rollout = rollout.replace(query_ids=pad(rollout.query_ids, (extra, 0), value=pad_token_id),
+                                  query_mask=pad(rollout.query_mask, (extra, 0), value=False))
     fields = {}
     for name in ("query_ids", "query_mask", "response_ids", "response_mask", "scores", "logprobs", "ref_logprobs",
                  "values", "kl", "rewards", "advantages", "returns", "group_ids"):
@@ -300,7 +308,7 @@ def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> Mi
         ratio_max = mx[0]
     n = vec[0].clamp(min=1)
     s = dict(zip(keys, vec[1 : 1 + len(keys)]))
-    lo = dict(zip(sorted(losses), vec[1 + len(keys):] / world.size))  # each rank's loss was scaled by the world
+    lo = dict(zip(sorted(losses), vec[1 + len(keys):]))  # each rank's parts are shares of the global loss
     out = MinibatchStats(**lo)
     out.approxkl, out.clipfrac, out.entropy = s["approxkl"] / n, s["clipped"] / n, s["entropy"] / n
     out.ratio_mean, out.ratio_max = s["ratio"] / n, ratio_max

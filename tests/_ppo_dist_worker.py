@@ -1,0 +1,25 @@
+"""One PPO run of the tiny test setup, launched by tests/test_ppo_distributed.py under torchrun
+(or a single process): greedy rollouts (deterministic per row, whatever the split over ranks),
+the task's gold reward, ZeRO stage from argv. Writes DIR/model and DIR/metrics.jsonl.
+
+    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE
+"""
+
+import sys
+
+from rlhf_fast import config as C
+from rlhf_fast.trainers.ppo import PPOTrainer
+
+OVERRIDES = [
+    "--ppo.policy.size", "test", "--ppo.reward.function", "task:gold", "--ppo.iterations", "2",
+    "--ppo.rollout_batch_size", "8", "--ppo.generation.max_new_tokens", "6", "--ppo.generation.do_sample", "false",
+    "--ppo.eval_prompts", "4", "--ppo.logging.eval_every", "0", "--ppo.logging.progress_bar", "false",
+    "--ppo.logging.tensorboard", "false", "--ppo.algo.num_minibatches", "2", "--ppo.algo.num_epochs", "2",
+    "--ppo.algo.micro_batch_size", "2", "--ppo.critic", "separate", "--ppo.optim.lr", "1e-3",
+    "--ppo.critic_optim.lr", "1e-3", "--ppo.algo.max_grad_norm", "1.0",
+]
+
+if __name__ == "__main__":
+    out, stage = sys.argv[1], sys.argv[2]
+    cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage]).ppo
+    PPOTrainer(cfg, out).fit()
