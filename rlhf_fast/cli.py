@@ -58,6 +58,8 @@ def command(name: str, *, help: str, description: str = "", section: Optional[st
 
 
 def _summary(metrics: dict, output_dir: Path) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(json.dumps({"output_dir": str(output_dir), **{k: v for k, v in metrics.items() if k.startswith(("eval/", "norm/"))}}))
 
 

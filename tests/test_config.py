@@ -78,7 +78,7 @@ def test_shorthand_paths_and_default_section():
         (["--rm.optim.betas", "0.9"], r"rm\.optim\.betas: expected a list of 2 numbers"),
         (["--rm.optim.betas", "0.9,1.5"], r"rm\.optim\.betas: expected two numbers in \[0, 1\)"),
         (["--sft.optim.foo", "1"], r"unknown field 'sft\.optim\.foo'; sft\.optim has: lr, betas"),
-        (["--ppo.lr", "1"], r"unknown field 'ppo\.lr'"),
+        (["--dpo.lr", "1"], r"unknown field 'dpo\.lr'"),
         (["--sft.batch_size", "48", "--sft.micro_batch_size", "32"], r"sft\.batch_size \(48\) must be a multiple"),
         (["--rm.deepspeed.offload_optimizer", "true"], r"rm\.deepspeed\.offload_optimizer needs rm\.deepspeed\.zero_stage >= 1"),
         (["--rm.deepspeed.zero_stage", "2", "--rm.deepspeed.offload_params", "true"], r"offload_params needs .*zero_stage 3"),
