@@ -114,7 +114,9 @@ def logprobs_from_hidden(
             hidden, lm_head.weight, labels, temperature=temperature,
             return_entropy=return_entropy, ignore_index=ignore_index,
         )
-    logits = lm_head(hidden)
+    # A sliced (non-contiguous) hidden makes torch fall back from one GEMM to a batched matmul
+    # for frozen weights (2.25x slower on CPU, measured in bench_ppo): the copy is (..., H), small.
+    logits = lm_head(hidden.contiguous())
     return gather_logprobs(
         logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index
     )
