@@ -183,7 +183,10 @@ class PPOTrainer:
         if policy.config.vocab_size < len(self.tokenizer):
             raise ValueError(f"policy vocabulary {policy.config.vocab_size} < tokenizer size {len(self.tokenizer)}: "
                              "start PPO from an SFT checkpoint (rlhf-fast sft) made with this tokenizer")
-        ref = Policy(copy.deepcopy(policy.model)).eval().requires_grad_(False)
+        ref = Policy(copy.deepcopy(policy.model), use_linear_logprobs=cfg.use_linear_logprobs).eval().requires_grad_(False)
+        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.dtype)
+        if frozen_dtype is not None:  # the frozen models compute in the training precision
+            ref.to(frozen_dtype)
         # The frozen reference can live on the CPU (it only runs forwards): N+ offloads it for 6.9B.
         self.ref_policy = _OnDevice(ref.to("cpu"), "cpu") if cfg.ref_on_cpu else ref.to(self.dist.device)
         self.reward_model = None
@@ -196,6 +199,8 @@ class PPOTrainer:
                 raise ValueError(f"ppo.reward.model_path {cfg.reward.model_path!r} is not a directory")
             self.reward_model = RewardModel.from_pretrained(cfg.reward.model_path).eval().requires_grad_(False)
             self.reward_model.to(self.dist.device)
+            if frozen_dtype is not None:
+                self.reward_model.backbone.to(frozen_dtype)
         critic = None
         if cfg.critic == "separate" and self.hp.advantage_estimator == "gae":
             # N+ TL;DR / PPO-max: the critic starts from the reward model; else from the policy (zero head).
@@ -208,8 +213,10 @@ class PPOTrainer:
         self.task = _build.get_task(cfg.data) if cfg.data.train_file is None else None
         if cfg.data.train_file is not None:
             train = load_records(_build._check_file(cfg.data.train_file, "ppo.data.train_file"))
-            evals = load_records(_build._check_file(cfg.data.eval_file, "ppo.data.eval_file")) if cfg.data.eval_file \
-                else train[-cfg.eval_prompts:]
+            if cfg.data.eval_file:
+                evals = load_records(_build._check_file(cfg.data.eval_file, "ppo.data.eval_file"))
+            else:  # hold out the last eval_prompts prompts
+                train, evals = train[: -cfg.eval_prompts], train[-cfg.eval_prompts:]
         else:
             train, evals = self.task.prompt_records("train"), self.task.prompt_records("eval")
         if cfg.data.max_train_examples:
