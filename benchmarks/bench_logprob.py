@@ -29,21 +29,11 @@ import _common  # noqa: E402
 
 import rlhf_fast.ops as ops  # noqa: E402
 import rlhf_fast.reference as ref  # noqa: E402
+from rlhf_fast.reference import peers  # noqa: E402
 
 
-def trl_selective(logits, labels):
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # rows one at a time
-        return picked - lse
-    out = []
-    for row, lab in zip(logits, labels):  # half precision: loop to bound the fp32 temporary
-        out.append(torch.log_softmax(row, dim=-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(out)
-
-
-def dschat(logits, labels):
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+trl_selective = peers.trl_selective_log_softmax
+dschat = peers.dschat_gather_log_probs
 
 
 IMPLS = {

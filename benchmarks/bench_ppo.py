@@ -73,6 +73,7 @@ from rlhf_fast.algos import PRESETS, Rollout  # noqa: E402
 from rlhf_fast.engine import HybridEngine, SamplingParams  # noqa: E402
 from rlhf_fast.models import Policy, RewardModel  # noqa: E402
 from rlhf_fast.tasks import get_task, tiny_config  # noqa: E402
+from rlhf_fast.reference import peers  # noqa: E402
 from rlhf_fast.trainers import ppo_core  # noqa: E402
 
 PHASES = ("generate", "score", "logprobs", "advantages", "train")
@@ -197,14 +198,7 @@ def fast_iteration(b: Bench, seed: int, clock: Clock):
 # ---- (b) the TRL-style baseline (written from TRL's PPOTrainer semantics) ------------------------
 
 
-def selective_log_softmax(logits, index):
-    """TRL's ``selective_log_softmax``: fp32 -> gather - a per-row logsumexp loop (to bound the
-    peak); half precision -> a loop of per-row log_softmax + gather."""
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-    return torch.stack([F.log_softmax(row, -1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
-                        for row, lab in zip(logits, index)])
+selective_log_softmax = peers.trl_selective_log_softmax
 
 
 def trl_forward(model, query_responses, pad):
@@ -296,14 +290,7 @@ def trl_advantages(b: Bench, x: TRLBatch) -> TRLBatch:
     end = torch.where(p1 < R, p1, seq_len)  # TRL: the score goes one past the last token if it fits
     rewards[torch.arange(B, device=rewards.device), end] += x.scores
     rewards = rewards.masked_fill(x.padding_mask_p1, 0)
-    lastgaelam, reversed_adv = 0, []
-    for t in reversed(range(R)):
-        nextvalues = x.values[:, t + 1] if t < R - 1 else 0.0
-        delta = rewards[:, t] + hp.gamma * nextvalues - x.values[:, t]
-        lastgaelam = delta + hp.gamma * hp.lam * lastgaelam
-        reversed_adv.append(lastgaelam)
-    advantages = torch.stack(reversed_adv[::-1], dim=1)
-    returns = advantages + x.values
+    advantages, returns = peers.trl_gae(rewards, x.values, ~x.padding_mask_p1, hp.gamma, hp.lam)
     advantages = masked_whiten(advantages, ~x.padding_mask, hp.whiten_unbiased).masked_fill(x.padding_mask, 0)
     x.advantages, x.returns = advantages, returns
     return x

@@ -38,6 +38,7 @@ import _common  # noqa: E402
 
 import rlhf_fast.ops as ops  # noqa: E402
 import rlhf_fast.reference as ref  # noqa: E402
+from rlhf_fast.reference import peers  # noqa: E402
 
 KL_COEF, GAMMA, LAM = 0.05, 1.0, 0.95
 BYTES_PER_TOKEN = {"shaping": 17, "gae": 17, "whiten": 14, "pipeline": 48}
@@ -71,18 +72,7 @@ def _trl_shaping(x):
 
 
 def _trl_gae(rewards, values, mask):
-    values = torch.masked_fill(values, ~mask, 0)
-    rewards = torch.masked_fill(rewards, ~mask, 0)
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + GAMMA * nextvalues - values[:, t]
-        lastgaelam = delta + GAMMA * LAM * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], axis=1)
-    return advantages, advantages + values
+    return peers.trl_gae(rewards, values, mask, GAMMA, LAM)
 
 
 def _tv_masked_mean(values, mask):

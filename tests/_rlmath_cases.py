@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+from rlhf_fast.reference.peers import trl_gae  # noqa: F401  (re-exported for the tests)
 from hypothesis import note
 from hypothesis import strategies as st
 
@@ -58,19 +60,3 @@ def atol_for(oracle: torch.Tensor, rel: float = 2e-6) -> float:
     return rel * (1.0 + scale)
 
 
-def trl_gae(rewards, values, mask, gamma, lam):
-    """TRL's PPO loop (trl/trainer/ppo_trainer.py at f2cd577), right-padded masks: rewards and values
-    zeroed past the end, then the unmasked reversed loop."""
-    values = torch.masked_fill(values, ~mask, 0)
-    rewards = torch.masked_fill(rewards, ~mask, 0)
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], axis=1)
-    returns = advantages + values
-    return advantages, returns

@@ -170,7 +170,7 @@ def configs(draw):
     return hp, shape, separate
 
 
-@settings(max_examples=int(os.environ.get("PARITY_EXAMPLES", "12")))
+@settings(max_examples=int(os.environ.get("PARITY_EXAMPLES", "30")))
 @given(configs())
 def test_property_fast_loop_matches_reference(case):
     hp, (B, Q, R, seed, holes, group_size), separate = case

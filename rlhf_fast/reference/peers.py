@@ -1,0 +1,44 @@
+"""The peers' ways of computing the same things, written from their semantics (RLHF_DETAILS.md
+lists the pinned snapshots). Benchmarks time them as baselines and tests compare against them;
+both import them from here so there is one copy of each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def trl_selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRL's ``selective_log_softmax``: float32/64 -> gather minus a per-row logsumexp loop (the
+    loop bounds the peak); half precision -> a loop of per-row ``log_softmax`` + gather (in the
+    half dtype, as TRL does)."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return picked - lse
+    return torch.stack([F.log_softmax(row, dim=-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+                        for row, lab in zip(logits, labels)])
+
+
+def dschat_gather_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed-Chat's ``gather_log_probs``: the full float32 ``log_softmax``, then gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def trl_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """TRL's PPO GAE (trl/trainer/ppo_trainer.py at f2cd577): rewards and values zeroed where the
+    mask is False, then the unmasked ``for t in reversed(range(T))`` loop. Equals ``ops.gae`` for
+    right-padded masks. Returns (advantages, returns)."""
+    values = torch.masked_fill(values, ~mask, 0)
+    rewards = torch.masked_fill(rewards, ~mask, 0)
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
