@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_fast.models import Policy
 from rlhf_fast.trainers.common import read_metrics

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from rlhf_fast import config as C
 from rlhf_fast.trainers.common import read_metrics

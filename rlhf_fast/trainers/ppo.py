@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import math
 import os
 import shutil

@@ -1,0 +1,137 @@
+"""The shared config sections: model, data, optimizer, schedule, DeepSpeed, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+# ---- the sections ------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which model a stage starts from."""
+
+    path: Optional[str] = None
+    """Local directory of a Hugging Face causal LM (or one saved by rlhf_fast). None: a fresh model
+    of ``arch`` / ``size`` sized to the built-in task's tokenizer (nothing is ever downloaded)."""
+    tokenizer_path: Optional[str] = None
+    """Local tokenizer directory. None: ``path`` when it holds a tokenizer, else the built-in task's."""
+    arch: Literal["gpt2", "llama", "gpt_neox", "qwen2"] = "gpt2"
+    """Architecture of a fresh model (``rlhf_fast.tasks.tiny_config``); ignored when ``path`` is set."""
+    size: Literal["test", "task"] = "task"
+    """Size of a fresh model: "task" (~2.9 M parameters, the built-in task's model) or "test"."""
+    config_overrides: dict = field(default_factory=dict)
+    """HF config fields for a fresh model, e.g. ``{n_layer: 2}``; ignored when ``path`` is set."""
+    init_seed: int = 0
+    """Seed of a fresh model's weights and of new heads (same on every rank)."""
+    attn_implementation: Optional[str] = None
+    """Passed to transformers ("sdpa", "eager", "flash_attention_2"); None: transformers' default."""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are tokenised."""
+
+    task: str = "tiny_sentiment"
+    """Built-in task used when ``train_file`` is None (``rlhf_fast.tasks.get_task``)."""
+    train_file: Optional[str] = None
+    """JSONL file or local ``datasets`` directory. None: the built-in task's records."""
+    eval_file: Optional[str] = None
+    """Held-out JSONL / ``datasets`` directory. None: the last ``eval_fraction`` of the training records."""
+    eval_fraction: float = 0.1
+    """Share of the training records held out for evaluation when there is no ``eval_file``."""
+    max_train_examples: Optional[int] = None
+    """Use only the first N training records (quick runs); None: all."""
+    max_eval_examples: Optional[int] = None
+    """Evaluate on at most N held-out records; None: all."""
+    prompt_field: str = "prompt"
+    """Record field with the prompt (query)."""
+    response_field: str = "response"
+    """SFT: record field with the reference response."""
+    chosen_field: str = "chosen"
+    """RM: record field with the preferred response."""
+    rejected_field: str = "rejected"
+    """RM: record field with the other response."""
+    max_prompt_length: Optional[int] = None
+    """Prompt tokens kept (cut on the left: N+ keeps the end of the query); None: no limit."""
+    max_response_length: Optional[int] = None
+    """Response tokens kept, EOS included (cut on the right); None: no limit."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = 1e-3
+    """Peak learning rate. The default suits the built-in task's 3 M-parameter model; N+ uses 3e-6
+    for SFT, RM and PPO with billion-parameter models (preset ``n_plus``)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2); PyTorch's defaults, as in lm-human-preferences (TF's defaults agree)."""
+    eps: float = 1e-5
+    """Adam epsilon; 1e-5 as in N+ (AdamW eps 1e-5) and lm-human-preferences."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; 0 as in N and N+."""
+    tf_adam_eps: bool = False
+    """TF-style epsilon (N details, "PyTorch Adam vs TF Adam"): TF adds eps to sqrt(v) before bias
+    correction, PyTorch after, so PyTorch's effective epsilon is eps * sqrt(1 - beta2^t) and early
+    updates are larger. When on, the scheduler sets each step's eps to eps / sqrt(1 - beta2^t),
+    which makes PyTorch's (and DeepSpeed's CPU / fused) Adam compute TF's update exactly."""
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warm-up from 0, then decay to ``min_lr_ratio * lr``."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up; ``warmup_ratio`` is used when this is 0."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a share of the total optimizer steps (used when ``warmup_steps`` is 0)."""
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Shape after warm-up. "linear" to 0: N details #5 (lr annealed to 0 for RM training and PPO);
+    "cosine": N+ SFT."""
+    min_lr_ratio: float = 0.0
+    """Final lr as a share of the peak; 0 = decay to 0 (N #5)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How the DeepSpeed engine is built (``rlhf_fast.trainers.deepspeed_setup``)."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0-3: 0 plain data parallel; 1 shards optimizer state; 2 also gradients (N+ runs
+    ZeRO-2); 3 also parameters."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision. fp32 on CPU (the tests); bf16 on Ampere+ GPUs; fp16 uses dynamic loss scaling."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: optimizer state and step on the CPU (needs zero_stage >= 1; PPO-max keeps AdamW
+    state on the CPU). DeepSpeed's CPU Adam is used (it is built on first use)."""
+    offload_params: bool = False
+    """ZeRO-Infinity parameter offload to the CPU (needs zero_stage 3)."""
+    grad_accum: Optional[int] = None
+    """Micro-batches per optimizer step on each rank. None: derived as
+    batch_size / (micro_batch_size * world_size); when given, that product must equal batch_size."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm at this value; 0 turns clipping off. 1.0: DeepSpeed-Chat / OpenRLHF."""
+    backend: Optional[Literal["nccl", "gloo"]] = None
+    """torch.distributed backend; None: NCCL when CUDA is available, else gloo."""
+
+
+@dataclass
+class LoggingConfig:
+    """Progress bar, metrics, TensorBoard and checkpoints."""
+
+    log_every: int = 10
+    """Optimizer steps between lines of ``DIR/metrics.jsonl`` (the last step is always logged)."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations; 0: only at the end."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints; 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept under ``DIR/checkpoints`` (older ones are deleted); 0 keeps all."""
+    tensorboard: bool = True
+    """Write TensorBoard events to ``DIR/tensorboard``."""
+    progress_bar: bool = True
+    """tqdm bar with loss and throughput on rank 0 (also off when stderr is not a terminal and
+    ``RLHF_FAST_NO_TQDM`` is set)."""

@@ -1,0 +1,326 @@
+"""The stage configs (sft, rm, ppo and its generation / reward sections), the value constraints
+beyond the types, and the named presets."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+import dataclasses
+
+from rlhf_fast.algos.hparams import PRESETS as PPO_PRESETS
+from rlhf_fast.algos.hparams import PPOHyperParams
+from rlhf_fast.config.sections import (
+    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, SchedulerConfig,
+)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of the policy on prompt + reference response."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(decay="cosine", warmup_ratio=0.05))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    loss_on: Literal["response", "all"] = "response"
+    """Tokens in the loss: "response" (prompt tokens masked; TRL / DeepSpeed-Chat default) or "all"
+    (query + response: N+ SFT). Padding never counts."""
+    epochs: float = 2.0
+    """Passes over the training data (fractions allowed); N+ uses 1."""
+    max_steps: Optional[int] = None
+    """Optimizer steps; overrides ``epochs`` when given."""
+    stop_after_steps: Optional[int] = None
+    """Stop (checkpointed) after this many optimizer steps while the schedule still spans the
+    whole run: for time-limited jobs, resumed with ``--resume``."""
+    batch_size: int = 64
+    """Sequences per optimizer step, over all ranks and micro-batches (the global batch)."""
+    micro_batch_size: int = 32
+    """Sequences per forward pass on one rank."""
+    eval_batch_size: int = 128
+    """Sequences per forward pass in evaluation, per rank."""
+    seed: int = 1
+    """Seeds data order (same on every rank) and per-rank RNGs (seed + rank * 100003, N details #6)."""
+
+
+@dataclass
+class RMConfig:
+    """Reward-model training on preference pairs (Bradley-Terry), then normalisation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft_model: Optional[str] = None
+    """SFT checkpoint (a directory written by ``rlhf-fast sft``) the RM is initialised from (N+: RM
+    from the SFT model). None and no ``model.path``: ``rlhf-fast rm`` first runs the ``sft``
+    section into ``DIR/sft`` and starts from that."""
+    margin: float = 0.0
+    """Loss -log sigmoid(r_chosen - r_rejected - margin); 0 is plain Bradley-Terry (Llama 2 adds a margin)."""
+    normalization: Literal["policy_samples", "reference_mean", "reference_std", "none"] = "policy_samples"
+    """After training: "policy_samples" sets gain and bias so responses sampled from the initial
+    (SFT) policy score mean 0 / std 1 (N details #9); "reference_mean": bias = -mean score of the
+    SFT data's reference responses (N+); "reference_std": mean 0 / std 1 on those; "none"."""
+    normalization_samples: int = 512
+    """Prompts (or reference responses) used to set the normalisation."""
+    sample_temperature: float = 1.0
+    """Sampling temperature of the policy samples used for "policy_samples" (N: 1.0, top_k 0, top_p 1)."""
+    sample_max_new_tokens: int = 24
+    """Response length of those samples."""
+    epochs: float = 1.0
+    """Passes over the pairs; 1 as in N (#5) and N+ (more over-fits)."""
+    max_steps: Optional[int] = None
+    """Optimizer steps; overrides ``epochs`` when given."""
+    stop_after_steps: Optional[int] = None
+    """Stop (checkpointed) after this many optimizer steps; the schedule still spans the whole run."""
+    batch_size: int = 32
+    """Pairs per optimizer step, global (N: 32... N+: 64)."""
+    micro_batch_size: int = 32
+    """Pairs per forward pass on one rank (each forward scores 2x that many sequences)."""
+    eval_batch_size: int = 128
+    """Pairs per forward pass in evaluation, per rank."""
+    seed: int = 1
+    """Seeds data order and per-rank RNGs (seed + rank * 100003, N details #6)."""
+
+
+@dataclass
+class GenerationConfig:
+    """Rollout sampling and response post-processing (the hybrid engine, then truncation)."""
+
+    max_new_tokens: int = 24
+    """Tokens sampled per response (the EOS trick samples this many, then truncates; N+)."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False: deterministic rollouts, used by parity tests)."""
+    min_new_tokens: int = 0
+    """EOS / stop tokens are blocked before this many tokens."""
+    temperature: float = 0.7
+    """Sampling temperature (N+ TL;DR 0.7; lm-human-preferences 0.7). ``algo.temperature`` should
+    equal it: log-probs at the sampling temperature ("N details" #10)."""
+    top_k: int = 0
+    """Top-k filtering; 0 = off ("N details" #4: top_k 0, top_p 1)."""
+    top_p: float = 1.0
+    """Nucleus filtering; 1.0 = off."""
+    stop_at_eos: bool = True
+    """Truncate after the first EOS (the EOS trick) and stop rows that emitted it; False gives
+    fixed-length responses with EOS ignored ("N details" #4)."""
+    stop_tokens: list = field(default_factory=list)
+    """More token strings that end a response, e.g. ["."] ("N details" #14: truncate at '.')."""
+    stop_during_generation: bool = True
+    """Also stop sampling a row at a stop token (saves compute); False samples the full length and
+    truncates afterwards, as lm-human-preferences does."""
+    truncate_min_length: int = 0
+    """Only stop tokens at index >= this count ("N details" #14: '.' at or after token 16)."""
+    missing_stop_penalty: Optional[Literal["replace", "subtract"]] = "replace"
+    """Rows with no stop token: "replace" the score with ``missing_stop_value`` (lm-human-
+    preferences, N+: -1), "subtract" it (TRL ``missing_eos_penalty``), or null (none)."""
+    missing_stop_value: float = -1.0
+    """The replacement score, or the amount subtracted."""
+    max_batch_size: int = 256
+    """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
+
+
+@dataclass
+class RewardConfig:
+    """Where the scores come from."""
+
+    model_path: Optional[str] = None
+    """A reward-model directory written by ``rlhf-fast rm`` (normalisation included). The
+    pipeline fills it in."""
+    function: Optional[str] = None
+    """Instead of a model: ``package.module:function`` taking (prompts, responses) lists and
+    returning one finite number per prompt; ``task:gold`` uses the built-in task's gold reward."""
+    batch_size: int = 64
+    """Sequences per reward-model forward."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO on the hybrid engine and DeepSpeed (``rlhf_fast.trainers.ppo``)."""
+
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (``policy.path``: an SFT checkpoint); the frozen reference is a copy."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts: ``data.train_file`` (a JSONL / datasets directory with ``prompt_field``) or the built-in task's."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    algo: PPOHyperParams = field(default_factory=lambda: PPO_PRESETS["tldr"].replace(temperature=0.7))
+    """The PPO math (``rlhf_fast.algos.PPOHyperParams``): default the N+ TL;DR settings."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    """Policy optimizer. 3e-4 suits the built-in task's 3 M-parameter model (N+: 3e-6 at 1B+)."""
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    """Critic optimizer (a separate critic only)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Linear decay to 0 over all optimizer steps ("N details" #5)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """``grad_clip`` is taken from ``algo.max_grad_norm``; ``grad_accum`` from the minibatch plan."""
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1, eval_every=5))
+    critic: Literal["separate", "value_head"] = "separate"
+    """"separate": a critic initialised from the reward model (N+ TL;DR, PPO-max); "value_head": a
+    zero-initialised value head on the policy backbone ("N details" #11)."""
+    ref_on_cpu: bool = False
+    """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B)."""
+    use_linear_logprobs: bool = False
+    """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
+    iterations: int = 40
+    """PPO iterations (rollout + update)."""
+    stop_after_iterations: Optional[int] = None
+    """Stop (checkpointed) after this many iterations while the schedule spans ``iterations``."""
+    rollout_batch_size: int = 64
+    """Prompts per iteration over all ranks."""
+    samples_per_prompt: int = 1
+    """Responses per prompt (grpo / rloo groups); the rollout batch is the product."""
+    eval_prompts: int = 128
+    """Held-out prompts sampled at each evaluation."""
+    seed: int = 1
+    """Seeds prompts order, sampling (per rank and iteration) and minibatch permutations."""
+
+
+@dataclass
+class RunConfig:
+    """All stages of a run; ``rlhf-fast <stage>`` reads its own section (and ``rm`` reads ``sft``
+    when it has to train its own SFT backbone). Adding a stage is one line here."""
+
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+# ---- constraints beyond the types --------------------------------------------------------------
+
+_POSITIVE = "a number > 0"
+_CHECKS: dict[tuple[type, str], tuple[typing.Callable[[Any], bool], str]] = {
+    (OptimConfig, "lr"): (lambda v: v > 0, _POSITIVE),
+    (OptimConfig, "betas"): (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    (OptimConfig, "eps"): (lambda v: v > 0, _POSITIVE),
+    (OptimConfig, "weight_decay"): (lambda v: v >= 0, "a number >= 0"),
+    (SchedulerConfig, "warmup_steps"): (lambda v: v >= 0, "an integer >= 0"),
+    (SchedulerConfig, "warmup_ratio"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    (SchedulerConfig, "min_lr_ratio"): (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    (DeepSpeedConfig, "zero_stage"): (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
+    (DeepSpeedConfig, "grad_accum"): (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    (DeepSpeedConfig, "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    (DataConfig, "eval_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    (LoggingConfig, "log_every"): (lambda v: v >= 1, "an integer >= 1"),
+    (LoggingConfig, "eval_every"): (lambda v: v >= 0, "an integer >= 0"),
+    (LoggingConfig, "save_every"): (lambda v: v >= 0, "an integer >= 0"),
+    (LoggingConfig, "keep_checkpoints"): (lambda v: v >= 0, "an integer >= 0"),
+}
+for _stage in (SFTConfig, RMConfig):
+    for _name in ("batch_size", "micro_batch_size", "eval_batch_size"):
+        _CHECKS[(_stage, _name)] = (lambda v: v >= 1, "an integer >= 1")
+    _CHECKS[(_stage, "epochs")] = (lambda v: v > 0, _POSITIVE)
+    for _name in ("max_steps", "stop_after_steps"):
+        _CHECKS[(_stage, _name)] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
+_CHECKS[(RMConfig, "normalization_samples")] = (lambda v: v >= 2, "an integer >= 2")
+_CHECKS[(RMConfig, "sample_temperature")] = (lambda v: v > 0, _POSITIVE)
+_CHECKS[(RMConfig, "sample_max_new_tokens")] = (lambda v: v >= 1, "an integer >= 1")
+for _name in ("max_new_tokens", "max_batch_size"):
+    _CHECKS[(GenerationConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
+_CHECKS[(GenerationConfig, "min_new_tokens")] = (lambda v: v >= 0, "an integer >= 0")
+_CHECKS[(GenerationConfig, "truncate_min_length")] = (lambda v: v >= 0, "an integer >= 0")
+_CHECKS[(GenerationConfig, "temperature")] = (lambda v: v > 0, _POSITIVE)
+_CHECKS[(GenerationConfig, "top_k")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
+_CHECKS[(GenerationConfig, "top_p")] = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+_CHECKS[(RewardConfig, "batch_size")] = (lambda v: v >= 1, "an integer >= 1")
+for _name in ("iterations", "rollout_batch_size", "samples_per_prompt", "eval_prompts"):
+    _CHECKS[(PPOConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
+_CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
+
+
+def _cross_checks(cfg, path: str) -> None:
+    """Constraints between fields of one section."""
+    if isinstance(cfg, DeepSpeedConfig):
+        if cfg.offload_optimizer and cfg.zero_stage == 0:
+            raise ValueError(f"{path}.offload_optimizer needs {path}.zero_stage >= 1 (got 0)")
+        if cfg.offload_params and cfg.zero_stage != 3:
+            raise ValueError(f"{path}.offload_params needs {path}.zero_stage 3 (got {cfg.zero_stage})")
+    if isinstance(cfg, PPOHyperParams):
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if isinstance(cfg, GenerationConfig) and cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ValueError(f"{path}.min_new_tokens ({cfg.min_new_tokens}) exceeds {path}.max_new_tokens ({cfg.max_new_tokens})")
+    if isinstance(cfg, RewardConfig) and cfg.model_path is not None and cfg.function is not None:
+        raise ValueError(f"{path}: give reward.model_path or reward.function, not both")
+    if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
+        raise ValueError(
+            f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"
+        )
+
+
+# ---- presets -------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "ci": {
+        # The built-in task on 2 CPU cores: SFT a narrow 2-layer model for ~40 s, then an RM from it
+        # that passes 0.75 held-out accuracy (tests/test_sft_rm.py times it).
+        "sft.model.config_overrides": {"n_embd": 128, "n_layer": 2, "n_inner": 384},
+        "sft.epochs": 1.0, "sft.max_steps": 100, "sft.batch_size": 64, "sft.micro_batch_size": 64,
+        "sft.optim.lr": 2e-3, "sft.data.max_train_examples": 6400, "sft.data.max_eval_examples": 256,
+        "rm.max_steps": 120, "rm.batch_size": 64, "rm.micro_batch_size": 64, "rm.optim.lr": 5e-4,
+        "rm.scheduler.warmup_steps": 5, "rm.data.max_eval_examples": 512, "rm.normalization_samples": 128,
+        "sft.logging.log_every": 10, "rm.logging.log_every": 10,
+    },
+    "n_details": {
+        # "The N Implementation Details of RLHF with PPO": RM 1 epoch, lr annealed linearly to 0
+        # (#5), TF-style Adam epsilon, normalisation on samples of the initial policy (#9).
+        "rm.epochs": 1.0, "rm.scheduler.decay": "linear", "rm.scheduler.min_lr_ratio": 0.0,
+        "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.sample_temperature": 1.0,
+        "sft.optim.tf_adam_eps": True,
+    },
+    "n_plus": {
+        # "The N+ Implementation Details ... TL;DR": one lr 3e-6, AdamW eps 1e-5, SFT 1 epoch on
+        # query + summary with a cosine schedule, ZeRO-2, RM from SFT with reference-mean normalisation.
+        "sft.optim.lr": 3e-6, "rm.optim.lr": 3e-6, "sft.optim.eps": 1e-5, "rm.optim.eps": 1e-5,
+        "sft.epochs": 1.0, "sft.loss_on": "all", "sft.scheduler.decay": "cosine", "rm.epochs": 1.0,
+        "sft.deepspeed.zero_stage": 2, "rm.deepspeed.zero_stage": 2, "rm.normalization": "reference_mean",
+    },
+}
+
+
+def _ppo_preset(name: str, **extra) -> dict[str, Any]:
+    """A PPO paper preset: every ``algo`` field of ``rlhf_fast.algos.PRESETS[name]`` plus the
+    generation / model settings the paper pairs with it."""
+    algo = {f"ppo.algo.{k}": v for k, v in dataclasses.asdict(PPO_PRESETS[name]).items()}
+    return {**algo, **extra}
+
+
+PRESETS.update({
+    # "The N Implementation Details of RLHF with PPO" (lm-human-preferences): fixed-length
+    # responses with EOS ignored (#4), truncation at the first '.' at or after token 16 and a
+    # -1 score without one (#14), temperature 0.7 in sampling and log-probs (#10), a zero-init
+    # value head on the policy (#11), adaptive KL (#20), TF-style Adam eps.
+    "lm_human_preferences": _ppo_preset(
+        "lm_human_preferences", **{
+            "ppo.generation.stop_at_eos": False, "ppo.generation.stop_tokens": ["."],
+            "ppo.generation.stop_during_generation": False, "ppo.generation.truncate_min_length": 16,
+            "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,
+            "ppo.generation.temperature": 0.7, "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
+            "ppo.critic": "value_head", "ppo.optim.tf_adam_eps": True, "ppo.scheduler.decay": "linear",
+        }),
+    # "The N+ Implementation Details ... TL;DR": EOS trick with -1 for a missing EOS, beta 0.05,
+    # temperature 0.7, critic from the reward model, ZeRO-2, lr 3e-6 / eps 1e-5.
+    "tldr": _ppo_preset(
+        "tldr", **{
+            "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",
+            "ppo.generation.missing_stop_value": -1.0, "ppo.generation.temperature": 0.7, "ppo.critic": "separate",
+        }),
+    # "Secrets of RLHF, Part I" PPO-max: score clipping, small fixed beta, value clipping, critic
+    # from the reward model, samples at 0.8 / top-p 0.9 but log-probs from raw logits.
+    "ppo_max": _ppo_preset(
+        "ppo_max", **{
+            "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.missing_stop_penalty": None,
+            "ppo.critic": "separate",
+        }),
+})
+PRESETS["ci"].update({
+    # PPO on the built-in task inside the CI budget (the pipeline test): a few dozen iterations.
+    "ppo.iterations": 30, "ppo.rollout_batch_size": 32, "ppo.eval_prompts": 64, "ppo.logging.eval_every": 10,
+    "ppo.algo.num_epochs": 2, "ppo.algo.num_minibatches": 2, "ppo.optim.lr": 5e-4, "ppo.critic_optim.lr": 5e-4,
+    "ppo.generation.max_new_tokens": 20,
+})
