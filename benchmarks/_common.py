@@ -138,7 +138,13 @@ def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
         events = json.load(open(f.name))["traceEvents"]
     mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
                  key=lambda e: e["ts"])
-    return max([0] + [int(e["args"]["Total Allocated"]) for e in mem])
+    # Running sum of the allocation (+) and free (-) events: the peak above the starting point.
+    # ("Total Allocated" is not used: blocks from before profiling start made it drift.)
+    peak = run = 0
+    for e in mem:
+        run += int(e["args"]["Bytes"])
+        peak = max(peak, run)
+    return peak
 
 
 def _sig(x: float, digits: int = 4) -> float:
