@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from rlhf_fast.algos import PRESETS, PPOHyperParams, Rollout, objective_stats
+from rlhf_fast.algos import PRESETS, PPOHyperParams, Rollout, RunningMoments, objective_stats
 from rlhf_fast.models import Critic, Policy
 from rlhf_fast.reference import ppo_iteration
 from rlhf_fast.tasks import tiny_config
@@ -77,8 +77,13 @@ def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_
 
     p_ref = copy.deepcopy(policy0)
     c_ref = copy.deepcopy(critic0) if separate_critic else None
+    # PPO-max score normalisation is trainer state across iterations: the reference gets scores
+    # normalised the same way (update with the batch, then normalise), the fast path the stats object
+    ref_rollout = rollout
+    if hp.normalize_scores:
+        ref_rollout = rollout.replace(scores=_normalized(rollout.scores))
     # the trainer gives the critic its own engine: the reference gets its own optimizer too
-    res = ppo_iteration(p_ref, ref_policy, rollout, hp, make_opt(list(p_ref.parameters())), kl_coef=kl_coef,
+    res = ppo_iteration(p_ref, ref_policy, ref_rollout, hp, make_opt(list(p_ref.parameters())), kl_coef=kl_coef,
                         generator=torch.Generator().manual_seed(seed), critic=c_ref,
                         critic_optimizer=make_opt(list(c_ref.parameters())) if c_ref is not None else None)
 
@@ -89,12 +94,18 @@ def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_
     plan = ppo_core.first_epoch_plan(gen, rollout.batch_size, hp)
     lp, ref_lp, values = ppo_core.score_logprobs(p_fast, c_fast, ref_policy, rollout, hp, plan=plan)
     exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
-                                     kl_coef=kl_coef)
+                                     kl_coef=kl_coef, score_stats=RunningMoments())
     pst = ppo_core.TorchStepper(p_fast, make_opt(list(p_fast.parameters())), max_grad_norm=hp.max_grad_norm)
     cst = ppo_core.TorchStepper(c_fast, make_opt(list(c_fast.parameters())),
                                 max_grad_norm=hp.max_grad_norm) if separate_critic else None
     stats = ppo_core.ppo_update(pst, exp, hp, kl_coef=kl_coef, generator=gen, critic_st=cst)
     return res, exp, stats, (p_ref, c_ref), (p_fast, c_fast)
+
+
+def _normalized(scores):
+    """Mean 0 / population std 1 over the batch, in float64, as written in the PPO-max description."""
+    x = scores.double()
+    return ((x - x.mean()) / (x.var(unbiased=False).sqrt() + 1e-8)).to(scores.dtype)
 
 
 def assert_parity(res, exp, stats, ref_models, fast_models, *, param_atol=2e-5, adam_lr=None):

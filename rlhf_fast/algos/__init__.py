@@ -35,6 +35,7 @@ from rlhf_fast.algos.losses import (
     vanilla_pg_loss,
 )
 from rlhf_fast.algos.registry import Registry
+from rlhf_fast.algos.running import RunningMoments
 from rlhf_fast.algos.truncation import (
     MISSING_STOP_PENALTIES,
     TRUNCATION_PRESETS,
@@ -58,7 +59,7 @@ __all__ = [
     "AGGREGATIONS", "ESTIMATORS", "KL_CONTROLLERS", "KL_PLACEMENTS", "MINIBATCH_METRIC_NAMES", "MISSING_STOP_PENALTIES",
     "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS", "TRUNCATION_PRESETS",
     "AdaptiveKLController", "AdvantageInput", "AdvantageParams", "FixedKLController", "KLPlacement", "MinibatchStats",
-    "ObjectiveStats", "PPOHyperParams", "PPOStats", "PolicyLossOutput", "PolicyLossParams", "Registry", "Rollout",
+    "ObjectiveStats", "PPOHyperParams", "PPOStats", "PolicyLossOutput", "PolicyLossParams", "Registry", "Rollout", "RunningMoments",
     "Truncation", "TruncationParams", "ValueLossOutput",
     "aggregate", "apply_missing_stop_penalty", "clipped_value_loss", "compute_advantages", "compute_rewards",
     "contiguous_group_ids", "entropy_bonus", "first_stop_index", "gae_advantages", "grpo_advantages", "kl_loss",

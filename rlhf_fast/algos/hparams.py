@@ -80,6 +80,10 @@ class PPOHyperParams:
     """"token-mean" (TRL, N-details code) or "seq-mean" (``AGGREGATIONS``)."""
     score_clip: Optional[float] = None
     """clip scores to [-c, c] before shaping (PPO-max reward clipping; DeepSpeed-Chat clips at 5)."""
+    normalize_scores: bool = False
+    """normalise scores by the running mean and std of every score seen (``algos.RunningMoments``,
+    updated with each batch first), before ``score_clip`` (PPO-max reward normalisation; off in the
+    N-details and N+ runs, which normalise the reward model once instead)."""
 
     # -- update loop --
     num_epochs: int = 4
@@ -163,6 +167,6 @@ PRESETS: dict[str, PPOHyperParams] = {
     "ppo_max": PPOHyperParams(
         gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=True,
         kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed", kl_init=0.01, clip_range=0.2,
-        value_clip_range=0.2, vf_coef=1.0, score_clip=10.0, num_epochs=1, num_minibatches=1, temperature=1.0,
+        value_clip_range=0.2, vf_coef=1.0, score_clip=10.0, normalize_scores=True, num_epochs=1, num_minibatches=1, temperature=1.0,
     ),
 }

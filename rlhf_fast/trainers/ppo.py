@@ -245,6 +245,7 @@ class PPOTrainer:
                                 max_batch_size=cfg.generation.max_batch_size,
                                 max_seq_len=self.max_prompt + cfg.generation.max_new_tokens)
         self.kl_ctl = self.hp.make_kl_controller()
+        self.score_stats = algos.RunningMoments()  # PPO-max reward normalisation (algo.normalize_scores)
         log = cfg.logging
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=log.keep_checkpoints, is_main=self.is_main)
         self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
@@ -253,6 +254,7 @@ class PPOTrainer:
             state = self.checkpointer.load(ckpt, self._engines())
             self.iteration = int(state["iteration"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.score_stats.load_state_dict(state.get("score_stats", self.score_stats.state_dict()))
             self.logger.resume_from(self.iteration)
         elif self.is_main:
             (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -353,7 +355,7 @@ class PPOTrainer:
                                                          self.ref_policy, rollout, hp, plan=plan)
         with timer("advantages"):
             exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
-                                             kl_coef=kl_coef)
+                                             kl_coef=kl_coef, score_stats=self.score_stats)
         with timer("train"):
             self.policy_engine.train()
             critic_st = ppo_core.DeepSpeedStepper(self.critic_engine) if self.critic_engine else None
@@ -418,7 +420,7 @@ class PPOTrainer:
     def _checkpoint(self) -> None:
         self.checkpointer.save(self.iteration, engine=self._engines(), save_model=self._save_policy,
                                state={"iteration": self.iteration, "kl_controller": self.kl_ctl.state_dict(),
-                                      "stage": self.stage})
+                                      "score_stats": self.score_stats.state_dict(), "stage": self.stage})
 
     def _save_policy(self, directory: Path) -> None:
         module = self.policy_engine.module

@@ -179,11 +179,19 @@ def score_logprobs(policy, critic, ref_policy, rollout: Rollout, hp: PPOHyperPar
     return lp, ref, values
 
 
-def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float) -> Rollout:
-    """Rollout with logprobs / ref_logprobs (/ values) filled -> scores clipped, rewards and KL
-    shaped, advantages and returns (unless ``hp.advantages_per_minibatch``: then per minibatch)."""
+def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
+                      score_stats: Optional[algos.RunningMoments] = None) -> Rollout:
+    """Rollout with logprobs / ref_logprobs (/ values) filled -> scores normalised (with
+    ``hp.normalize_scores``: ``score_stats`` is updated with this global batch, then applied) and
+    clipped, rewards and KL shaped, advantages and returns (unless ``hp.advantages_per_minibatch``:
+    then per minibatch)."""
     mask = rollout.response_mask
     scores = rollout.scores.float()
+    if hp.normalize_scores:
+        if score_stats is None:
+            raise ValueError("algo.normalize_scores needs the trainer's running score statistics (score_stats)")
+        score_stats.update(scores)
+        scores = score_stats.normalize(scores)
     if hp.score_clip is not None:
         scores = scores.clamp(-hp.score_clip, hp.score_clip)
     rewards, kl = algos.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef=kl_coef,
