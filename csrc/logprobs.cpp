@@ -14,6 +14,8 @@
 
 #include <omp.h>
 
+#include <type_traits>
+
 namespace rlhf_fast {
 namespace {
 
@@ -32,6 +34,11 @@ RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
       buf[j] = z;
       m = z > m ? z : m;
     }
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    // float32 at temperature 1: read the row itself twice (it stays in L2) instead of copying it.
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
+    buf = const_cast<float*>(reinterpret_cast<const float*>(x));  // only read below
   } else {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
