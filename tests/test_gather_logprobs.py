@@ -74,10 +74,15 @@ def fallback_op(x, labels, temperature, return_entropy):
     return _through_kernels(x, labels, temperature, return_entropy, ops_logprobs._fwd_torch, ops_logprobs._bwd_torch)
 
 
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
+
+
 def triton_op(x, labels, temperature, return_entropy):
     from rlhf_fast.kernels import logprobs as k
 
-    return _through_kernels(x, labels, temperature, return_entropy, k.gather_logprobs_fwd, k.gather_logprobs_bwd)
+    out = _through_kernels(x.to(TRITON_DEVICE), labels.to(TRITON_DEVICE), temperature, return_entropy,
+                           k.gather_logprobs_fwd, k.gather_logprobs_bwd)
+    return tuple(o.cpu() for o in out) if return_entropy else out.cpu()
 
 
 def _through_kernels(x, labels, temperature, return_entropy, fwd, bwd):
@@ -138,7 +143,7 @@ def test_triton_multi_block_row():
     V = 40000  # > the interpreter's 16384 block: three chunks, the last one partial
     logits, labels = make_case(1, 2, V, torch.float32, scale=5.0)
     logits[0, 0, 30000] = 40.0  # the max moves in a later chunk
-    assert k._launch_config(V, logits.device)[0] < V
+    assert k._launch_config(V, torch.device(TRITON_DEVICE))[0] < V
     check_impl(triton_op, logits, labels, 0.9, True)
 
 
@@ -298,5 +303,6 @@ def test_out_of_range_label_in_kernel_is_nan_not_a_crash():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from rlhf_fast.kernels import logprobs as k
-    lp, _, _ = k.gather_logprobs_fwd(logits, torch.tensor([[7, 1]]), 1.0, False, IGNORE)
+    lp, _, _ = k.gather_logprobs_fwd(logits.to(TRITON_DEVICE), torch.tensor([[7, 1]], device=TRITON_DEVICE), 1.0,
+                                     False, IGNORE)
     assert torch.isnan(lp[0, 0]) and torch.isfinite(lp[0, 1])
