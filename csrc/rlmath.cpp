@@ -60,16 +60,31 @@ static inline void dispatch_estimator(Estimator e, F&& f) {
   }
 }
 
-static inline float clamp_kl(float k, bool has_clamp, float c) {
-  if (!has_clamp) return k;
-  k = k < -c ? -c : k;
-  return k > c ? c : k;
+// Branch-free so the loops vectorise (an early return for "no clamp" kept gcc from it): without a
+// clamp the bounds are -inf / inf, which change nothing (NaN stays NaN either way).
+static inline float clamp_kl(float k, float lo, float hi) {
+  k = k < lo ? lo : k;
+  return k > hi ? hi : k;
+}
+
+static inline std::pair<float, float> clamp_bounds(const std::optional<double>& clamp) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (!clamp.has_value()) return {-inf, inf};
+  const float c = static_cast<float>(*clamp);
+  return {-c, c};
 }
 
 // Same dtype for a pair of float inputs: mixed pairs (e.g. float32 logprobs, bf16 ref) go to float32.
 std::pair<at::Tensor, at::Tensor> same_dtype(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == b.scalar_type()) return {a.contiguous(), b.contiguous()};
   return {a.to(at::kFloat).contiguous(), b.to(at::kFloat).contiguous()};
+}
+
+template <Estimator E, typename scalar_t>
+static void kl_chunk(const scalar_t* __restrict a, const scalar_t* __restrict b, float* __restrict o, int64_t n,
+                     float lo, float hi) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = clamp_kl(kl_value<E>(to_float(a[i]), to_float(b[i])), lo, hi);
 }
 
 at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
@@ -79,8 +94,7 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
   auto [lp, ref] = same_dtype(logprobs, ref_logprobs);
   at::Tensor out = at::empty(lp.sizes(), lp.options().dtype(at::kFloat));
   const int64_t n = lp.numel();
-  const bool has_clamp = clamp.has_value();
-  const float c = has_clamp ? static_cast<float>(*clamp) : 0.f;
+  const auto [lo, hi] = clamp_bounds(clamp);
   float* o = out.data_ptr<float>();
   dispatch_floating(lp.scalar_type(), "kl_penalty", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -88,11 +102,34 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
     const scalar_t* b = ref.data_ptr<scalar_t>();
     dispatch_estimator(est, [&](auto e) {
       constexpr Estimator E = decltype(e)::value;
-#pragma omp parallel for simd schedule(static) if (n > 32768)
-      for (int64_t i = 0; i < n; ++i) o[i] = clamp_kl(kl_value<E>(to_float(a[i]), to_float(b[i])), has_clamp, c);
+      // Chunks over threads, each a vectorised function call (a `parallel for simd` over the
+      // flat range measured 25x slower than torch's elementwise sub on this CPU).
+      constexpr int64_t kChunk = 16384;
+      const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (chunks > 2)
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t i0 = ch * kChunk, len = std::min(kChunk, n - i0);
+        kl_chunk<E>(a + i0, b + i0, o + i0, len, lo, hi);
+      }
     });
   });
   return out;
+}
+
+// One row of shape_rewards, a function of its own with restrict pointers: inlined into the
+// OpenMP row loop, gcc did not vectorise it (measured 3x slower than three torch passes).
+template <Estimator E, typename scalar_t>
+static void shape_row(const scalar_t* __restrict a, const scalar_t* __restrict b, const uint8_t* __restrict mr,
+                      float* __restrict k_p, float* __restrict r_p, int64_t T, float coef, float lo, float hi) {
+#pragma omp simd
+  for (int64_t t = 0; t < T; ++t) {
+    // A select, not a multiply: masked positions may hold inf / NaN padding (e.g. k3 of
+    // INVALID_LOGPROB pads) and must still give exactly 0.
+    float k = clamp_kl(kl_value<E>(to_float(a[t]), to_float(b[t])), lo, hi);
+    k = mr[t] ? k : 0.f;
+    k_p[t] = k;
+    r_p[t] = mr[t] ? -coef * k : 0.f;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
@@ -113,11 +150,10 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
   at::Tensor rewards = at::empty({B, T}, opts), kl = at::empty({B, T}, opts);
   float* r_p = rewards.data_ptr<float>();
   float* k_p = kl.data_ptr<float>();
-  const bool* m_p = m.data_ptr<bool>();
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
   const float* s_p = s.data_ptr<float>();
   const float coef = static_cast<float>(kl_coef);
-  const bool has_clamp = clamp.has_value();
-  const float c = has_clamp ? static_cast<float>(*clamp) : 0.f;
+  const auto [lo, hi] = clamp_bounds(clamp);
   dispatch_floating(lp.scalar_type(), "shape_rewards", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* a = lp.data_ptr<scalar_t>();
@@ -127,16 +163,8 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
 #pragma omp parallel for schedule(static) if (B * T > 32768)
       for (int64_t row = 0; row < B; ++row) {
         const int64_t off = row * T;
-        const bool* mr = m_p + off;
-#pragma omp simd
-        for (int64_t t = 0; t < T; ++t) {
-          // A select, not a multiply: masked positions may hold inf / NaN padding (e.g. k3 of
-          // INVALID_LOGPROB pads) and must still give exactly 0.
-          float k = clamp_kl(kl_value<E>(to_float(a[off + t]), to_float(b[off + t])), has_clamp, c);
-          k = mr[t] ? k : 0.f;
-          k_p[off + t] = k;
-          r_p[off + t] = mr[t] ? -coef * k : 0.f;
-        }
+        const uint8_t* mr = m_p + off;
+        shape_row<E>(a + off, b + off, mr, k_p + off, r_p + off, T, coef, lo, hi);
         int64_t last = T - 1;
         while (last >= 0 && !mr[last]) --last;
         if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
@@ -148,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
 
 // One row, scalar: the tail rows that do not fill a lane group.
 template <typename scalar_t>
-void gae_row(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
+void gae_row(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T, float g,
              float gl) {
   float next_value = 0.f;  // the value after the last valid token is 0
   float running = 0.f;     // the advantage of the next valid token
@@ -176,7 +204,7 @@ void gae_row(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, fl
 constexpr int64_t kLanes = 4;
 
 template <typename scalar_t>
-void gae_lanes(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
+void gae_lanes(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T, float g,
                float gl) {
   float next_value[kLanes] = {0.f}, running[kLanes] = {0.f};
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -207,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   at::Tensor adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
   float* a_p = adv.data_ptr<float>();
   float* q_p = ret.data_ptr<float>();
-  const bool* m_p = m.data_ptr<bool>();
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
   const float g = static_cast<float>(gamma);
   const float gl = static_cast<float>(gamma * lam);
   const int64_t groups = B / kLanes;
@@ -239,7 +267,7 @@ at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask) {
   constexpr int64_t kChunk = 2048;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> cnt(chunks), mean(chunks), m2(chunks);
-  const bool* m_p = m.data_ptr<bool>();
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
   dispatch_floating(xc.scalar_type(), "masked_moments", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* x_p = xc.data_ptr<scalar_t>();
@@ -301,7 +329,7 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
   const float add_back = shift_mean ? 0.f : mu;
   at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  const bool* m_p = m.data_ptr<bool>();
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
   const int64_t n = xc.numel();
   dispatch_floating(xc.scalar_type(), "masked_whiten_apply", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
