@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
 
 // One row, scalar: the tail rows that do not fill a lane group.
 template <typename scalar_t>
-void gae_row(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T, float g,
+void gae_row(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
              float gl) {
   float next_value = 0.f;  // the value after the last valid token is 0
   float running = 0.f;     // the advantage of the next valid token
@@ -204,7 +204,7 @@ void gae_row(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv,
 constexpr int64_t kLanes = 4;
 
 template <typename scalar_t>
-void gae_lanes(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T, float g,
+void gae_lanes(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
                float gl) {
   float next_value[kLanes] = {0.f}, running[kLanes] = {0.f};
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   at::Tensor adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
   float* a_p = adv.data_ptr<float>();
   float* q_p = ret.data_ptr<float>();
-  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
+  const bool* m_p = m.data_ptr<bool>();
   const float g = static_cast<float>(gamma);
   const float gl = static_cast<float>(gamma * lam);
   const int64_t groups = B / kLanes;
