@@ -13,14 +13,20 @@ engine-owned KV buffers (``cache.KVBufferPool``). The decode loop keeps the toke
 device; the only host syncs are the all-finished check every ``sync_every`` steps, where finished
 rows are also compacted away so they stop costing compute, and one at the end to trim R.
 
-Not done yet: DESIGN's GPU decode step on a static cache captured with CUDA graphs /
-``torch.compile(mode="reduce-overhead")``. The eager loop runs on a GPU as is; the compiled path
-needs a GPU to validate and is left for a session that has one.
+Decode paths (``decode=``): ``"eager"`` is the loop below (filled-prefix attention, finished
+rows compacted away); ``"static"`` / ``"compiled"`` run ``static.StaticDecoder``: a static cache
+and a decode step whose state lives in tensors, traced by ``torch.compile`` (CUDA graphs through
+``mode="reduce-overhead"`` on a GPU) for ``"compiled"``. ``"auto"`` (the default) takes
+``"compiled"`` on CUDA for architectures with a plain static cache and no ZeRO-3 partitioning,
+``"eager"`` otherwise. All paths sample the same tokens for the same seed (counter-based noise).
+If compiling fails on the first call, the engine logs a warning with the error, records it in
+``stats.compile_error`` and goes on with the eager loop.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,8 +34,12 @@ import torch
 
 from rlhf_fast import _checks
 from rlhf_fast.engine import cache as kv
-from rlhf_fast.engine.inference import inference_mode, unwrap, zero3_gathered
+from rlhf_fast.engine.inference import inference_mode, unwrap, zero3_gathered, zero3_params
 from rlhf_fast.engine.sampling import SamplingParams, sample_next
+from rlhf_fast.engine.static import StaticDecoder
+
+log = logging.getLogger(__name__)
+DECODE_MODES = ("auto", "eager", "static", "compiled")
 
 
 @dataclass
@@ -56,13 +66,16 @@ class GenerationOutput:
 @dataclass
 class EngineStats:
     """Counters for tests and logs: ``generate`` calls, ZeRO-3 gathers, decode forwards, rows
-    compacted away, and host syncs in the decode loops."""
+    compacted away, host syncs in the decode loops, the decode path used by the last call, and
+    the error that made a compiled decode step fall back to the eager loop (None if none)."""
 
     calls: int = 0
     gathers: int = 0
     forwards: int = 0
     compactions: int = 0
     syncs: int = 0
+    decode: str = ""
+    compile_error: Optional[str] = None
 
 
 class HybridEngine:
@@ -75,7 +88,12 @@ class HybridEngine:
     max_seq_len: prompt width P (padding included) + max_new_tokens must fit; sizes the KV buffers.
     sync_every: steps between all-finished checks (the decode loop's only host sync). Default: 1
         on CPU, where a sync costs nothing, 8 on a GPU.
-    compact_finished: drop finished rows from the batch (and the KV cache) at those checks.
+    compact_finished: drop finished rows from the batch (and the KV cache) at those checks
+        (eager path only).
+    decode: "auto" | "eager" | "static" | "compiled" (see the module docstring).
+    compile_mode: ``torch.compile`` mode for ``decode="compiled"`` (default: "reduce-overhead" on
+        CUDA, inductor's default elsewhere). A compiled step decodes ``max_batch_size`` rows
+        every call (smaller batches are padded), so it is traced once.
     """
 
     def __init__(
@@ -87,6 +105,8 @@ class HybridEngine:
         max_seq_len: int,
         sync_every: Optional[int] = None,
         compact_finished: bool = True,
+        decode: str = "auto",
+        compile_mode: Optional[str] = None,
     ):
         self.module, self.lm, self.ds_engine = unwrap(model)
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
@@ -106,6 +126,29 @@ class HybridEngine:
         self.kv_pool = kv.KVBufferPool(max_batch_size, max_seq_len)
         self.stats = EngineStats()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.lm.forward).parameters
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self._static_unsupported = StaticDecoder.supports(self.config, max_seq_len) if decode != "eager" else None
+        if decode in ("static", "compiled") and self._static_unsupported:
+            raise ValueError(f"decode={decode!r} needs a plain static KV cache, but {type(self.lm).__name__}: "
+                             f"{self._static_unsupported}; use decode='eager'")
+        if decode == "compiled" and zero3_params(self.module):
+            raise ValueError("decode='compiled' cannot trace ZeRO-3 partitioned parameters (they are gathered anew "
+                             "each call); use decode='static' or 'eager'")
+        self.decode = decode
+        self._static = StaticDecoder(self.lm, self.config, max_seq_len=max_seq_len, pad_token_id=pad_token_id,
+                                     compile=decode in ("compiled", "auto"), compile_mode=compile_mode)
+        self._static._logits_to_keep = self._logits_to_keep
+        self._compiled_ok = False  # a compiled step has run once without error
+
+    def decode_path(self, device: torch.device) -> str:
+        """The decode path a call on ``device`` takes: "eager", "static" or "compiled"."""
+        if self.decode != "auto":
+            return self.decode
+        if device.type == "cuda" and not self._static_unsupported and not zero3_params(self.module) \
+                and self.stats.compile_error is None:
+            return "compiled"
+        return "eager"
 
     # ---- public --------------------------------------------------------------------------
 
@@ -117,16 +160,15 @@ class HybridEngine:
         device = input_ids.device
         stop = params.stop_ids()
         stop_t = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(params.seed))
+        # the noise seed: drawn from torch's global CPU generator when not given (no device sync)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        seed_t = torch.tensor(seed, dtype=torch.long, device=device)
         self.stats.calls += 1
         outs = []
         with inference_mode(self.module), zero3_gathered(self.module, self.ds_engine, self._count_gather):
             for start in range(0, input_ids.shape[0], self.max_batch_size):
                 chunk = slice(start, start + self.max_batch_size)
-                outs.append(self._generate_chunk(input_ids[chunk], mask[chunk], params, stop_t, generator))
+                outs.append(self._chunk(input_ids[chunk], mask[chunk], params, stop_t, seed_t, start))
         return _concat(outs, input_ids.long(), self.pad_token_id)
 
     # ---- checks --------------------------------------------------------------------------
@@ -181,7 +223,32 @@ class HybridEngine:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1]
 
-    def _generate_chunk(self, ids, mask, params: SamplingParams, stop, generator):
+    def _chunk(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int):
+        path = self.decode_path(ids.device)
+        self.stats.decode = path
+        if path == "eager":
+            return self._generate_chunk(ids, mask, params, stop, seed, row_offset)
+        sync_every = self.sync_every or (1 if ids.device.type == "cpu" else 8)
+        compiled = path == "compiled"
+        static = self._static
+        static.compile = compiled
+        args = (ids, mask, params, stop, seed, row_offset, sync_every, self.stats)
+        if not compiled or self._compiled_ok:
+            return static.generate_chunk(*args, pad_to=self.max_batch_size if compiled else None)
+        try:
+            out = static.generate_chunk(*args, pad_to=self.max_batch_size)
+        except Exception as e:  # a model or torch version the compiler cannot handle
+            if self.decode == "compiled":
+                raise
+            self.stats.compile_error = f"{type(e).__name__}: {e}"
+            log.warning("compiling the decode step failed; using the eager decode loop from now on (%s)",
+                        self.stats.compile_error)
+            self.stats.decode = "eager"
+            return self._generate_chunk(ids, mask, params, stop, seed, row_offset)
+        self._compiled_ok = True
+        return out
+
+    def _generate_chunk(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int):
         B, P = ids.shape
         R = params.max_new_tokens
         dev, pad = ids.device, self.pad_token_id
@@ -196,10 +263,11 @@ class HybridEngine:
         next_pos = m.sum(-1, keepdim=True)  # (B, 1): position of the first generated token
         cache = kv.make_cache(self.config, self.kv_pool)
         rows = None  # active row -> original row, once rows have been compacted away
+        noise_rows = torch.arange(B, device=dev) + row_offset  # the sampling noise follows the original row
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         logits = self._forward(ids, attn[:, :P], pos, cache)
         for t in range(R):
-            tok, lp = sample_next(logits, params, step=t, stop_ids=stop, generator=generator)
+            tok, lp = sample_next(logits, params, step=t, stop_ids=stop, seed=seed, rows=noise_rows)
             if stop is not None:
                 tok = tok.masked_fill(finished, pad)
                 lp = lp.masked_fill(finished, 0.0)
@@ -221,6 +289,7 @@ class HybridEngine:
                     if self.compact_finished and n_done > 0 and n_done * (R - 1 - t) >= finished.numel():
                         keep = (~finished).nonzero().flatten()
                         rows = keep if rows is None else rows[keep]
+                        noise_rows = noise_rows[keep]
                         tok, finished = tok[keep], finished[keep]
                         attn, next_pos = attn[keep], next_pos[keep]
                         kv.select_rows(cache, keep)

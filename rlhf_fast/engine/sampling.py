@@ -7,8 +7,12 @@ reaches top_p. The returned log-prob of a token is under exactly that distributi
 "temperature-scaled, renormalised" one it was drawn from; "N Implementation Details" #10).
 
 Sampling is the exponential race ``argmax(p / q), q ~ Exp(1)`` (equivalent to Gumbel-max, as in
-gpt-fast): no ``torch.multinomial``, so no host sync and a fixed number of RNG draws per step,
-which keeps seeded runs reproducible.
+gpt-fast): no ``torch.multinomial``, so no host sync. The noise is counter-based: ``q`` is a hash
+of (seed, step, row, token id) (``counter_uniform``), not a draw from a ``torch.Generator``. So
+there is no RNG state to carry through a CUDA graph or a compiled step, the eager, static and
+compiled decode paths sample the same tokens from the same logits, a row's sample does not
+depend on which other rows are in the batch (finished rows can be compacted away), and one seed
+gives one output on any device.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,9 @@ class SamplingParams:
     min_new_tokens: EOS / stop tokens get -inf logits before this many tokens were generated.
     eos_token_id: an id or a sequence of ids that end a row (None: none).
     stop_token_ids: more ids that end a row (the stop token is kept and counted in the mask).
-    seed: seeds a ``torch.Generator`` for this call (None: the global RNG).
+    seed: the sampling noise is a hash of (seed, step, row, token id), so one seed gives one
+        output (None: a seed drawn from torch's global CPU generator, so ``torch.manual_seed``
+        still makes a run reproducible).
     """
 
     max_new_tokens: int
@@ -64,6 +69,8 @@ class SamplingParams:
         for tok in self.stop_ids():
             if tok < 0:
                 raise ValueError(f"stop / eos token ids must be >= 0, got {tok}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be an int >= 0 or None, got {self.seed!r}")
 
     def stop_ids(self) -> tuple[int, ...]:
         """EOS and stop ids together, deduplicated, in first-seen order."""
@@ -99,24 +106,70 @@ def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.
     return z
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32), without int64 overflow (products stay
+    below 2**48: signed overflow is undefined in the C++ that inductor generates)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift / multiply rounds; full avalanche) on int64 in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: torch.Tensor, step, rows: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) float32 uniforms in (0, 1), a pure function of (seed, step, row, column).
+
+    seed: 0-d int64 tensor (any value; its low 32 bits and the next 31 bits are both mixed in);
+    step: int or 0-d / (1,) int64 tensor; rows: (B,) int64 row ids (the row's index in the
+    caller's batch, so compacting rows away does not change the others' noise).
+    24-bit resolution, the same as ``torch.rand`` in float32.
+    """
+    seed = seed.to(torch.int64)
+    key = _mix32((seed & _M32) ^ _mul32(((seed >> 32) & 0x7FFFFFFF) + 0x632BE5AB, 0x9E3779B1))
+    key = _mix32((key + _mul32(torch.as_tensor(step, dtype=torch.int64, device=rows.device) & _M32, 0x85EBCA77)) & _M32)
+    row_key = _mix32((key.reshape(-1)[:1] ^ _mul32(rows.to(torch.int64) & _M32, 0xC2B2AE3D)) & _M32)  # (B,)
+    cols = torch.arange(vocab_size, dtype=torch.int64, device=rows.device)
+    x = _mix32((row_key[:, None] + _mul32(cols, 0x27D4EB2F)[None, :]) & _M32)
+    x = _mix32(x ^ row_key[:, None])
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
     *,
-    step: int,
+    step,
     stop_ids: Optional[torch.Tensor],
-    generator: Optional[torch.Generator],
+    seed: torch.Tensor,
+    rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step's token choice. ``logits``: (B, V) next-token logits; ``step``: how many
-    tokens were generated before this one (host int, no sync); ``stop_ids``: (S,) int64 or None.
+    tokens were generated before this one (a host int, or an int64 tensor inside a compiled
+    step); ``stop_ids``: (S,) int64 or None; ``seed``: 0-d int64 tensor; ``rows``: (B,) int64
+    row ids for the noise (``counter_uniform``).
     Returns ``(tokens (B,) int64, logprobs (B,) float32)``. No host synchronisation."""
     x = logits.float()
-    if stop_ids is not None and step < params.min_new_tokens:
-        x = x.index_fill(-1, stop_ids, float("-inf"))
+    if stop_ids is not None and params.min_new_tokens > 0:
+        if isinstance(step, int):
+            if step < params.min_new_tokens:
+                x = x.index_fill(-1, stop_ids, float("-inf"))
+        else:  # a tensor step: decide on the device, no sync and no recompilation per step
+            blocked = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device).index_fill(0, stop_ids, True)
+            x = x.masked_fill(blocked & (step.reshape(-1)[:1] < params.min_new_tokens), float("-inf"))
     z = filter_logits(x / params.temperature, params.top_k, params.top_p)
     if params.do_sample:
         probs = torch.softmax(z, dim=-1)
-        q = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(_TINY)
+        q = -torch.log(counter_uniform(seed, step, rows, x.shape[-1]))  # Exp(1) noise
         tokens = (probs / q).argmax(dim=-1)
     else:
         # argmax of the unscaled logits: dividing by a temperature can merge near-ties, and HF
