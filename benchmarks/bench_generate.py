@@ -5,9 +5,14 @@
     pytest benchmarks/bench_generate.py            # CI: one tiny run, outputs checked equal
 
 Implementations (same model, batch, prompts, response length; greedy, so outputs must agree):
-  engine         rlhf_fast.engine.HybridEngine (engine-owned KV buffers, lean decode loop)
-  hf_dynamic     model.generate (DynamicCache: KV concatenated every step)
-  hf_static      model.generate(cache_implementation="static") (not compiled on CPU)
+  engine           HybridEngine(decode="eager"): engine-owned KV buffers, filled-prefix attention,
+                   finished rows compacted away
+  engine_compiled  HybridEngine(decode="compiled"): static cache, the decode step compiled by
+                   torch.compile (mode="reduce-overhead": one CUDA graph per step on a GPU);
+                   compile time is excluded (warm-up calls)
+  hf_dynamic       model.generate (DynamicCache: KV concatenated every step)
+  hf_static        model.generate(cache_implementation="static"); on CUDA Hugging Face compiles
+                   its decode forward itself (reduce-overhead), on CPU it runs eagerly
 Cases: "fixed" ignores EOS (every row decodes R tokens, "N Implementation Details" #4); "eos"
 picks an EOS that rows emit at different steps (the engine drops finished rows, HF keeps them).
 
@@ -15,8 +20,9 @@ tokens/s counts generated (valid) tokens over prefill + decode wall time. Roofli
 step must read every weight once and the KV cache of every live row,
     bytes/step = weight bytes + B * 2 * layers * kv_heads * head_dim * L_avg * itemsize,
 so the best possible tokens/s is B * bandwidth / bytes_per_step (L_avg = P + R/2; prefill
-ignored); pct_roofline = measured / that. On a CPU with a batch of 16 the matmuls are partly
-compute-bound, so this is an upper bound, not a target.
+ignored); pct_roofline = measured / that. A static cache attends over all P + R positions, so it
+reads up to (P + R) / (P + R/2) times the KV bytes this counts. On a CPU with a batch of 16 the
+matmuls are partly compute-bound, so the roofline is an upper bound there, not a target.
 """
 
 from __future__ import annotations
@@ -81,25 +87,27 @@ def pick_eos(model, ids, mask, R):
     return best
 
 
-def run(size: str, device: torch.device, dtype=torch.float32, reps: int = 5, warmup: int = 0, cases=("fixed", "eos")):
+def run(size: str, device: torch.device, dtype=torch.float32, reps: int = 5, warmup: int = 0, cases=("fixed", "eos"),
+        compiled: bool = True):
     model, ids, mask, R = build(size, device, dtype)
     B, P = ids.shape
     dev = _common.device_info(device)
     ideal, wbytes, kvbytes = roofline_tokens_per_s(model, B, P, R, dev["peak_bandwidth_gbps"] or 0)
-    engine = HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R)
+    engines = {"engine": HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R, decode="eager")}
+    if compiled:
+        engines["engine_compiled"] = HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R,
+                                                  decode="compiled")
     rows = []
     for case in cases:
         eos = pick_eos(model, ids, mask, R) if case == "eos" else None
         hf_kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=R, do_sample=False, pad_token_id=PAD,
                      eos_token_id=eos)
-        impls = {
-            "engine": lambda: engine.generate(ids, mask, SamplingParams(max_new_tokens=R, do_sample=False,
-                                                                        eos_token_id=eos)).sequences,
-            "hf_dynamic": lambda: model.generate(**hf_kw),
-            "hf_static": lambda: model.generate(**hf_kw, cache_implementation="static"),
-        }
+        params = SamplingParams(max_new_tokens=R, do_sample=False, eos_token_id=eos)
+        impls = {name: (lambda e=e: e.generate(ids, mask, params).sequences) for name, e in engines.items()}
+        impls["hf_dynamic"] = lambda: model.generate(**hf_kw)
+        impls["hf_static"] = lambda: model.generate(**hf_kw, cache_implementation="static")
         with torch.no_grad():
-            seqs = {name: fn() for name, fn in impls.items()}  # also the warm-up
+            seqs = {name: fn() for name, fn in impls.items()}  # also the first warm-up (compiles)
             times = _interleaved_times(impls, device, reps=reps, warmup=warmup)
         for name in impls:
             same = seqs[name].shape == seqs["engine"].shape and bool(torch.equal(seqs[name].cpu(), seqs["engine"].cpu()))
@@ -110,7 +118,7 @@ def run(size: str, device: torch.device, dtype=torch.float32, reps: int = 5, war
                 "generate", times[name], dev, tokens=n_tokens, tokens_per_s=round(tps, 1),
                 pct_roofline=round(100 * tps / ideal, 1) if ideal else None, same_as_engine=same,
             ))
-    config = {"size": size, "model": SIZES[size][:2].__repr__(), "params_m": round(wbytes / 4 / 1e6 if dtype == torch.float32
+    config = {"size": size, "model": SIZES[size][:2].__repr__(), "warmup_calls": 1 + warmup, "params_m": round(wbytes / 4 / 1e6 if dtype == torch.float32
               else wbytes / 2 / 1e6, 2), "weight_mb": round(wbytes / 2**20, 1), "kv_mb_per_step": round(kvbytes / 2**20, 2),
               "roofline_tokens_per_s": round(ideal, 1), "reps": reps,
               "torch_threads": torch.get_num_threads()}
@@ -158,6 +166,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-save", action="store_true", help="do not write a JSON record")
+    p.add_argument("--no-compile", action="store_true", help="leave out engine_compiled (saves the compile time)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,20 +174,25 @@ def main(argv=None):
     size = "quick" if args.quick else ("gpu" if device.type == "cuda" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reps = args.reps or (3 if args.quick else 5)
-    rows, config = run(size, device, dtype, reps=reps)
+    # CUDA graphs are recorded on the second or third call of a shape: two more warm-ups there
+    rows, config = run(size, device, dtype, reps=reps, warmup=2 if device.type == "cuda" else 0,
+                       compiled=not args.no_compile)
     flat = [{**r, **r["case"]} for r in rows]
     _common.print_table(flat, ["impl", "case", "B", "P", "R", "p50_ms", "tokens_per_s", "pct_roofline", "same_as_engine"])
     print("config:", config)
     for case in {r["case"] for r in flat}:
         sel = {r["impl"]: r["tokens_per_s"] for r in flat if r["case"] == case}
-        print(f"{case}: engine vs " + ", ".join(f"{k} {sel['engine'] / v:.2f}x" for k, v in sel.items() if k != "engine"))
+        for mine in [k for k in sel if k.startswith("engine")]:
+            print(f"{case}: {mine} vs " + ", ".join(f"{k} {sel[mine] / v:.2f}x" for k, v in sel.items()
+                                                     if not k.startswith("engine")))
     if not args.no_save:
         print("record:", _common.write_record("generate", device, config, rows))
     return rows
 
 
 def test_bench_generate_quick():
-    rows = main(["--quick", "--no-save", "--reps", "1"])
+    # engine_compiled is left out here (compile time); tests/test_engine_static.py covers it
+    rows = main(["--quick", "--no-save", "--reps", "1", "--no-compile"])
     assert {r["impl"] for r in rows} == {"engine", "hf_dynamic", "hf_static"}
     assert all(r["same_as_engine"] and r["tokens_per_s"] > 0 for r in rows)
 
