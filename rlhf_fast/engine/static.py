@@ -21,6 +21,13 @@ Differences from the eager loop in ``hybrid.py``: the static cache attends over 
 their place in the batch (their tokens are replaced by padding) instead of being compacted away.
 Both produce the same tokens and log-probs: the noise depends on (seed, step, row) only.
 
+What retraces: a new batch size (``HybridEngine`` pads every call to ``max_batch_size``), another
+temperature / top-k / top-p / do_sample / min_new_tokens, or another number of stop ids. The seed,
+the prompts, their width and the response length do not.
+
+The cache width is ``max_seq_len`` rounded up to a multiple of 16, so SDPA's memory-efficient GPU
+kernel can read the (B, 1, 1, width) mask (it needs an aligned last dimension).
+
 Only models whose cache layers are all plain full-attention ``StaticLayer`` s use this path (the
 4-D mask replaces HF's per-layer masks, which a sliding-window layer would need);
 ``StaticDecoder.supports`` says whether a config qualifies.
@@ -78,7 +85,7 @@ class StaticDecoder:
     def __init__(self, lm, config, *, max_seq_len: int, pad_token_id: int, compile: bool = False,
                  compile_mode: Optional[str] = None, fullgraph: bool = False, compile_backend="inductor"):
         self.lm, self.config = lm, config
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = -(-max_seq_len // 16) * 16  # cache width
         self.pad_token_id = pad_token_id
         self.compile, self.compile_mode, self.fullgraph = compile, compile_mode, fullgraph
         self.compile_backend = compile_backend
