@@ -89,10 +89,11 @@ def test_decode_step_traces_as_one_graph(arch):
     compiled._static.fullgraph = True
     compiled._static.compile_backend = "eager"
     p = SamplingParams(max_new_tokens=N, eos_token_id=eos, **SAMPLE)
-    a = compiled.generate(ids[:7], mask[:7], p)
+    compiled.max_batch_size = 4  # chunks of 4, 4 and 2 rows (padded to 4 inside, trimmed on return)
+    a = compiled.generate(ids, mask, p)
     assert compiled.stats.decode == "compiled" and compiled.stats.compile_error is None
-    _assert_same(a, _engine(model, "eager").generate(ids[:7], mask[:7], p))
-    assert a.sequences.shape[0] == 7  # padded to max_batch_size inside, trimmed on return
+    _assert_same(a, _engine(model, "eager").generate(ids, mask, p))
+    assert a.sequences.shape[0] == ids.shape[0]
 
 
 @pytest.mark.slow
@@ -105,8 +106,16 @@ def test_inductor_compiled_step_matches_eager_and_sees_new_weights():
     p = SamplingParams(max_new_tokens=N, eos_token_id=eos, **SAMPLE)
     _assert_same(compiled.generate(ids, mask, p), eager.generate(ids, mask, p))
     graphs = counters["stats"]["unique_graphs"]
-    # a smaller batch and other prompts reuse the graph (padded to max_batch_size)
+    # other prompts of another width, another seed, another length: the same graph
+    p2 = SamplingParams(max_new_tokens=N - 5, eos_token_id=eos, **{**SAMPLE, "seed": 5})
+    _assert_same(compiled.generate(ids.flip(0)[:, 2:], mask.flip(0)[:, 2:], p2),
+                 eager.generate(ids.flip(0)[:, 2:], mask.flip(0)[:, 2:], p2))
+    assert counters["stats"]["unique_graphs"] == graphs
+    # another batch size traces once more, then reuses that graph
     _assert_same(compiled.generate(ids[3:8], mask[3:8], p), eager.generate(ids[3:8], mask[3:8], p))
+    graphs += 1
+    assert counters["stats"]["unique_graphs"] == graphs
+    _assert_same(compiled.generate(ids[2:7], mask[2:7], p), eager.generate(ids[2:7], mask[2:7], p))
     assert counters["stats"]["unique_graphs"] == graphs
     # live weights: an in-place update (what an optimizer step does) reaches the compiled step
     with torch.no_grad():

@@ -92,8 +92,9 @@ class HybridEngine:
         (eager path only).
     decode: "auto" | "eager" | "static" | "compiled" (see the module docstring).
     compile_mode: ``torch.compile`` mode for ``decode="compiled"`` (default: "reduce-overhead" on
-        CUDA, inductor's default elsewhere). A compiled step decodes ``max_batch_size`` rows
-        every call (smaller batches are padded), so it is traced once.
+        CUDA, inductor's default elsewhere). A compiled step decodes chunks of
+        ``min(max_batch_size, rows in the call)`` rows (the last chunk is padded), so a training
+        loop that always generates for the same number of prompts traces it once.
     """
 
     def __init__(
@@ -165,10 +166,11 @@ class HybridEngine:
         seed_t = torch.tensor(seed, dtype=torch.long, device=device)
         self.stats.calls += 1
         outs = []
+        rows = min(self.max_batch_size, input_ids.shape[0])  # the chunk size; compiled steps pad to it
         with inference_mode(self.module), zero3_gathered(self.module, self.ds_engine, self._count_gather):
-            for start in range(0, input_ids.shape[0], self.max_batch_size):
-                chunk = slice(start, start + self.max_batch_size)
-                outs.append(self._chunk(input_ids[chunk], mask[chunk], params, stop_t, seed_t, start))
+            for start in range(0, input_ids.shape[0], rows):
+                chunk = slice(start, start + rows)
+                outs.append(self._chunk(input_ids[chunk], mask[chunk], params, stop_t, seed_t, start, rows))
         return _concat(outs, input_ids.long(), self.pad_token_id)
 
     # ---- checks --------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class HybridEngine:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1]
 
-    def _chunk(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int):
+    def _chunk(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int, rows: int):
         path = self.decode_path(ids.device)
         self.stats.decode = path
         if path == "eager":
@@ -234,9 +236,9 @@ class HybridEngine:
         static.compile = compiled
         args = (ids, mask, params, stop, seed, row_offset, sync_every, self.stats)
         if not compiled or self._compiled_ok:
-            return static.generate_chunk(*args, pad_to=self.max_batch_size if compiled else None)
+            return static.generate_chunk(*args, pad_to=rows if compiled else None)
         try:
-            out = static.generate_chunk(*args, pad_to=self.max_batch_size)
+            out = static.generate_chunk(*args, pad_to=rows)
         except Exception as e:  # a model or torch version the compiler cannot handle
             if self.decode == "compiled":
                 raise
