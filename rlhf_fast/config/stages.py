@@ -65,8 +65,18 @@ class RMConfig:
     """After training: "policy_samples" sets gain and bias so responses sampled from the initial
     (SFT) policy score mean 0 / std 1 (N details #9); "reference_mean": bias = -mean score of the
     SFT data's reference responses (N+); "reference_std": mean 0 / std 1 on those; "none"."""
+    normalize_before: bool = False
+    """Also normalise BEFORE training ("N Implementation Details" #9; lm-human-preferences'
+    ``normalize_before``, on in its reward-model launches). Needs ``normalization``
+    "policy_samples". Before the first optimizer step, gain and bias are set so the initial
+    policy's samples score mean 0 / std 1 under the untrained RM, and the Bradley-Terry loss (its
+    ``margin`` included) and the train / eval reward metrics then use the normalised scores
+    ``gain * raw + bias``. Gain and bias are fixed buffers, never trained: the bias cancels in
+    r_chosen - r_rejected, the gain scales the logits and hence the gradients. The normalisation
+    after training still runs, again from the raw scores. Done only by a run that starts at step
+    0: a resumed run gets gain and bias back from its checkpoint. False: the loss sees raw scores."""
     normalization_samples: int = 512
-    """Prompts (or reference responses) used to set the normalisation."""
+    """Prompts (or reference responses) used to set the normalisation (before and after training)."""
     sample_temperature: float = 1.0
     """Sampling temperature of the policy samples used for "policy_samples" (N: 1.0, top_k 0, top_p 1)."""
     sample_max_new_tokens: int = 24
@@ -247,6 +257,12 @@ def _cross_checks(cfg, path: str) -> None:
         raise ValueError(f"{path}.min_new_tokens ({cfg.min_new_tokens}) exceeds {path}.max_new_tokens ({cfg.max_new_tokens})")
     if isinstance(cfg, RewardConfig) and cfg.model_path is not None and cfg.function is not None:
         raise ValueError(f"{path}: give reward.model_path or reward.function, not both")
+    if isinstance(cfg, RMConfig) and cfg.normalize_before and cfg.normalization != "policy_samples":
+        raise ValueError(
+            f"{path}.normalize_before needs {path}.normalization 'policy_samples' (got {cfg.normalization!r}): the "
+            f"before-training normalisation scores samples of the initial policy (N details #9); set "
+            f"{path}.normalize_before false or {path}.normalization policy_samples"
+        )
     if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(
             f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"
@@ -268,9 +284,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "n_details": {
         # "The N Implementation Details of RLHF with PPO": RM 1 epoch, lr annealed linearly to 0
-        # (#5), TF-style Adam epsilon, normalisation on samples of the initial policy (#9).
+        # (#5), TF-style Adam epsilon, normalisation on samples of the initial policy before and
+        # after training (#9: the loss trains on the before-normalised scores).
         "rm.epochs": 1.0, "rm.scheduler.decay": "linear", "rm.scheduler.min_lr_ratio": 0.0,
-        "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.sample_temperature": 1.0,
+        "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.normalize_before": True,
+        "rm.sample_temperature": 1.0,
         "sft.optim.tf_adam_eps": True,
     },
     "n_plus": {
@@ -294,9 +312,11 @@ PRESETS.update({
     # "The N Implementation Details of RLHF with PPO" (lm-human-preferences): fixed-length
     # responses with EOS ignored (#4), truncation at the first '.' at or after token 16 and a
     # -1 score without one (#14), temperature 0.7 in sampling and log-probs (#10), a zero-init
-    # value head on the policy (#11), adaptive KL (#20), TF-style Adam eps.
+    # value head on the policy (#11), adaptive KL (#20), TF-style Adam eps; the reward model
+    # normalised on samples of the initial policy before and after its training (#9).
     "lm_human_preferences": _ppo_preset(
         "lm_human_preferences", **{
+            "rm.normalization": "policy_samples", "rm.normalize_before": True,
             "ppo.generation.stop_at_eos": False, "ppo.generation.stop_tokens": ["."],
             "ppo.generation.stop_during_generation": False, "ppo.generation.truncate_min_length": 16,
             "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,

@@ -239,7 +239,9 @@ class StageTrainer:
     ``self.eval_items``: lists of dataset items), ``collate``, ``units`` (how many loss units,
     tokens or pairs, a list of items holds), ``micro_step`` (summed loss and summed statistics of
     one micro-batch), ``metrics`` (from summed statistics), ``write_model`` and optionally
-    ``finish`` (work after training, e.g. reward normalisation; returns extra final metrics).
+    ``begin`` (work before the first optimizer step of a run that starts at step 0, e.g. the
+    reward normalisation before training; returns metrics logged at step 0) and ``finish`` (work
+    after training, e.g. reward normalisation; returns extra final metrics).
     """
 
     stage = "stage"
@@ -275,6 +277,11 @@ class StageTrainer:
 
     def write_model(self, module, directory: Path) -> None:
         raise NotImplementedError
+
+    def begin(self) -> dict:
+        """Runs once, before the first optimizer step, and only when the run starts at step 0: a
+        resumed run skips it, so what it sets must live in the checkpoint (module buffers do)."""
+        return {}
 
     def finish(self) -> dict:
         return {}
@@ -382,6 +389,13 @@ class StageTrainer:
         bar = make_progress(self.total_steps, self.step, enabled=self.is_main and log.progress_bar
                             and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
         last: dict = {}
+        if self.step == 0:
+            # Forked RNG: work before training leaves the training RNG stream as it was.
+            with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+                row = self.begin()
+            if row:
+                self.logger.log(0, row)
+                last = row
         t0, units0 = time.perf_counter(), 0.0
         for global_batch in self._global_batches():
             if self.step >= stop_at:

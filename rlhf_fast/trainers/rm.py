@@ -1,6 +1,8 @@
 """Reward-model training: Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected - margin)`` on
 the score at the last valid token (the EOS; N details #7, N+), accuracy, then the normalisation of
-``RewardModel`` (N details #9 on policy samples, or N+'s reference mean).
+``RewardModel`` (N details #9 on policy samples, or N+'s reference mean). With
+``normalize_before`` the policy-sample normalisation is also set before training and the loss
+reads the normalised scores (N details #9, as lm-human-preferences' ``normalize_before``).
 
 Each forward scores 2B sequences (chosen rows first, rejected rows after: ``PreferenceCollator``).
 The loss is the mean over the pairs of the global batch.
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.config import DataConfig, RMConfig
+from rlhf_fast.config import DataConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
 from rlhf_fast.trainers import _build
@@ -34,7 +36,7 @@ def _field(record, name: str) -> str:
 class RMTrainer(StageTrainer):
     """``RMTrainer(cfg.rm, "out/rm").fit()`` writes ``out/rm/model`` (a ``RewardModel`` with its
     normalisation, and the tokenizer) and returns the last logged metrics (``eval/accuracy``,
-    ``eval/loss``, ``norm/*``...).
+    ``eval/loss``, ``norm/*``...); with ``normalize_before``, ``norm_before/*`` is logged at step 0.
 
     The backbone comes from ``cfg.sft_model`` (N+: the RM starts from the SFT model), else
     ``cfg.model.path``, else a fresh ``cfg.model`` config. ``reference_data``: where the reference
@@ -46,7 +48,9 @@ class RMTrainer(StageTrainer):
 
     def __init__(self, cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
                  dist_info: Optional[DistInfo] = None):
+        validate(cfg, "rm")  # a config built in code skips load_config's checks (normalize_before needs policy_samples)
         super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+        self._samples: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # policy samples, drawn once per process
         self.reference_data = reference_data or DataConfig()
         self.init_path = cfg.sft_model or cfg.model.path
         if cfg.normalization == "policy_samples" and self.init_path is None:
@@ -93,7 +97,10 @@ class RMTrainer(StageTrainer):
     def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         out = self.engine(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         n = batch["num_pairs"]
-        chosen, rejected = out.raw_scores[:n], out.raw_scores[n:]
+        # N details #9 (normalize_before): the loss reads gain * raw + bias with the fixed gain and
+        # bias set before training; the gain scales the logits (and gradients), the bias cancels.
+        scores = out.scores if self.cfg.normalize_before else out.raw_scores
+        chosen, rejected = scores[:n], scores[n:]
         losses = bradley_terry_loss(chosen, rejected, self.cfg.margin)
         loss_sum = losses.sum()
         c, r = chosen.detach().float(), rejected.detach().float()
@@ -118,21 +125,47 @@ class RMTrainer(StageTrainer):
 
     # ---- normalisation ------------------------------------------------------------------------------
 
+    def begin(self) -> dict:
+        """N details #9 before training (``normalize_before``): gain and bias such that the
+        untrained RM scores the initial policy's samples mean 0 / std 1. Only a run starting at
+        step 0 gets here; gain and bias are module buffers, so a resumed run restores them from
+        its checkpoint's engine state instead of recomputing them."""
+        if not self.cfg.normalize_before:
+            return {}
+        stats = self._set_normalization("policy_samples")
+        self.engine.module.normalization["when"] = "before_training"
+        return {f"norm_before/{k}": v for k, v in stats.items()}
+
     def finish(self) -> dict:
-        """Sets the reward normalisation (every rank computes the same scores; no collectives
-        beyond ZeRO-3's own)."""
+        """Sets the reward normalisation after training, from the raw scores (whatever gain and
+        bias the loss used)."""
         mode = self.cfg.normalization
         if mode == "none":
             return {}
-        ids, mask = self._policy_samples() if mode == "policy_samples" else self._reference_sequences()
+        rm: RewardModel = self.engine.module
+        before = {"gain": float(rm.gain), "bias": float(rm.bias)} if self.cfg.normalize_before else None
+        stats = self._set_normalization(mode)
+        if before is not None:  # provenance in the saved model: the mapping the loss trained with
+            rm.normalization["before_training"] = before
+        return {f"norm/{k}": v for k, v in stats.items()}
+
+    def _set_normalization(self, mode: str) -> dict:
+        """Scores the sequences of ``mode`` and sets gain and bias from their raw scores (every
+        rank computes the same scores; no collectives beyond ZeRO-3's own)."""
+        if mode == "policy_samples":
+            if self._samples is None:  # same seed, prompts and policy: before and after score the same samples
+                self._samples = self._policy_samples()
+            ids, mask = self._samples
+        else:
+            ids, mask = self._reference_sequences()
         raw = self._raw_scores(ids, mask)
         rm: RewardModel = self.engine.module
         if mode == "reference_mean":
             rm.set_reference_normalization(raw)
         else:
             rm.set_normalization(raw)
-        return {"norm/raw_mean": float(raw.mean()), "norm/raw_std": float(raw.std(unbiased=False)),
-                "norm/gain": float(rm.gain), "norm/bias": float(rm.bias), "norm/samples": int(raw.numel())}
+        return {"raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False)),
+                "gain": float(rm.gain), "bias": float(rm.bias), "samples": int(raw.numel())}
 
     @torch.no_grad()
     def _raw_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
