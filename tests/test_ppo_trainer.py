@@ -112,3 +112,16 @@ def test_running_score_normalisation_resumes_exactly(tmp_path):
     rows = [r for r in read_metrics(full) if "objective/scores" in r]
     assert abs(rows[0]["objective/scores"]) < 1e-5  # the first batch normalises to mean 0
     assert _comparable(read_metrics(part)) == _comparable(read_metrics(full))
+
+
+def test_static_decode_path_repeats_the_eager_run(run, tmp_path):
+    """``generation.decode`` reaches the engine; the static path samples the same tokens for the same
+    seed (counter-based noise), so a whole run repeats the eager run's metrics."""
+    out, _ = run
+    PPOTrainer(_cfg("--ppo.generation.decode", "static"), tmp_path).fit()
+    eager, static = read_metrics(out), read_metrics(tmp_path)
+    assert len(eager) == len(static)
+    for a, b in zip(_comparable(eager), _comparable(static)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k

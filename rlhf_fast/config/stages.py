@@ -131,6 +131,11 @@ class GenerationConfig:
     """The replacement score, or the amount subtracted."""
     max_batch_size: int = 256
     """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
+    decode: Literal["auto", "eager", "static", "compiled"] = "auto"
+    """The engine's decode path: "compiled" (static cache, torch.compile'd step, CUDA graphs on
+    a GPU), "eager" (filled-prefix attention, finished rows compacted away), "static" (the
+    compiled path's step, not compiled), or "auto": compiled on CUDA unless ZeRO-3 partitions
+    the policy or the architecture has no plain static cache, eager otherwise."""
 
 
 @dataclass

@@ -243,7 +243,8 @@ class PPOTrainer:
         self.max_prompt = cfg.data.max_prompt_length or max_prompt
         self.gen = HybridEngine(self.policy_engine, pad_token_id=self.tokenizer.pad_token_id,
                                 max_batch_size=cfg.generation.max_batch_size,
-                                max_seq_len=self.max_prompt + cfg.generation.max_new_tokens)
+                                max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
+                                decode=cfg.generation.decode)
         self.kl_ctl = self.hp.make_kl_controller()
         self.score_stats = algos.RunningMoments()  # PPO-max reward normalisation (algo.normalize_scores)
         log = cfg.logging
