@@ -216,9 +216,15 @@ def _interpreting() -> bool:
 
 
 def _launch_config(N: int, V: int, H: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes, warps and the dot flags in one place. On a GPU: 128 x 128 logits tiles (the
-    shape attention kernels use for a 64-wide K step), 8 warps. Under the interpreter: the smallest
-    legal tiles (tl.dot needs >= 16) sized to the problem, so the numpy emulation stays quick."""
+    """Tile sizes, warps and the dot flags in one place. On a GPU, bf16 / fp16: 128 x 128 logits
+    tiles (the shape attention kernels use for a 64-wide K step), 8 warps, 3 stages. float32 (an
+    "ieee" dot: CUDA-core FMAs, no tensor cores): 64 x 64 x 16, 2 stages; the 128 x 128 x 64 tiles
+    spilled up to ~11 KB (forward) and ~42 KB (backward) per thread and the backward's 208 KiB
+    of pipelined shared memory does not fit an sm_80 block (163 KB); at 64 x 64 x 16 ptxas
+    reports at most 128 / 198 registers and no spills (benchmarks/triton_aot.py). The bf16
+    backward spills ~300 bytes per thread on sm_80 (none on sm_90); BLOCK_H = 32 would not, a
+    change left until it can be timed on an A100. Under the interpreter: the smallest legal tiles
+    (tl.dot needs >= 16) sized to the problem, so the numpy emulation stays quick."""
     interp = _interpreting() or device.type != "cuda"
     if interp:
         cfg = dict(
@@ -227,6 +233,8 @@ def _launch_config(N: int, V: int, H: int, dtype: torch.dtype, device: torch.dev
             BLOCK_H=min(32, max(16, triton.next_power_of_2(H))),
             num_warps=4,
         )
+    elif dtype == torch.float32:
+        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2)
     else:
         cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
     cfg["DOT_FP32"] = interp or dtype == torch.float32
