@@ -169,15 +169,20 @@ def result_row(impl: str, case: dict, pass_: str, timing: dict, dev: dict, *, by
     return row
 
 
+def make_record(benchmark: str, device: torch.device, config: dict, results: list[dict]) -> dict:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return {"benchmark": benchmark, "date": now.isoformat(timespec="seconds"), "device": device_info(device),
+            "versions": versions(), "config": config, "results": results}
+
+
 def write_record(benchmark: str, device: torch.device, config: dict, results: list[dict],
                  out_dir: Path = RESULTS_DIR) -> Path:
-    dev = device_info(device)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    record = {"benchmark": benchmark, "date": now.isoformat(timespec="seconds"), "device": dev,
-              "versions": versions(), "config": config, "results": results}
+    record = make_record(benchmark, device, config, results)
+    dev = record["device"]
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "-" for c in dev["name"].split("(")[0].strip())[:40].strip("-")
-    path = out_dir / f"{benchmark}_{dev['kind']}_{tag}_{now.strftime('%Y%m%dT%H%M%S')}.json"
+    stamp = _dt.datetime.fromisoformat(record["date"]).strftime("%Y%m%dT%H%M%S")
+    path = out_dir / f"{benchmark}_{dev['kind']}_{tag}_{stamp}.json"
     path.write_text(json.dumps(record, indent=1))
     return path
 

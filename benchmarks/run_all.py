@@ -23,8 +23,9 @@ sys.path.insert(0, str(HERE))
 
 from _common import RESULTS_DIR  # noqa: E402
 
-COLUMNS = ["impl", "case", "pass", "p50_ms", "gbps", "pct_peak_bandwidth", "tflops", "pct_peak_tflops",
-           "tokens_per_s", "peak_extra_mb"]
+COLUMNS = ["impl", "kernel", "case", "arch", "pass", "p50_ms", "gbps", "pct_peak_bandwidth", "tflops",
+           "pct_peak_tflops", "tokens_per_s", "peak_extra_mb",
+           "status", "n_regs", "n_spills", "shared_bytes", "compile_s"]  # kernel, arch, the last five: triton_aot.py
 
 
 def bench_names() -> list[str]:
