@@ -24,7 +24,7 @@ case "$stage" in
       2>&1 | tee "$OUT/device.txt"
     timeout 540 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py tests/test_gather_logprobs.py \
       tests/test_linear_logprobs.py tests/test_rlmath_triton.py tests/test_rlmath_ops.py tests/test_engine.py \
-      tests/test_engine_static.py -m "not slow" 2>&1 | tee "$OUT/gpu_tests.log"
+      tests/test_engine_static.py tests/test_triton_aot.py -m "not slow" 2>&1 | tee "$OUT/gpu_tests.log"
     ;;
   kernels)
     timeout 560 python3 benchmarks/run_all.py --only logprob linear_logprob rlmath 2>&1 | tee "$OUT/bench_kernels.log"
