@@ -18,7 +18,7 @@ rows compacted away); ``"static"`` / ``"compiled"`` run ``static.StaticDecoder``
 and a decode step whose state lives in tensors, traced by ``torch.compile`` (CUDA graphs through
 ``mode="reduce-overhead"`` on a GPU) for ``"compiled"``. ``"auto"`` (the default) takes
 ``"compiled"`` on CUDA for architectures with a plain static cache and no ZeRO-3 partitioning,
-``"eager"`` otherwise. All paths sample the same tokens for the same seed (counter-based noise).
+``"eager"`` otherwise. All paths sample the same tokens for the same seed (counter-based uniforms, one per row and step).
 If compiling fails on the first call, the engine logs a warning with the error, records it in
 ``stats.compile_error`` and goes on with the eager loop.
 """
@@ -161,7 +161,7 @@ class HybridEngine:
         device = input_ids.device
         stop = params.stop_ids()
         stop_t = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
-        # the noise seed: drawn from torch's global CPU generator when not given (no device sync)
+        # the sampling seed: drawn from torch's global CPU generator when not given (no device sync)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         seed_t = torch.tensor(seed, dtype=torch.long, device=device)
         self.stats.calls += 1
@@ -265,7 +265,7 @@ class HybridEngine:
         next_pos = m.sum(-1, keepdim=True)  # (B, 1): position of the first generated token
         cache = kv.make_cache(self.config, self.kv_pool)
         rows = None  # active row -> original row, once rows have been compacted away
-        noise_rows = torch.arange(B, device=dev) + row_offset  # the sampling noise follows the original row
+        noise_rows = torch.arange(B, device=dev) + row_offset  # a row's uniform draws follow its original index
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         logits = self._forward(ids, attn[:, :P], pos, cache)
         for t in range(R):

@@ -6,7 +6,7 @@ ids, key mask, cache position, step, finished flags, and the (B, max_seq_len) to
 valid buffers the step writes into). One decode step is then a function of those tensors alone:
 
     key mask += this position -> model forward (one token, 4-D additive mask over the whole
-    static cache) -> ``sample_next`` (counter-based noise, no RNG state) -> write token, log-prob
+    static cache) -> ``sample_next`` (counter-based uniforms, no RNG state) -> write token, log-prob
     and valid flag at ``step`` -> update finished / position / step, all in place.
 
 No Python value changes from one step to the next, so ``torch.compile`` traces it once per batch
@@ -19,7 +19,7 @@ runs eagerly into the same cache.
 Differences from the eager loop in ``hybrid.py``: the static cache attends over all
 ``max_seq_len`` positions (masked) every step instead of the filled prefix, and finished rows keep
 their place in the batch (their tokens are replaced by padding) instead of being compacted away.
-Both produce the same tokens and log-probs: the noise depends on (seed, step, row) only.
+Both produce the same tokens and log-probs: the uniform draws depend on (seed, step, row) only.
 
 What retraces: a new batch size (``HybridEngine`` pads every call to ``max_batch_size``), another
 temperature / top-k / top-p / do_sample / min_new_tokens, or another number of stop ids. The seed,
@@ -60,7 +60,7 @@ class _State:
     step: torch.Tensor  # (1,) int64: tokens generated so far
     finished: torch.Tensor  # (B,) bool
     seed: torch.Tensor  # () int64
-    rows: torch.Tensor  # (B,) int64: row ids for the sampling noise
+    rows: torch.Tensor  # (B,) int64: row ids for the sampling draws
     stop: torch.Tensor  # (n_stop,) int64, or (0,) when no stop token
     tokens: torch.Tensor  # (B, S) int64
     logps: torch.Tensor  # (B, S) float32
