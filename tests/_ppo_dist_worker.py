@@ -2,7 +2,7 @@
 (or a single process): greedy rollouts (deterministic per row, whatever the split over ranks),
 the task's gold reward, ZeRO stage from argv. Writes DIR/model and DIR/metrics.jsonl.
 
-    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE
+    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE [USE_LINEAR_LOGPROBS]
 """
 
 import sys
@@ -21,5 +21,7 @@ OVERRIDES = [
 
 if __name__ == "__main__":
     out, stage = sys.argv[1], sys.argv[2]
-    cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage]).ppo
+    linear = sys.argv[3] if len(sys.argv) > 3 else "false"
+    cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage,
+                                   "--ppo.use_linear_logprobs", linear]).ppo
     PPOTrainer(cfg, out).fit()

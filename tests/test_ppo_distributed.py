@@ -26,7 +26,7 @@ WORKER = Path(__file__).with_name("_ppo_dist_worker.py")
 LR, STEPS = 1e-3, 2 * 2 * 2  # iterations x epochs x minibatches
 
 
-def _launch(out: Path, nproc: int, stage: int) -> None:
+def _launch(out: Path, nproc: int, stage: int, linear: bool = False) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,7 +34,7 @@ def _launch(out: Path, nproc: int, stage: int) -> None:
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RLHF_FAST_NO_TQDM="1")
     proc = subprocess.run([*cmd, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER), str(out),
-                           str(stage)], capture_output=True, text=True, timeout=600, env=env)
+                           str(stage), str(linear).lower()], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and (out / "model" / "config.json").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -51,9 +51,12 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_one(single, tmp_path, stage):
-    _launch(tmp_path, 2, stage)
+@pytest.mark.parametrize("stage,linear", [(2, False), (3, False), (3, True)])
+def test_two_ranks_match_one(single, tmp_path, stage, linear):
+    """(3, True): ZeRO-3 with ``use_linear_logprobs``: the fused op reads ``lm_head.weight``
+    outside lm_head's forward, so it runs as ``Policy.fused_head``, with the weight registered
+    as that module's external parameter (before this, the weight was an empty shard)."""
+    _launch(tmp_path, 2, stage, linear)
     one, two = _train_rows(single), _train_rows(tmp_path)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):

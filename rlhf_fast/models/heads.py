@@ -122,6 +122,40 @@ def logprobs_from_hidden(
     )
 
 
+class FusedHeadLogprobs(nn.Module):
+    """``logprobs_from_hidden`` through the LM head of ``model``, run as a module forward.
+
+    Under DeepSpeed ZeRO-3 a parameter is gathered only around the forward (and backward) of a
+    module that owns it or has it registered as an external parameter. ``ops.linear_logprobs``
+    reads ``lm_head.weight`` without calling ``lm_head``, so the weight would be an empty shard;
+    run through this module, with the weight registered as its external parameter
+    (``register_zero3_weight``), ZeRO-3 gathers it for the fused op's forward and backward.
+    ``model`` is held without registering it as a submodule (no second copy in ``state_dict``),
+    and the head is looked up at each call (``resize_token_embeddings`` may replace it).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+
+    def head(self) -> nn.Module:
+        return self._model.get_output_embeddings()
+
+    def register_zero3_weight(self) -> None:
+        """Registers the head's weight as this module's external parameter when ZeRO-3 partitions
+        it (idempotent; a no-op otherwise)."""
+        weight = self.head().weight
+        if hasattr(weight, "ds_id") and hasattr(self, "ds_external_parameters"):
+            if all(p is not weight for _, p in self.ds_external_parameters()):
+                import deepspeed
+
+                deepspeed.zero.register_external_parameter(self, weight)
+
+    def forward(self, hidden, labels, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100):
+        return logprobs_from_hidden(hidden, self.head(), labels, temperature=temperature, return_entropy=return_entropy,
+                                    ignore_index=ignore_index, use_linear_logprobs=True)
+
+
 def shifted_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token labels ``input_ids[:, 1:]`` with padded targets set to ``ignore_index``.
     Shape (B, T - 1): entry t is the token at t + 1, predicted from the hidden state at t."""

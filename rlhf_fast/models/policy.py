@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from rlhf_fast import _checks
 from rlhf_fast.models import _io
 from rlhf_fast.models.heads import (
+    FusedHeadLogprobs,
     ScalarHead,
     init_value_head,
     logprobs_from_hidden,
@@ -110,6 +111,8 @@ class Policy(nn.Module):
         self.model = model
         self.value_head = init_value_head(ScalarHead(hidden_size_of(model.config))) if value_head else None
         self.use_linear_logprobs = use_linear_logprobs
+        # the fused path as a module call, so ZeRO-3 gathers lm_head.weight around it (no parameters of its own)
+        self.fused_head = FusedHeadLogprobs(model)
 
     # ---- construction / persistence -----------------------------------------------------
 
@@ -192,10 +195,12 @@ class Policy(nn.Module):
         hidden = response_slice(out.hidden, response_start)
         start = 1 if response_start is None else int(response_start)
         labels = shifted_labels(input_ids, attention_mask)[:, start - 1 :]
-        res = logprobs_from_hidden(
-            hidden, self.lm_head, labels, temperature=temperature, return_entropy=return_entropy,
-            use_linear_logprobs=self.use_linear_logprobs,
-        )
+        if self.use_linear_logprobs:
+            self.fused_head.register_zero3_weight()
+            res = self.fused_head(hidden, labels, temperature=temperature, return_entropy=return_entropy)
+        else:
+            res = logprobs_from_hidden(hidden, self.lm_head, labels, temperature=temperature,
+                                       return_entropy=return_entropy)
         logprobs, entropy = res if return_entropy else (res, None)
         values = response_slice(out.values, response_start) if out.values is not None else None
         return PolicyLogProbs(logprobs=logprobs, entropy=entropy, values=values, hidden=hidden)
