@@ -24,4 +24,13 @@ if __name__ == "__main__":
     linear = sys.argv[3] if len(sys.argv) > 3 else "false"
     cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage,
                                    "--ppo.use_linear_logprobs", linear]).ppo
-    PPOTrainer(cfg, out).fit()
+    trainer = PPOTrainer(cfg, out)
+    trainer.fit()
+    # how much of the frozen reference this rank holds (ZeRO-3 inference partitions it)
+    import json
+    import os
+
+    held = sum(p.numel() for p in trainer.ref_policy.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.ref_policy.parameters())
+    with open(os.path.join(out, f"ref_params_rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump({"held": held, "full": full}, f)

@@ -10,6 +10,8 @@ Adam's lr * sign(noise) step can flip), allowed up to 2 * lr * steps on at most 
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import socket
@@ -57,6 +59,11 @@ def test_two_ranks_match_one(single, tmp_path, stage, linear):
     outside lm_head's forward, so it runs as ``Policy.fused_head``, with the weight registered
     as that module's external parameter (before this, the weight was an empty shard)."""
     _launch(tmp_path, 2, stage, linear)
+    held = [json.loads((tmp_path / f"ref_params_rank{r}.json").read_text()) for r in (0, 1)]
+    if stage == 3:  # ZeRO-3 inference for the frozen reference (ppo.frozen_zero3 defaults on at stage 3)
+        assert all(h["held"] < h["full"] for h in held), held
+    else:
+        assert all(h["held"] == h["full"] for h in held), held
     one, two = _train_rows(single), _train_rows(tmp_path)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):

@@ -100,6 +100,10 @@ def test_bad_config_values():
         C.load_config(overrides=["--ppo.critic", "both"])
     with pytest.raises(ValueError, match=r"advantage estimator"):
         C.load_config(overrides=["--ppo.algo.advantage_estimator", "vtrace"])
+    with pytest.raises(ValueError, match=r"frozen_zero3 and ppo.ref_on_cpu exclude each other"):
+        C.load_config(overrides=["--ppo.frozen_zero3", "true", "--ppo.ref_on_cpu", "true"])
+    with pytest.raises(ValueError, match=r"ppo.generation.decode"):
+        C.load_config(overrides=["--ppo.generation.decode", "graphs"])
 
 
 def test_running_score_normalisation_resumes_exactly(tmp_path):

@@ -178,6 +178,10 @@ class PPOConfig:
     zero-initialised value head on the policy backbone ("N details" #11)."""
     ref_on_cpu: bool = False
     """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B)."""
+    frozen_zero3: Optional[bool] = None
+    """Shard the frozen reference policy and reward model with DeepSpeed ZeRO-3 inference, so each
+    rank holds 1/world of their weights (DeepSpeed-Chat and OpenRLHF do this when the actor is
+    ZeRO-3). None: on when ``deepspeed.zero_stage`` is 3 and ``ref_on_cpu`` is off."""
     use_linear_logprobs: bool = False
     """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
     iterations: int = 40
@@ -268,6 +272,9 @@ def _cross_checks(cfg, path: str) -> None:
             f"before-training normalisation scores samples of the initial policy (N details #9); set "
             f"{path}.normalize_before false or {path}.normalization policy_samples"
         )
+    if isinstance(cfg, PPOConfig) and cfg.frozen_zero3 and cfg.ref_on_cpu:
+        raise ValueError(f"{path}.frozen_zero3 and {path}.ref_on_cpu exclude each other: shard the frozen "
+                         "reference over the ranks or keep it whole on the CPU")
     if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(
             f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"

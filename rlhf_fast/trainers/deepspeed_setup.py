@@ -211,6 +211,30 @@ def build_engine(model: torch.nn.Module, *, optim: OptimConfig, sched: Scheduler
     return engine
 
 
+def build_zero3_inference(model: torch.nn.Module, *, ds: DeepSpeedConfig, micro_batch_size: int):
+    """``deepspeed.initialize`` of a frozen model with ZeRO-3 and no optimizer: its parameters are
+    partitioned over the ranks and gathered module by module during each forward (ZeRO-3
+    inference). Every rank must then run the same forwards (the gathers are collectives). Returns
+    the engine; call ``engine.module`` (its hooks do the gathering)."""
+    import deepspeed
+
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"} if ds.offload_params else None},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if cfg["zero_optimization"]["offload_param"] is None:
+        del cfg["zero_optimization"]["offload_param"]
+    if ds.dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif ds.dtype == "fp16":
+        cfg["fp16"] = {"enabled": True}
+    model.requires_grad_(False).eval()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+    return engine
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

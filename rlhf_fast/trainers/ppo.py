@@ -239,6 +239,16 @@ class PPOTrainer:
         ds.grad_clip = self.hp.max_grad_norm or 0.0
         self.policy_engine = dss.build_engine(policy, optim=cfg.optim, ds=ds, **build)
         self.critic_engine = dss.build_engine(critic, optim=cfg.critic_optim, ds=ds, **build) if critic else None
+        # ZeRO-3 inference for the frozen models: partitioned in place (the objects stay the same;
+        # their hooks gather each module's weights for its forward). Every rank runs the same
+        # forwards: the same micro-batch counts as the policy, which is ZeRO-3 too.
+        frozen_zero3 = cfg.frozen_zero3 if cfg.frozen_zero3 is not None else (ds.zero_stage == 3 and not cfg.ref_on_cpu)
+        self.frozen_engines = []
+        if frozen_zero3:
+            mb = self.plan.micro_batch_size
+            self.frozen_engines.append(dss.build_zero3_inference(self.ref_policy, ds=ds, micro_batch_size=mb))
+            if self.reward_model is not None:
+                self.frozen_engines.append(dss.build_zero3_inference(self.reward_model, ds=ds, micro_batch_size=mb))
         max_prompt = max(int(x.numel()) for x in self.prompts.input_ids + self.eval_prompts.input_ids)
         self.max_prompt = cfg.data.max_prompt_length or max_prompt
         self.gen = HybridEngine(self.policy_engine, pad_token_id=self.tokenizer.pad_token_id,
