@@ -10,6 +10,8 @@ Implementations (same model, batch, prompts, response length; greedy, so outputs
   engine_compiled  HybridEngine(decode="compiled"): static cache, the decode step compiled by
                    torch.compile (mode="reduce-overhead": one CUDA graph per step on a GPU);
                    compile time is excluded (warm-up calls)
+  engine_compiled_kv  the same with kv_bucket=64 (16 on CPU): each step attends over the filled
+                   length rounded up to the bucket instead of the whole static cache
   hf_dynamic       model.generate (DynamicCache: KV concatenated every step)
   hf_static        model.generate(cache_implementation="static"); on CUDA Hugging Face compiles
                    its decode forward itself (reduce-overhead), on CPU it runs eagerly
@@ -98,6 +100,8 @@ def run(size: str, device: torch.device, dtype=torch.float32, reps: int = 5, war
     if compiled:
         engines["engine_compiled"] = HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R,
                                                   decode="compiled")
+        engines["engine_compiled_kv"] = HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R,
+                                                     decode="compiled", kv_bucket=64 if device.type == "cuda" else 16)
     rows = []
     for case in cases:
         eos = pick_eos(model, ids, mask, R) if case == "eos" else None

@@ -39,17 +39,22 @@ def _engine(model, decode, **kw):
     return HybridEngine(model, pad_token_id=PAD, max_batch_size=16, max_seq_len=48, decode=decode, **kw)
 
 
+# max_seq_len 48, prompts 9 wide: with kv_bucket 16 the steps attend over 16, 32, then all 48 positions
+WINDOWS = [None, 16]
+
+
 def _assert_same(a, b, lp_tol=1e-4):
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.response_mask, b.response_mask)
     assert (a.logprobs - b.logprobs).abs().max().item() <= lp_tol
 
 
+@pytest.mark.parametrize("kv_bucket", WINDOWS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_static_path_matches_hf_greedy_and_eager_sampling(arch):
+def test_static_path_matches_hf_greedy_and_eager_sampling(arch, kv_bucket):
     model, ids, mask, eos = _case(arch)
     expected = _hf_greedy(model, ids, mask, N, eos)
-    eager, static = _engine(model, "eager"), _engine(model, "static")
+    eager, static = _engine(model, "eager"), _engine(model, "static", kv_bucket=kv_bucket)
     greedy = SamplingParams(max_new_tokens=N, do_sample=False, eos_token_id=eos)
     out = static.generate(ids, mask, greedy)
     assert static.stats.decode == "static"
@@ -62,6 +67,8 @@ def test_static_path_matches_hf_greedy_and_eager_sampling(arch):
     assert not torch.equal(a.sequences, out.sequences)  # it did sample
     # min_new_tokens: no stop token among the first 3
     assert not (a.responses[:, :3] == eos).any()
+    if kv_bucket:
+        assert sorted(next(iter(static._static._states.values())).windows) == [16, 32]
 
 
 def test_static_path_reuses_its_buffers_and_splits_large_batches():
@@ -79,13 +86,18 @@ def test_static_path_reuses_its_buffers_and_splits_large_batches():
     assert static._static.buffer_bytes() > 0
 
 
+@pytest.mark.parametrize("kv_bucket", WINDOWS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_decode_step_traces_as_one_graph(arch):
+def test_decode_step_traces_as_one_graph(arch, kv_bucket):
     """fullgraph=True raises on any graph break; the "eager" backend runs the traced graph
-    without code generation, so this is the tracing half of the compiled path on every arch."""
+    without code generation, so this is the tracing half of the compiled path on every arch.
+    With KV windows: a static trace for the first width, one symbolic-width trace for the rest."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model, ids, mask, eos = _case(arch)
-    compiled = _engine(model, "compiled")
+    compiled = _engine(model, "compiled", kv_bucket=kv_bucket)
     compiled._static.fullgraph = True
     compiled._static.compile_backend = "eager"
     p = SamplingParams(max_new_tokens=N, eos_token_id=eos, **SAMPLE)
@@ -94,15 +106,17 @@ def test_decode_step_traces_as_one_graph(arch):
     assert compiled.stats.decode == "compiled" and compiled.stats.compile_error is None
     _assert_same(a, _engine(model, "eager").generate(ids, mask, p))
     assert a.sequences.shape[0] == ids.shape[0]
+    assert counters["stats"]["unique_graphs"] == (2 if kv_bucket else 1)
 
 
 @pytest.mark.slow
-def test_inductor_compiled_step_matches_eager_and_sees_new_weights():
+@pytest.mark.parametrize("kv_bucket", WINDOWS)
+def test_inductor_compiled_step_matches_eager_and_sees_new_weights(kv_bucket):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     model, ids, mask, eos = _case("llama")
-    compiled, eager = _engine(model, "compiled"), _engine(model, "eager")
+    compiled, eager = _engine(model, "compiled", kv_bucket=kv_bucket), _engine(model, "eager")
     p = SamplingParams(max_new_tokens=N, eos_token_id=eos, **SAMPLE)
     _assert_same(compiled.generate(ids, mask, p), eager.generate(ids, mask, p))
     graphs = counters["stats"]["unique_graphs"]
@@ -111,7 +125,8 @@ def test_inductor_compiled_step_matches_eager_and_sees_new_weights():
     _assert_same(compiled.generate(ids.flip(0)[:, 2:], mask.flip(0)[:, 2:], p2),
                  eager.generate(ids.flip(0)[:, 2:], mask.flip(0)[:, 2:], p2))
     assert counters["stats"]["unique_graphs"] == graphs
-    # another batch size traces once more, then reuses that graph
+    # another batch size traces once more (with windows the graph is already symbolic: the batch
+    # becomes symbolic too), then reuses that graph
     _assert_same(compiled.generate(ids[3:8], mask[3:8], p), eager.generate(ids[3:8], mask[3:8], p))
     graphs += 1
     assert counters["stats"]["unique_graphs"] == graphs
@@ -161,6 +176,9 @@ def test_bad_decode_configuration():
     model = _model("llama")
     with pytest.raises(ValueError, match="decode must be one of"):
         _engine(model, "graphs")
+    for bad in (0, 24, True, 16.0):
+        with pytest.raises(ValueError, match="kv_bucket must be None or a positive multiple of 16"):
+            _engine(model, "static", kv_bucket=bad)
     windowed = load_causal_lm(
         tiny_config("qwen2", vocab_size=V, size="test", use_sliding_window=True, sliding_window=4, max_window_layers=0),
         seed=0,

@@ -95,6 +95,8 @@ class HybridEngine:
         CUDA, inductor's default elsewhere). A compiled step decodes chunks of
         ``min(max_batch_size, rows in the call)`` rows (the last chunk is padded), so a training
         loop that always generates for the same number of prompts traces it once.
+    kv_bucket: static / compiled paths: attend over the filled length rounded up to this multiple
+        of 16 rather than the whole cache (``static.StaticDecoder``); None: the whole cache.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class HybridEngine:
         compact_finished: bool = True,
         decode: str = "auto",
         compile_mode: Optional[str] = None,
+        kv_bucket: Optional[int] = None,
     ):
         self.module, self.lm, self.ds_engine = unwrap(model)
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
@@ -138,7 +141,8 @@ class HybridEngine:
                              "each call); use decode='static' or 'eager'")
         self.decode = decode
         self._static = StaticDecoder(self.lm, self.config, max_seq_len=max_seq_len, pad_token_id=pad_token_id,
-                                     compile=decode in ("compiled", "auto"), compile_mode=compile_mode)
+                                     compile=decode in ("compiled", "auto"), compile_mode=compile_mode,
+                                     kv_bucket=kv_bucket)
         self._static._logits_to_keep = self._logits_to_keep
         self._compiled_ok = False  # a compiled step has run once without error
 

@@ -21,6 +21,14 @@ Differences from the eager loop in ``hybrid.py``: the static cache attends over 
 their place in the batch (their tokens are replaced by padding) instead of being compacted away.
 Both produce the same tokens and log-probs: the uniform draws depend on (seed, step, row) only.
 
+KV windows (``kv_bucket``): a static cache makes every step attend over the whole width, so a
+step reads the KV of positions not generated yet (masked). With ``kv_bucket=b`` a step attends
+over the first ``w`` positions only, ``w`` = the filled length rounded up to a multiple of ``b``:
+the step runs on a ``StaticCache`` whose layers are views ``[:, :, :w]`` of the same buffers (same
+``cumulative_length`` tensor). The second width makes ``torch.compile`` trace once more with a
+symbolic width, and every later width reuses that graph (a later batch size makes the batch
+symbolic too: one more trace); CUDA graphs are recorded per width.
+
 What retraces: a new batch size (``HybridEngine`` pads every call to ``max_batch_size``), another
 temperature / top-k / top-p / do_sample / min_new_tokens, or another number of stop ids. The seed,
 the prompts, their width and the response length do not.
@@ -35,8 +43,9 @@ Only models whose cache layers are all plain full-attention ``StaticLayer`` s us
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -65,6 +74,7 @@ class _State:
     tokens: torch.Tensor  # (B, S) int64
     logps: torch.Tensor  # (B, S) float32
     valid: torch.Tensor  # (B, S) bool
+    windows: dict = field(default_factory=dict)  # width -> (StaticCache, key mask): views of the first width positions
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.tok, self.pos, self.kmask, self.cache_pos, self.step, self.finished, self.seed, self.rows,
@@ -77,18 +87,24 @@ class StaticDecoder:
     lm: the HF causal LM (called, never copied); config: its text config; max_seq_len: the
     static cache width; compile: wrap the decode step in ``torch.compile``; compile_mode: its
     ``mode`` (default ``"reduce-overhead"`` on CUDA, inductor's default elsewhere);
-    pad_token_id: written for finished rows; fullgraph / compile_backend: passed to
+    pad_token_id: written for finished rows; kv_bucket: attend over the filled length rounded up to
+    this multiple of 16 instead of the whole cache (None: the whole cache); fullgraph / compile_backend: passed to
     ``torch.compile`` (tests trace with ``fullgraph=True`` and the "eager" backend to prove the
     step has no graph break without paying for code generation).
     """
 
     def __init__(self, lm, config, *, max_seq_len: int, pad_token_id: int, compile: bool = False,
-                 compile_mode: Optional[str] = None, fullgraph: bool = False, compile_backend="inductor"):
+                 compile_mode: Optional[str] = None, fullgraph: bool = False, compile_backend="inductor",
+                 kv_bucket: Optional[int] = None):
         self.lm, self.config = lm, config
         self.max_seq_len = -(-max_seq_len // 16) * 16  # cache width
         self.pad_token_id = pad_token_id
         self.compile, self.compile_mode, self.fullgraph = compile, compile_mode, fullgraph
         self.compile_backend = compile_backend
+        if kv_bucket is not None and (isinstance(kv_bucket, bool) or not isinstance(kv_bucket, int) or kv_bucket < 16
+                                      or kv_bucket % 16):
+            raise ValueError(f"kv_bucket must be None or a positive multiple of 16, got {kv_bucket!r}")
+        self.kv_bucket = kv_bucket
         self._states: dict[tuple, _State] = {}
         self._compiled = None
         self._logits_to_keep = True
@@ -126,6 +142,26 @@ class StaticDecoder:
         else:
             st.cache.reset()
         return st
+
+    def _window(self, st: _State, width: int) -> tuple[StaticCache, torch.Tensor]:
+        """The cache and key mask a step attends through: views of the first ``width`` positions."""
+        if width >= self.max_seq_len:
+            return st.cache, st.kmask
+        entry = st.windows.get(width)
+        if entry is None:
+            cache = copy.copy(st.cache)
+            cache.layers = []
+            for layer in st.cache.layers:
+                view = copy.copy(layer)  # shares cumulative_length and the buffers
+                view.keys, view.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+                view.max_cache_len = width
+                torch._dynamo.mark_static_address(view.keys)
+                torch._dynamo.mark_static_address(view.values)
+                cache.layers.append(view)
+            kmask = st.kmask[:, :width]
+            torch._dynamo.mark_static_address(kmask)
+            entry = st.windows[width] = (cache, kmask)
+        return entry
 
     def buffer_bytes(self) -> int:
         """Bytes held by the static caches and state buffers (0 before the first call)."""
@@ -186,8 +222,9 @@ class StaticDecoder:
                 mode = "reduce-overhead"
             log.info("compiling the decode step (torch.compile backend=%s mode=%s fullgraph=%s)",
                      self.compile_backend, mode, self.fullgraph)
+            # dynamic=None: a second KV-window width is traced once more with a symbolic width
             self._compiled = torch.compile(self._step, backend=self.compile_backend, mode=mode,
-                                           fullgraph=self.fullgraph, dynamic=False)
+                                           fullgraph=self.fullgraph, dynamic=None if self.kv_bucket else False)
         return self._compiled
 
     def generate_chunk(self, ids, mask, params: SamplingParams, stop: Optional[torch.Tensor], seed: torch.Tensor,
@@ -241,9 +278,12 @@ class StaticDecoder:
                 stats.syncs += 1
                 if bool(st.finished.all()):  # CPU-GPU sync point: the all-finished check
                     break
+            cache, kmask = st.cache, st.kmask
+            if self.kv_bucket:  # this step's query is at cache position P + t - 1
+                cache, kmask = self._window(st, -(-(P + t) // self.kv_bucket) * self.kv_bucket)
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            step_fn(st.cache, params, st.tok, st.pos, st.kmask, st.cache_pos, st.step, st.finished, st.seed, st.rows,
+            step_fn(cache, params, st.tok, st.pos, kmask, st.cache_pos, st.step, st.finished, st.seed, st.rows,
                     st.stop, st.tokens, st.logps, st.valid)
             stats.forwards += 1
         return st.tokens[:B0, :R].clone(), st.valid[:B0, :R].clone(), st.logps[:B0, :R].clone()
