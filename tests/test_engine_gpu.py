@@ -44,8 +44,9 @@ def _agree(a, b, lp_tol):
     return same.float().mean().item()
 
 
+@pytest.mark.parametrize("kv_bucket", [None, 32])
 @pytest.mark.parametrize("dtype,lp_tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])
-def test_compiled_decode_agrees_with_eager_and_uses_cuda_graphs(dtype, lp_tol):
+def test_compiled_decode_agrees_with_eager_and_uses_cuda_graphs(dtype, lp_tol, kv_bucket):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -53,7 +54,8 @@ def test_compiled_decode_agrees_with_eager_and_uses_cuda_graphs(dtype, lp_tol):
     model, ids, mask = _setup(dtype)
     R = 64
     eager = HybridEngine(model, pad_token_id=PAD, max_batch_size=16, max_seq_len=ids.shape[1] + R, decode="eager")
-    comp = HybridEngine(model, pad_token_id=PAD, max_batch_size=16, max_seq_len=ids.shape[1] + R, decode="compiled")
+    comp = HybridEngine(model, pad_token_id=PAD, max_batch_size=16, max_seq_len=ids.shape[1] + R, decode="compiled",
+                        kv_bucket=kv_bucket)
     assert HybridEngine(model, pad_token_id=PAD, max_batch_size=16, max_seq_len=96).decode_path(ids.device) == "compiled"
     for params in (SamplingParams(max_new_tokens=R, do_sample=False),
                    SamplingParams(max_new_tokens=R, temperature=0.8, top_p=0.9, seed=3, eos_token_id=7)):
