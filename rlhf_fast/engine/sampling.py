@@ -88,7 +88,8 @@ class SamplingParams:
 
 
 def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then top-p filtering of (..., V) float logits (already temperature-scaled): removed
+    """Top-k then top-p filtering of (..., V) float logits (already temperature-scaled; ties at the
+    top-p cut are broken towards lower token ids): removed
     tokens get -inf. Returns a new tensor unless nothing is filtered. Public so a caller (or a
     test) can rebuild the exact distribution the engine sampled from."""
     V = z.shape[-1]
@@ -96,7 +97,9 @@ def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        # stable: among tied logits the lower token id ranks first, so the nucleus is the same set
+        # on every device and path (an unstable sort may cut a tie differently on a GPU)
+        sorted_z, order = torch.sort(z, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_z, dim=-1)
         # Remove a token when the mass of the tokens ranked above it already reaches top_p
         # (HF TopPLogitsWarper: ascending cumsum <= 1 - top_p); rank 0 is always kept.
