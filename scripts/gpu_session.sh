@@ -27,7 +27,7 @@ case "$stage" in
       tests/test_engine_static.py tests/test_triton_aot.py -m "not slow" 2>&1 | tee "$OUT/gpu_tests.log"
     ;;
   kernels)
-    timeout 560 python3 benchmarks/run_all.py --only logprob linear_logprob rlmath 2>&1 | tee "$OUT/bench_kernels.log"
+    timeout 560 python3 benchmarks/run_all.py --only logprob linear_logprob rlmath sampling 2>&1 | tee "$OUT/bench_kernels.log"
     records ;;
   e2e)
     timeout 560 python3 benchmarks/run_all.py --only generate ppo 2>&1 | tee "$OUT/bench_e2e.log"

@@ -294,14 +294,9 @@ class StageTrainer:
         """HF-format save of the engine's module; every rank calls it (ZeRO-3 gathers the
         partitioned parameters), rank 0 writes."""
         module = self.engine.module
-        if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.is_main:
-                    self.write_model(module, directory)
-        elif self.is_main:
-            self.write_model(module, directory)
+        with dss.full_parameters(module, self.cfg.deepspeed.zero_stage):
+            if self.is_main:
+                self.write_model(module, directory)
 
     def _setup(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -233,6 +234,19 @@ def build_zero3_inference(model: torch.nn.Module, *, ds: DeepSpeedConfig, micro_
     model.requires_grad_(False).eval()
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
     return engine
+
+
+@contextlib.contextmanager
+def full_parameters(module: torch.nn.Module, zero_stage: int):
+    """Under ZeRO-3, every rank gathers ``module``'s partitioned parameters for the block (read
+    only: nothing is scattered back); a no-op at other stages. Every rank must enter it."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
 
 
 def barrier() -> None:

@@ -435,14 +435,9 @@ class PPOTrainer:
 
     def _save_policy(self, directory: Path) -> None:
         module = self.policy_engine.module
-        if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.is_main:
-                    self._write_policy(module, directory)
-        elif self.is_main:
-            self._write_policy(module, directory)
+        with dss.full_parameters(module, self.cfg.deepspeed.zero_stage):
+            if self.is_main:
+                self._write_policy(module, directory)
 
     def _write_policy(self, module, directory: Path) -> None:
         module.save_pretrained(directory)
