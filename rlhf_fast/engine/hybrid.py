@@ -136,21 +136,20 @@ class HybridEngine:
         if decode in ("static", "compiled") and self._static_unsupported:
             raise ValueError(f"decode={decode!r} needs a plain static KV cache, but {type(self.lm).__name__}: "
                              f"{self._static_unsupported}; use decode='eager'")
-        if decode == "compiled" and zero3_params(self.module):
+        self._zero3 = bool(zero3_params(self.module))  # fixed for the engine's life
+        if decode == "compiled" and self._zero3:
             raise ValueError("decode='compiled' cannot trace ZeRO-3 partitioned parameters (they are gathered anew "
                              "each call); use decode='static' or 'eager'")
         self.decode = decode
         self._static = StaticDecoder(self.lm, self.config, max_seq_len=max_seq_len, pad_token_id=pad_token_id,
-                                     compile=decode in ("compiled", "auto"), compile_mode=compile_mode,
-                                     kv_bucket=kv_bucket)
-        self._static._logits_to_keep = self._logits_to_keep
+                                     compile_mode=compile_mode, kv_bucket=kv_bucket)
         self._compiled_ok = False  # a compiled step has run once without error
 
     def decode_path(self, device: torch.device) -> str:
         """The decode path a call on ``device`` takes: "eager", "static" or "compiled"."""
         if self.decode != "auto":
             return self.decode
-        if device.type == "cuda" and not self._static_unsupported and not zero3_params(self.module) \
+        if device.type == "cuda" and not self._static_unsupported and not self._zero3 \
                 and self.stats.compile_error is None:
             return "compiled"
         return "eager"
@@ -236,13 +235,11 @@ class HybridEngine:
             return self._generate_chunk(ids, mask, params, stop, seed, row_offset)
         sync_every = self.sync_every or (1 if ids.device.type == "cpu" else 8)
         compiled = path == "compiled"
-        static = self._static
-        static.compile = compiled
         args = (ids, mask, params, stop, seed, row_offset, sync_every, self.stats)
         if not compiled or self._compiled_ok:
-            return static.generate_chunk(*args, pad_to=rows if compiled else None)
+            return self._static.generate_chunk(*args, compiled=compiled, pad_to=rows if compiled else None)
         try:
-            out = static.generate_chunk(*args, pad_to=rows)
+            out = self._static.generate_chunk(*args, compiled=True, pad_to=rows)
         except Exception as e:  # a model or torch version the compiler cannot handle
             if self.decode == "compiled":
                 raise

@@ -44,6 +44,7 @@ Only models whose cache layers are all plain full-attention ``StaticLayer`` s us
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -85,21 +86,20 @@ class StaticDecoder:
     """Static-cache decoding for ``HybridEngine`` (``decode="static"`` or ``"compiled"``).
 
     lm: the HF causal LM (called, never copied); config: its text config; max_seq_len: the
-    static cache width; compile: wrap the decode step in ``torch.compile``; compile_mode: its
-    ``mode`` (default ``"reduce-overhead"`` on CUDA, inductor's default elsewhere);
-    pad_token_id: written for finished rows; kv_bucket: attend over the filled length rounded up to
-    this multiple of 16 instead of the whole cache (None: the whole cache); fullgraph / compile_backend: passed to
-    ``torch.compile`` (tests trace with ``fullgraph=True`` and the "eager" backend to prove the
+    static cache width (rounded up to 16); compile_mode: ``torch.compile``'s ``mode`` when
+    ``generate_chunk(compiled=True)`` (default ``"reduce-overhead"`` on CUDA, inductor's default
+    elsewhere); pad_token_id: written for finished rows; kv_bucket: attend over the filled length
+    rounded up to this multiple of 16 instead of the whole cache (None: the whole cache);
+    fullgraph / compile_backend: passed to ``torch.compile`` (tests trace with ``fullgraph=True`` and the "eager" backend to prove the
     step has no graph break without paying for code generation).
     """
 
-    def __init__(self, lm, config, *, max_seq_len: int, pad_token_id: int, compile: bool = False,
-                 compile_mode: Optional[str] = None, fullgraph: bool = False, compile_backend="inductor",
+    def __init__(self, lm, config, *, max_seq_len: int, pad_token_id: int, compile_mode: Optional[str] = None, fullgraph: bool = False, compile_backend="inductor",
                  kv_bucket: Optional[int] = None):
         self.lm, self.config = lm, config
         self.max_seq_len = -(-max_seq_len // 16) * 16  # cache width
         self.pad_token_id = pad_token_id
-        self.compile, self.compile_mode, self.fullgraph = compile, compile_mode, fullgraph
+        self.compile_mode, self.fullgraph = compile_mode, fullgraph
         self.compile_backend = compile_backend
         if kv_bucket is not None and (isinstance(kv_bucket, bool) or not isinstance(kv_bucket, int) or kv_bucket < 16
                                       or kv_bucket % 16):
@@ -107,7 +107,7 @@ class StaticDecoder:
         self.kv_bucket = kv_bucket
         self._states: dict[tuple, _State] = {}
         self._compiled = None
-        self._logits_to_keep = True
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     @staticmethod
     def supports(config, max_seq_len: int) -> Optional[str]:
@@ -213,9 +213,7 @@ class StaticDecoder:
         pos.add_(1)
         cache_pos.add_(1)
 
-    def _step_fn(self):
-        if not self.compile:
-            return self._step
+    def _compiled_step(self):
         if self._compiled is None:
             mode = self.compile_mode
             if mode is None and self._device.type == "cuda" and self.compile_backend == "inductor":
@@ -228,7 +226,7 @@ class StaticDecoder:
         return self._compiled
 
     def generate_chunk(self, ids, mask, params: SamplingParams, stop: Optional[torch.Tensor], seed: torch.Tensor,
-                       row_offset: int, sync_every: int, stats, pad_to: Optional[int] = None):
+                       row_offset: int, sync_every: int, stats, *, compiled: bool, pad_to: Optional[int] = None):
         """Like ``HybridEngine._generate_chunk``: (tokens, valid, log-probs), each (B, max_new_tokens).
 
         pad_to: decode as if the batch had this many rows (copies of row 0, finished from the start
@@ -271,8 +269,7 @@ class StaticDecoder:
         self._record(logits, params, st.tok, st.step, st.finished, st.seed, st.rows, st.stop, st.tokens, st.logps,
                      st.valid)
         # --- decode ---
-        step_fn = self._step_fn()
-        compiled = step_fn is not self._step
+        step_fn = self._compiled_step() if compiled else self._step
         for t in range(1, R):
             if n_stop and t % sync_every == 0:
                 stats.syncs += 1
