@@ -90,7 +90,8 @@ def run_rm(cfg: C.RunConfig, args: argparse.Namespace) -> int:
 
             train_sft(cfg.sft, sft_dir, resume=args.resume)
         cfg.rm.sft_model = str(sft_dir / "model")
-    _summary(train_rm(cfg.rm, args.output_dir, resume=args.resume, reference_data=cfg.sft.data), args.output_dir)
+    _summary(train_rm(cfg.rm, args.output_dir, resume=args.resume, reference_data=cfg.sft.data,
+                      policy_temperature=cfg.ppo.generation.temperature), args.output_dir)
     return 0
 
 

@@ -54,14 +54,14 @@ def init_policy(tmp_path_factory):
 
 class _Probe(RMTrainer):
     """Records, at the first optimizer step, the gain / bias in force and the normalised scores of
-    the initial policy's samples (drawn again through ``_policy_samples``, not the cache)."""
+    the initial policy's samples (draw 0, drawn again through ``_policy_samples``)."""
 
     probe: dict
 
     def train_step(self, global_batch):
         if not hasattr(self, "probe"):
             rm = self.engine.module
-            raw = self._raw_scores(*self._policy_samples())
+            raw = self._raw_scores(*self._policy_samples(0))
             self.probe = {"gain": float(rm.gain), "bias": float(rm.bias), "raw": raw, "normalised": rm.normalize(raw)}
         return super().train_step(global_batch)
 
@@ -90,12 +90,12 @@ def test_normalised_before_first_step(run):
 
 
 def test_fit_ends_normalised_on_policy_samples(run):
-    """The after-training normalisation maps the trained RM's raw scores on the policy samples to
-    mean 0 / std 1 (it starts from the raw scores, not from the before-training mapping)."""
+    """The after-training normalisation maps the trained RM's raw scores on fresh policy samples
+    (draw 1) to mean 0 / std 1 (it starts from the raw scores, not from the before-training mapping)."""
     rows = read_metrics(run.out)
     assert [r["step"] for r in rows] == list(range(RM_STEPS + 1)) and rows[-1] == {**run.final, "step": RM_STEPS}
     rm = RewardModel.from_pretrained(run.out / "model").eval()
-    ids, mask = run.trainer._policy_samples()
+    ids, mask = run.trainer._policy_samples(1)
     raw = rm.raw_scores(ids, mask, batch_size=32)
     mean, std = _population_moments(rm.normalize(raw))
     assert abs(mean) < 1e-5 and std == pytest.approx(1.0, abs=1e-5)
@@ -185,3 +185,49 @@ def test_normalize_before_needs_policy_samples(tmp_path, capsys):
     assert main(["config", "--docs"]) == 0
     docs = capsys.readouterr().out
     assert "rm.normalize_before = False\n" in docs and "N Implementation Details\" #9" in docs
+
+
+def test_draws_are_fresh_and_reproducible(run):
+    """Before and after training score different samples (the next block of prompts, seed + 1),
+    as lm-human-preferences draws anew for each normalisation; a draw repeats exactly; the
+    prompt blocks wrap around the pool."""
+    t = run.trainer
+    n = t.cfg.normalization_samples
+    p0, p1 = t._draw_prompts(0), t._draw_prompts(1)
+    assert p0 == t.prompts[:n] and p1 == [t.prompts[(n + i) % len(t.prompts)] for i in range(n)] and p0 != p1
+    (a, am), (b, bm) = t._policy_samples(0), t._policy_samples(1)
+    a2, am2 = t._policy_samples(0)
+    assert torch.equal(a, a2) and torch.equal(am, am2)
+    assert a.shape[0] == b.shape[0] == n and not torch.equal(a[:, -8:], b[:, -8:])
+    small = dataclasses.replace(t.cfg, normalization_samples=len(t.prompts) + 3)
+    t2 = RMTrainer.__new__(RMTrainer)
+    t2.cfg, t2.prompts = small, t.prompts
+    assert t2._draw_prompts(0) == t.prompts + t.prompts[:3]
+
+
+def test_sample_temperature_follows_ppo(init_policy, tmp_path):
+    """None (the default): the PPO sampling temperature passed in (the pipeline and ``rlhf-fast rm``
+    pass ``ppo.generation.temperature``), else 0.7; an explicit value wins; the N-details presets
+    use lm-human-preferences' 0.7."""
+    cfg = _cfg("--rm.sft_model", str(init_policy), "--ppo.generation.temperature", "0.9").rm
+    assert cfg.sample_temperature is None
+    assert RMTrainer(cfg, tmp_path / "a", policy_temperature=0.9).sample_temperature == 0.9
+    assert RMTrainer(cfg, tmp_path / "b").sample_temperature == C.GenerationConfig().temperature == 0.7
+    fixed = dataclasses.replace(cfg, sample_temperature=1.0)
+    assert RMTrainer(fixed, tmp_path / "c", policy_temperature=0.9).sample_temperature == 1.0
+    with pytest.raises(ValueError, match="policy_temperature must be > 0"):
+        RMTrainer(cfg, tmp_path / "d", policy_temperature=0.0)
+    with pytest.raises(ValueError, match=r"rm\.sample_temperature.*a number > 0 or null"):
+        C.load_config(overrides=["--rm.sample_temperature", "0"])
+    assert C.load_config(presets=["n_details"]).rm.sample_temperature == 0.7
+    lhp = C.load_config(presets=["lm_human_preferences"])
+    assert lhp.rm.sample_temperature is None and lhp.ppo.generation.temperature == 0.7
+
+
+def test_later_preset_wins_rm_normalisation():
+    """n_plus (reference-mean, nothing before training) and lm_human_preferences (policy samples
+    before and after) combine in either order; the later one decides the RM normalisation."""
+    a = C.load_config(presets=["lm_human_preferences", "n_plus"]).rm
+    assert (a.normalization, a.normalize_before) == ("reference_mean", False)
+    b = C.load_config(presets=["n_plus", "lm_human_preferences"]).rm
+    assert (b.normalization, b.normalize_before) == ("policy_samples", True)

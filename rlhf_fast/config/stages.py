@@ -76,9 +76,16 @@ class RMConfig:
     after training still runs, again from the raw scores. Done only by a run that starts at step
     0: a resumed run gets gain and bias back from its checkpoint. False: the loss sees raw scores."""
     normalization_samples: int = 512
-    """Prompts (or reference responses) used to set the normalisation (before and after training)."""
-    sample_temperature: float = 1.0
-    """Sampling temperature of the policy samples used for "policy_samples" (N: 1.0, top_k 0, top_p 1)."""
+    """Prompts (or reference responses) used to set the normalisation (before and after training).
+    "policy_samples" draws fresh ones each time, as lm-human-preferences: before training from the
+    first ``normalization_samples`` training prompts with seed ``seed``, after training from the
+    next ones (wrapping around) with seed ``seed + 1``."""
+    sample_temperature: Optional[float] = None
+    """Sampling temperature of the "policy_samples" responses (top_k 0, top_p 1). None: the same
+    config's ``ppo.generation.temperature`` (0.7 by default), so the RM is normalised on the
+    distribution PPO samples from, as lm-human-preferences (its reference policy samples at the
+    task's policy temperature: 0.7 on books and TL;DR, 0.5 on CNN/DM); 0.7 for an ``RMConfig``
+    used on its own."""
     sample_max_new_tokens: int = 24
     """Response length of those samples."""
     epochs: float = 1.0
@@ -235,7 +242,7 @@ for _stage in (SFTConfig, RMConfig):
     for _name in ("max_steps", "stop_after_steps"):
         _CHECKS[(_stage, _name)] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
 _CHECKS[(RMConfig, "normalization_samples")] = (lambda v: v >= 2, "an integer >= 2")
-_CHECKS[(RMConfig, "sample_temperature")] = (lambda v: v > 0, _POSITIVE)
+_CHECKS[(RMConfig, "sample_temperature")] = (lambda v: v is None or v > 0, "a number > 0 or null")
 _CHECKS[(RMConfig, "sample_max_new_tokens")] = (lambda v: v >= 1, "an integer >= 1")
 for _name in ("max_new_tokens", "max_batch_size"):
     _CHECKS[(GenerationConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
@@ -300,7 +307,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # after training (#9: the loss trains on the before-normalised scores).
         "rm.epochs": 1.0, "rm.scheduler.decay": "linear", "rm.scheduler.min_lr_ratio": 0.0,
         "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.normalize_before": True,
-        "rm.sample_temperature": 1.0,
+        "rm.sample_temperature": 0.7,  # lm-human-preferences' books / TL;DR policy temperature
         "sft.optim.tf_adam_eps": True,
     },
     "n_plus": {
@@ -309,6 +316,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft.optim.lr": 3e-6, "rm.optim.lr": 3e-6, "sft.optim.eps": 1e-5, "rm.optim.eps": 1e-5,
         "sft.epochs": 1.0, "sft.loss_on": "all", "sft.scheduler.decay": "cosine", "rm.epochs": 1.0,
         "sft.deepspeed.zero_stage": 2, "rm.deepspeed.zero_stage": 2, "rm.normalization": "reference_mean",
+        # N+ does not normalise before training; stated so that n_plus after a preset that does
+        # (lm_human_preferences, n_details) wins cleanly instead of leaving an invalid mix
+        "rm.normalize_before": False,
     },
 }
 

@@ -49,7 +49,8 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print
     cfg.rm.sft_model = cfg.rm.sft_model or str(sft_dir / "model")
     if not (resume and _done(rm_dir)):
         echo(f"[pipeline] 2/3 reward model from {cfg.rm.sft_model} -> {rm_dir}")
-        RMTrainer(cfg.rm, rm_dir, resume=resume, reference_data=cfg.sft.data, dist_info=dist).fit()
+        RMTrainer(cfg.rm, rm_dir, resume=resume, reference_data=cfg.sft.data, dist_info=dist,
+                  policy_temperature=cfg.ppo.generation.temperature).fit()
     seconds["rm"] = time.perf_counter() - t
 
     t = time.perf_counter()

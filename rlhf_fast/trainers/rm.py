@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.config import DataConfig, RMConfig, validate
+from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
 from rlhf_fast.trainers import _build
@@ -41,16 +41,22 @@ class RMTrainer(StageTrainer):
     The backbone comes from ``cfg.sft_model`` (N+: the RM starts from the SFT model), else
     ``cfg.model.path``, else a fresh ``cfg.model`` config. ``reference_data``: where the reference
     responses for the "reference_*" normalisations come from (the ``sft`` section's data).
+    ``policy_temperature``: the PPO sampling temperature (``ppo.generation.temperature``), used
+    for the "policy_samples" responses when ``cfg.sample_temperature`` is None.
     """
 
     stage = "rm"
     cfg: RMConfig
 
     def __init__(self, cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
-                 dist_info: Optional[DistInfo] = None):
+                 dist_info: Optional[DistInfo] = None, policy_temperature: Optional[float] = None):
         validate(cfg, "rm")  # a config built in code skips load_config's checks (normalize_before needs policy_samples)
+        if policy_temperature is not None and not policy_temperature > 0:
+            raise ValueError(f"policy_temperature must be > 0, got {policy_temperature}")
         super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
-        self._samples: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # policy samples, drawn once per process
+        self.sample_temperature = (cfg.sample_temperature if cfg.sample_temperature is not None
+                                   else policy_temperature if policy_temperature is not None
+                                   else GenerationConfig().temperature)
         self.reference_data = reference_data or DataConfig()
         self.init_path = cfg.sft_model or cfg.model.path
         if cfg.normalization == "policy_samples" and self.init_path is None:
@@ -71,7 +77,7 @@ class RMTrainer(StageTrainer):
         self.train_items = PreferenceDataset(train, self.tokenizer, **kw).items
         eval_ds = PreferenceDataset(evals, self.tokenizer, **kw)
         self.eval_items = eval_ds.items
-        self.prompts = [_field(r, cfg.data.prompt_field) for r in train[: cfg.normalization_samples]]
+        self.prompts = [_field(r, cfg.data.prompt_field) for r in train]  # the pool normalisation draws from
         self._collate = eval_ds.collator()
 
     def build_model(self) -> torch.nn.Module:
@@ -132,7 +138,7 @@ class RMTrainer(StageTrainer):
         its checkpoint's engine state instead of recomputing them."""
         if not self.cfg.normalize_before:
             return {}
-        stats = self._set_normalization("policy_samples")
+        stats = self._set_normalization("policy_samples", draw=0)
         self.engine.module.normalization["when"] = "before_training"
         return {f"norm_before/{k}": v for k, v in stats.items()}
 
@@ -144,18 +150,18 @@ class RMTrainer(StageTrainer):
             return {}
         rm: RewardModel = self.engine.module
         before = {"gain": float(rm.gain), "bias": float(rm.bias)} if self.cfg.normalize_before else None
-        stats = self._set_normalization(mode)
+        stats = self._set_normalization(mode, draw=1)  # draw 1 also after a resume that skipped draw 0
         if before is not None:  # provenance in the saved model: the mapping the loss trained with
             rm.normalization["before_training"] = before
         return {f"norm/{k}": v for k, v in stats.items()}
 
-    def _set_normalization(self, mode: str) -> dict:
+    def _set_normalization(self, mode: str, draw: int) -> dict:
         """Scores the sequences of ``mode`` and sets gain and bias from their raw scores (every
-        rank computes the same scores; no collectives beyond ZeRO-3's own)."""
+        rank computes the same scores; no collectives beyond ZeRO-3's own). ``draw``: which
+        "policy_samples" draw (0 before training, 1 after: fresh samples each time, as
+        lm-human-preferences' ``sample_fn``)."""
         if mode == "policy_samples":
-            if self._samples is None:  # same seed, prompts and policy: before and after score the same samples
-                self._samples = self._policy_samples()
-            ids, mask = self._samples
+            ids, mask = self._policy_samples(draw)
         else:
             ids, mask = self._reference_sequences()
         raw = self._raw_scores(ids, mask)
@@ -187,23 +193,33 @@ class RMTrainer(StageTrainer):
                         max_prompt_length=data.max_prompt_length, max_response_length=data.max_response_length)
         return left_pad([it["input_ids"] for it in ds.items], self.tokenizer.pad_token_id)
 
+    def _draw_prompts(self, draw: int) -> list[str]:
+        """Draw ``draw``'s prompts: the ``draw``-th block of ``normalization_samples`` training
+        prompts, wrapping around the pool (a pool smaller than a block repeats prompts)."""
+        n, pool = self.cfg.normalization_samples, self.prompts
+        if not pool:
+            raise ValueError("rm.normalization 'policy_samples' needs prompts, but the training data has none")
+        return [pool[(draw * n + i) % len(pool)] for i in range(n)]
+
     @torch.no_grad()
-    def _policy_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Responses sampled from the initial (SFT) policy at ``sample_temperature``, top_k 0,
-        top_p 1 (N details #4, #9), cut after the first EOS; same seed on every rank."""
+    def _policy_samples(self, draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses sampled from the initial (SFT) policy at ``self.sample_temperature``, top_k 0,
+        top_p 1 (N details #4, #9), cut after the first EOS. Draw ``draw`` (0 before training, the
+        next after) takes its own prompts (``_draw_prompts``) and seed ``cfg.seed + draw``, the
+        same on every rank: a draw is reproducible, and no two draws score the same samples."""
         policy = load_causal_lm(self.init_path).to(self.dist.device).eval()
         resize_embeddings_for_tokenizer(policy, self.tokenizer)
         tok = self.tokenizer
-        prompts = [tok(p)["input_ids"] for p in self.prompts]
+        prompts = [tok(p)["input_ids"] for p in self._draw_prompts(draw)]
         p_ids, p_mask = left_pad(prompts, tok.pad_token_id)
         seqs = []
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.seed)
+            torch.manual_seed(self.cfg.seed + draw)
             for i in range(0, p_ids.shape[0], self.cfg.eval_batch_size):
                 sl = slice(i, i + self.cfg.eval_batch_size)
                 out = policy.generate(
                     input_ids=p_ids[sl].to(self.dist.device), attention_mask=p_mask[sl].to(self.dist.device),
-                    do_sample=True, temperature=self.cfg.sample_temperature, top_k=0, top_p=1.0,
+                    do_sample=True, temperature=self.sample_temperature, top_k=0, top_p=1.0,
                     max_new_tokens=self.cfg.sample_max_new_tokens, pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                 )
@@ -220,6 +236,8 @@ class RMTrainer(StageTrainer):
         return ids, mask
 
 
-def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None) -> dict:
+def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
+             policy_temperature: Optional[float] = None) -> dict:
     """Runs the reward-model stage; returns its last logged metrics."""
-    return RMTrainer(cfg, output_dir, resume=resume, reference_data=reference_data).fit()
+    return RMTrainer(cfg, output_dir, resume=resume, reference_data=reference_data,
+                     policy_temperature=policy_temperature).fit()
