@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ppo.py            # this device's default size, writes a JSON record
     python benchmarks/bench_ppo.py --quick    # tiny model, a smoke run
+    python benchmarks/bench_ppo.py --vocab 32000 --decode compiled   # a larger vocabulary, compiled decode
     pytest benchmarks/bench_ppo.py --benchmark-disable   # CI: tiny run, the two sides' math checked equal
 
 Both sides start every repetition from the same weights (policy with a value head, frozen
@@ -12,7 +13,9 @@ advantages, clip 0.2, value clip 0.2, vf_coef 0.1, 4 epochs x 1 minibatch, tempe
 the same optimizer (torch.optim.AdamW, lr 1e-5, eps 1e-5, fresh each repetition).
 
 Phases (the names of PPOTrainer's ``time/*_s`` metrics):
-  generate    rlhf_fast: HybridEngine (engine-owned KV buffers)   trl_style: HF ``model.generate``
+  generate    rlhf_fast: HybridEngine (engine-owned KV buffers; ``--decode``: its decode path, default
+              "auto" as PPOTrainer: eager on a CPU, the compiled static-cache step on CUDA)
+              trl_style: HF ``model.generate``
               (DynamicCache, do_sample, top_k=0, top_p=1, temperature + 1e-7 as TRL)
   score       the same random-init RewardModel; rlhf_fast: ``RewardModel.forward`` (PPOTrainer._score);
               trl_style: TRL ``get_reward`` (backbone with output_hidden_states, head on every position,
@@ -109,9 +112,11 @@ class Bench:
     device: torch.device
 
 
-def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None = None) -> Bench:
+def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None = None, decode: str = "auto") -> Bench:
     """``vocab`` overrides the vocabulary size (special ids stay the task tokenizer's; the
-    responses are never decoded, so ids past the tokenizer are fine)."""
+    responses are never decoded, so ids past the tokenizer are fine). ``decode``: the engine's
+    decode path (``HybridEngine(decode=...)``, ``ppo.generation.decode``; "auto" is what
+    PPOTrainer uses by default: eager on a CPU, compiled on CUDA)."""
     arch, cfg_size, overrides, B, R, dtype, _ = SIZES[size]
     task = get_task("tiny_sentiment")
     tok = task.tokenizer
@@ -127,7 +132,8 @@ def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None =
     q_mask = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device).bool()
     hp = PRESETS["tldr"].replace()
     policies = {name: copy.deepcopy(policy) for name in IMPLS}
-    engine = HybridEngine(policies["rlhf_fast"], pad_token_id=tok.pad_token_id, max_batch_size=B, max_seq_len=P + R)
+    engine = HybridEngine(policies["rlhf_fast"], pad_token_id=tok.pad_token_id, max_batch_size=B, max_seq_len=P + R,
+                          decode=decode)
     return Bench(policies, ref, rm, q_ids, q_mask, R, tok.pad_token_id, hp, hp.kl_init,
                  copy.deepcopy(policy.state_dict()), engine, device)
 
@@ -386,11 +392,11 @@ def _flops(b: Bench) -> dict:
             "advantages": None, "train": b.hp.num_epochs * 3 * fwd}
 
 
-def run(size: str, device: torch.device, reps: int | None = None, vocab: int | None = None):
-    b = build(size, device, vocab=vocab)
+def run(size: str, device: torch.device, reps: int | None = None, vocab: int | None = None, decode: str = "auto"):
+    b = build(size, device, vocab=vocab, decode=decode)
     dev = _common.device_info(device)
     reps = reps or SIZES[size][6]
-    for impl in IMPLS:  # untimed warm-up
+    for impl in IMPLS:  # untimed warm-up (a compiled decode step compiles here)
         ITERATIONS[impl](b, 12345, Clock(device))
     samples = {impl: {ph: [] for ph in (*PHASES, "total")} for impl in IMPLS}
     for r in range(reps):
@@ -403,7 +409,8 @@ def run(size: str, device: torch.device, reps: int | None = None, vocab: int | N
             samples[impl]["total"].append(sum(clock.seconds[ph] for ph in PHASES))
     B, P = b.q_ids.shape
     dtype = str(next(b.ref.parameters()).dtype).replace("torch.", "")
-    case = {"size": size, "V": b.ref.config.vocab_size, "B": B, "P": P, "R": b.R, "dtype": dtype}
+    case = {"size": size, "V": b.ref.config.vocab_size, "B": B, "P": P, "R": b.R, "dtype": dtype,
+            "decode": b.engine.decode_path(device)}
     flops = _flops(b)
     flops["total"] = sum(v for v in flops.values() if v)
     rows = []
@@ -433,13 +440,15 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default per size)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default 1: see the docstring)")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (where the logits dominate)")
+    p.add_argument("--decode", default="auto", choices=("auto", "eager", "static", "compiled"),
+                   help="rlhf_fast's decode path (ppo.generation.decode; auto: eager on a CPU, compiled on CUDA)")
     p.add_argument("--no-save", action="store_true", help="do not write a JSON record")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     size = "quick" if args.quick else ("gpu" if device.type == "cuda" else "cpu")
-    rows, config = run(size, device, args.reps, args.vocab)
+    rows, config = run(size, device, args.reps, args.vocab, args.decode)
     print(f"one PPO iteration, {config}")
     _common.print_table(rows, ["impl", "pass", "p20_ms", "p50_ms", "p80_ms", "speedup", "speedup_paired", "tflops",
                                "tokens_per_s"])
