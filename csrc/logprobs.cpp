@@ -47,25 +47,59 @@ RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
       m = z > m ? z : m;
     }
   }
-  float s = 0.f, t = 0.f;
+  // The sums are compensated (Kahan) in kLanes float lanes, then merged in double. Plain float
+  // lanes lost ~2 ulps of s at V = 341 (the lane holding exp(0) = 1 rounds every small term it
+  // adds), which the gradient (through p = exp(z - m - log s)) amplified past torch's float32
+  // error (an @example in tests/test_gather_logprobs.py). Widening every term to double fixes
+  // that too but vectorises worse (~1.4x the time); Kahan keeps one float SIMD loop. -O3 without
+  // -ffast-math keeps the compensation.
+  constexpr int64_t kLanes = 16;
+  float s_l[kLanes] = {0.f}, sc_l[kLanes] = {0.f}, t_l[kLanes] = {0.f}, tc_l[kLanes] = {0.f};
+  const int64_t V_main = V - V % kLanes;
   if (want_entropy) {
-#pragma omp simd reduction(+ : s, t)
-    for (int64_t j = 0; j < V; ++j) {
-      float d = buf[j] - m;
-      float e = fast_expf(d);
-      s += e;
-      t += e > 0.f ? e * d : 0.f;  // exp(-inf) * -inf would be NaN: a -inf logit adds nothing
+    for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float d = buf[j0 + l] - m;
+        const float e = fast_expf(d);
+        const float ed = e > 0.f ? e * d : 0.f;  // exp(-inf) * -inf would be NaN: a -inf logit adds nothing
+        const float ys = e - sc_l[l], ts = s_l[l] + ys;
+        sc_l[l] = (ts - s_l[l]) - ys;
+        s_l[l] = ts;
+        const float yt = ed - tc_l[l], tt = t_l[l] + yt;
+        tc_l[l] = (tt - t_l[l]) - yt;
+        t_l[l] = tt;
+      }
     }
   } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < V; ++j) s += fast_expf(buf[j] - m);
+    for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float e = fast_expf(buf[j0 + l] - m);
+        const float ys = e - sc_l[l], ts = s_l[l] + ys;
+        sc_l[l] = (ts - s_l[l]) - ys;
+        s_l[l] = ts;
+      }
+    }
+  }
+  double s = 0.0, t = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    s += static_cast<double>(s_l[l]) - static_cast<double>(sc_l[l]);
+    t += static_cast<double>(t_l[l]) - static_cast<double>(tc_l[l]);
+  }
+  for (int64_t j = V_main; j < V; ++j) {
+    const float d = buf[j] - m;
+    const float e = fast_expf(d);
+    s += static_cast<double>(e);
+    t += e > 0.f ? static_cast<double>(e * d) : 0.0;
   }
   // A row with NaN: the max reduction may skip the NaN, the sum does not.
-  float log_s = std::log(s);
+  const double log_s_d = std::log(s);
+  const float log_s = static_cast<float>(log_s_d);
   RowStats r;
   r.max = m;
   r.log_sum = log_s;
-  r.entropy = want_entropy ? log_s - t / s : 0.f;
+  r.entropy = want_entropy ? static_cast<float>(log_s_d - t / s) : 0.f;
   if (label == ignore_index) {
     r.logprob = 0.f;
   } else if (label >= 0 && label < V) {

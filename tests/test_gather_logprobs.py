@@ -176,6 +176,10 @@ def cases(draw, max_v=5000):
 
 @given(cases())
 @example((1, 1, 2, torch.float16, 0.25, True, dict(scale=20.0, ignore_frac=0.0, neg_inf=True, strided=False, seed=0)))
+# Found by the thorough profile: float32 lanes summing exp(z - m) lost ~2 ulps of the row sum (the
+# lane holding exp(0) = 1 rounds each small term), and d_logits at p ~ 0.69 exceeded 2x torch's
+# error; the sums are now compensated.
+@example((2, 2, 341, torch.float32, 1.0, True, dict(scale=5.0, ignore_frac=0.0, neg_inf=False, strided=True, seed=64)))
 def test_property_public_op(case):
     B, T, V, dtype, temperature, return_entropy, kw = case
     logits, labels = make_case(B, T, V, dtype, **kw)
