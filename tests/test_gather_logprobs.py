@@ -62,7 +62,12 @@ def check_impl(fwd, logits, labels, temperature, return_entropy, *, check_grad=T
     if check_grad:
         assert c_g.dtype == logits.dtype
         eps = torch.finfo(logits.dtype).eps
-        assert_no_worse_than_baseline("d_logits", c_g, o_g, b_g, atol=4 * eps * 1e-3 + 1e-7)
+        # 1e-7 scaled by the largest gradient: ~1 float32 ulp there. The op and the baseline both
+        # round dz and then dz / T in float32, and the baseline can land on the nearest float by
+        # luck (5.9e-9 off at |g| = 1.54, where one ulp is 1.2e-7); a fixed 1e-7 asked for better
+        # than one ulp (found by the thorough profile: the second @example below).
+        g_max = float(torch.nan_to_num(o_g.abs(), posinf=0.0).max()) if o_g.numel() else 0.0
+        assert_no_worse_than_baseline("d_logits", c_g, o_g, b_g, atol=4 * eps * 1e-3 + 1e-7 * (1.0 + g_max))
 
 
 def public_op(x, labels, temperature, return_entropy):
@@ -180,6 +185,8 @@ def cases(draw, max_v=5000):
 # lane holding exp(0) = 1 rounds each small term), and d_logits at p ~ 0.69 exceeded 2x torch's
 # error; the sums are now compensated.
 @example((2, 2, 341, torch.float32, 1.0, True, dict(scale=5.0, ignore_frac=0.0, neg_inf=False, strided=True, seed=64)))
+@example((1, 2, 1000, torch.float32, 0.4285347299529646, True,
+          dict(scale=0.1, ignore_frac=0.3, neg_inf=False, strided=False, seed=512)))
 def test_property_public_op(case):
     B, T, V, dtype, temperature, return_entropy, kw = case
     logits, labels = make_case(B, T, V, dtype, **kw)
