@@ -17,7 +17,7 @@ from rlhf_fast.ops import rlmath as ops_rlmath
 from rlhf_fast.reference import rlmath as ref
 from rlhf_fast.testing import assert_no_worse_than_baseline
 
-from _rlmath_cases import atol_for, make_mask, rl_cases, tensors, trl_gae
+from _rlmath_cases import MASK_KINDS, atol_for, make_mask, rl_cases, tensors, trl_gae
 
 ESTIMATORS = ("k1", "k2", "k3")
 
@@ -242,6 +242,35 @@ def test_masked_whiten_vs_reference(case, shift_mean, unbiased):
         o_ = getattr(ref, fn)(x, m, **kwargs, compute_dtype=torch.float64)
         b_ = getattr(ref, fn)(x, m, **kwargs, compute_dtype=torch.float32)
         assert_no_worse_than_baseline(name, c_, o_, b_, atol=atol_for(o_, 1e-5))
+
+
+@given(hst.integers(1, 4), hst.integers(1, 3000), hst.sampled_from([4.0, 50.0, -3e3, 1e4, 1e7]),
+       hst.sampled_from([0.01, 0.1, 1.0, 3.0]), hst.sampled_from(MASK_KINDS), hst.booleans(), hst.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_masked_moments_offset_and_chunks(B, T, offset, spread, kind, shift_mean, seed):
+    """Means much larger than the spread (x = offset + spread * N(0, 1)) and sizes spanning several
+    of the C++ kernel's 2048-element chunks. Found by a QA pass: float32 chunk sums of x drifted
+    the chunk means (by ~86 at an offset of 1e7: a variance of 37414 for data of variance 2), and
+    whitening rounded the mean to one float."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (offset + spread * torch.randn(B, T, generator=gen, dtype=torch.float64)).float()
+    m = make_mask(kind, B, T, gen)
+    for name, kwargs in (("masked_mean", {}), ("masked_var", dict(unbiased=True)),
+                         ("masked_whiten", dict(shift_mean=shift_mean))):
+        c_ = getattr(ops, name)(x, m, **kwargs)
+        o_ = getattr(ref, name)(x, m, **kwargs, compute_dtype=torch.float64)
+        b_ = getattr(ref, name)(x, m, **kwargs, compute_dtype=torch.float32)
+        assert_no_worse_than_baseline(name, c_, o_, b_, atol=atol_for(o_, 1e-5))
+
+
+def test_masked_var_large_offset_hand():
+    """torch.var of the same float32 data (float64 arithmetic) is the answer; float32 chunk sums
+    gave 37414 here."""
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add(1e7).float()
+    m = torch.ones_like(x, dtype=torch.bool)
+    want = x.double().var()
+    assert float(ops.masked_var(x, m)) == pytest.approx(float(want), rel=1e-5)
+    assert float(ops.masked_mean(x, m)) == pytest.approx(float(x.double().mean()), abs=1.0)  # one float ulp at 1e7
 
 
 # ---- bad input -------------------------------------------------------------------------------
