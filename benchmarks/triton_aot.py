@@ -302,6 +302,11 @@ def ptxas_versions(archs) -> dict:
 
 
 def run(archs, quick: bool = False, kernels: list[str] | None = None, verbose: bool = True) -> list[dict]:
+    if kernels:
+        known = {cfg.kernel for arch in archs for cfg in all_configs(arch)}
+        unknown = sorted(set(kernels) - known)
+        if unknown:
+            raise ValueError(f"unknown kernel(s) {', '.join(unknown)}; kernels: {', '.join(sorted(known))}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="triton_aot_") as cache, warnings.catch_warnings():
         knobs.cache.dir = cache  # every config is compiled anyway (compile_one): keep ~/.triton clean

@@ -124,17 +124,24 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma, g
 
 @triton.jit
 def _moments_partial_kernel(x_ptr, mask_ptr, part_ptr, N, BLOCK: tl.constexpr):
+    """Per block: (count, pivot, mean of x - pivot, M2). The pivot is the block's first valid
+    entry, so a mean much larger than the spread does not swamp the float32 sums (x - pivot is
+    exact near the pivot); the merge adds pivot + mean in float64."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     m = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+    first = tl.min(tl.where(m, offs, N), axis=0)
+    pivot = tl.load(x_ptr + tl.minimum(first, N - 1)).to(tl.float32)  # unused when the block has no valid entry
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = tl.where(m, x - pivot, 0.0)
     n = tl.sum(m.to(tl.float32), axis=0)
-    mean = tl.sum(x, axis=0) / tl.maximum(n, 1.0)
-    d = tl.where(m, x - mean, 0.0)
-    tl.store(part_ptr + pid * 3 + 0, n)
-    tl.store(part_ptr + pid * 3 + 1, mean)
-    tl.store(part_ptr + pid * 3 + 2, tl.sum(d * d, axis=0))
+    mean = tl.sum(d, axis=0) / tl.maximum(n, 1.0)
+    c = tl.where(m, d - mean, 0.0)
+    tl.store(part_ptr + pid * 4 + 0, n)
+    tl.store(part_ptr + pid * 4 + 1, tl.where(n > 0, pivot, 0.0))
+    tl.store(part_ptr + pid * 4 + 2, mean)
+    tl.store(part_ptr + pid * 4 + 3, tl.sum(c * c, axis=0))
 
 
 @triton.jit
@@ -149,12 +156,15 @@ def _whiten_apply_kernel(x_ptr, mask_ptr, stats_ptr, out_ptr, N, eps, BLOCK: tl.
         count = count - 1.0
     var = m2 / tl.maximum(count, 1.0)  # too few entries: var 0, never NaN
     rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
-    mean = mean64.to(tl.float32)
+    # the mean as a float pair hi + lo: x - hi is exact near the mean, so an offset much larger
+    # than the spread costs nothing (one float mean carries ~1 ulp of the offset into every output)
+    mean_hi = mean64.to(tl.float32)
+    mean_lo = (mean64 - mean_hi.to(tl.float64)).to(tl.float32)
     m = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = (x - mean) * rstd
+    y = ((x - mean_hi) - mean_lo) * rstd
     if not SHIFT_MEAN:
-        y = y + mean
+        y = y + mean_lo + mean_hi
     tl.store(out_ptr + offs, tl.where(m, y, 0.0), mask=inb)
 
 
@@ -225,11 +235,11 @@ def masked_moments_fwd(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.zeros(3, dtype=torch.float64, device=x.device)
     block = min(triton.next_power_of_2(n), 4096)
     P = triton.cdiv(n, block)
-    part = torch.empty((P, 3), dtype=torch.float32, device=x.device)
+    part = torch.empty((P, 4), dtype=torch.float32, device=x.device)
     _moments_partial_kernel[(P,)](x, _u8(mask), part, n, BLOCK=block)
     # Chan's merge of P partials in float64: a few tiny device ops, no host sync.
     p = part.double()
-    cnt, mu, m2 = p[:, 0], p[:, 1], p[:, 2]
+    cnt, mu, m2 = p[:, 0], p[:, 1] + p[:, 2], p[:, 3]
     total = cnt.sum()
     mean = (cnt * mu).sum() / total.clamp(min=1.0)
     M2 = (m2 + cnt * (mu - mean) ** 2).sum()

@@ -106,6 +106,28 @@ def test_moments_merge_across_many_blocks():
     torch.testing.assert_close(m2 / (n - 1), xd.var(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("offset,spread", [(1e7, 1.0), (50.0, 0.1), (-3e3, 0.01)])
+def test_whitening_large_offset(offset, spread):
+    """A mean much larger than the spread, over several 4096-entry blocks (with an all-masked
+    block): block sums of x, not of x - pivot, and a float32 mean in the apply step, lost the
+    variance (the C++ kernel gave 37414 for a variance of 1.08 at 1e7)."""
+    gen = torch.Generator().manual_seed(1)
+    x = (offset + spread * torch.randn(3, 4000, generator=gen, dtype=torch.float64)).float()
+    m = torch.rand(3, 4000, generator=gen) < 0.7
+    m[1, :] = False  # 4000 masked entries: the second block is all masked
+    stats = K.masked_moments_fwd(*_dev(x, m))
+    n, mean, m2 = stats.cpu().unbind()
+    xd = x.double()[m]
+    assert int(n) == xd.numel()
+    assert float(m2 / (n - 1)) == pytest.approx(float(xd.var()), rel=1e-4)
+    for shift_mean in (True, False):
+        out = K.masked_whiten_apply_fwd(*_dev(x, m, stats), shift_mean, True, 1e-8).cpu()
+        kw = dict(shift_mean=shift_mean, unbiased=True, eps=1e-8)
+        o = ref.masked_whiten(x, m, **kw, compute_dtype=torch.float64)
+        b = ref.masked_whiten(x, m, **kw, compute_dtype=torch.float32)
+        assert_no_worse_than_baseline("masked_whiten", out, o, b, atol=atol_for(o, 1e-5))
+
+
 def test_empty_and_long_row_carries(small_blocks):
     # T = 45 with BLOCK_T = 8: 6 chunks; a long hole spanning whole chunks; an empty row.
     gen = torch.Generator().manual_seed(5)
