@@ -299,6 +299,34 @@ def test_bad_inputs():
         HybridEngine(model, pad_token_id=PAD, max_batch_size=0, max_seq_len=16)
     with pytest.raises(ValueError, match="causal LM"):
         HybridEngine(torch.nn.Linear(2, 2), pad_token_id=PAD, max_batch_size=4, max_seq_len=16)
+    # a QA pass: ids outside the vocabulary, non-0/1 masks, badly typed sampling parameters,
+    # temperatures that overflow float32, seeds past int64, and more positions than GPT-2 has
+    oov = ids.clone()
+    oov[1, -1] = V + 3
+    with pytest.raises(ValueError, match=r"input_ids\[1, 8\] = %d is outside the vocabulary" % (V + 3)):
+        engine.generate(oov, mask, SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        engine.generate(ids, mask.float() * 0.5 + 0.5, SamplingParams(max_new_tokens=4))
+    for kw, msg in ((dict(temperature=None), "temperature must be a number"),
+                    (dict(temperature="hot"), "temperature must be a number"),
+                    (dict(temperature=1e-40), "temperature must be finite and >= 1e-06"),
+                    (dict(do_sample="no"), "do_sample must be True or False"),
+                    (dict(top_k=True), "top_k must be an int"), (dict(max_new_tokens=True), "max_new_tokens must be"),
+                    (dict(stop_token_ids="ab"), "stop_token_ids must be"),
+                    (dict(eos_token_id=[1, None]), "eos_token_id: token ids must be ints"),
+                    (dict(seed=2**63), r"seed must be an int in \[0, 2\*\*63\)")):
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**{"max_new_tokens": 4, **kw})
+    assert SamplingParams(max_new_tokens=4, eos_token_id=torch.tensor(3), stop_token_ids=5).stop_ids() == (3, 5)
+    with pytest.raises(ValueError, match="max_seq_len 129 exceeds the model's 128 learned positions"):
+        HybridEngine(_model("gpt2"), pad_token_id=PAD, max_batch_size=4, max_seq_len=129)
+    with pytest.warns(UserWarning, match="exceeds the model's max_position_embeddings 128"):  # rotary: a warning
+        HybridEngine(_model("llama"), pad_token_id=PAD, max_batch_size=4, max_seq_len=129)
+    # -100 fillers at padded positions are never attended to: replaced by the pad id, not an error
+    filled = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    p = SamplingParams(max_new_tokens=4, do_sample=False)
+    a, b = engine.generate(filled, mask, p), engine.generate(ids, mask, p)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(filled, torch.where(mask.bool(), ids, -100))
     # a batch above max_batch_size is split, not truncated
     ids8, mask8 = _prompts(B=9, P=6)
     out = engine.generate(ids8, mask8, SamplingParams(max_new_tokens=4, do_sample=False))

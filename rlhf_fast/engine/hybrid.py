@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,6 +79,24 @@ class EngineStats:
     compile_error: Optional[str] = None
 
 
+# Architectures whose positions are a learned table: a position past it is an index error (GPT-2's
+# wpe), not a quality question. Rotary / ALiBi models only warn.
+_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt"}
+
+
+def _check_position_limit(config, max_seq_len: int) -> None:
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or max_seq_len <= limit:
+        return
+    if getattr(config, "model_type", None) in _LEARNED_POSITIONS:
+        raise ValueError(
+            f"max_seq_len {max_seq_len} exceeds the model's {limit} learned positions ({config.model_type}); "
+            f"shorten the prompts / max_new_tokens or use a model with more positions"
+        )
+    warnings.warn(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings {limit}: "
+                  "positions past it were never trained", stacklevel=3)
+
+
 class HybridEngine:
     """Generation on the training module's own weights with an engine-owned KV cache.
 
@@ -125,6 +144,7 @@ class HybridEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        _check_position_limit(self.config, max_seq_len)
         self.sync_every = sync_every
         self.compact_finished = compact_finished
         self.kv_pool = kv.KVBufferPool(max_batch_size, max_seq_len)
@@ -160,7 +180,7 @@ class HybridEngine:
         """Responses for left-padded prompts ``input_ids`` / ``attention_mask`` (B, P)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        mask = self._check_inputs(input_ids, attention_mask, params)
+        input_ids, mask = self._check_inputs(input_ids, attention_mask, params)
         device = input_ids.device
         stop = params.stop_ids()
         stop_t = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
@@ -181,7 +201,10 @@ class HybridEngine:
     def _count_gather(self) -> None:
         self.stats.gathers += 1
 
-    def _check_inputs(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:
+    def _check_inputs(self, input_ids, attention_mask, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, bool mask) after the checks; ids outside the vocabulary at padded positions
+        (e.g. -100 fillers) become ``pad_token_id`` (they are never attended to, but the embedding
+        would still read them)."""
         _checks.check_tensor("input_ids", input_ids, floating=False)
         _checks.check_tensor("attention_mask", attention_mask)
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -203,8 +226,18 @@ class HybridEngine:
                 raise ValueError(f"token id {tok} (eos / stop) is outside the vocabulary of size {self.vocab_size}")
         mask = attention_mask.bool()
         lengths = mask.sum(1)
+        outside = (input_ids < 0) | (input_ids >= self.vocab_size)
+        not01 = torch.zeros((), dtype=torch.bool, device=mask.device) if attention_mask.dtype == torch.bool \
+            else ((attention_mask != 0) & (attention_mask != 1)).any()
         # one host sync per call: the price of a clear error instead of garbage
-        bad = torch.stack([(lengths == 0).any(), (~mask[:, -1]).any()]).tolist()
+        bad = torch.stack([(lengths == 0).any(), (~mask[:, -1]).any(), (outside & mask).any(), not01,
+                           (outside & ~mask).any()]).tolist()
+        if bad[3]:
+            raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
+        if bad[2]:
+            r, c = (outside & mask).nonzero()[0].tolist()
+            raise ValueError(f"input_ids[{r}, {c}] = {int(input_ids[r, c])} is outside the vocabulary "
+                             f"[0, {self.vocab_size}) at an attended position")
         if bad[0]:
             rows = (lengths == 0).nonzero().flatten().tolist()
             raise ValueError(f"empty prompt (attention_mask all zero) in rows {rows[:8]}")
@@ -215,7 +248,9 @@ class HybridEngine:
         param = next(self.lm.parameters(), None)
         if param is not None and param.device != input_ids.device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {param.device}")
-        return mask
+        if bad[4]:
+            input_ids = input_ids.masked_fill(outside & ~mask, self.pad_token_id)
+        return input_ids, mask
 
     # ---- decode loop ---------------------------------------------------------------------
 
