@@ -127,9 +127,11 @@ def run_pipeline(cfg: C.RunConfig, args: argparse.Namespace) -> int:
          description="Prints the config that --config / --preset / overrides resolve to, as YAML; "
          "with --docs, every field with its default and documentation.")
 def run_config(cfg: C.RunConfig, args: argparse.Namespace) -> int:
-    if args.docs:
-        for path, default, doc in C.describe():
-            print(f"{path} = {default!r}\n    {doc}")
+    if args.docs:  # the resolved values (presets, --config, overrides), the default where they differ
+        defaults = {path: value for path, value, _ in C.describe()}
+        for path, value, doc in C.describe(cfg):
+            note = f"   (default: {defaults[path]!r})" if value != defaults[path] else ""
+            print(f"{path} = {value!r}{note}\n    {doc}")
     else:
         print(C.dump_yaml(cfg), end="")
     return 0
@@ -183,6 +185,9 @@ def parse(argv: Optional[list[str]] = None) -> tuple[Command, C.RunConfig, argpa
     cmd = COMMANDS[args.command]
     overrides = C.parse_overrides(extra, default_section=cmd.section or None)
     cfg = C.load_config(args.config, presets=args.preset, overrides=overrides)
+    out = getattr(args, "output_dir", None)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {str(out)!r} exists and is not a directory")
     return cmd, cfg, args
 
 

@@ -83,6 +83,9 @@ def test_shorthand_paths_and_default_section():
         (["--rm.deepspeed.offload_optimizer", "true"], r"rm\.deepspeed\.offload_optimizer needs rm\.deepspeed\.zero_stage >= 1"),
         (["--rm.deepspeed.zero_stage", "2", "--rm.deepspeed.offload_params", "true"], r"offload_params needs .*zero_stage 3"),
         (["--rm.scheduler.decay", "step"], r"rm\.scheduler\.decay: expected one of 'linear', 'cosine', 'constant'"),
+        (["--ppo.seed", "-5"], r"ppo\.seed: expected an integer in \[0, 2\*\*31\), got -5"),
+        (["--sft.seed", "100000000000000"], r"sft\.seed: expected an integer in \[0, 2\*\*31\)"),
+        (["--rm.model.init_seed", "-1"], r"rm\.model\.init_seed: expected an integer in \[0, 2\*\*31\)"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -199,3 +202,16 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "sft.data.train_file" in err and "does not exist" in err and "Traceback" not in err
     assert main(["rm", "--output-dir", str(tmp_path), "--rm.deepspeed.zero_stage", "9"]) == 2
     assert "rm.deepspeed.zero_stage: expected one of 0, 1, 2, 3, got 9" in capsys.readouterr().err
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    assert main(["ppo", "--output-dir", str(a_file)]) == 2
+    assert f"--output-dir '{a_file}' exists and is not a directory" in capsys.readouterr().err
+
+
+def test_config_docs_show_the_resolved_values(capsys):
+    """``rlhf-fast config --preset X --docs``: the values the preset resolves to, with the default
+    where it differs (the docs used to ignore the preset)."""
+    assert main(["config", "--preset", "n_plus", "--docs"]) == 0
+    out = capsys.readouterr().out
+    assert "rm.normalization = 'reference_mean'   (default: 'policy_samples')\n" in out
+    assert "rm.margin = 0.0\n" in out

@@ -84,6 +84,40 @@ def test_bad_reward_function_errors(fn, match):
         call_reward_function(fn, ["a", "b", "c"], ["x", "y", "z"])
 
 
+def test_reward_function_exception_names_the_batch():
+    def boom(prompts, responses):
+        raise KeyError("label")
+
+    with pytest.raises(RuntimeError, match=r"raised KeyError: 'label' \(on 3 responses, prompt indices 4..6; the first: 'a'\)"):
+        call_reward_function(boom, ["a", "b", "c"], ["x", "y", "z"], index_offset=4)
+    with pytest.raises(ValueError, match=r"inf for eval prompt index 9"):
+        call_reward_function(lambda p, r: [0.0, float("inf")], ["a", "b"], ["x", "y"], indices=[7, 9], what="eval prompt")
+
+
+def test_reward_function_module_from_the_current_directory(tmp_path, monkeypatch):
+    """The console script does not put the current directory on sys.path (python -m does)."""
+    import sys
+
+    from rlhf_fast.trainers.ppo import load_reward_function
+
+    (tmp_path / "qa_rewards_cwd.py").write_text("def ok(prompts, responses):\n    return [1.0] * len(prompts)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_reward_function("qa_rewards_cwd:ok")(["a"], ["b"]) == [1.0]
+    with pytest.raises(ValueError, match=r"cannot be loaded: No module named 'no_such_rewards_mod'.*PYTHONPATH"):
+        load_reward_function("no_such_rewards_mod:fn")
+
+
+def test_stop_tokens_resolved_or_named():
+    from rlhf_fast.tasks import get_task
+    from rlhf_fast.trainers.ppo import resolve_stop_tokens
+
+    tok = get_task("tiny_sentiment").tokenizer
+    assert resolve_stop_tokens(tok, ["."]) == [tok.convert_tokens_to_ids(".")]
+    with pytest.raises(ValueError, match=r"stop_tokens: 'NOSUCHTOKEN' is not a token of the tokenizer"):
+        resolve_stop_tokens(tok, ["NOSUCHTOKEN"])
+
+
 def test_bad_reward_function_in_trainer_names_prompt(tmp_path):
     def nan_at_3(prompts, responses):
         return [float("nan") if i == 3 else 0.0 for i in range(len(prompts))]

@@ -367,9 +367,10 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls=RunConfig) -> list[tuple[str, Any, str]]:
-    """(dotted path, default, doc) for every leaf field."""
-    return list(_describe_obj(cls(), ""))
+def describe(cfg=RunConfig) -> list[tuple[str, Any, str]]:
+    """(dotted path, value, doc) for every leaf field: the defaults of a config class, or the
+    values of a config instance (e.g. one resolved from presets and overrides)."""
+    return list(_describe_obj(cfg() if isinstance(cfg, type) else cfg, ""))
 
 
 def _describe_obj(obj, prefix: str):

@@ -255,6 +255,11 @@ _CHECKS[(RewardConfig, "batch_size")] = (lambda v: v >= 1, "an integer >= 1")
 for _name in ("iterations", "rollout_batch_size", "samples_per_prompt", "eval_prompts"):
     _CHECKS[(PPOConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
 _CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
+# seeds: per-rank and per-iteration seeds are derived from them (seed + rank * 100003, ...) and must
+# stay inside torch's and the sampler's int64 range
+for _stage in (SFTConfig, RMConfig, PPOConfig):
+    _CHECKS[(_stage, "seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
+_CHECKS[(ModelConfig, "init_seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 
 
 def _cross_checks(cfg, path: str) -> None:

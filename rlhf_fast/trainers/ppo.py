@@ -24,6 +24,7 @@ import importlib
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,20 @@ RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 # ---- scoring ------------------------------------------------------------------------------------
 
 
+def _import_user_module(module: str):
+    """``importlib.import_module``, also from the current directory: the ``rlhf-fast`` console
+    script, unlike ``python -m``, does not put it on sys.path, so ``my_rewards:fn`` next to the
+    config was not found."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != module.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        return importlib.import_module(module)
+
+
 def load_reward_function(spec: str, *, task=None) -> RewardFn:
     """``"package.module:function"`` -> the function; ``"task:gold"`` -> the built-in task's hidden
     gold reward (for debugging and upper bounds: it is what the pipeline evaluates with)."""
@@ -60,18 +75,29 @@ def load_reward_function(spec: str, *, task=None) -> RewardFn:
     if not sep or not module or not name:
         raise ValueError(f"reward.function must look like 'package.module:function', got {spec!r}")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import_user_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward.function {spec!r} cannot be loaded: {e}") from None
+        raise ValueError(f"reward.function {spec!r} cannot be loaded: {e} (searched the current directory and "
+                         "sys.path; set PYTHONPATH to the module's directory)") from None
     if not callable(fn):
         raise ValueError(f"reward.function {spec!r} is not callable")
     return fn
 
 
-def call_reward_function(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str], *, index_offset: int = 0):
+def call_reward_function(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str], *, index_offset: int = 0,
+                         indices: Optional[Sequence[int]] = None, what: str = "prompt"):
     """(B,) float32 scores from a user's reward function, validated: one finite number per prompt,
-    else a ValueError naming the prompt index (and the prompt)."""
-    out = fn(list(prompts), list(responses))
+    else a ValueError naming the prompt index (and the prompt); an exception raised by the function
+    is re-raised as a RuntimeError naming the batch. ``indices``: the prompts' indices for the
+    messages (default ``index_offset + i``); ``what``: what they index ("prompt", "eval prompt")."""
+    idx = list(indices) if indices is not None else [index_offset + i for i in range(len(prompts))]
+    try:
+        out = fn(list(prompts), list(responses))
+    except Exception as e:
+        span = f"{what} indices {idx[0]}..{idx[-1]}" if idx else f"an empty batch of {what}s"
+        first = f"; the first: {prompts[0][:80]!r}" if prompts else ""
+        raise RuntimeError(f"reward function {getattr(fn, '__qualname__', fn)!s} raised {type(e).__name__}: {e} "
+                           f"(on {len(prompts)} responses, {span}{first})") from e
     try:
         scores = torch.as_tensor(out, dtype=torch.float32).detach().cpu()
     except (TypeError, ValueError) as e:
@@ -82,7 +108,7 @@ def call_reward_function(fn: RewardFn, prompts: Sequence[str], responses: Sequen
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if bad.numel():
         i = int(bad[0])
-        raise ValueError(f"reward function returned {scores[i].item()} for prompt index {i + index_offset} "
+        raise ValueError(f"reward function returned {scores[i].item()} for {what} index {idx[i]} "
                          f"({prompts[i][:80]!r}); scores must be finite")
     return scores
 
@@ -137,6 +163,26 @@ class _Timer:
 # ---- the trainer --------------------------------------------------------------------------------
 
 
+def resolve_stop_tokens(tokenizer, stop_tokens) -> list[int]:
+    """Ids of ``ppo.generation.stop_tokens``: each entry is a token of the vocabulary (as
+    ``convert_tokens_to_ids`` knows it) or a text that encodes to exactly one token (so "\\n"
+    works with a byte-level BPE whose token is "Ċ"). Anything else is a ValueError naming it."""
+    ids = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for t in stop_tokens:
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"ppo.generation.stop_tokens: entries must be non-empty strings, got {t!r}")
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if tid is None or (unk is not None and tid == unk and t != tokenizer.unk_token):
+            enc = tokenizer.encode(t, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"ppo.generation.stop_tokens: {t!r} is not a token of the tokenizer, and as text it "
+                                 f"encodes to {len(enc)} tokens {enc[:8]}, not one")
+            tid = enc[0]
+        ids.append(int(tid))
+    return ids
+
+
 class PPOTrainer:
     """``PPOTrainer(cfg.ppo, "out/ppo").fit()`` trains the policy and returns the last metrics.
 
@@ -174,6 +220,7 @@ class PPOTrainer:
     def _models(self):
         cfg = self.cfg
         self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path)
+        self.stop_token_ids = resolve_stop_tokens(self.tokenizer, cfg.generation.stop_tokens)  # before any model
         src = _build.model_source(cfg.policy, cfg.data, self.tokenizer)
         value_head = cfg.critic == "value_head"
         policy = Policy.from_pretrained(src, value_head=value_head, seed=cfg.policy.init_seed,
@@ -280,7 +327,7 @@ class PPOTrainer:
 
     def _sampling(self, seed: int) -> SamplingParams:
         g = self.cfg.generation
-        stops = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in g.stop_tokens)
+        stops = tuple(self.stop_token_ids)
         return SamplingParams(
             max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
             min_new_tokens=g.min_new_tokens, eos_token_id=self.tokenizer.eos_token_id if g.stop_at_eos else None,
@@ -322,13 +369,14 @@ class PPOTrainer:
 
     def _stop_ids(self) -> list[int]:
         g = self.cfg.generation
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in g.stop_tokens]
+        ids = list(self.stop_token_ids)
         if g.stop_at_eos:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
     @torch.no_grad()
-    def _score(self, q_ids, q_mask, resp, rmask, prompts) -> torch.Tensor:
+    def _score(self, q_ids, q_mask, resp, rmask, prompts, eval_rows: Optional[list[int]] = None) -> torch.Tensor:
+        """Scores of the responses; ``eval_rows``: the eval prompts' indices (for error messages)."""
         if self.reward_model is not None:
             seq = torch.cat([q_ids, resp], 1)
             att = torch.cat([q_mask, rmask], 1).long()
@@ -337,6 +385,9 @@ class PPOTrainer:
                 out.append(self.reward_model(seq[s : s + self.cfg.reward.batch_size], att[s : s + self.cfg.reward.batch_size]).scores)
             return torch.cat(out).float()
         texts = self.tokenizer.batch_decode(torch.where(rmask, resp, self.tokenizer.pad_token_id), skip_special_tokens=True)
+        if eval_rows is not None:
+            return call_reward_function(self._reward_fn, prompts, texts, indices=eval_rows,
+                                        what="eval prompt").to(resp.device)
         offset = self.dist.rank * self.local_prompts * self.cfg.samples_per_prompt
         return call_reward_function(self._reward_fn, prompts, texts, index_offset=offset).to(resp.device)
 
@@ -407,7 +458,7 @@ class PPOTrainer:
         batch = self.collate([self.eval_prompts[i] for i in rows])
         batch["prompts"] = [self.eval_prompts.prompts[i] for i in rows]
         q_ids, q_mask, resp, rmask, has_stop, _ = self._respond(batch, seed=self.cfg.seed * 31 + self.dist.rank)
-        scores = self._score(q_ids, q_mask, resp, rmask, batch["prompts"])
+        scores = self._score(q_ids, q_mask, resp, rmask, batch["prompts"], eval_rows=rows)
         r = Rollout(q_ids, q_mask, resp, rmask, scores)
         lp = self.policy_engine.module.logprobs(r.sequences, r.attention_mask, temperature=self.hp.temperature,
                                                 response_start=r.response_start).logprobs
