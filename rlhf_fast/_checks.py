@@ -77,8 +77,8 @@ def check_logprob_inputs(logits, labels, temperature, ignore_index) -> float:
     temperature = check_positive_finite("temperature", temperature)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be a Python int, got {ignore_index!r}")
     check_labels(labels, logits.shape[-1], ignore_index)
     return temperature
 
@@ -104,7 +104,9 @@ def check_linear_logprob_inputs(hidden, weight, labels, temperature, ignore_inde
     temperature = check_positive_finite("temperature", temperature)
     if weight.shape[0] == 0:
         raise ValueError("weight must have a non-empty first (vocabulary) dimension")
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden size H (weight.shape[1], hidden.shape[-1]) must be >= 1, got 0")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be a Python int, got {ignore_index!r}")
     check_labels(labels, weight.shape[0], ignore_index)
     return temperature

@@ -148,6 +148,18 @@ def check_gae_outputs(returns, rewards, values, mask) -> None:
         check_finite_rows("values", values, mask)
 
 
+def check_shape_rewards_outputs(kl, logprobs, ref_logprobs, mask) -> None:
+    """As ``check_gae_outputs``: a non-finite log-prob on a valid token makes that token's kl
+    non-finite (kl is 0 on masked ones), so one reduction replaces two scans; when it trips, the
+    inputs are scanned to name the row (before, the NaN passed through and GAE blamed the
+    rewards). A clamp that bounds an inf difference leaves nothing to report."""
+    if tracing() or kl.numel() == 0:
+        return
+    if not bool(torch.isfinite(kl.sum())):  # CPU-GPU sync point
+        check_finite_rows("logprobs", logprobs, mask)
+        check_finite_rows("ref_logprobs", ref_logprobs, mask)
+
+
 def check_whiten_inputs(x, mask, eps=0.0):
     """Returns (bool mask, eps)."""
     check_float("x", x)

@@ -108,6 +108,12 @@ def test_bad_files_and_presets(tmp_path):
         C.load_config(bad)
     with pytest.raises(ValueError, match="unknown preset 'fastest'; presets: ci"):
         C.load_config(presets=["fastest"])
+    with pytest.raises(ValueError, match="is a directory, not a YAML file"):
+        C.load_config(tmp_path)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("presets: ci\nppo:\nsft:\n  seed: 3\n")  # one preset as a string; an empty section
+    cfg = C.load_config(ok)
+    assert cfg.sft.seed == 3 and cfg.rm == C.load_config(presets=["ci"]).rm and cfg.ppo == C.load_config(presets=["ci"]).ppo
 
 
 def test_presets_are_valid():

@@ -295,6 +295,13 @@ def test_bad_input(make, match):
         ops.gather_logprobs(logits, labels)
 
 
+def test_ignore_index_must_be_an_int():
+    logits, labels = torch.randn(2, 5), torch.tensor([0, 1])
+    for bad in (True, 1.5, "x"):
+        with pytest.raises(ValueError, match="ignore_index must be a Python int"):
+            ops.gather_logprobs(logits, labels, ignore_index=bad)
+
+
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), "hot"])
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature"):

@@ -264,6 +264,7 @@ def test_compiles_without_graph_breaks():
         (lambda h, w, y: (h, w[0], y), r"weight must be \(V, H\)"),
         (lambda h, w, y: (h, w.to("meta"), y), "weight is on meta but hidden is on cpu"),
         (lambda h, w, y: (h, w, y.to("meta")), "labels is on meta"),
+        (lambda h, w, y: (h[:, :0], w[:, :0], y), r"hidden size H .* must be >= 1, got 0"),
     ],
 )
 def test_bad_input(mutate, match):

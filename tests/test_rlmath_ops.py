@@ -301,6 +301,8 @@ def _bad_cases():
          "rewards"),
         ("scores shape", lambda: sr(scores=torch.randn(3)), "scores"),
         ("nan score", lambda: sr(scores=nan_s), r"scores.*row \[1\]"),
+        ("nan logprob", lambda: sr(logprobs=nan_r), r"^logprobs has a non-finite value nan in row \[1\] at token 2"),
+        ("inf ref", lambda: sr(ref_logprobs=inf_v), r"^ref_logprobs has a non-finite value inf in row \[1\] at token 3"),
         ("ref shape", lambda: sr(ref_logprobs=torch.randn(2, 5)), "ref_logprobs"),
         ("estimator", lambda: sr(estimator="k4"), "estimator"),
         ("kl_coef inf", lambda: sr(kl_coef=float("inf")), "kl_coef"),

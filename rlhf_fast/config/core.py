@@ -147,7 +147,7 @@ def update(obj, data: dict, path: str = "") -> None:
             raise ValueError(f"unknown field {sub!r}; {type(obj).__name__} has: {', '.join(hints)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            update(getattr(obj, key), value, sub)
+            update(getattr(obj, key), {} if value is None else value, sub)  # "ppo:" with nothing under it
         else:
             setattr(obj, key, _coerce(value, tp, sub))
             _check_value(cls, key, getattr(obj, key), sub)
@@ -271,6 +271,8 @@ def apply_preset(cfg: RunConfig, name: str) -> None:
 
 def load_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
@@ -294,7 +296,10 @@ def load_config(
     the presets given here)."""
     cfg = RunConfig()
     data = load_yaml(path) if path is not None else {}
-    for name in data.pop("presets", None) or []:
+    file_presets = data.pop("presets", None) or []
+    if isinstance(file_presets, str):  # "presets: ci" means the one preset, not the letters c, i
+        file_presets = [file_presets]
+    for name in file_presets:
         apply_preset(cfg, name)
     update(cfg, data)
     for name in presets:

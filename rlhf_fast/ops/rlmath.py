@@ -229,6 +229,7 @@ def shape_rewards(
         scores.detach().reshape(-1), _rows(logprobs.detach()), _rows(ref_logprobs.detach()), _rows(mask),
         kl_coef, estimator, clamp,
     )
+    C.check_shape_rewards_outputs(kl, logprobs, ref_logprobs, mask)
     return rewards.reshape(shape), kl.reshape(shape)
 
 
