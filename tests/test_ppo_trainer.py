@@ -127,6 +127,24 @@ def test_bad_reward_function_in_trainer_names_prompt(tmp_path):
     assert not (tmp_path / "model").exists()  # nothing half-written
 
 
+def test_data_errors_before_any_model(tmp_path, monkeypatch):
+    """Too few prompts (naming the held-out eval prompts) and an empty prompt file are reported
+    before a model is built."""
+    import json
+
+    monkeypatch.setattr(PPOTrainer, "_models", lambda self: pytest.fail("models built before the data check"))
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(12)))
+    cfg = _cfg("--ppo.data.train_file", str(f), "--ppo.eval_prompts", "8", "--ppo.rollout_batch_size", "8",
+               "--ppo.reward.function", "task:gold")
+    with pytest.raises(ValueError, match=r"4 training prompts < ppo.rollout_batch_size \(8\); 8 others were held "
+                                         r"out for evaluation \(ppo.eval_prompts 8\)"):
+        PPOTrainer(cfg, tmp_path / "a").fit()
+    f.write_text("")
+    with pytest.raises(ValueError, match=r"ppo\.data\.train_file '.*prompts\.jsonl' holds no records"):
+        PPOTrainer(cfg, tmp_path / "b").fit()
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match=r"ppo.algo.*lam"):
         C.load_config(overrides=["--ppo.algo.lam", "1.5"])

@@ -140,3 +140,9 @@ def test_data_errors(tmp_path):
         RMTrainer(_cfg().rm, tmp_path / "rm2")
     with pytest.raises(ValueError, match="model path '/no/such/model' is not a directory"):
         train_sft(_cfg(*SMALL, "--sft.model.path", "/no/such/model").sft, tmp_path / "sft")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"sft\.data\.train_file '.*empty\.jsonl' holds no records"):
+        train_sft(_cfg(*SMALL, "--sft.data.train_file", str(empty)).sft, tmp_path / "sft2")
+    with pytest.raises(ValueError, match=r"rm\.sft_model '/no/such/sft' is not a directory"):
+        RMTrainer(_cfg("--rm.sft_model", "/no/such/sft").rm, tmp_path / "rm3")

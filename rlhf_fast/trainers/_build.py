@@ -55,16 +55,24 @@ def check_data_files(data: DataConfig, stage: str) -> None:
             _check_file(getattr(data, name), f"{stage}.data.{name}")
 
 
+def file_records(path: str, what: str) -> list:
+    """The records of a data file (``what``: its config field, for the errors); never empty."""
+    records = load_records(_check_file(path, what))
+    if not records:
+        raise ValueError(f"{what} {str(path)!r} holds no records")
+    return records
+
+
 def split_records(data: DataConfig, stage: str, task_records) -> tuple[list, list]:
     """(train, eval) records: from ``data.train_file`` / ``data.eval_file`` or, without a train
     file, from ``task_records()`` (the built-in task); without an eval file the last
     ``eval_fraction`` of the training records are held out."""
     if data.train_file is not None:
-        train = load_records(_check_file(data.train_file, f"{stage}.data.train_file"))
+        train = file_records(data.train_file, f"{stage}.data.train_file")
     else:
         train = list(task_records())
     if data.eval_file is not None:
-        evals = load_records(_check_file(data.eval_file, f"{stage}.data.eval_file"))
+        evals = file_records(data.eval_file, f"{stage}.data.eval_file")
     else:
         n_eval = int(round(len(train) * data.eval_fraction))
         train, evals = (train[:-n_eval], train[-n_eval:]) if n_eval else (train, [])

@@ -36,7 +36,7 @@ from rlhf_fast import algos
 from rlhf_fast import config as config_mod
 from rlhf_fast.algos import Rollout
 from rlhf_fast.config import BatchPlan, PPOConfig
-from rlhf_fast.data import PromptDataset, load_records
+from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import HybridEngine, SamplingParams
 from rlhf_fast.models import Critic, Policy, RewardModel
 from rlhf_fast.trainers import _build, ppo_core
@@ -258,9 +258,9 @@ class PPOTrainer:
         cfg = self.cfg
         self.task = _build.get_task(cfg.data) if cfg.data.train_file is None else None
         if cfg.data.train_file is not None:
-            train = load_records(_build._check_file(cfg.data.train_file, "ppo.data.train_file"))
+            train = _build.file_records(cfg.data.train_file, "ppo.data.train_file")
             if cfg.data.eval_file:
-                evals = load_records(_build._check_file(cfg.data.eval_file, "ppo.data.eval_file"))
+                evals = _build.file_records(cfg.data.eval_file, "ppo.data.eval_file")
             else:  # hold out the last eval_prompts prompts
                 train, evals = train[: -cfg.eval_prompts], train[-cfg.eval_prompts:]
         else:
@@ -274,6 +274,10 @@ class PPOTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dss.seed_everything(cfg.seed, self.dist.rank)
         train, evals = self._data()
+        if len(train) < cfg.rollout_batch_size:  # before any model is built
+            raise ValueError(f"{len(train)} training prompts < ppo.rollout_batch_size ({cfg.rollout_batch_size})"
+                             + (f"; {len(evals)} others were held out for evaluation (ppo.eval_prompts "
+                                f"{cfg.eval_prompts})" if evals and cfg.data.eval_file is None else ""))
         policy, critic = self._models()
         kw = dict(prompt_field=cfg.data.prompt_field, max_prompt_length=cfg.data.max_prompt_length)
         self.prompts = PromptDataset(train, self.tokenizer, **kw)

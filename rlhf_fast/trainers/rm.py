@@ -59,6 +59,10 @@ class RMTrainer(StageTrainer):
                                    else GenerationConfig().temperature)
         self.reference_data = reference_data or DataConfig()
         self.init_path = cfg.sft_model or cfg.model.path
+        for name, path in (("rm.sft_model", cfg.sft_model), ("rm.model.path", cfg.model.path)):
+            if path is not None and not Path(path).is_dir():
+                raise ValueError(f"{name} {path!r} is not a directory (a model written by rlhf-fast sft; "
+                                 "nothing is downloaded)")
         if cfg.normalization == "policy_samples" and self.init_path is None:
             raise ValueError(
                 "rm.normalization 'policy_samples' samples from the initial policy, but there is none: set "
