@@ -14,8 +14,14 @@ import torch
 FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def tracing() -> bool:
-    return torch.compiler.is_compiling()
+def tracing(*tensors: torch.Tensor) -> bool:
+    """Whether value checks (data-dependent, a host sync) must be skipped: under torch.compile,
+    inside a FakeTensorMode (shape inference), or for meta tensors, which hold no values."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None or any(t.device.type == "meta" for t in tensors)
 
 
 def check_tensor(name: str, x, *, floating: bool | None = None, min_dim: int = 0) -> None:
@@ -53,7 +59,7 @@ def check_positive_finite(name: str, value) -> float:
 
 def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """Labels must lie in [0, vocab) or equal ignore_index. One host sync (skipped when tracing)."""
-    if tracing() or labels.numel() == 0:
+    if tracing(labels) or labels.numel() == 0:
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(bad.any()):  # CPU-GPU sync point: the price of a clear error instead of a NaN

@@ -71,7 +71,7 @@ def check_mask(mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
         return mask
     if mask.is_complex():
         raise ValueError(f"mask must be bool or 0/1, got {mask.dtype}")
-    if not tracing() and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):  # CPU-GPU sync point
+    if not tracing(mask) and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):  # CPU-GPU sync point
         raise ValueError("mask must be bool or hold only 0 and 1")
     return mask != 0
 
@@ -79,7 +79,7 @@ def check_mask(mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
 def check_finite_rows(name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """Raises naming the first row (index over all but the last dim) with a non-finite valid entry.
     With ``mask=None``, every entry of ``x`` is checked and the row index is the entry's index."""
-    if tracing() or x.numel() == 0:
+    if tracing(x) or x.numel() == 0:
         return
     bad = ~torch.isfinite(x)
     if mask is not None:
@@ -141,7 +141,7 @@ def check_gae_outputs(returns, rewards, values, mask) -> None:
     value v gives -inf + inf), so one reduction over the returns replaces two full scans of the
     inputs on the fast path; only when it trips are the inputs scanned, to name the row. A finite
     sum that overflowed to inf finds no culprit and passes."""
-    if tracing() or returns.numel() == 0:
+    if tracing(returns) or returns.numel() == 0:
         return
     if not bool(torch.isfinite(returns.sum())):  # CPU-GPU sync point
         check_finite_rows("rewards", rewards, mask)
@@ -153,7 +153,7 @@ def check_shape_rewards_outputs(kl, logprobs, ref_logprobs, mask) -> None:
     non-finite (kl is 0 on masked ones), so one reduction replaces two scans; when it trips, the
     inputs are scanned to name the row (before, the NaN passed through and GAE blamed the
     rewards). A clamp that bounds an inf difference leaves nothing to report."""
-    if tracing() or kl.numel() == 0:
+    if tracing(kl) or kl.numel() == 0:
         return
     if not bool(torch.isfinite(kl.sum())):  # CPU-GPU sync point
         check_finite_rows("logprobs", logprobs, mask)

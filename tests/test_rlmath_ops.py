@@ -381,3 +381,24 @@ def test_torch_compile_traces_gae_and_shaping():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_ops_infer_shapes_on_meta_and_fake_tensors(mode):
+    """Shape inference (meta tensors, FakeTensorMode) skips the value checks, which need data; it
+    used to fail in them (DataDependentOutputException, .item() on a meta tensor)."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dev = "meta" if mode == "meta" else "cpu"
+    with FakeTensorMode() if mode == "fake" else contextlib.nullcontext():
+        x = torch.randn(2, 3, 7, device=dev)
+        y = torch.zeros(2, 3, dtype=torch.long, device=dev)
+        m = torch.ones(2, 3, dtype=torch.bool, device=dev)
+        lp, h = ops.gather_logprobs(x, y, return_entropy=True)
+        assert lp.shape == h.shape == (2, 3)
+        assert ops.linear_logprobs(torch.randn(2, 3, 4, device=dev), torch.randn(7, 4, device=dev), y).shape == (2, 3)
+        adv, ret = ops.gae(x[..., 0], x[..., 1], m, gamma=1.0, lam=0.9)
+        rw, kl = ops.shape_rewards(x[:, 0, 0], x[..., 0], x[..., 1], m, kl_coef=0.1)
+        assert adv.shape == ret.shape == rw.shape == kl.shape == ops.masked_whiten(x[..., 0], m).shape == (2, 3)
