@@ -409,7 +409,15 @@ def test_losses_vs_reference_ppo_formulas(case):
         assert pl.ratio_max.item() == pytest.approx(o_ratio[mask].max().item(), rel=1e-5)
 
 
+def _scaled_atol(oracle: torch.Tensor) -> float:
+    """1e-6 relative to the largest |value| (~8 float32 ulps there): k3 reaches ~35 here, where one
+    ulp is 3.8e-6 and a fixed 1e-6 asked for better than one ulp (the thorough profile found it)."""
+    return 1e-6 * (1.0 + (float(oracle.detach().abs().max()) if oracle.numel() else 0.0))
+
+
 @given(adv_cases(), st.sampled_from(["k1", "k2", "k3"]), st.sampled_from(["in_reward", "in_loss"]))
+@example(dict(B=6, T=3, kind="holes", gamma=0.0, lam=0.0, whiten_rewards=False, whiten_advantages=False,
+              unbiased=False, seed=3), "k3", "in_reward")
 def test_compute_rewards_and_kl_loss_ops_vs_reference(case, estimator, placement):
     note(case)
     rewards, values, mask = _tensors(case)
@@ -419,8 +427,8 @@ def test_compute_rewards_and_kl_loss_ops_vs_reference(case, estimator, placement
     r, kl = A.compute_rewards(scores, lp, rf, mask, **kw)
     o_r, o_kl = A.compute_rewards(scores.double(), lp.double(), rf.double(), mask, backend=reference, **kw)
     b_r, b_kl = A.compute_rewards(scores, lp, rf, mask, backend=reference, **kw)
-    assert_no_worse_than_baseline("rewards", r, o_r, b_r, atol=1e-6)
-    assert_no_worse_than_baseline("kl", kl, o_kl, b_kl, atol=1e-6)
+    assert_no_worse_than_baseline("rewards", r, o_r, b_r, atol=_scaled_atol(o_r))
+    assert_no_worse_than_baseline("kl", kl, o_kl, b_kl, atol=_scaled_atol(o_kl))
 
     def run(dtype, backend):
         x = lp.to(dtype).detach().clone().requires_grad_()
@@ -431,5 +439,5 @@ def test_compute_rewards_and_kl_loss_ops_vs_reference(case, estimator, placement
     t, gx = run(torch.float32, None)
     o_t, o_gx = run(torch.float64, reference)
     b_t, b_gx = run(torch.float32, reference)
-    assert_no_worse_than_baseline("kl loss", t, o_t, b_t, atol=1e-6)
-    assert_no_worse_than_baseline("d kl loss", gx, o_gx, b_gx, atol=1e-6)
+    assert_no_worse_than_baseline("kl loss", t, o_t, b_t, atol=_scaled_atol(o_t))
+    assert_no_worse_than_baseline("d kl loss", gx, o_gx, b_gx, atol=_scaled_atol(o_gx))
