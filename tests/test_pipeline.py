@@ -32,3 +32,16 @@ def test_pipeline_ci_preset_improves_gold_score(tmp_path, capsys):
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "metrics.jsonl").is_file() and (out / stage / "model" / "config.json").is_file()
     assert (out / "ppo" / "plots" / "ppo_summary.png").is_file()
+    assert "STOPPED EARLY" not in printed and summary["ppo_iterations"] == summary["ppo_iterations_planned"]
+
+
+def test_summary_says_when_ppo_stopped_early():
+    """A stop_after_iterations run printed its iteration-0 evaluation as the PPO result."""
+    from rlhf_fast.trainers.pipeline import format_summary
+
+    s = {"sft_gold_score": -1.3, "ppo_gold_score": -1.3, "sft_rm_score": 0.1, "ppo_rm_score": 0.1, "final_kl": 0.0,
+         "rm_eval_accuracy": 0.8, "ppo_iterations": 2, "ppo_iterations_planned": 30, "ppo_eval_iteration": 0,
+         "seconds": 10.0, "stage_seconds": {}}
+    assert "STOPPED EARLY after 2 of 30 PPO iterations: the PPO column is the evaluation at iteration 0" \
+        in format_summary(s)
+    assert "STOPPED EARLY" not in format_summary({**s, "ppo_iterations": 30})

@@ -66,6 +66,8 @@ def test_resume_repeats_the_uninterrupted_run(run, tmp_path):
     out, _ = run
     PPOTrainer(_cfg("--ppo.stop_after_iterations", "2"), tmp_path).fit()
     assert len([r for r in read_metrics(tmp_path) if "objective/kl" in r]) == 2
+    with pytest.raises(ValueError, match=r"ppo\.algo\.kl_init: .* in the checkpoint, 0\.5 now"):
+        PPOTrainer(_cfg("--ppo.algo.kl_init", "0.5"), tmp_path, resume=True).fit()
     PPOTrainer(_cfg(), tmp_path, resume=True).fit()
     assert _comparable(read_metrics(tmp_path)) == _comparable(read_metrics(out))
 
@@ -113,7 +115,9 @@ def test_stop_tokens_resolved_or_named():
     from rlhf_fast.trainers.ppo import resolve_stop_tokens
 
     tok = get_task("tiny_sentiment").tokenizer
-    assert resolve_stop_tokens(tok, ["."]) == [tok.convert_tokens_to_ids(".")]
+    # "." and its word-initial form "Ġ." (the built-in task's periods: "a baby ."): both stop
+    assert resolve_stop_tokens(tok, ["."]) == [tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("Ġ.")]
+    assert tok(" a baby .", add_special_tokens=False)["input_ids"][-1] == tok.convert_tokens_to_ids("Ġ.")
     with pytest.raises(ValueError, match=r"stop_tokens: 'NOSUCHTOKEN' is not a token of the tokenizer"):
         resolve_stop_tokens(tok, ["NOSUCHTOKEN"])
 

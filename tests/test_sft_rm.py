@@ -127,6 +127,49 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
     assert again.step == 4 and [r["step"] for r in read_metrics(tmp_path)] == [4]
 
 
+def test_resume_refuses_another_config_stage_or_a_broken_checkpoint(tmp_path, caplog):
+    """From a second QA pass: --resume silently kept the checkpoint's schedule under a changed lr
+    (while config.yaml recorded the new one), a fresh run left the old run's checkpoints for a
+    later --resume to mix in, broken or foreign checkpoints gave deep tracebacks, and a partial
+    last metrics line blocked resuming."""
+    import logging
+    import shutil
+
+    from rlhf_fast.cli import main
+
+    run = ["--preset", "ci", *SMALL, "--sft.max_steps", "4", "--sft.logging.save_every", "2",
+           "--sft.logging.progress_bar", "false", "--sft.logging.tensorboard", "false"]
+    d = tmp_path / "sft"
+    assert main(["sft", "--output-dir", str(d), *run, "--sft.stop_after_steps", "2"]) == 0
+    with pytest.raises(ValueError, match=r"sft\.optim\.lr: 0\.002 in the checkpoint, 1e-05 now"):
+        SFTTrainer(_cfg(*SMALL, "--sft.max_steps", "4", "--sft.optim.lr", "1e-5").sft, d, resume=True).fit()
+    # logging / stopping may change on resume
+    assert main(["sft", "--output-dir", str(d), *run, "--sft.logging.log_every", "1", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(d)][-1] == 4
+    # config.yaml carries its section: --config reproduces the run
+    cfg = C.load_config(d / "config.yaml").sft
+    assert (cfg.optim.lr, cfg.max_steps, cfg.logging.log_every, cfg.model.size) == (2e-3, 4, 1, "test")
+    # a partial last metrics line (a kill mid-append) is dropped on resume, with a warning
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "train/lo')
+    with caplog.at_level(logging.WARNING):
+        SFTTrainer(cfg, d, resume=True).fit()
+    assert "incomplete" in caplog.text and [r["step"] for r in read_metrics(d)][-1] == 4
+    # another stage's directory
+    with pytest.raises(ValueError, match="was written by the 'sft' stage, not 'rm'"):
+        RMTrainer(_cfg("--rm.sft_model", str(d / "model"), "--rm.normalization", "none").rm, d, resume=True).fit()
+    # a broken checkpoint: one line naming it
+    latest = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
+    shutil.rmtree(latest / "deepspeed")
+    with pytest.raises(ValueError, match=r"checkpoint .*step-000004 cannot be loaded .* Remove it"):
+        SFTTrainer(cfg, d, resume=True).fit()
+    # a fresh run (no --resume) removes the earlier checkpoints
+    assert main(["sft", "--output-dir", str(d), *run, "--sft.stop_after_steps", "2"]) == 0
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step-000002"]
+    state = json.loads((d / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["stage"] == "sft" and state["config"]["optim"]["lr"] == 2e-3
+
+
 def test_data_errors(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ValueError, match=r"rm\.data\.train_file: '.*nope\.jsonl' does not exist"):

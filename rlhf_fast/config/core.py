@@ -314,7 +314,8 @@ def load_config(
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """YAML of a config object, or of a plain dict (e.g. ``{"sft": to_dict(cfg.sft)}``)."""
+    return yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=False)
 
 
 # ---- derived values ---------------------------------------------------------------------------------

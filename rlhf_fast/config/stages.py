@@ -125,7 +125,10 @@ class GenerationConfig:
     """Truncate after the first EOS (the EOS trick) and stop rows that emitted it; False gives
     fixed-length responses with EOS ignored ("N details" #4)."""
     stop_tokens: list = field(default_factory=list)
-    """More token strings that end a response, e.g. ["."] ("N details" #14: truncate at '.')."""
+    """More token strings that end a response, e.g. ["."] ("N details" #14: truncate at '.'). Each
+    entry is a vocabulary token, or a text that encodes to one token; where " " + text is also a
+    single token (a byte-level BPE's "Ġ."), that id stops a response too: a period after a space is
+    still a period."""
     stop_during_generation: bool = True
     """Also stop sampling a row at a stop token (saves compute); False samples the full length and
     truncates afterwards, as lm-human-preferences does."""
@@ -351,7 +354,10 @@ PRESETS.update({
             "ppo.critic": "value_head", "ppo.optim.tf_adam_eps": True, "ppo.scheduler.decay": "linear",
         }),
     # "The N+ Implementation Details ... TL;DR": EOS trick with -1 for a missing EOS, beta 0.05,
-    # temperature 0.7, critic from the reward model, ZeRO-2, lr 3e-6 / eps 1e-5.
+    # temperature 0.7, critic from the reward model. The PPO defaults are these already; the preset
+    # pins them (it undoes another preset given before it). N+'s model-size settings (lr 3e-6, Adam
+    # eps 1e-5, ZeRO-2, for 1B-6.9B models) are not set: at the built-in task's size lr 3e-6 does
+    # not train in 40 iterations. Add --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them.
     "tldr": _ppo_preset(
         "tldr", **{
             "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",

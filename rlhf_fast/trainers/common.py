@@ -27,6 +27,7 @@ or world size); a resumed run skips the batches it has done, so it repeats the u
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,8 @@ from rlhf_fast import config as config_mod
 from rlhf_fast.config import BatchPlan, LoggingConfig
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers import deepspeed_setup as dss
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -92,7 +95,7 @@ class MetricsLogger:
     def resume_from(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = [json.dumps(row) for row in _metric_rows(self.path) if row["step"] <= step]
         _atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self._purge_step = step + 1
 
@@ -132,10 +135,29 @@ def _plain(v):
     return v
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    """The rows of a metrics file. A run killed while appending leaves a partial last line: it is
+    dropped (with a warning); a bad line anywhere else is a ValueError naming the file and line."""
+    lines = [(i + 1, ln) for i, ln in enumerate(path.read_text().splitlines()) if ln.strip()]
+    rows = []
+    for k, (lineno, ln) in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a metrics row (a JSON object with a step)")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                log.warning("%s line %d is incomplete (a run stopped while writing it): dropped", path, lineno)
+                break
+            raise ValueError(f"{path} line {lineno}: {e}") from None
+        rows.append(row)
+    return rows
+
+
 def read_metrics(output_dir) -> list[dict]:
     """The rows of ``DIR/metrics.jsonl``."""
     path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return _metric_rows(path) if path.exists() else []
 
 
 def make_progress(total: int, initial: int, *, enabled: bool, desc: str):
@@ -168,6 +190,34 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Fields that may change between a run and its resumption: where and how often it logs, evaluates and
+# saves, and where it stops. Anything else would silently train another run from this one's state.
+RESUMABLE_CHANGES = ("logging.", "stop_after_steps", "stop_after_iterations", "eval_batch_size")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, stage: str, path) -> None:
+    """Raises when ``current`` differs from the config a checkpoint was written with (outside
+    ``RESUMABLE_CHANGES``), naming the fields."""
+    a, b = _flatten(saved), _flatten(current)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if diff:
+        shown = "; ".join(f"{stage}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:6])
+        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise ValueError(f"--resume with a config that differs from the one checkpoint {path} was written with: "
+                         f"{shown}{more}. Resume with the same settings, or start a new run in another --output-dir")
+
+
 class Checkpointer:
     """Atomic checkpoints under ``root`` (see the module docstring). Every rank calls ``save`` and
     ``load`` (DeepSpeed state is per rank); rank 0 owns the directory moves."""
@@ -176,12 +226,24 @@ class Checkpointer:
         self.root, self.keep, self.is_main = Path(root), keep, is_main
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None."""
+        """The newest complete checkpoint, or None (with a warning when ``latest`` names a
+        checkpoint that is missing or incomplete: the run then starts from scratch)."""
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        return path if (path / STATE_FILE).is_file() else None
+        if (path / STATE_FILE).is_file():
+            return path
+        log.warning("%s names %s, which is missing or incomplete (no %s): nothing to resume from, starting "
+                    "from scratch", pointer, path, STATE_FILE)
+        return None
+
+    def clear(self) -> None:
+        """A fresh (not resumed) run removes an earlier run's checkpoints, which a later ``--resume``
+        would otherwise mix with this run's (rank 0)."""
+        if self.is_main and self.root.exists():
+            log.info("fresh run: removing the earlier checkpoints in %s (use --resume to continue a run)", self.root)
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
         name = f"step-{step:06d}"
@@ -200,13 +262,30 @@ class Checkpointer:
         dss.barrier()
         return final
 
-    def load(self, path: Path, engine) -> dict:
-        """Restores the engine (weights, optimizer, scheduler) and returns the trainer state."""
-        load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    def load(self, path: Path, engine, *, stage: Optional[str] = None, config: Optional[dict] = None) -> dict:
+        """Restores the engine (weights, optimizer, scheduler) and returns the trainer state. With
+        ``stage`` / ``config`` (``to_dict`` of the stage's config), a checkpoint written by another
+        stage or with other settings is refused before anything is loaded; a checkpoint that cannot
+        be read is a ValueError naming it."""
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {path}: {STATE_FILE} cannot be read ({e})") from None
+        if stage is not None and state.get("stage", stage) != stage:
+            raise ValueError(f"checkpoint {path} was written by the {state['stage']!r} stage, not {stage!r}: "
+                             "point --output-dir at this stage's own directory")
+        if config is not None and "config" in state:
+            check_resume_config(state["config"], config, stage or "", path)
+        try:
+            load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        except Exception as e:  # a deleted / truncated file, another model shape: DeepSpeed or torch errors
+            raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); it is "
+                             "incomplete or from another model. Remove it (and fix checkpoints/latest) or start "
+                             "fresh without --resume") from None
         if load_path is None:
             raise ValueError(f"{path}: no DeepSpeed state to resume from")
-        return json.loads((path / STATE_FILE).read_text())
+        return state
 
     def _prune(self, keep_name: str) -> None:
         for stale in self.root.glob(".tmp-step-*"):
@@ -217,6 +296,22 @@ class Checkpointer:
         for old in done[: -self.keep]:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def start_fresh(output_dir: Path, checkpointer: Checkpointer, *, is_main: bool) -> None:
+    """A run that does not resume replaces the earlier run's record in ``output_dir``: its metrics,
+    TensorBoard events and checkpoints (rank 0)."""
+    if is_main:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
+    checkpointer.clear()
+    dss.barrier()
+
+
+def write_stage_config(output_dir: Path, stage: str, cfg) -> None:
+    """``DIR/config.yaml``: the stage's resolved config under its section (``sft:``...), so that
+    ``--config DIR/config.yaml`` reproduces the run."""
+    _atomic_write_text(output_dir / "config.yaml", config_mod.dump_yaml({stage: config_mod.to_dict(cfg)}))
 
 
 def save_model_atomically(directory: Path, write: Callable[[Path], None], *, is_main: bool) -> None:
@@ -311,14 +406,13 @@ class StageTrainer:
         self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
         self.step = 0
         if self.resume and (ckpt := self.checkpointer.latest()) is not None:
-            self.step = int(self.checkpointer.load(ckpt, self.engine)["step"])
+            state = self.checkpointer.load(ckpt, self.engine, stage=self.stage, config=config_mod.to_dict(self.cfg))
+            self.step = int(state["step"])
             self.logger.resume_from(self.step)
-        elif self.is_main:
-            for stale in ("metrics.jsonl",):
-                (self.output_dir / stale).unlink(missing_ok=True)
-            shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
+        else:
+            start_fresh(self.output_dir, self.checkpointer, is_main=self.is_main)
         if self.is_main:
-            _atomic_write_text(self.output_dir / "config.yaml", config_mod.dump_yaml(self.cfg))
+            write_stage_config(self.output_dir, self.stage, self.cfg)
 
     def _global_batches(self) -> Iterator[list[int]]:
         """Global batches from ``self.step`` on (skipping those already done)."""
@@ -373,7 +467,8 @@ class StageTrainer:
 
     def _checkpoint(self) -> None:
         self.checkpointer.save(self.step, engine=self.engine, save_model=self.save_model,
-                               state={"step": self.step, "total_steps": self.total_steps, "stage": self.stage})
+                               state={"step": self.step, "total_steps": self.total_steps, "stage": self.stage,
+                                      "config": config_mod.to_dict(self.cfg)})
 
     def fit(self) -> dict:
         """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;

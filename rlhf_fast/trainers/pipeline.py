@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from rlhf_fast.config import RunConfig
 from rlhf_fast.trainers import deepspeed_setup as dss
@@ -62,7 +63,8 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print
     PPOTrainer(cfg.ppo, ppo_dir, resume=resume, dist_info=dist).fit()
     seconds["ppo"] = time.perf_counter() - t
 
-    summary = summarize(out, seconds=time.perf_counter() - t0, stage_seconds=seconds)
+    summary = summarize(out, seconds=time.perf_counter() - t0, stage_seconds=seconds,
+                        planned_iterations=cfg.ppo.iterations)
     if dist.is_main:
         _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         echo(format_summary(summary))
@@ -70,7 +72,7 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print
     return summary
 
 
-def summarize(out: Path, *, seconds: float, stage_seconds: dict) -> dict:
+def summarize(out: Path, *, seconds: float, stage_seconds: dict, planned_iterations: Optional[int] = None) -> dict:
     """summary.json from the stages' metrics.jsonl files."""
     ppo = read_metrics(out / "ppo")
     evals = [r for r in ppo if "eval/score" in r]
@@ -88,6 +90,8 @@ def summarize(out: Path, *, seconds: float, stage_seconds: dict) -> dict:
         "rm_eval_accuracy": rm_rows[-1]["eval/accuracy"] if rm_rows else None,
         "sft_eval_loss": sft_rows[-1]["eval/loss"] if sft_rows else None,
         "ppo_iterations": train_rows[-1]["step"] if train_rows else 0,
+        "ppo_iterations_planned": planned_iterations,
+        "ppo_eval_iteration": last.get("step"),
         "seconds": round(seconds, 1),
         "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
         "plots": sorted(str(p.relative_to(out)) for p in (out / "ppo" / "plots").glob("*.png")),
@@ -106,6 +110,10 @@ def format_summary(s: dict) -> str:
     w = max(len(r[0]) for r in rows)
     lines = ["", f"{'':{w}}  {'SFT':>8}  {'PPO':>8}"]
     lines += [f"{a:{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
+    n, planned = s["ppo_iterations"], s.get("ppo_iterations_planned")
+    if planned is not None and n < planned:  # a stop_after_iterations run: say so, and which eval the column is
+        lines.append(f"STOPPED EARLY after {n} of {planned} PPO iterations: the PPO column is the evaluation "
+                     f"at iteration {s.get('ppo_eval_iteration')}")
     lines.append(f"reward-model eval accuracy {f(s['rm_eval_accuracy'])}; {s['ppo_iterations']} PPO iterations; "
                  f"{s['seconds']:.0f} s (sft {s['stage_seconds'].get('sft', 0):.0f}, rm {s['stage_seconds'].get('rm', 0):.0f}, "
                  f"ppo {s['stage_seconds'].get('ppo', 0):.0f})")

@@ -23,7 +23,6 @@ import copy
 import importlib
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ from rlhf_fast.engine import HybridEngine, SamplingParams
 from rlhf_fast.models import Critic, Policy, RewardModel
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.common import Checkpointer, MetricsLogger, _atomic_write_text, epoch_order, make_progress, \
-    save_model_atomically
+from rlhf_fast.trainers.common import Checkpointer, MetricsLogger, epoch_order, make_progress, save_model_atomically, \
+    start_fresh, write_stage_config
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -166,7 +165,9 @@ class _Timer:
 def resolve_stop_tokens(tokenizer, stop_tokens) -> list[int]:
     """Ids of ``ppo.generation.stop_tokens``: each entry is a token of the vocabulary (as
     ``convert_tokens_to_ids`` knows it) or a text that encodes to exactly one token (so "\\n"
-    works with a byte-level BPE whose token is "Ċ"). Anything else is a ValueError naming it."""
+    works with a byte-level BPE whose token is "Ċ"). Anything else is a ValueError naming it.
+    When " " + entry is also one token (GPT-2's "Ġ." for "."), its id is added: the built-in task
+    writes "a baby ." and its periods are all "Ġ.", so "." alone never stopped a response there."""
     ids = []
     unk = getattr(tokenizer, "unk_token_id", None)
     for t in stop_tokens:
@@ -180,6 +181,9 @@ def resolve_stop_tokens(tokenizer, stop_tokens) -> list[int]:
                                  f"encodes to {len(enc)} tokens {enc[:8]}, not one")
             tid = enc[0]
         ids.append(int(tid))
+        spaced = tokenizer.encode(" " + t, add_special_tokens=False)
+        if len(spaced) == 1 and spaced[0] != tid and spaced[0] != unk:
+            ids.append(int(spaced[0]))
     return ids
 
 
@@ -313,16 +317,15 @@ class PPOTrainer:
         self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
         self.iteration = 0
         if self.resume and (ckpt := self.checkpointer.latest()) is not None:
-            state = self.checkpointer.load(ckpt, self._engines())
+            state = self.checkpointer.load(ckpt, self._engines(), stage=self.stage, config=config_mod.to_dict(cfg))
             self.iteration = int(state["iteration"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.score_stats.load_state_dict(state.get("score_stats", self.score_stats.state_dict()))
             self.logger.resume_from(self.iteration)
-        elif self.is_main:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
+        else:
+            start_fresh(self.output_dir, self.checkpointer, is_main=self.is_main)
         if self.is_main:
-            _atomic_write_text(self.output_dir / "config.yaml", config_mod.dump_yaml(cfg))
+            write_stage_config(self.output_dir, self.stage, cfg)
 
     def _engines(self):
         return _Engines(policy=self.policy_engine, critic=self.critic_engine)
@@ -486,7 +489,8 @@ class PPOTrainer:
     def _checkpoint(self) -> None:
         self.checkpointer.save(self.iteration, engine=self._engines(), save_model=self._save_policy,
                                state={"iteration": self.iteration, "kl_controller": self.kl_ctl.state_dict(),
-                                      "score_stats": self.score_stats.state_dict(), "stage": self.stage})
+                                      "score_stats": self.score_stats.state_dict(), "stage": self.stage,
+                                      "config": config_mod.to_dict(self.cfg)})
 
     def _save_policy(self, directory: Path) -> None:
         module = self.policy_engine.module
