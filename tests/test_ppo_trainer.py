@@ -12,6 +12,7 @@ import pytest
 
 from rlhf_fast import config as C
 from rlhf_fast.trainers.common import read_metrics
+from rlhf_fast.trainers.deepspeed_setup import lr_factor
 from rlhf_fast.trainers.ppo import PPOTrainer, call_reward_function
 
 QUIET = ["--ppo.logging.progress_bar", "false", "--ppo.logging.tensorboard", "false"]
@@ -52,6 +53,13 @@ def test_metrics_names_and_sanity(run):
     assert train[0]["generation/logprob_gap_max"] < 1e-4  # engine vs trainer log-probs: same weights, same code
     evals = [r for r in rows if "eval/gold_score" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]  # the SFT policy first, then every eval_every
+    # train/lr is the lr the iteration trained with (it was logged after the iteration's scheduler steps)
+    cfg = _cfg()
+    per_iter = PPOTrainer(cfg, out / "unused").total_steps // cfg.iterations
+    want = [cfg.optim.lr * lr_factor(i * per_iter, total_steps=per_iter * cfg.iterations,
+                                     warmup_steps=cfg.scheduler.warmup_steps, decay=cfg.scheduler.decay,
+                                     min_ratio=cfg.scheduler.min_lr_ratio) for i in range(cfg.iterations)]
+    assert [r["train/lr"] for r in train] == pytest.approx(want, rel=1e-6)
 
 
 def test_outputs_written(run):

@@ -428,6 +428,7 @@ class PPOTrainer:
         with timer("train"):
             self.policy_engine.train()
             critic_st = ppo_core.DeepSpeedStepper(self.critic_engine) if self.critic_engine else None
+            lr = float(self.policy_engine.get_lr()[0])  # the lr this iteration trains with (before its scheduler steps)
             mb_stats = ppo_core.ppo_update(ppo_core.DeepSpeedStepper(self.policy_engine), exp, hp, kl_coef=kl_coef,
                                            generator=generator, critic_st=critic_st)
         stats = algos.PPOStats(objective=algos.objective_stats(exp, kl_coef), minibatches=mb_stats)
@@ -445,7 +446,7 @@ class PPOTrainer:
         row.update({
             "objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows,
             "generation/logprob_gap_max": float(gap), "perf/tokens_per_s": n_tokens / max(elapsed, 1e-9),
-            "perf/iteration_s": elapsed, "train/lr": float(self.policy_engine.get_lr()[0]),
+            "perf/iteration_s": elapsed, "train/lr": lr,
         })
         row.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
         return row
