@@ -242,7 +242,7 @@ class Checkpointer:
         """A fresh (not resumed) run removes an earlier run's checkpoints, which a later ``--resume``
         would otherwise mix with this run's (rank 0)."""
         if self.is_main and self.root.exists():
-            log.info("fresh run: removing the earlier checkpoints in %s (use --resume to continue a run)", self.root)
+            log.warning("fresh run: removing the earlier checkpoints in %s (use --resume to continue a run)", self.root)
             shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
