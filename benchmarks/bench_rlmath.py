@@ -128,21 +128,6 @@ def _openrlhf_shaping(x):
     return last_reward + kl_reward, kl
 
 
-def _openrlhf_gae(rewards, values, action_mask):
-    lastgaelam = 0
-    advantages_reversed = []
-    response_length = rewards.size(1)
-    values = action_mask * values
-    rewards = action_mask * rewards
-    for t in reversed(range(response_length)):
-        nextvalues = values[:, t + 1] if t < response_length - 1 else 0.0
-        delta = rewards[:, t] + GAMMA * nextvalues - values[:, t]
-        lastgaelam = delta + GAMMA * LAM * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages.detach(), advantages + values
-
-
 def _openrlhf_whiten(x, mask):
     num = mask.sum()
     mean = (x * mask).sum() / num
@@ -175,7 +160,7 @@ STAGES = {
     "trl": {"shaping": _trl_shaping, "gae": _trl_gae,
             "whiten": lambda a, m: torch.masked_fill(_tv_masked_whiten(a, m), ~m, 0)},
     "verl": {"shaping": _verl_shaping, "gae": _verl_gae, "whiten": lambda a, m: _tv_masked_whiten(a, m) * m},
-    "openrlhf": {"shaping": _openrlhf_shaping, "gae": _openrlhf_gae,
+    "openrlhf": {"shaping": _openrlhf_shaping, "gae": lambda r, v, m: peers.openrlhf_gae(r, v, m, GAMMA, LAM),
                  "whiten": lambda a, m: _openrlhf_whiten(a, m) * m},
 }
 

@@ -8,8 +8,11 @@ own guards (out-of-range labels give NaN, never an out-of-bounds read) still hol
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Optional
 
 import torch
+from torch._guards import detect_fake_mode
 
 FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -19,8 +22,6 @@ def tracing(*tensors: torch.Tensor) -> bool:
     inside a FakeTensorMode (shape inference), or for meta tensors, which hold no values."""
     if torch.compiler.is_compiling():
         return True
-    from torch._guards import detect_fake_mode
-
     return detect_fake_mode() is not None or any(t.device.type == "meta" for t in tensors)
 
 
@@ -45,6 +46,20 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     for k, v in items[1:]:
         if v.device != first.device:
             raise ValueError(f"{k} is on {v.device} but {first_name} is on {first.device}")
+
+
+def check_int(name: str, value, lo: int, hi: Optional[int] = None, what: Optional[str] = None) -> int:
+    """A Python int (not a bool) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be {what or f'an int >= {lo}'}, got {value!r}")
+    return value
+
+
+def check_real(name: str, value) -> float:
+    """A real number (int or float, not a bool or a string), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def check_positive_finite(name: str, value) -> float:

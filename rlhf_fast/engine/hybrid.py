@@ -132,11 +132,10 @@ class HybridEngine:
         kv_bucket: Optional[int] = None,
     ):
         self.module, self.lm, self.ds_engine = unwrap(model)
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
-            raise ValueError(f"sync_every must be an int >= 1 or None, got {sync_every!r}")
+        _checks.check_int("max_batch_size", max_batch_size, 1)
+        _checks.check_int("max_seq_len", max_seq_len, 1)
+        if sync_every is not None:
+            _checks.check_int("sync_every", sync_every, 1, what="an int >= 1 or None")
         self.config = self.lm.config.get_text_config(decoder=True) if hasattr(self.lm.config, "get_text_config") else self.lm.config
         self.vocab_size = int(self.config.vocab_size)
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < self.vocab_size:

@@ -32,6 +32,23 @@ def trl_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     right-padded masks. Returns (advantages, returns)."""
     values = torch.masked_fill(values, ~mask, 0)
     rewards = torch.masked_fill(rewards, ~mask, 0)
+    advantages = _reversed_gae_loop(rewards, values, gamma, lam)
+    return advantages, advantages + values
+
+
+def openrlhf_gae(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float, lam: float):
+    """OpenRLHF's ``get_advantages_and_returns``: rewards and values multiplied by the action mask
+    (a NaN at a masked position survives, unlike TRL's masked_fill), the same unmasked loop,
+    advantages detached. Returns (advantages, returns)."""
+    values = action_mask * values
+    rewards = action_mask * rewards
+    advantages = _reversed_gae_loop(rewards, values, gamma, lam)
+    return advantages.detach(), advantages + values
+
+
+def _reversed_gae_loop(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """The peers' shared ``for t in reversed(range(T))`` recurrence (no mask: the callers zero
+    masked positions first); one ``(B,)`` slice op chain per token."""
     lastgaelam = 0
     advantages_reversed = []
     gen_length = rewards.shape[1]
@@ -40,5 +57,4 @@ def trl_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
         delta = rewards[:, t] + gamma * nextvalues - values[:, t]
         lastgaelam = delta + gamma * lam * lastgaelam
         advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
+    return torch.stack(advantages_reversed[::-1], dim=1)

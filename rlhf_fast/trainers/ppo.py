@@ -286,8 +286,6 @@ class PPOTrainer:
         kw = dict(prompt_field=cfg.data.prompt_field, max_prompt_length=cfg.data.max_prompt_length)
         self.prompts = PromptDataset(train, self.tokenizer, **kw)
         self.eval_prompts = PromptDataset(evals, self.tokenizer, **kw)
-        if len(self.prompts) < self.cfg.rollout_batch_size:
-            raise ValueError(f"{len(self.prompts)} prompts < ppo.rollout_batch_size ({cfg.rollout_batch_size})")
         self.collate = self.prompts.collator(pad_to_length=cfg.data.max_prompt_length)
         build = dict(plan=self.plan, total_steps=self.total_steps, sched=cfg.scheduler)
         ds = copy.deepcopy(cfg.deepspeed)
