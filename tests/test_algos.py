@@ -390,7 +390,7 @@ def test_losses_vs_reference_ppo_formulas(case):
         x, y = lp.to(dtype).detach().clone().requires_grad_(), v.to(dtype).detach().clone().requires_grad_()
         fm = mask.to(dtype)
         n = fm.sum().clamp(min=1) if hp.loss_aggregation == "token-mean" else torch.tensor(float(B), dtype=dtype)
-        pg, ratio, clipped = ref_ppo.policy_loss_per_token(x, old.to(dtype), adv.to(dtype), hp)
+        pg, ratio, clipped, _dual = ref_ppo.policy_loss_per_token(x, old.to(dtype), adv.to(dtype), hp)
         vf, verr, vclipped = ref_ppo.value_loss_per_token(y, v_old.to(dtype), ret.to(dtype), hp)
         pl, vl = ref_ppo._aggregate(pg, fm, hp.loss_aggregation, n), ref_ppo._aggregate(vf, fm, hp.loss_aggregation, n)
         (pl + vl).backward()

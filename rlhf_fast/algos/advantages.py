@@ -53,10 +53,36 @@ class AdvantageParams:
     """grpo: added to the group std (verl ``epsilon = 1e-6``)."""
 
 
-ESTIMATORS: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry("advantage estimator")
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator and what its caller must provide (docs/architecture.md, "Variation
+    points"): ``needs_values`` — the trainer builds a critic or value head and trains it with the
+    value loss; ``needs_groups`` — rows carry ``group_ids`` (``samples_per_prompt`` > 1 makes
+    groups). ``fn(inp, params, backend=) -> (advantages, returns)``."""
+
+    name: str
+    fn: Callable[..., tuple[Tensor, Tensor]]
+    needs_values: bool
+    needs_groups: bool = False
+
+    def __call__(self, inp: "AdvantageInput", params: "AdvantageParams", *, backend=None) -> tuple[Tensor, Tensor]:
+        return self.fn(inp, params, backend=backend)
 
 
-@ESTIMATORS.register("gae")
+ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+
+
+def register_estimator(name: str, *, needs_values: bool, needs_groups: bool = False):
+    """``@register_estimator("name", needs_values=...)`` on ``fn(inp, params, *, backend=None)``."""
+
+    def add(fn):
+        ESTIMATORS.register(name)(AdvantageEstimator(name, fn, needs_values=needs_values, needs_groups=needs_groups))
+        return fn
+
+    return add
+
+
+@register_estimator("gae", needs_values=True)
 def gae_advantages(inp: AdvantageInput, params: AdvantageParams, *, backend=None) -> tuple[Tensor, Tensor]:
     """Rewards (optionally whitened without mean shift) -> ``gae`` -> advantages (optionally
     whitened). Returns are taken before advantage whitening (``returns = A + V``), the value
@@ -97,7 +123,7 @@ def _broadcast(seq_adv: Tensor, mask: Tensor) -> Tensor:
     return torch.where(m, seq_adv.unsqueeze(-1).expand(m.shape), torch.zeros((), dtype=seq_adv.dtype, device=m.device))
 
 
-@ESTIMATORS.register("grpo")
+@register_estimator("grpo", needs_values=False, needs_groups=True)
 def grpo_advantages(inp: AdvantageInput, params: AdvantageParams, *, backend=None) -> tuple[Tensor, Tensor]:
     """GRPO (Shao et al. 2024, outcome supervision): ``A_i = (r_i - mean_g) / (std_g + eps)``
     over the rows of group g (std unbiased, as ``torch.std``; 0 for a single-row group), the same
@@ -114,7 +140,7 @@ def grpo_advantages(inp: AdvantageInput, params: AdvantageParams, *, backend=Non
     return adv, adv
 
 
-@ESTIMATORS.register("rloo")
+@register_estimator("rloo", needs_values=False, needs_groups=True)
 def rloo_advantages(inp: AdvantageInput, params: AdvantageParams, *, backend=None) -> tuple[Tensor, Tensor]:
     """RLOO (Ahmadian et al. 2024; TRL RLOOTrainer): ``A_i = r_i - mean_{j != i, j in g} r_j``,
     0 for a single-row group; whitened over the batch when ``whiten_advantages`` (TRL's

@@ -7,12 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_fast.algos.advantages import ESTIMATORS, AdvantageParams
-from rlhf_fast.algos.kl import KL_PLACEMENTS
+from rlhf_fast._rlmath_checks import KL_ESTIMATORS
+from rlhf_fast.algos.advantages import ESTIMATORS, AdvantageEstimator, AdvantageParams
+from rlhf_fast.algos.kl import KL_PLACEMENTS, KLPlacement
 from rlhf_fast.algos.kl_control import KL_CONTROLLERS, make_kl_controller
-from rlhf_fast.algos.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams
-
-_KL_ESTIMATORS = ("k1", "k2", "k3")
+from rlhf_fast.algos.losses import AGGREGATIONS, POLICY_LOSSES, Aggregation, PolicyLossParams
 
 
 @dataclass
@@ -113,8 +112,8 @@ class PPOHyperParams:
         )
         for registry, name in checks:
             registry[name]  # ValueError listing the known names on a typo
-        if self.kl_estimator not in _KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -126,7 +125,22 @@ class PPOHyperParams:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.policy_loss_params()  # validates the clip ranges
 
-    # -- derived views: components receive only what they need (STYLE #7) --
+    # -- derived views: components receive only what they need (docs/architecture.md) --
+
+    @property
+    def estimator(self) -> AdvantageEstimator:
+        """The advantage estimator's registry entry (``needs_values``, ``needs_groups``)."""
+        return ESTIMATORS[self.advantage_estimator]
+
+    @property
+    def placement(self) -> KLPlacement:
+        """The KL placement's registry entry (``in_reward`` / ``in_loss``, the coefficients)."""
+        return KL_PLACEMENTS[self.kl_placement]
+
+    @property
+    def aggregation(self) -> Aggregation:
+        """The loss aggregation's registry entry (``reduce``, the minibatch ``normalizer``)."""
+        return AGGREGATIONS[self.loss_aggregation]
 
     def policy_loss_params(self) -> PolicyLossParams:
         return PolicyLossParams(

@@ -19,6 +19,11 @@ class KLPlacement:
 
     in_reward: bool
 
+    @property
+    def in_loss(self) -> bool:
+        """The policy loss carries a ``coef * kl`` term (``algos.kl_loss``)."""
+        return not self.in_reward
+
     def reward_coef(self, kl_coef: float) -> float:
         return float(kl_coef) if self.in_reward else 0.0
 

@@ -22,14 +22,46 @@ Tensor = torch.Tensor
 
 # ---- aggregation ------------------------------------------------------------------------------
 
-AGGREGATIONS: Registry[Callable[..., Tensor]] = Registry("loss aggregation")
+@dataclass(frozen=True)
+class Aggregation:
+    """A registered loss aggregation: ``reduce(x, mask, normalizer)`` and the ``normalizer`` of a
+    whole minibatch (its unit count: tokens or rows), which micro-batch losses divide by so that
+    their sum is the minibatch loss (gradient accumulation)."""
+
+    name: str
+    reduce: Callable[..., Tensor]
+    normalizer: Callable[[Tensor], Tensor]
+
+    def __call__(self, x: Tensor, mask: Tensor, normalizer=None) -> Tensor:
+        return self.reduce(x, mask, normalizer)
+
+
+AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
+
+
+def _register_aggregation(name: str, normalizer: Callable[[Tensor], Tensor]):
+    def add(fn):
+        AGGREGATIONS.register(name)(Aggregation(name, fn, normalizer))
+        return fn
+
+    return add
 
 
 def _select(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-@AGGREGATIONS.register("token-mean")
+def _token_count(mask: Tensor) -> Tensor:
+    """(): valid tokens of a minibatch mask (at least 1), float32."""
+    return mask.bool().sum().clamp(min=1).float()
+
+
+def _row_count(mask: Tensor) -> Tensor:
+    """(): rows of a minibatch mask, float32."""
+    return torch.tensor(float(mask.shape[0]), device=mask.device)
+
+
+@_register_aggregation("token-mean", normalizer=_token_count)
 def token_mean(x: Tensor, mask: Tensor, normalizer: Optional[float | Tensor] = None) -> Tensor:
     """Sum over valid tokens / (number of valid tokens, or ``normalizer``). TRL, the N-details
     code and DeepSpeed-Chat average over all tokens of the minibatch. 0 when there are none."""
@@ -38,7 +70,7 @@ def token_mean(x: Tensor, mask: Tensor, normalizer: Optional[float | Tensor] = N
     return total / torch.as_tensor(n, dtype=total.dtype, device=total.device).clamp(min=1)
 
 
-@AGGREGATIONS.register("seq-mean")
+@_register_aggregation("seq-mean", normalizer=_row_count)
 def seq_mean(x: Tensor, mask: Tensor, normalizer: Optional[float | Tensor] = None) -> Tensor:
     """Mean over tokens within each row, then sum over rows / (number of rows, or
     ``normalizer``). Every response weighs the same whatever its length (OpenRLHF / verl
@@ -59,10 +91,13 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    """Max over ``mask``; 0 when nothing is valid (a select, not a host sync)."""
     m = mask.bool()
-    if not bool(m.any()):  # host sync: stats only
-        return torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(m, x, torch.full((), -torch.inf, dtype=x.dtype, device=x.device)).max().detach()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if m.numel() == 0:
+        return zero
+    top = torch.where(m, x, torch.full((), -torch.inf, dtype=x.dtype, device=x.device)).max().detach()
+    return torch.where(m.any(), top, zero)
 
 
 # ---- policy loss ------------------------------------------------------------------------------
@@ -92,26 +127,43 @@ class PolicyLossParams:
 
 @dataclass
 class PolicyLossOutput:
-    """loss: differentiable scalar. The rest: detached token-mean statistics over ``mask``.
+    """loss: differentiable scalar. The per-token statistics, detached, (..., T) like ``mask``:
 
-    approxkl: 0.5 * mean((logp - old_logp)^2) (lm-human-preference-details). clipfrac: fraction
-    of tokens where the clipped term is the larger (active) one. ratio_mean / ratio_max: of
-    exp(logp - old_logp). dual_clipfrac: fraction of tokens capped by the dual clip.
+    logr: logp - old_logp (0 on padding). clipped: bool, the clipped term is the larger (active)
+    one. dual_clipped: bool, the dual clip capped the loss. The token means over ``mask``
+    (approxkl = 0.5 * mean(logr^2) as lm-human-preference-details, clipfrac, ratio_mean,
+    ratio_max, dual_clipfrac) are properties; the trainer sums the per-token fields over the
+    whole minibatch instead (one all-reduce, no host sync per micro-batch).
     """
 
     loss: Tensor
-    approxkl: Tensor
-    clipfrac: Tensor
-    ratio_mean: Tensor
-    ratio_max: Tensor
-    dual_clipfrac: Tensor
+    logr: Tensor
+    clipped: Tensor
+    dual_clipped: Tensor
+    mask: Tensor
+
+    @property
+    def approxkl(self) -> Tensor:
+        return _masked_mean(0.5 * self.logr**2, self.mask)
+
+    @property
+    def clipfrac(self) -> Tensor:
+        return _masked_mean(self.clipped.to(self.logr.dtype), self.mask)
+
+    @property
+    def ratio_mean(self) -> Tensor:
+        return _masked_mean(torch.exp(self.logr), self.mask)
+
+    @property
+    def ratio_max(self) -> Tensor:
+        return _masked_max(torch.exp(self.logr), self.mask)
+
+    @property
+    def dual_clipfrac(self) -> Tensor:
+        return _masked_mean(self.dual_clipped.to(self.logr.dtype), self.mask)
 
 
 POLICY_LOSSES: Registry[Callable[..., PolicyLossOutput]] = Registry("policy loss")
-
-
-def _ratio_stats(logr: Tensor, ratio: Tensor, mask: Tensor):
-    return _masked_mean(0.5 * logr.detach() ** 2, mask), _masked_mean(ratio.detach(), mask), _masked_max(ratio.detach(), mask)
 
 
 @POLICY_LOSSES.register("ppo_clip")
@@ -146,14 +198,9 @@ def ppo_clip_loss(
         pg3 = -adv * params.dual_clip
         dual = (adv < 0) & (pg3 < per_token)
         per_token = torch.where(adv < 0, torch.minimum(per_token, pg3), per_token)
-    approxkl, ratio_mean, ratio_max = _ratio_stats(logr, ratio, m)
     return PolicyLossOutput(
-        loss=aggregate(per_token, m, params.aggregation, normalizer=normalizer),
-        approxkl=approxkl,
-        clipfrac=_masked_mean((pg2 > pg1).to(logprobs.dtype), m),
-        ratio_mean=ratio_mean,
-        ratio_max=ratio_max,
-        dual_clipfrac=_masked_mean(dual.to(logprobs.dtype), m),
+        loss=aggregate(per_token, m, params.aggregation, normalizer=normalizer), logr=logr.detach(),
+        clipped=(pg2 > pg1).detach() & m, dual_clipped=dual & m, mask=m,
     )
 
 
@@ -172,11 +219,10 @@ def vanilla_pg_loss(
     m = mask.bool()
     logr = _select(logprobs - _select(old_logprobs.detach(), m), m)
     ratio = torch.exp(logr)
-    approxkl, ratio_mean, ratio_max = _ratio_stats(logr, ratio, m)
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    never = torch.zeros_like(m)
     return PolicyLossOutput(
         loss=aggregate(-_select(advantages.detach(), m) * ratio, m, params.aggregation, normalizer=normalizer),
-        approxkl=approxkl, clipfrac=zero, ratio_mean=ratio_mean, ratio_max=ratio_max, dual_clipfrac=zero,
+        logr=logr.detach(), clipped=never, dual_clipped=never, mask=m,
     )
 
 
@@ -190,14 +236,29 @@ def policy_loss(name: str, logprobs, old_logprobs, advantages, mask, params: Pol
 
 @dataclass
 class ValueLossOutput:
-    """loss: differentiable scalar (includes the 0.5, not the value coefficient).
-    clipfrac: fraction of tokens where the clipped error is the larger (val/clipfrac).
-    vpred: mean new value (val/vpred). error: mean (v - returns)^2 (val/error)."""
+    """loss: differentiable scalar (includes the 0.5, not the value coefficient). The per-token
+    statistics, detached, (..., T) like ``mask``: values (the new values, 0 on padding),
+    sq_error ((v - returns)^2), clipped (bool: the clamp is active and the clipped error is the
+    larger). Their token means are properties: clipfrac (val/clipfrac), vpred (val/vpred),
+    error (val/error)."""
 
     loss: Tensor
-    clipfrac: Tensor
-    vpred: Tensor
-    error: Tensor
+    values: Tensor
+    sq_error: Tensor
+    clipped: Tensor
+    mask: Tensor
+
+    @property
+    def clipfrac(self) -> Tensor:
+        return _masked_mean(self.clipped.to(self.values.dtype), self.mask)
+
+    @property
+    def vpred(self) -> Tensor:
+        return _masked_mean(self.values, self.mask)
+
+    @property
+    def error(self) -> Tensor:
+        return _masked_mean(self.sq_error, self.mask)
 
 
 def clipped_value_loss(
@@ -222,7 +283,7 @@ def clipped_value_loss(
     err1 = (values - ret) ** 2
     if clip_range is None:
         per_token = err1
-        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+        clipped = torch.zeros_like(m)
     else:
         old = _select(old_values.detach(), m)
         v_clip = old + torch.clamp(values - old, -clip_range, clip_range)
@@ -231,12 +292,10 @@ def clipped_value_loss(
         # Count a token as clipped only where the clamp is active: inside the range old + (v - old)
         # can round away from v, and err2 > err1 by an ulp is not clipping.
         active = (values - old).abs() > clip_range
-        clipfrac = _masked_mean((active & (err2 > err1)).to(values.dtype), m)
+        clipped = (active & (err2 > err1)).detach() & m
     return ValueLossOutput(
-        loss=0.5 * aggregate(per_token, m, aggregation, normalizer=normalizer),
-        clipfrac=clipfrac,
-        vpred=_masked_mean(values.detach(), m),
-        error=_masked_mean(err1.detach(), m),
+        loss=0.5 * aggregate(per_token, m, aggregation, normalizer=normalizer), values=values.detach(),
+        sq_error=err1.detach(), clipped=clipped, mask=m,
     )
 
 

@@ -13,13 +13,6 @@ from typing import Optional
 
 import torch
 
-#: per-row tensors that ``Rollout.select`` slices (everything except the scalar bookkeeping)
-_ROW_FIELDS = (
-    "query_ids", "query_mask", "response_ids", "response_mask", "scores", "logprobs", "ref_logprobs",
-    "values", "kl", "rewards", "advantages", "returns", "group_ids",
-)
-
-
 @dataclass
 class Rollout:
     """One batch of experience. The first five fields come from generation and scoring; the
@@ -94,10 +87,18 @@ class Rollout:
         """(B, Q + R) bool: prompt mask and response mask (tokens after the stop are padding)."""
         return torch.cat([self.query_mask, self.response_mask], dim=-1)
 
+    @classmethod
+    def row_fields(cls) -> tuple[str, ...]:
+        """The per-row tensor fields (every field: each has the batch as its first dimension)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
     def select(self, index: torch.Tensor) -> "Rollout":
         """The rows ``index`` (a (b,) long tensor) of every per-row field: a minibatch."""
-        kw = {k: (None if getattr(self, k) is None else getattr(self, k)[index]) for k in _ROW_FIELDS}
-        return Rollout(**kw)
+        return self.map(lambda t: t[index])
+
+    def map(self, fn) -> "Rollout":
+        """A Rollout with ``fn`` applied to every field that is set (None fields stay None)."""
+        return Rollout(**{k: (None if getattr(self, k) is None else fn(getattr(self, k))) for k in self.row_fields()})
 
     def replace(self, **changes) -> "Rollout":
         return dataclasses.replace(self, **changes)
@@ -116,6 +117,7 @@ MINIBATCH_METRIC_NAMES = {
     "entropy": "policy/entropy",
     "ratio_mean": "policy/ratio_mean",
     "ratio_max": "policy/ratio_max",
+    "dual_clipfrac": "policy/dual_clipfrac",
     "vf_clipfrac": "val/clipfrac",
     "vpred": "val/vpred",
     "verror": "val/error",
@@ -146,7 +148,8 @@ class MinibatchStats:
         includes the 0.5 of baselines ppo2, not vf_coef).
     approxkl: 0.5 * mean((logp - old_logp)^2) (the N-details code). clipfrac: fraction of tokens
         where the clipped surrogate is the active one. entropy: mean policy entropy.
-    ratio_mean / ratio_max: mean / max of exp(logp - old_logp).
+    ratio_mean / ratio_max: mean / max of exp(logp - old_logp). dual_clipfrac: fraction of
+        tokens whose loss the dual clip capped (0 without ``dual_clip``).
     vf_clipfrac: fraction of tokens where the clipped value error is the larger. vpred: mean
         new value. verror: mean squared error (v - returns)^2.
     """
@@ -160,6 +163,7 @@ class MinibatchStats:
     entropy: torch.Tensor = field(default_factory=_zero)
     ratio_mean: torch.Tensor = field(default_factory=_zero)
     ratio_max: torch.Tensor = field(default_factory=_zero)
+    dual_clipfrac: torch.Tensor = field(default_factory=_zero)
     vf_clipfrac: torch.Tensor = field(default_factory=_zero)
     vpred: torch.Tensor = field(default_factory=_zero)
     verror: torch.Tensor = field(default_factory=_zero)

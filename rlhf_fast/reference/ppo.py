@@ -161,19 +161,23 @@ def _aggregate(x, mask, mode: str, normalizer):
 
 
 def policy_loss_per_token(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
-    """(per-token clipped surrogate, ratio, where the clipped term is active)."""
+    """(per-token clipped surrogate, ratio, where the clipped term is active, where the dual clip
+    capped the loss)."""
     ratio = torch.exp(logprobs - old_logprobs)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
     if hp.policy_loss == "vanilla_pg":
-        return -advantages * ratio, ratio, torch.zeros_like(ratio, dtype=torch.bool)
+        return -advantages * ratio, ratio, never, never
     if hp.policy_loss != "ppo_clip":
         raise NotImplementedError(f"the reference PPO has no policy loss {hp.policy_loss!r}")
     high = hp.clip_range if hp.clip_range_high is None else hp.clip_range_high
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - hp.clip_range, 1.0 + high)
     pg = torch.max(pg_losses, pg_losses2)
+    dual = never
     if hp.dual_clip is not None:  # cap the loss of negative advantages at -A * c
+        dual = (advantages < 0) & (-advantages * hp.dual_clip < pg)
         pg = torch.where(advantages < 0, torch.min(pg, -advantages * hp.dual_clip), pg)
-    return pg, ratio, pg_losses2 > pg_losses
+    return pg, ratio, pg_losses2 > pg_losses, dual
 
 
 def value_loss_per_token(values, old_values, returns, hp: PPOHyperParams):
@@ -200,11 +204,11 @@ def _minibatch_loss(policy, critic, micro: Rollout, hp: PPOHyperParams, kl_coef:
     logprobs, entropy, values = _forward(policy, critic, micro, hp.temperature)
     logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
 
-    pg, ratio, clipped = policy_loss_per_token(logprobs, micro.logprobs, micro.advantages, hp)
+    pg, ratio, clipped, dual = policy_loss_per_token(logprobs, micro.logprobs, micro.advantages, hp)
     pg_loss = _aggregate(pg, fmask, hp.loss_aggregation, normalizer)
     loss = pg_loss
     pieces = dict(mask=mask, logr=(logprobs - micro.logprobs).detach(), ratio=ratio.detach(), clipped=clipped,
-                  entropy=entropy.detach())
+                  dual_clipped=dual, entropy=entropy.detach())
 
     vf_loss = torch.zeros((), dtype=dtype)
     if hp.advantage_estimator == "gae":
@@ -238,6 +242,7 @@ def _stats(parts: list[dict], pieces: list[dict]) -> MinibatchStats:
     s = MinibatchStats(**{k: sum(p[k] for p in parts) for k in parts[0]})
     s.approxkl = 0.5 * mean(cat["logr"] ** 2)
     s.clipfrac = mean(cat["clipped"].double())
+    s.dual_clipfrac = mean(cat["dual_clipped"].double())
     s.entropy = mean(cat["entropy"])
     s.ratio_mean = mean(cat["ratio"])
     s.ratio_max = cat["ratio"][m].max().double() if bool(m.any()) else torch.zeros((), dtype=torch.float64)

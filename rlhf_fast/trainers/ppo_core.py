@@ -122,18 +122,38 @@ class MinibatchPlan:
     micro: list[torch.Tensor]
 
 
+@dataclass(frozen=True)
+class MinibatchLayout:
+    """How a global batch of B rows splits (the one place this is computed: the trainer builds its
+    DeepSpeed engines from it, the update loop cuts its minibatches with it).
+
+    minibatch: rows per minibatch (B / num_minibatches); per_rank: this rank's rows of one
+    minibatch (minibatch / world); micro: rows per micro-batch; micro_batches: micro-batches per
+    rank per minibatch, the optimizer's gradient-accumulation steps."""
+
+    minibatch: int
+    per_rank: int
+    micro: int
+    micro_batches: int
+
+    @classmethod
+    def of(cls, B: int, hp: PPOHyperParams, world_size: int) -> "MinibatchLayout":
+        if B % hp.num_minibatches:
+            raise ValueError(f"rollout batch {B} is not divisible by num_minibatches {hp.num_minibatches}")
+        mb = B // hp.num_minibatches
+        if mb % world_size:
+            raise ValueError(f"minibatch size {mb} is not divisible by the world size {world_size}")
+        per_rank = mb // world_size
+        micro = min(hp.micro_batch_size or per_rank, per_rank)
+        return cls(minibatch=mb, per_rank=per_rank, micro=micro, micro_batches=-(-per_rank // micro))
+
+
 def epoch_plan(perm: torch.Tensor, hp: PPOHyperParams, world: "_World") -> list[MinibatchPlan]:
     """The minibatches and this rank's micro-batches of one epoch, from its permutation."""
-    B = perm.numel()
-    if B % hp.num_minibatches:
-        raise ValueError(f"rollout batch {B} is not divisible by num_minibatches {hp.num_minibatches}")
-    mb_size = B // hp.num_minibatches
-    if mb_size % world.size:
-        raise ValueError(f"minibatch size {mb_size} is not divisible by the world size {world.size}")
-    mine = torch.arange(world.rank, mb_size, world.size, device=perm.device)
-    micro = min(hp.micro_batch_size or mine.numel(), mine.numel())
-    chunks = list(mine.split(micro))
-    return [MinibatchPlan(perm[s : s + mb_size], chunks) for s in range(0, B, mb_size)]
+    layout = MinibatchLayout.of(perm.numel(), hp, world.size)
+    mine = torch.arange(world.rank, layout.minibatch, world.size, device=perm.device)  # (per_rank,)
+    chunks = list(mine.split(layout.micro))
+    return [MinibatchPlan(perm[s : s + layout.minibatch], chunks) for s in range(0, perm.numel(), layout.minibatch)]
 
 
 def first_epoch_plan(generator: torch.Generator, B: int, hp: PPOHyperParams, device=None) -> list[MinibatchPlan]:
@@ -222,19 +242,15 @@ def gather_rollout(rollout: Rollout, *, pad_token_id: int = 0) -> Rollout:
         pad = torch.nn.functional.pad
         rollout = rollout.replace(query_ids=pad(rollout.query_ids, (extra, 0), value=pad_token_id),
                                   query_mask=pad(rollout.query_mask, (extra, 0), value=False))
-    fields = {}
-    for name in ("query_ids", "query_mask", "response_ids", "response_mask", "scores", "logprobs", "ref_logprobs",
-                 "values", "kl", "rewards", "advantages", "returns", "group_ids"):
-        t = getattr(rollout, name)
-        if t is None:
-            fields[name] = None
-            continue
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
         src = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
         parts = [torch.empty_like(src) for _ in range(world)]
         dist.all_gather(parts, src)
         cat = torch.cat(parts)
-        fields[name] = cat.bool() if t.dtype == torch.bool else cat
-    return Rollout(**fields)
+        return cat.bool() if t.dtype == torch.bool else cat
+
+    return rollout.map(gather)
 
 
 # ---- update -----------------------------------------------------------------------------------
@@ -243,68 +259,56 @@ def gather_rollout(rollout: Rollout, *, pad_token_id: int = 0) -> Rollout:
 def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout, hp: PPOHyperParams, kl_coef: float,
                 normalizer, scale: float):
     """Backward of one micro-batch's share of the minibatch loss; returns the detached loss parts
-    and the per-token pieces for the minibatch statistics."""
-    mask = micro.response_mask
+    and the per-token statistics the loss functions computed (for ``_minibatch_stats``)."""
+    mask = micro.response_mask  # (b, R) bool
     critic = critic_st.module if critic_st is not None else None
-    need_entropy = True  # policy/entropy is always reported; the op computes it in the same pass
-    logprobs, entropy, values = policy_forward(policy_st.module, critic, micro, hp.temperature, entropy=need_entropy)
+    # policy/entropy is always reported; the op computes it in the same pass
+    logprobs, entropy, values = policy_forward(policy_st.module, critic, micro, hp.temperature, entropy=True)  # (b, R)
     pg = algos.policy_loss(hp.policy_loss, logprobs, micro.logprobs, micro.advantages, mask, hp.policy_loss_params(),
                            normalizer=normalizer)
     loss = pg.loss
     kl_part = torch.zeros((), device=logprobs.device)
-    if hp.kl_placement == "in_loss":
-        term, kl_part = algos.kl_loss(logprobs, micro.ref_logprobs, mask, coef=kl_coef, estimator=hp.kl_estimator,
-                                      clamp=hp.kl_clamp, aggregation=hp.loss_aggregation, normalizer=normalizer)
+    if hp.placement.in_loss:
+        term, kl_part = algos.kl_loss(logprobs, micro.ref_logprobs, mask, coef=hp.placement.loss_coef(kl_coef),
+                                      estimator=hp.kl_estimator, clamp=hp.kl_clamp, aggregation=hp.loss_aggregation,
+                                      normalizer=normalizer)
         loss = loss + term
     if hp.ent_coef != 0.0:
         loss = loss + algos.entropy_bonus(entropy, mask, coef=hp.ent_coef, aggregation=hp.loss_aggregation,
                                           normalizer=normalizer)
     vf = None
-    if hp.advantage_estimator == "gae":
+    if hp.estimator.needs_values:
         vf = algos.clipped_value_loss(values, micro.values, micro.returns, mask, clip_range=hp.value_clip_range,
                                       aggregation=hp.loss_aggregation, normalizer=normalizer)
-    if critic_st is None:
-        total = loss + (hp.vf_coef * vf.loss if vf is not None else 0.0)
-        policy_st.backward(total * scale)
-    else:  # disjoint parameters: two backward passes give the gradients of the summed loss
-        policy_st.backward(loss * scale)
-        critic_st.backward(hp.vf_coef * vf.loss * scale)
+    _backward(policy_st, critic_st, loss, vf, hp.vf_coef, scale)
     value_loss = vf.loss.detach() if vf is not None else torch.zeros((), device=loss.device)
     parts = dict(loss=(loss.detach() + hp.vf_coef * value_loss), policy_loss=pg.loss.detach(), value_loss=value_loss,
                  kl_loss=kl_part.detach())
-    logr = torch.where(mask, logprobs.detach() - micro.logprobs, 0.0)
-    pieces = dict(mask=mask, logr=logr, entropy=entropy.detach(),
-                  clipped=_pg_clipped(logr, micro.advantages, hp), vpred=None if vf is None else values.detach())
+    pieces = dict(mask=mask, logr=pg.logr, entropy=entropy.detach(), clipped=pg.clipped, dual_clipped=pg.dual_clipped)
     if vf is not None:
-        pieces.update(verror=(values.detach() - micro.returns) ** 2, vclipped=_v_clipped(values.detach(), micro, hp))
+        pieces.update(vpred=vf.values, verror=vf.sq_error, vclipped=vf.clipped)
     return parts, pieces
 
 
-def _pg_clipped(logr, adv, hp: PPOHyperParams):
-    if hp.policy_loss != "ppo_clip":
-        return torch.zeros_like(logr, dtype=torch.bool)
-    ratio = torch.exp(logr)
-    high = hp.clip_range if hp.clip_range_high is None else hp.clip_range_high
-    return -adv * torch.clamp(ratio, 1 - hp.clip_range, 1 + high) > -adv * ratio
-
-
-def _v_clipped(values, micro: Rollout, hp: PPOHyperParams):
-    if hp.value_clip_range is None:
-        return torch.zeros_like(values, dtype=torch.bool)
-    clipped = micro.values + torch.clamp(values - micro.values, -hp.value_clip_range, hp.value_clip_range)
-    active = (values - micro.values).abs() > hp.value_clip_range  # see algos.clipped_value_loss
-    return active & ((clipped - micro.returns) ** 2 > (values - micro.returns) ** 2)
+def _backward(policy_st: Stepper, critic_st: Optional[Stepper], loss, vf, vf_coef: float, scale: float) -> None:
+    """Back-propagates ``loss + vf_coef * value loss``: one backward through a shared model (value
+    head), or one per engine with a separate critic (disjoint parameters: the gradients of the sum)."""
+    if critic_st is None:
+        total = loss + (vf_coef * vf.loss if vf is not None else 0.0)
+        policy_st.backward(total * scale)
+    else:
+        policy_st.backward(loss * scale)
+        critic_st.backward(vf_coef * vf.loss * scale)
 
 
 def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> MinibatchStats:
     """Losses summed over this rank's micro-batches and over ranks; token statistics over every
     valid token of the global minibatch (sums and counts all-reduced in one collective)."""
     m = torch.cat([p["mask"] for p in pieces])
-    cat = {k: torch.cat([p[k] for p in pieces]).double() for k in pieces[0] if k != "mask" and pieces[0][k] is not None}
+    cat = {k: torch.cat([p[k] for p in pieces]).double() for k in pieces[0] if k != "mask"}
     sums = {k: torch.where(m, v, 0.0).sum() for k, v in cat.items()}
-    if "logr" in cat:
-        sums["approxkl"] = torch.where(m, 0.5 * cat["logr"] ** 2, 0.0).sum()
-        sums["ratio"] = torch.where(m, torch.exp(cat["logr"]), 0.0).sum()
+    sums["approxkl"] = torch.where(m, 0.5 * cat["logr"] ** 2, 0.0).sum()
+    sums["ratio"] = torch.where(m, torch.exp(cat["logr"]), 0.0).sum()
     losses = {k: sum(p[k].double() for p in parts) for k in parts[0]}
     ratio_max = torch.where(m, torch.exp(cat["logr"]), -torch.inf).max() if m.any() else torch.zeros((), dtype=torch.float64)
     keys = sorted(sums)
@@ -319,10 +323,43 @@ def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> Mi
     lo = dict(zip(sorted(losses), vec[1 + len(keys):]))  # each rank's parts are shares of the global loss
     out = MinibatchStats(**lo)
     out.approxkl, out.clipfrac, out.entropy = s["approxkl"] / n, s["clipped"] / n, s["entropy"] / n
-    out.ratio_mean, out.ratio_max = s["ratio"] / n, ratio_max
+    out.ratio_mean, out.ratio_max, out.dual_clipfrac = s["ratio"] / n, ratio_max, s["dual_clipped"] / n
     if "vpred" in s:
         out.vpred, out.verror, out.vf_clipfrac = s["vpred"] / n, s["verror"] / n, s["vclipped"] / n
     return out
+
+
+def _check_accumulation(steppers, n_micro: int) -> None:
+    """Plain steppers step after ``n_micro`` micro-batches; a DeepSpeed engine must have been built
+    with that many accumulation steps (``MinibatchLayout``)."""
+    for st in steppers:
+        if isinstance(st, TorchStepper):
+            st.micro_batches = n_micro
+        elif st is not None and st.micro_batches != n_micro:
+            raise ValueError(f"the DeepSpeed engine accumulates {st.micro_batches} micro-batches per step but each "
+                             f"minibatch has {n_micro} per rank: build it with gradient_accumulation_steps={n_micro} "
+                             "(MinibatchLayout.of(...).micro_batches)")
+
+
+def _train_minibatch(policy_st: Stepper, critic_st: Optional[Stepper], minibatch: Rollout, plan: MinibatchPlan,
+                     hp: PPOHyperParams, kl_coef: float, world: _World) -> MinibatchStats:
+    """One optimizer step on ``minibatch`` (this rank's micro-batches of it, accumulated)."""
+    if hp.advantages_per_minibatch:  # lm-human-preferences: whitening and GAE inside loss()
+        adv, ret = advantages_of(minibatch, hp)
+        minibatch = minibatch.replace(advantages=adv, returns=ret)
+    normalizer = hp.aggregation.normalizer(minibatch.response_mask)  # () token or row count
+    for st in (policy_st, critic_st):
+        if st is not None:
+            st.zero_grad()
+    parts, pieces = [], []
+    for pos in plan.micro:
+        p, pc = _micro_loss(policy_st, critic_st, minibatch.select(pos), hp, kl_coef, normalizer, float(world.size))
+        parts.append(p)
+        pieces.append(pc)
+        for st in (policy_st, critic_st):
+            if st is not None:
+                st.step()
+    return _minibatch_stats(parts, pieces, world)
 
 
 def ppo_update(policy_st: Stepper, experience: Rollout, hp: PPOHyperParams, *, kl_coef: float,
@@ -333,35 +370,9 @@ def ppo_update(policy_st: Stepper, experience: Rollout, hp: PPOHyperParams, *, k
     world = _World.current()
     B = experience.batch_size
     dev = experience.response_ids.device
-    n_micro = len(epoch_plan(torch.arange(B), hp, world)[0].micro)
-    for st in (policy_st, critic_st):
-        if isinstance(st, TorchStepper):
-            st.micro_batches = n_micro
-        elif st is not None and st.micro_batches != n_micro:
-            raise ValueError(f"the DeepSpeed engine accumulates {st.micro_batches} micro-batches per step but each "
-                             f"minibatch has {n_micro} per rank: build it with gradient_accumulation_steps={n_micro}")
+    _check_accumulation((policy_st, critic_st), MinibatchLayout.of(B, hp, world.size).micro_batches)
     stats = []
     for _ in range(hp.num_epochs):
         for plan in epoch_plan(torch.randperm(B, generator=generator).to(dev), hp, world):
-            minibatch = experience.select(plan.rows)
-            if hp.advantages_per_minibatch:  # lm-human-preferences: whitening and GAE inside loss()
-                adv, ret = advantages_of(minibatch, hp)
-                minibatch = minibatch.replace(advantages=adv, returns=ret)
-            if hp.loss_aggregation == "token-mean":
-                normalizer = minibatch.response_mask.sum().clamp(min=1).float()
-            else:
-                normalizer = torch.tensor(float(plan.rows.numel()), device=dev)
-            policy_st.zero_grad()
-            if critic_st is not None:
-                critic_st.zero_grad()
-            parts, pieces = [], []
-            for pos in plan.micro:
-                p, pc = _micro_loss(policy_st, critic_st, minibatch.select(pos), hp, kl_coef, normalizer,
-                                    float(world.size))
-                parts.append(p)
-                pieces.append(pc)
-                policy_st.step()
-                if critic_st is not None:
-                    critic_st.step()
-            stats.append(_minibatch_stats(parts, pieces, world))
+            stats.append(_train_minibatch(policy_st, critic_st, experience.select(plan.rows), plan, hp, kl_coef, world))
     return stats
