@@ -1,7 +1,7 @@
-"""Plumbing shared by the SFT and reward-model trainers (and meant for PPO): data order and
-sharding, metrics (``DIR/metrics.jsonl`` + TensorBoard + a tqdm bar), atomic checkpoints with
-``--resume``, and the ``StageTrainer`` loop that a stage fills in with a model, datasets and a
-loss.
+"""Plumbing shared by every stage (SFT, reward model, PPO): data order and sharding, metrics
+(``DIR/metrics.jsonl`` + TensorBoard + a tqdm bar), atomic checkpoints with ``--resume``, the
+``StageTrainer`` loop every stage runs and the ``DatasetStageTrainer`` that SFT and the reward
+model fill in with a model, datasets and a loss.
 
 Output directory layout::
 
@@ -328,28 +328,188 @@ def save_model_atomically(directory: Path, write: Callable[[Path], None], *, is_
 
 
 class StageTrainer:
-    """The training loop of one stage on a DeepSpeed engine.
+    """The loop every stage runs (docs/architecture.md, "Stages"): set-up, then a fresh start or a
+    resume from the newest checkpoint, then steps with evaluation, logging and checkpoints, then
+    the final model through a temporary directory and a rename (ZeRO-3 gathered). A stage fills in:
 
-    A stage subclass provides ``build_model``, ``build_datasets`` (``self.train_items`` /
-    ``self.eval_items``: lists of dataset items), ``collate``, ``units`` (how many loss units,
-    tokens or pairs, a list of items holds), ``micro_step`` (summed loss and summed statistics of
-    one micro-batch), ``metrics`` (from summed statistics), ``write_model`` and optionally
-    ``begin`` (work before the first optimizer step of a run that starts at step 0, e.g. the
-    reward normalisation before training; returns metrics logged at step 0) and ``finish`` (work
-    after training, e.g. reward normalisation; returns extra final metrics).
+    ``setup_stage`` builds data, models and engines (sets ``self.engine``, the trained module's
+    engine, whose module ``write_model`` saves); ``loop_length`` the number of steps; ``run_step``
+    one step's metrics row; ``evaluate``; ``stop_after`` (a config's ``stop_after_*``). Optional:
+    ``begin`` (step-0 work, logged at step 0; a resumed run skips it), ``finish`` (extra final
+    metrics), ``checkpoint_engine`` (several engines under one checkpoint), ``trainer_state`` /
+    ``load_trainer_state`` (what a checkpoint keeps besides the engines), ``progress_postfix``,
+    ``on_complete`` (after the final model is written), ``log_every_step``.
     """
 
     stage = "stage"
+    log_every_step = False
+    """Log every step (PPO: an iteration is long and its row is the learning curve) instead of every
+    ``logging.log_every`` steps."""
 
     def __init__(self, cfg, output_dir, *, resume: bool = False, dist_info: Optional[dss.DistInfo] = None):
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.resume = resume
-        _build.check_data_files(cfg.data, self.stage)
         self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
+        self.is_main = self.dist.is_main
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def setup_stage(self) -> None:
+        raise NotImplementedError
+
+    def loop_length(self) -> int:
+        raise NotImplementedError
+
+    def stop_after(self) -> Optional[int]:
+        raise NotImplementedError
+
+    def run_step(self) -> dict:
+        """Step ``self.step`` (0-based); returns its metrics row."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def write_model(self, module, directory: Path) -> None:
+        raise NotImplementedError
+
+    def begin(self) -> dict:
+        """Runs once, before the first optimizer step, and only when the run starts at step 0: a
+        resumed run skips it, so what it sets must live in the checkpoint (module buffers do)."""
+        return {}
+
+    def finish(self) -> dict:
+        return {}
+
+    def checkpoint_engine(self):
+        return self.engine
+
+    def trainer_state(self) -> dict:
+        return {}
+
+    def load_trainer_state(self, state: dict) -> None:
+        pass
+
+    def progress_postfix(self, row: dict) -> dict:
+        return {}
+
+    def on_complete(self) -> None:
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def save_model(self, directory: Path) -> None:
+        """HF-format save of the engine's module; every rank calls it (ZeRO-3 gathers the
+        partitioned parameters), rank 0 writes."""
+        module = self.engine.module
+        with dss.full_parameters(module, self.cfg.deepspeed.zero_stage):
+            if self.is_main:
+                self.write_model(module, directory)
+
+    def _setup(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.setup_stage()
+        log: LoggingConfig = self.cfg.logging
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=log.keep_checkpoints, is_main=self.is_main)
+        self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
+        self.step = 0
+        if self.resume and (ckpt := self.checkpointer.latest()) is not None:
+            state = self.checkpointer.load(ckpt, self.checkpoint_engine(), stage=self.stage,
+                                           config=config_mod.to_dict(self.cfg))
+            self.step = int(state["step"] if "step" in state else state["iteration"])
+            self.load_trainer_state(state)
+            self.logger.resume_from(self.step)
+        else:
+            start_fresh(self.output_dir, self.checkpointer, is_main=self.is_main)
+        if self.is_main:
+            write_stage_config(self.output_dir, self.stage, self.cfg)
+
+    def _checkpoint(self) -> None:
+        self.checkpointer.save(self.step, engine=self.checkpoint_engine(), save_model=self.save_model,
+                               state={"step": self.step, **self.trainer_state(), "stage": self.stage,
+                                      "config": config_mod.to_dict(self.cfg)})
+
+    def _begin(self) -> dict:
+        # Forked RNG: work before training leaves the training RNG stream as it was.
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            row = self.begin()
+        if row:
+            self.logger.log(0, row)
+        return row
+
+    def _after_step(self, row: dict, stop_at: int, bar) -> bool:
+        """Evaluation, final metrics, progress, logging and checkpoint after step ``self.step``;
+        returns whether the row was logged."""
+        log, final = self.cfg.logging, self.step == self.loop_length()
+        if (log.eval_every and self.step % log.eval_every == 0) or final:
+            row.update(self.evaluate())
+        if final:
+            row.update(self.finish())
+        bar.update(1)
+        bar.set_postfix(**self.progress_postfix(row))
+        logged = self.log_every_step or self.step % log.log_every == 0 or final or self.step == stop_at \
+            or "eval/loss" in row
+        if logged:
+            self.logger.log(self.step, row)
+        if (log.save_every and self.step % log.save_every == 0) or final or self.step == stop_at:
+            self._checkpoint()
+        return logged
+
+    def fit(self) -> dict:
+        """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;
+        returns the last logged metrics."""
+        self._setup()
+        total = self.loop_length()
+        stop_at = min(total, self.stop_after() or total)
+        bar = make_progress(total, self.step, enabled=self.is_main and self.cfg.logging.progress_bar
+                            and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
+        last: dict = self._begin() if self.step == 0 else {}
+        while self.step < stop_at:
+            row = self.run_step()
+            self.step += 1
+            if self._after_step(row, stop_at, bar):
+                last = row
+        bar.close()
+        if self.step == total:
+            self._write_final_model()
+            self.on_complete()
+        self.logger.close()
+        dss.barrier()
+        return last
+
+    def _write_final_model(self) -> None:
+        """``DIR/model`` through a temporary sibling and a rename; under ZeRO-3 every rank gathers."""
+        if self.cfg.deepspeed.zero_stage != 3:
+            save_model_atomically(self.output_dir / "model", lambda d: self.write_model(self.engine.module, d),
+                                  is_main=self.is_main)
+            return
+        tmp = self.output_dir / ".tmp-model"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.save_model(tmp)
+        if self.is_main:
+            _replace_dir(tmp, self.output_dir / "model")
+
+
+class DatasetStageTrainer(StageTrainer):
+    """A stage that trains on a fixed dataset (SFT, the reward model): global batches of items in
+    a seeded order per epoch, cut into this rank's micro-batches; the loss of a step is a sum over
+    units (tokens or pairs) divided by the global batch's unit count.
+
+    A subclass provides ``build_model``, ``build_datasets`` (``self.train_items`` /
+    ``self.eval_items``: lists of dataset items), ``collate``, ``units`` (how many loss units a
+    list of items holds), ``micro_step`` (summed loss and summed statistics of one micro-batch),
+    ``metrics`` (from summed statistics) and ``write_model``.
+    """
+
+    def __init__(self, cfg, output_dir, *, resume: bool = False, dist_info: Optional[dss.DistInfo] = None):
+        _build.check_data_files(cfg.data, self.stage)
+        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
         self.plan = BatchPlan.resolve(cfg, self.dist.world_size, path=f"{self.stage}.")
         dss.seed_everything(cfg.seed, self.dist.rank)
-        self.is_main = self.dist.is_main
+        self._t0, self._units = None, 0.0
 
     # -- hooks ---------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -370,63 +530,52 @@ class StageTrainer:
     def metrics(self, sums: dict, prefix: str) -> dict:
         raise NotImplementedError
 
-    def write_model(self, module, directory: Path) -> None:
-        raise NotImplementedError
+    def stat_keys(self) -> Sequence[str]:
+        return ()
 
-    def begin(self) -> dict:
-        """Runs once, before the first optimizer step, and only when the run starts at step 0: a
-        resumed run skips it, so what it sets must live in the checkpoint (module buffers do)."""
-        return {}
-
-    def finish(self) -> dict:
-        return {}
-
-    # -- helpers ---------------------------------------------------------------------------------------
-    def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def save_model(self, directory: Path) -> None:
-        """HF-format save of the engine's module; every rank calls it (ZeRO-3 gathers the
-        partitioned parameters), rank 0 writes."""
-        module = self.engine.module
-        with dss.full_parameters(module, self.cfg.deepspeed.zero_stage):
-            if self.is_main:
-                self.write_model(module, directory)
-
-    def _setup(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+    # -- the StageTrainer hooks ------------------------------------------------------------------------
+    def setup_stage(self) -> None:
         self.build_datasets()
         self.total_steps = total_steps_of(len(self.train_items), self.plan.batch_size, self.cfg.epochs, self.cfg.max_steps)
         self.steps_per_epoch = steps_per_epoch(len(self.train_items), self.plan.batch_size)
         model = self.build_model()
         self.engine = dss.build_engine(model, optim=self.cfg.optim, sched=self.cfg.scheduler, ds=self.cfg.deepspeed,
                                        plan=self.plan, total_steps=self.total_steps)
-        log: LoggingConfig = self.cfg.logging
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=log.keep_checkpoints, is_main=self.is_main)
-        self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
-        self.step = 0
-        if self.resume and (ckpt := self.checkpointer.latest()) is not None:
-            state = self.checkpointer.load(ckpt, self.engine, stage=self.stage, config=config_mod.to_dict(self.cfg))
-            self.step = int(state["step"])
-            self.logger.resume_from(self.step)
-        else:
-            start_fresh(self.output_dir, self.checkpointer, is_main=self.is_main)
-        if self.is_main:
-            write_stage_config(self.output_dir, self.stage, self.cfg)
 
-    def _global_batches(self) -> Iterator[list[int]]:
-        """Global batches from ``self.step`` on (skipping those already done)."""
-        step = self.step
-        while step < self.total_steps:
-            epoch, k = divmod(step, self.steps_per_epoch)
-            order = epoch_order(len(self.train_items), self.cfg.seed, epoch)
-            bs = self.plan.batch_size
-            yield order[k * bs : (k + 1) * bs].tolist()
-            step += 1
+    def loop_length(self) -> int:
+        return self.total_steps
+
+    def stop_after(self) -> Optional[int]:
+        return self.cfg.stop_after_steps
+
+    def trainer_state(self) -> dict:
+        return {"total_steps": self.total_steps}
+
+    def progress_postfix(self, row: dict) -> dict:
+        return dict(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
+
+    def global_batch(self, step: int) -> list[int]:
+        """The item indices of global batch ``step``: the order depends on (seed, epoch) only."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_items), self.cfg.seed, epoch)
+        bs = self.plan.batch_size
+        return order[k * bs : (k + 1) * bs].tolist()
+
+    def run_step(self) -> dict:
+        """One optimizer step on global batch ``self.step``; its row: the stage's metrics of the
+        whole global batch (all ranks), the lr it used, throughput."""
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        sums = self.train_step(self.global_batch(self.step))
+        self._units += sums.get("tokens", 0.0)
+        row = self.metrics(sums, "train")
+        row["train/lr"] = sums["lr"]
+        row["perf/tokens_per_s"] = self._units / max(time.perf_counter() - self._t0, 1e-9)
+        return row
 
     def train_step(self, global_batch: list[int]) -> dict:
-        """One optimizer step over this rank's micro-batches; returns the summed statistics of
-        the whole global batch (all ranks)."""
+        """Forward / backward of this rank's micro-batches (the optimizer steps after the last);
+        returns the summed statistics of the whole global batch (all ranks)."""
         denom = self.units([self.train_items[i] for i in global_batch])
         scale = self.plan.grad_accum * self.plan.world_size / max(denom, 1)  # undo DeepSpeed's averaging
         sums: dict[str, float] = {"lr": self.engine.get_lr()[0] / self.dist.world_size}  # the lr this step uses
@@ -461,66 +610,3 @@ class StageTrainer:
         keys = sorted(set(sums) | set(self.stat_keys()))
         reduced = dict(zip(keys, dss.all_reduce_sum([sums.get(k, 0.0) for k in keys], self.dist.device)))
         return self.metrics(reduced, "eval")
-
-    def stat_keys(self) -> Sequence[str]:
-        return ()
-
-    def _checkpoint(self) -> None:
-        self.checkpointer.save(self.step, engine=self.engine, save_model=self.save_model,
-                               state={"step": self.step, "total_steps": self.total_steps, "stage": self.stage,
-                                      "config": config_mod.to_dict(self.cfg)})
-
-    def fit(self) -> dict:
-        """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;
-        returns the last logged metrics."""
-        self._setup()
-        log = self.cfg.logging
-        stop_at = min(self.total_steps, self.cfg.stop_after_steps or self.total_steps)
-        bar = make_progress(self.total_steps, self.step, enabled=self.is_main and log.progress_bar
-                            and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
-        last: dict = {}
-        if self.step == 0:
-            # Forked RNG: work before training leaves the training RNG stream as it was.
-            with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
-                row = self.begin()
-            if row:
-                self.logger.log(0, row)
-                last = row
-        t0, units0 = time.perf_counter(), 0.0
-        for global_batch in self._global_batches():
-            if self.step >= stop_at:
-                break
-            sums = self.train_step(global_batch)
-            self.step += 1
-            units0 += sums.get("tokens", 0.0)
-            row = self.metrics(sums, "train")
-            row["train/lr"] = sums["lr"]
-            elapsed = time.perf_counter() - t0
-            row["perf/tokens_per_s"] = units0 / max(elapsed, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
-            final = self.step == self.total_steps
-            if (log.eval_every and self.step % log.eval_every == 0) or final:
-                row.update(self.evaluate())
-            if final:
-                row.update(self.finish())
-            if self.step % log.log_every == 0 or final or self.step == stop_at or "eval/loss" in row:
-                self.logger.log(self.step, row)
-                last = row
-            if (log.save_every and self.step % log.save_every == 0) or final or self.step == stop_at:
-                self._checkpoint()
-        bar.close()
-        if self.step == self.total_steps:
-            save_model_atomically(self.output_dir / "model", lambda d: self.write_model(self.engine.module, d),
-                                  is_main=self.is_main) if self.cfg.deepspeed.zero_stage != 3 else self._final_zero3()
-        self.logger.close()
-        dss.barrier()
-        return last
-
-    def _final_zero3(self) -> None:
-        tmp = self.output_dir / ".tmp-model"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.save_model(tmp)
-        if self.is_main:
-            _replace_dir(tmp, self.output_dir / "model")

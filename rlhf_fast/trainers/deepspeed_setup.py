@@ -12,17 +12,19 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf_fast.algos import Registry
 from rlhf_fast.config import BatchPlan, DeepSpeedConfig, OptimConfig, SchedulerConfig
 
 SEED_STRIDE = 100003  # N details #6: a different seed per process
@@ -57,6 +59,11 @@ def _quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
+#: torch.distributed backend -> whether its ranks run on CUDA devices; the default per CUDA availability
+BACKEND_ON_CUDA = {"nccl": True, "gloo": False}
+DEFAULT_BACKEND = {True: "nccl", False: "gloo"}
+
+
 def init_distributed(backend: Optional[str] = None) -> DistInfo:
     """Joins (or creates) the default process group; idempotent. ``backend`` None: NCCL when CUDA
     is available, else gloo. Without a launcher, a 1-rank group on 127.0.0.1 and a free port."""
@@ -67,12 +74,12 @@ def init_distributed(backend: Optional[str] = None) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or DEFAULT_BACKEND[torch.cuda.is_available()]
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and backend == "nccl":
+    if torch.cuda.is_available() and BACKEND_ON_CUDA[backend]:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -99,12 +106,17 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min
     ``min_ratio`` (0: lr annealed to 0, N details #5)."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    if decay == "constant":
-        return 1.0
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
-    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
+    return LR_DECAYS[decay](progress, min_ratio)
+
+
+#: ``scheduler.decay``: (progress in [0, 1] after warm-up, min_ratio) -> multiplier of the peak lr
+LR_DECAYS: Registry[Callable[[float, float], float]] = Registry("lr decay")
+LR_DECAYS.register("constant")(lambda progress, min_ratio: 1.0)
+LR_DECAYS.register("linear")(lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * (1.0 - progress))
+LR_DECAYS.register("cosine")(
+    lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def warmup_steps_of(sched: SchedulerConfig, total_steps: int) -> int:
@@ -153,6 +165,24 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LambdaLR):
 # ---- the engine --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What ``deepspeed.dtype`` sets: frozen_dtype, the dtype the frozen reference / reward models
+    compute in (None: as loaded); train_section / inference_section, the DeepSpeed config keys of a
+    trained engine / a ZeRO-3 inference engine (fp16 trains with dynamic loss scaling)."""
+
+    frozen_dtype: Optional[torch.dtype]
+    train_section: dict
+    inference_section: dict
+
+
+PRECISIONS: Registry[Precision] = Registry("precision")
+PRECISIONS.register("fp32")(Precision(None, {}, {}))
+PRECISIONS.register("bf16")(Precision(torch.bfloat16, {"bf16": {"enabled": True}}, {"bf16": {"enabled": True}}))
+PRECISIONS.register("fp16")(Precision(torch.float16, {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}},
+                                      {"fp16": {"enabled": True}}))
+
+
 def deepspeed_config_dict(ds: DeepSpeedConfig, plan: BatchPlan) -> dict:
     """The DeepSpeed JSON config for these sections (batch geometry from the resolved plan)."""
     zero: dict = {"stage": ds.zero_stage}
@@ -173,10 +203,7 @@ def deepspeed_config_dict(ds: DeepSpeedConfig, plan: BatchPlan) -> dict:
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
-    if ds.dtype == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif ds.dtype == "fp16":
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    cfg.update(copy.deepcopy(PRECISIONS[ds.dtype].train_section))
     return cfg
 
 
@@ -227,10 +254,7 @@ def build_zero3_inference(model: torch.nn.Module, *, ds: DeepSpeedConfig, micro_
     }
     if cfg["zero_optimization"]["offload_param"] is None:
         del cfg["zero_optimization"]["offload_param"]
-    if ds.dtype == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif ds.dtype == "fp16":
-        cfg["fp16"] = {"enabled": True}
+    cfg.update(copy.deepcopy(PRECISIONS[ds.dtype].inference_section))
     model.requires_grad_(False).eval()
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
     return engine

@@ -20,7 +20,7 @@ from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
 from rlhf_fast.trainers import _build
-from rlhf_fast.trainers.common import StageTrainer
+from rlhf_fast.trainers.common import DatasetStageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
 
 
@@ -33,7 +33,7 @@ def _field(record, name: str) -> str:
     return record.text(name) if hasattr(record, "text") else record[name]
 
 
-class RMTrainer(StageTrainer):
+class RMTrainer(DatasetStageTrainer):
     """``RMTrainer(cfg.rm, "out/rm").fit()`` writes ``out/rm/model`` (a ``RewardModel`` with its
     normalisation, and the tokenizer) and returns the last logged metrics (``eval/accuracy``,
     ``eval/loss``, ``norm/*``...); with ``normalize_before``, ``norm_before/*`` is logged at step 0.

@@ -19,10 +19,10 @@ from rlhf_fast.config import SFTConfig
 from rlhf_fast.data import IGNORE_INDEX, SFTDataset
 from rlhf_fast.models import Policy, load_causal_lm, resize_embeddings_for_tokenizer
 from rlhf_fast.trainers import _build
-from rlhf_fast.trainers.common import StageTrainer
+from rlhf_fast.trainers.common import DatasetStageTrainer
 
 
-class SFTTrainer(StageTrainer):
+class SFTTrainer(DatasetStageTrainer):
     """``SFTTrainer(cfg.sft, "out/sft").fit()`` writes ``out/sft/model`` (a policy in HF format,
     with its tokenizer) and returns the last logged metrics (``train/loss``, ``eval/loss``,
     ``eval/perplexity``...)."""
