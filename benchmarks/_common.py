@@ -1,6 +1,6 @@
 """Shared benchmark harness: timing, memory, device facts, and the JSON record format.
 
-Every benchmark reports physics, not just milliseconds (STYLE.md #11): GB/s and percent of the
+Every benchmark reports physics, not just milliseconds (docs/architecture.md, "Benchmarks"): GB/s and percent of the
 device's memory bandwidth for memory-bound ops, TFLOP/s and percent of peak for matmul-bound
 ones. Compile and warm-up are excluded; on a GPU the L2 cache is flushed before every timed call.
 

@@ -14,7 +14,7 @@ import torch
 
 from rlhf_fast._checks import check_same_device, check_tensor, tracing
 
-#: KL estimators by name (STYLE #9: a registry, not an if-chain). Each maps d = logprobs -
+#: KL estimators by name (a table, not an if-chain: docs/architecture.md, "Variation points"). Each maps d = logprobs -
 #: ref_logprobs to the per-token penalty; Schulman, "Approximating KL Divergence" (2020).
 KL_ESTIMATORS = ("k1", "k2", "k3")
 

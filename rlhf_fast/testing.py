@@ -1,4 +1,5 @@
-"""The numerical contract as one helper, shared by tests and benchmarks (DESIGN.md, STYLE.md #4).
+"""The numerical contract as one helper, shared by tests and benchmarks (docs/architecture.md,
+"Numerical contract").
 
 Pass when ``max|candidate - oracle| <= 2 * max|baseline - oracle| + atol``: no worse than PyTorch
 in the same dtype. The oracle is the reference in float64; the baseline is the reference run the

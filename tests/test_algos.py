@@ -1,6 +1,6 @@
 """rlhf_fast.algos: hand-computed 1x4 examples (expected values as formulas, torchtune style),
 registries, truncation / penalties, KL controllers, and hypothesis property tests of the algos
-on the fused ops against the same math on the float64 reference (STYLE #4, #6)."""
+on the fused ops against the same math on the float64 reference (docs/architecture.md, "Numerical contract")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import rlhf_fast.reference as reference
 from rlhf_fast import algos as A
 from rlhf_fast.algos import PPOHyperParams
-from rlhf_fast.reference import ppo as ref_ppo
+from rlhf_fast.trainers import ppo_reference as ref_ppo
 from rlhf_fast.testing import assert_no_worse_than_baseline
 
 from _rlmath_cases import make_mask

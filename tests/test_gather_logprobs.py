@@ -1,5 +1,5 @@
 """gather_logprobs: the public op (C++ on CPU), the Triton kernels (interpreter on CPU) and the
-no-compiler fallback, each held to the float64 reference under DESIGN.md's rule."""
+no-compiler fallback, each held to the float64 reference under the numerical contract (docs/architecture.md)."""
 
 from __future__ import annotations
 

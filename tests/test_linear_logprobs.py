@@ -1,5 +1,5 @@
 """linear_logprobs: the public op (chunked torch on CPU), the Triton kernels (interpreter on CPU),
-the chunk memory bound, opcheck and bad input, held to the float64 reference under DESIGN.md's rule."""
+the chunk memory bound, opcheck and bad input, held to the float64 reference under the numerical contract (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ lin = importlib.import_module("rlhf_fast.ops.linear_logprobs")
 from rlhf_fast.testing import assert_no_worse_than_baseline  # noqa: E402
 
 IGNORE = -100
-# Awkward shapes first (STYLE.md #5): odd N, H, V; a V that is not a multiple of any tile; V = 2.
+# Awkward shapes first (docs/architecture.md, "Tests"): odd N, H, V; a V that is not a multiple of any tile; V = 2.
 SHAPES = [(9, 41, 341), (4, 16, 3000), (16, 32, 256), (1, 8, 2), (33, 17, 65)]
 
 

@@ -1,5 +1,5 @@
 """The engine's token choice (``sample_next``) against the slow reference
-(``rlhf_fast.reference.sampling``) under DESIGN.md's rule: oracle = the reference in float64,
+(``rlhf_fast.reference.sampling``) under the numerical contract (docs/architecture.md): oracle = the reference in float64,
 baseline = the reference in float32, pass when ``max|op - oracle| <= 2 * max|baseline - oracle|
 + atol``. Checked: the returned log-probs, the support (top-k / top-p / blocked stop ids decided as
 in the same dtype), the inverse-CDF choice for the op's own uniform draw, and greedy = argmax."""

@@ -1,4 +1,4 @@
-"""PPO building blocks as small pure functions with registries (STYLE #9): policy losses, the
+"""PPO building blocks as small pure functions with registries (docs/architecture.md, "Variation points"): policy losses, the
 clipped value loss, entropy bonus, KL placement and controllers, advantage estimators, response
 truncation and penalties, typed rollout / statistics containers and the shared hyper-parameters.
 

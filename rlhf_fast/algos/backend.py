@@ -1,5 +1,5 @@
 """Which implementation of the RL math ops the algos call: the fused ``rlhf_fast.ops`` (default)
-or the float64-capable oracle ``rlhf_fast.reference`` (same signatures, STYLE #3). Resolved
+or the float64-capable oracle ``rlhf_fast.reference`` (same signatures: docs/architecture.md, "Numerical contract"). Resolved
 lazily so that importing ``rlhf_fast.algos`` does not build the C++ ops."""
 
 from __future__ import annotations

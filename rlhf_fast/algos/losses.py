@@ -105,7 +105,7 @@ def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class PolicyLossParams:
-    """What a policy loss needs (no more: STYLE #7)."""
+    """What a policy loss needs (no more: docs/architecture.md, "Conventions")."""
 
     clip_low: float = 0.2
     """ratio lower bound 1 - clip_low (PPO; "N details" #19: 0.2)."""

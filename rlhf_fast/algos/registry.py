@@ -1,4 +1,4 @@
-"""A tiny name -> function registry (STYLE #9): variants are added by registering, never by
+"""A tiny name -> function registry (docs/architecture.md, "Variation points"): variants are added by registering, never by
 editing the trainer's control flow."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Typed containers for one PPO iteration (STYLE #8): the rollout batch and its statistics.
+"""Typed containers for one PPO iteration (docs/architecture.md, "Conventions"): the rollout batch and its statistics.
 
 Shapes: B rollouts (prompts x samples), Q query (prompt) tokens, R response tokens. Every
 per-token tensor is aligned with ``response_ids``: entry ``[b, t]`` is about the token

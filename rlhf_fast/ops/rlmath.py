@@ -7,7 +7,7 @@ Whitening is split into its two passes, ``masked_moments`` -> (count, mean, M2) 
 ``masked_whiten_apply``, so that with a process group the statistics are all-reduced in between
 (one collective of 3 float64 numbers) and nothing synchronises with the host.
 
-Semantics: DESIGN.md, "Public op API". The oracle is ``rlhf_fast.reference.rlmath``.
+Semantics: docs/architecture.md, "Ops". The oracle is ``rlhf_fast.reference.rlmath``.
 """
 
 from __future__ import annotations

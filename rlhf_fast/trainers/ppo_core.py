@@ -1,6 +1,6 @@
 """The fast PPO iteration: experience and update, independent of how optimizers step.
 
-``make_experience`` and ``ppo_update`` are what ``rlhf_fast.reference.ppo.ppo_iteration`` does,
+``make_experience`` and ``ppo_update`` are what ``rlhf_fast.trainers.ppo_reference.ppo_iteration`` does,
 computed with the fused ops (``rlhf_fast.ops``: log-probs straight into float32, one-launch
 GAE and whitening) and the loss registries of ``rlhf_fast.algos``; the parity tests hold the two
 to each other. Optimizer stepping goes through a ``Stepper``: ``TorchStepper`` (a module and a

@@ -10,12 +10,14 @@ The loss is the mean over the pairs of the global batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from rlhf_fast.algos import Registry
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
@@ -31,6 +33,24 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
 
 def _field(record, name: str) -> str:
     return record.text(name) if hasattr(record, "text") else record[name]
+
+
+@dataclass(frozen=True)
+class RMNormalization:
+    """What ``rm.normalization`` does after training (and before, with ``normalize_before``):
+    samples_policy — score fresh samples of the initial policy (lm-human-preferences) instead of
+    the SFT data's reference responses (N+); apply(rm, raw_scores) — set gain / bias from the raw
+    scores (None: no normalisation)."""
+
+    samples_policy: bool
+    apply: Optional[Callable[[RewardModel, torch.Tensor], None]]
+
+
+RM_NORMALIZATIONS: Registry[RMNormalization] = Registry("reward normalisation")
+RM_NORMALIZATIONS.register("policy_samples")(RMNormalization(True, RewardModel.set_normalization))
+RM_NORMALIZATIONS.register("reference_mean")(RMNormalization(False, RewardModel.set_reference_normalization))
+RM_NORMALIZATIONS.register("reference_std")(RMNormalization(False, RewardModel.set_normalization))
+RM_NORMALIZATIONS.register("none")(RMNormalization(False, None))
 
 
 class RMTrainer(DatasetStageTrainer):
@@ -63,7 +83,7 @@ class RMTrainer(DatasetStageTrainer):
             if path is not None and not Path(path).is_dir():
                 raise ValueError(f"{name} {path!r} is not a directory (a model written by rlhf-fast sft; "
                                  "nothing is downloaded)")
-        if cfg.normalization == "policy_samples" and self.init_path is None:
+        if RM_NORMALIZATIONS[cfg.normalization].samples_policy and self.init_path is None:
             raise ValueError(
                 "rm.normalization 'policy_samples' samples from the initial policy, but there is none: set "
                 "rm.sft_model (or rm.model.path), or choose 'reference_mean', 'reference_std' or 'none'"
@@ -150,7 +170,7 @@ class RMTrainer(DatasetStageTrainer):
         """Sets the reward normalisation after training, from the raw scores (whatever gain and
         bias the loss used)."""
         mode = self.cfg.normalization
-        if mode == "none":
+        if RM_NORMALIZATIONS[mode].apply is None:
             return {}
         rm: RewardModel = self.engine.module
         before = {"gain": float(rm.gain), "bias": float(rm.bias)} if self.cfg.normalize_before else None
@@ -164,16 +184,11 @@ class RMTrainer(DatasetStageTrainer):
         rank computes the same scores; no collectives beyond ZeRO-3's own). ``draw``: which
         "policy_samples" draw (0 before training, 1 after: fresh samples each time, as
         lm-human-preferences' ``sample_fn``)."""
-        if mode == "policy_samples":
-            ids, mask = self._policy_samples(draw)
-        else:
-            ids, mask = self._reference_sequences()
+        entry = RM_NORMALIZATIONS[mode]
+        ids, mask = self._policy_samples(draw) if entry.samples_policy else self._reference_sequences()
         raw = self._raw_scores(ids, mask)
         rm: RewardModel = self.engine.module
-        if mode == "reference_mean":
-            rm.set_reference_normalization(raw)
-        else:
-            rm.set_normalization(raw)
+        entry.apply(rm, raw)
         return {"raw_mean": float(raw.mean()), "raw_std": float(raw.std(unbiased=False)),
                 "gain": float(rm.gain), "bias": float(rm.bias), "samples": int(raw.numel())}
 

@@ -22,6 +22,10 @@ from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 
 
+#: ``sft.loss_on``: whether the prompt tokens are targets too ("all") or only the response's
+LOSS_ON_PROMPT = {"response": False, "all": True}
+
+
 class SFTTrainer(DatasetStageTrainer):
     """``SFTTrainer(cfg.sft, "out/sft").fit()`` writes ``out/sft/model`` (a policy in HF format,
     with its tokenizer) and returns the last logged metrics (``train/loss``, ``eval/loss``,
@@ -37,7 +41,7 @@ class SFTTrainer(DatasetStageTrainer):
         kw = dict(
             prompt_field=cfg.data.prompt_field, response_field=cfg.data.response_field,
             max_prompt_length=cfg.data.max_prompt_length, max_response_length=cfg.data.max_response_length,
-            train_on_prompt=cfg.loss_on == "all",
+            train_on_prompt=LOSS_ON_PROMPT[cfg.loss_on],
         )
         self.train_items = SFTDataset(train, self.tokenizer, **kw).items
         eval_ds = SFTDataset(evals, self.tokenizer, **kw)

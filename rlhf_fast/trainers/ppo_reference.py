@@ -79,7 +79,7 @@ def make_experience(
     scores = rollout.scores.to(dtype)
     if hp.score_clip is not None:
         scores = scores.clamp(-hp.score_clip, hp.score_clip)
-    beta_in_reward = kl_coef if hp.kl_placement == "in_reward" else 0.0
+    beta_in_reward = kl_coef if hp.placement.in_reward else 0.0
     rewards, kl = ref.shape_rewards(
         scores, logprobs, ref_logprobs, mask, kl_coef=beta_in_reward, estimator=hp.kl_estimator,
         clamp=hp.kl_clamp, compute_dtype=dtype,
@@ -94,36 +94,65 @@ def make_experience(
     return out.replace(advantages=advantages, returns=returns)
 
 
+def _gae_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
+    """GAE with the N-details whitening."""
+    mask = batch.response_mask
+    if batch.values is None:
+        raise ValueError("gae needs values: give the policy a value head or pass a critic")
+    rewards = batch.rewards
+    if hp.whiten_rewards:  # without the mean shift ("N details" #18)
+        rewards = ref.masked_whiten(
+            rewards, mask, shift_mean=False, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps, compute_dtype=dtype
+        )
+    advantages, returns = ref.gae(rewards, batch.values, mask, gamma=hp.gamma, lam=hp.lam, compute_dtype=dtype)
+    if hp.whiten_advantages:
+        advantages = ref.masked_whiten(
+            advantages, mask, shift_mean=True, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps, compute_dtype=dtype
+        )
+    return advantages, returns
+
+
+def _grpo_seq(r: torch.Tensor, group_eps: float) -> torch.Tensor:
+    """One group's grpo advantages: (r - mean) / (std + eps), unbiased std, 0 for a single row."""
+    std = r.std() if r.numel() > 1 else torch.zeros((), dtype=r.dtype)
+    return (r - r.mean()) / (std + group_eps)
+
+
+def _rloo_seq(r: torch.Tensor, group_eps: float) -> torch.Tensor:
+    """One group's rloo advantages: r_i - mean of the others, 0 for a single row."""
+    n = r.numel()
+    return r - (r.sum() - r) / (n - 1) if n > 1 else torch.zeros_like(r)
+
+
+#: the reference's own per-group formulas, by estimator name
+_GROUP_ORACLES = {"grpo": _grpo_seq, "rloo": _rloo_seq}
+#: rloo whitens its sequence advantages over the batch (TRL's ``normalize_advantage``); grpo does not
+_WHITENS_SEQUENCES = {"grpo": False, "rloo": True}
+
+
+def _group_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
+    """grpo / rloo group baselines written as loops over the groups."""
+    mask = batch.response_mask
+    seq = group_baseline_advantages((batch.rewards.to(dtype) * mask).sum(-1), batch.group_ids, hp.advantage_estimator)
+    if _WHITENS_SEQUENCES[hp.advantage_estimator] and hp.whiten_advantages:
+        seq = ref.masked_whiten(
+            seq, torch.ones_like(seq, dtype=torch.bool), unbiased=hp.whiten_unbiased, eps=hp.whiten_eps,
+            compute_dtype=dtype,
+        )
+    advantages = seq[:, None] * mask
+    return advantages, advantages
+
+
+_ADVANTAGE_ORACLES = {"gae": _gae_oracle, "grpo": _group_oracle, "rloo": _group_oracle}
+
+
 def compute_advantages(batch: Rollout, hp: PPOHyperParams, dtype: torch.dtype = torch.float32):
     """(advantages, returns) of ``batch`` with the reference ops: GAE with the N-details
     whitening, or the grpo / rloo group baselines written as loops over the groups."""
-    mask = batch.response_mask
-    if hp.advantage_estimator == "gae":
-        if batch.values is None:
-            raise ValueError("gae needs values: give the policy a value head or pass a critic")
-        rewards = batch.rewards
-        if hp.whiten_rewards:  # without the mean shift ("N details" #18)
-            rewards = ref.masked_whiten(
-                rewards, mask, shift_mean=False, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps, compute_dtype=dtype
-            )
-        advantages, returns = ref.gae(rewards, batch.values, mask, gamma=hp.gamma, lam=hp.lam, compute_dtype=dtype)
-        if hp.whiten_advantages:
-            advantages = ref.masked_whiten(
-                advantages, mask, shift_mean=True, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps, compute_dtype=dtype
-            )
-        return advantages, returns
-    if hp.advantage_estimator in ("grpo", "rloo"):
-        seq = group_baseline_advantages(
-            (batch.rewards.to(dtype) * mask).sum(-1), batch.group_ids, hp.advantage_estimator,
-        )
-        if hp.advantage_estimator == "rloo" and hp.whiten_advantages:
-            seq = ref.masked_whiten(
-                seq, torch.ones_like(seq, dtype=torch.bool), unbiased=hp.whiten_unbiased, eps=hp.whiten_eps,
-                compute_dtype=dtype,
-            )
-        advantages = seq[:, None] * mask
-        return advantages, advantages
-    raise NotImplementedError(f"the reference PPO has no advantage estimator {hp.advantage_estimator!r}")
+    oracle = _ADVANTAGE_ORACLES.get(hp.advantage_estimator)
+    if oracle is None:
+        raise NotImplementedError(f"the reference PPO has no advantage estimator {hp.advantage_estimator!r}")
+    return oracle(batch, hp, dtype)
 
 
 def group_baseline_advantages(
@@ -138,37 +167,48 @@ def group_baseline_advantages(
         rows[g].append(i)
     adv = torch.zeros_like(seq_rewards)
     for idx in rows.values():
-        r = seq_rewards[idx]
-        n = len(idx)
-        if estimator == "grpo":
-            std = r.std() if n > 1 else torch.zeros((), dtype=r.dtype)
-            adv[idx] = (r - r.mean()) / (std + group_eps)
-        else:
-            adv[idx] = r - (r.sum() - r) / (n - 1) if n > 1 else torch.zeros_like(r)
+        adv[idx] = _GROUP_ORACLES[estimator](seq_rewards[idx], group_eps)
     return adv
 
 
 # ---- losses (written out, independent of rlhf_fast.algos.losses) -------------------------------
 
 
+_AGGREGATE_ORACLES = {
+    "token-mean": lambda x, mask: (x * mask).sum(),
+    "seq-mean": lambda x, mask: ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum(),
+}
+#: the minibatch normaliser: its token count or its row count
+_NORMALIZER_ORACLES = {
+    "token-mean": lambda mask, dtype: mask.sum().clamp(min=1).to(dtype),
+    "seq-mean": lambda mask, dtype: torch.tensor(float(mask.shape[0]), dtype=dtype),
+}
+
+
 def _aggregate(x, mask, mode: str, normalizer):
     """Sum over the micro-batch, divided by the minibatch's token or row count."""
-    if mode == "token-mean":
-        return (x * mask).sum() / normalizer
-    if mode == "seq-mean":
-        return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normalizer
-    raise NotImplementedError(f"the reference PPO has no loss aggregation {mode!r}")
+    if mode not in _AGGREGATE_ORACLES:
+        raise NotImplementedError(f"the reference PPO has no loss aggregation {mode!r}")
+    return _AGGREGATE_ORACLES[mode](x, mask) / normalizer
 
 
 def policy_loss_per_token(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
     """(per-token clipped surrogate, ratio, where the clipped term is active, where the dual clip
     capped the loss)."""
+    if hp.policy_loss not in _POLICY_LOSS_ORACLES:
+        raise NotImplementedError(f"the reference PPO has no policy loss {hp.policy_loss!r}")
+    return _POLICY_LOSS_ORACLES[hp.policy_loss](logprobs, old_logprobs, advantages, hp)
+
+
+def _vanilla_pg_oracle(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
     ratio = torch.exp(logprobs - old_logprobs)
     never = torch.zeros_like(ratio, dtype=torch.bool)
-    if hp.policy_loss == "vanilla_pg":
-        return -advantages * ratio, ratio, never, never
-    if hp.policy_loss != "ppo_clip":
-        raise NotImplementedError(f"the reference PPO has no policy loss {hp.policy_loss!r}")
+    return -advantages * ratio, ratio, never, never
+
+
+def _ppo_clip_oracle(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
+    ratio = torch.exp(logprobs - old_logprobs)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
     high = hp.clip_range if hp.clip_range_high is None else hp.clip_range_high
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - hp.clip_range, 1.0 + high)
@@ -178,6 +218,9 @@ def policy_loss_per_token(logprobs, old_logprobs, advantages, hp: PPOHyperParams
         dual = (advantages < 0) & (-advantages * hp.dual_clip < pg)
         pg = torch.where(advantages < 0, torch.min(pg, -advantages * hp.dual_clip), pg)
     return pg, ratio, pg_losses2 > pg_losses, dual
+
+
+_POLICY_LOSS_ORACLES = {"ppo_clip": _ppo_clip_oracle, "vanilla_pg": _vanilla_pg_oracle}
 
 
 def value_loss_per_token(values, old_values, returns, hp: PPOHyperParams):
@@ -211,7 +254,7 @@ def _minibatch_loss(policy, critic, micro: Rollout, hp: PPOHyperParams, kl_coef:
                   dual_clipped=dual, entropy=entropy.detach())
 
     vf_loss = torch.zeros((), dtype=dtype)
-    if hp.advantage_estimator == "gae":
+    if hp.estimator.needs_values:
         values = values.to(dtype)
         vf, verror, vclipped = value_loss_per_token(values, micro.values, micro.returns, hp)
         vf_loss = _aggregate(vf, fmask, hp.loss_aggregation, normalizer)
@@ -222,7 +265,7 @@ def _minibatch_loss(policy, critic, micro: Rollout, hp: PPOHyperParams, kl_coef:
         loss = loss - hp.ent_coef * _aggregate(entropy, fmask, hp.loss_aggregation, normalizer)
 
     kl_part = torch.zeros((), dtype=dtype)
-    if hp.kl_placement == "in_loss":
+    if hp.placement.in_loss:
         kl = ref.kl_penalty(logprobs, micro.ref_logprobs, estimator=hp.kl_estimator, clamp=hp.kl_clamp, compute_dtype=dtype)
         kl_part = _aggregate(kl, fmask, hp.loss_aggregation, normalizer)
         loss = loss + kl_coef * kl_part
@@ -251,6 +294,31 @@ def _stats(parts: list[dict], pieces: list[dict]) -> MinibatchStats:
         s.vpred = mean(cat["vpred"])
         s.verror = mean(cat["verror"])
     return s
+
+
+def _minibatch_step(policy, critic, minibatch: Rollout, hp: PPOHyperParams, kl_coef: float, optimizers, dtype, *,
+                    micro_size: int) -> MinibatchStats:
+    """One optimizer step on ``minibatch``: gradients accumulated over its micro-batches, each
+    optimizer's parameters clipped by their global norm, then stepped."""
+    if hp.advantages_per_minibatch:  # lm-human-preferences: whitening + GAE inside loss()
+        adv, ret = compute_advantages(minibatch, hp, dtype)
+        minibatch = minibatch.replace(advantages=adv, returns=ret)
+    normalizer = _NORMALIZER_ORACLES[hp.loss_aggregation](minibatch.response_mask, dtype)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    parts, pieces = [], []
+    mb_size = minibatch.batch_size
+    for m0 in range(0, mb_size, micro_size):
+        micro = minibatch.select(torch.arange(m0, min(m0 + micro_size, mb_size)))
+        loss, p, pc = _minibatch_loss(policy, critic, micro, hp, kl_coef, normalizer, dtype)
+        loss.backward()
+        parts.append(p)
+        pieces.append(pc)
+    for opt in optimizers:
+        if hp.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], hp.max_grad_norm)
+        opt.step()
+    return _stats(parts, pieces)
 
 
 def ppo_iteration(
@@ -287,7 +355,6 @@ def ppo_iteration(
     mb_size = B // hp.num_minibatches
     micro_size = hp.micro_batch_size or mb_size
     optimizers = [optimizer] + ([critic_optimizer] if critic_optimizer is not None else [])
-    trained = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
 
     experience = make_experience(policy, ref_policy, rollout, hp, kl_coef=kl_coef, critic=critic, dtype=dtype)
     minibatch_stats: list[MinibatchStats] = []
@@ -295,28 +362,8 @@ def ppo_iteration(
         perm = torch.randperm(B, generator=generator)
         for start in range(0, B, mb_size):
             minibatch = experience.select(perm[start : start + mb_size])
-            if hp.advantages_per_minibatch:  # lm-human-preferences: whitening + GAE inside loss()
-                adv, ret = compute_advantages(minibatch, hp, dtype)
-                minibatch = minibatch.replace(advantages=adv, returns=ret)
-            if hp.loss_aggregation == "token-mean":
-                normalizer = minibatch.response_mask.sum().clamp(min=1).to(dtype)
-            else:
-                normalizer = torch.tensor(float(mb_size), dtype=dtype)
-
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            parts, pieces = [], []
-            for m0 in range(0, mb_size, micro_size):
-                micro = minibatch.select(torch.arange(m0, min(m0 + micro_size, mb_size)))
-                loss, p, pc = _minibatch_loss(policy, critic, micro, hp, kl_coef, normalizer, dtype)
-                loss.backward()
-                parts.append(p)
-                pieces.append(pc)
-            for opt, params in zip(optimizers, trained):
-                if hp.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-                opt.step()
-            minibatch_stats.append(_stats(parts, pieces))
+            minibatch_stats.append(_minibatch_step(policy, critic, minibatch, hp, kl_coef, optimizers, dtype,
+                                                   micro_size=micro_size))
 
     stats = PPOStats(objective=objective_stats(experience, kl_coef), minibatches=minibatch_stats)
     return ReferencePPOResult(rollout=experience, stats=stats, kl_coef=float(kl_coef))
