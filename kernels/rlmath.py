@@ -34,7 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
+from rlhf_fast._rlmath_checks import KL_ESTIMATORS
+
+#: constexpr code of each KL estimator: its index in the one list (the kernels branch on 0, 1, 2)
+ESTIMATOR_CODES = {name: code for code, name in enumerate(KL_ESTIMATORS)}
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from rlhf_fast.testing import assert_no_worse_than_baseline
 
 from _rlmath_cases import MASK_KINDS, atol_for, make_mask, rl_cases, tensors, trl_gae
 
-ESTIMATORS = ("k1", "k2", "k3")
+ESTIMATORS = _rlmath_checks.KL_ESTIMATORS  # the one list: C++, Triton, ops and reference are all drawn from it
 
 
 # ---- hand-computed 1x4 examples (torchtune style: expected values as formulas) ---------------

@@ -8,12 +8,14 @@ Functions that run RL math ops take ``backend=`` (``rlhf_fast.ops`` by default, 
 
 from rlhf_fast.algos.advantages import (
     ESTIMATORS,
+    AdvantageEstimator,
     AdvantageInput,
     AdvantageParams,
     compute_advantages,
     contiguous_group_ids,
     gae_advantages,
     grpo_advantages,
+    register_estimator,
     rloo_advantages,
     sequence_rewards,
 )
@@ -23,6 +25,7 @@ from rlhf_fast.algos.kl_control import KL_CONTROLLERS, AdaptiveKLController, Fix
 from rlhf_fast.algos.losses import (
     AGGREGATIONS,
     POLICY_LOSSES,
+    Aggregation,
     PolicyLossOutput,
     PolicyLossParams,
     ValueLossOutput,
@@ -58,11 +61,11 @@ from rlhf_fast.algos.types import (
 __all__ = [
     "AGGREGATIONS", "ESTIMATORS", "KL_CONTROLLERS", "KL_PLACEMENTS", "MINIBATCH_METRIC_NAMES", "MISSING_STOP_PENALTIES",
     "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS", "TRUNCATION_PRESETS",
-    "AdaptiveKLController", "AdvantageInput", "AdvantageParams", "FixedKLController", "KLPlacement", "MinibatchStats",
+    "AdaptiveKLController", "AdvantageEstimator", "AdvantageInput", "Aggregation", "AdvantageParams", "FixedKLController", "KLPlacement", "MinibatchStats",
     "ObjectiveStats", "PPOHyperParams", "PPOStats", "PolicyLossOutput", "PolicyLossParams", "Registry", "Rollout", "RunningMoments",
     "Truncation", "TruncationParams", "ValueLossOutput",
     "aggregate", "apply_missing_stop_penalty", "clipped_value_loss", "compute_advantages", "compute_rewards",
     "contiguous_group_ids", "entropy_bonus", "first_stop_index", "gae_advantages", "grpo_advantages", "kl_loss",
-    "make_kl_controller", "objective_stats", "policy_loss", "ppo_clip_loss", "rloo_advantages", "sequence_rewards",
+    "make_kl_controller", "objective_stats", "policy_loss", "ppo_clip_loss", "register_estimator", "rloo_advantages", "sequence_rewards",
     "truncate_at_stop", "vanilla_pg_loss",
 ]

@@ -8,6 +8,7 @@ per-token tensor is aligned with ``response_ids``: entry ``[b, t]`` is about the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -77,12 +78,14 @@ class Rollout:
         """Index of the first response token in ``sequences`` (= Q)."""
         return self.query_ids.shape[-1]
 
-    @property
+    # Joined once per Rollout and kept (a Rollout is never mutated: ``replace`` / ``select`` make
+    # new ones), so the policy, critic and reference forwards of one micro-batch share one copy.
+    @functools.cached_property
     def sequences(self) -> torch.Tensor:
         """(B, Q + R) long: prompt and response."""
         return torch.cat([self.query_ids, self.response_ids], dim=-1)
 
-    @property
+    @functools.cached_property
     def attention_mask(self) -> torch.Tensor:
         """(B, Q + R) bool: prompt mask and response mask (tokens after the stop are padding)."""
         return torch.cat([self.query_mask, self.response_mask], dim=-1)

@@ -133,10 +133,9 @@ def _kl_backward(ctx, grad):
     logprobs, ref_logprobs = ctx.saved_tensors
     d = logprobs.float() - ref_logprobs.float()
     g = grad.float()
-    if ctx.estimator == "k2":
-        g = g * d
-    elif ctx.estimator == "k3":
-        g = g * (1.0 - torch.exp(-d))
+    dvalue = ref.KL_FORMULAS[ctx.estimator].dvalue
+    if dvalue is not None:
+        g = g * dvalue(d)
     if ctx.clamp is not None:
         # torch.clamp's convention: gradient passes where min <= k <= max, else 0 (a select, so an
         # inf slope outside the clamp never turns into 0 * inf = NaN).

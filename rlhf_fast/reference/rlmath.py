@@ -8,6 +8,9 @@ running advantage carry across masked tokens), so it is slow on purpose.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 
 from rlhf_fast import _rlmath_checks as C
@@ -17,6 +20,24 @@ def _dtype(compute_dtype, *tensors) -> torch.dtype:
     if compute_dtype is not None:
         return compute_dtype
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@dataclass(frozen=True)
+class KLFormula:
+    """One KL estimator of ``d = logprobs - ref_logprobs`` (Schulman 2020, "Approximating KL
+    Divergence"): value(d), and dvalue(d) = d value / d d (None: 1, the identity)."""
+
+    value: Callable[[torch.Tensor], torch.Tensor]
+    dvalue: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]]
+
+
+#: the formulas, keyed by ``_rlmath_checks.KL_ESTIMATORS`` (the one list of names)
+KL_FORMULAS = {
+    "k1": KLFormula(value=lambda d: d, dvalue=None),
+    "k2": KLFormula(value=lambda d: 0.5 * d * d, dvalue=lambda d: d),
+    "k3": KLFormula(value=lambda d: torch.exp(-d) + d - 1, dvalue=lambda d: 1.0 - torch.exp(-d)),
+}
+assert tuple(KL_FORMULAS) == C.KL_ESTIMATORS, "every KL estimator needs its formula"
 
 
 def kl_penalty(
@@ -32,12 +53,7 @@ def kl_penalty(
     estimator, clamp = C.check_kl_inputs(logprobs, ref_logprobs, estimator, clamp)
     dt = _dtype(compute_dtype, logprobs, ref_logprobs)
     d = logprobs.to(dt) - ref_logprobs.to(dt)
-    if estimator == "k1":
-        k = d
-    elif estimator == "k2":
-        k = 0.5 * d * d
-    else:
-        k = torch.exp(-d) + d - 1
+    k = KL_FORMULAS[estimator].value(d)
     if clamp is not None:
         k = k.clamp(-clamp, clamp)
     return k
