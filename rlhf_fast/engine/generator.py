@@ -157,7 +157,8 @@ class DecoderType(Protocol):
         ...
 
     def unsupported(self, ctx: DecoderContext) -> Optional[str]:
-        """None if the decoder can run with ``ctx``, else a sentence saying why not and what to use."""
+        """None if the decoder can run with ``ctx``, else why not and what to use, as the end of a
+        sentence that starts "decode='<name>' " (e.g. "needs a plain static KV cache, but ...")."""
         ...
 
 
@@ -180,7 +181,7 @@ def build_decoders(decode: str, ctx: DecoderContext) -> dict[str, Decoder]:
     if decode != "auto":
         reason = DECODERS[decode].unsupported(ctx)
         if reason:
-            raise ValueError(reason)
+            raise ValueError(f"decode={decode!r} {reason}")
         return {decode: DECODERS[decode](ctx)}
     built = {"eager": DECODERS["eager"](ctx)}
     if DECODERS["compiled"].unsupported(ctx) is None:
