@@ -151,7 +151,9 @@ class Decoder(Protocol):
 
 class DecoderType(Protocol):
     """A registered decoder class: built from a context, and able to say in advance why it cannot
-    run with one (a model without a static cache, ZeRO-3 parameters a compiler cannot trace)."""
+    run with one (a model without a static cache, ZeRO-3 parameters a compiler cannot trace).
+    ``compiled.CompiledDecoder`` also takes ``fallback=``: ``build_decoders`` passes the eager
+    decoder under decode="auto"."""
 
     def __call__(self, ctx: DecoderContext) -> Decoder:
         ...

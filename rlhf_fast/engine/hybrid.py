@@ -69,7 +69,8 @@ def _check_position_limit(config, max_seq_len: int) -> None:
 
 
 class HybridEngine:
-    """Generation on the training module's own weights with an engine-owned KV cache.
+    """Generation on the training module's own weights with an engine-owned KV cache: the
+    live-weight ``generator.Generator``.
 
     model: a HF causal LM, a ``rlhf_fast.models.Policy``, or a DeepSpeed engine wrapping either.
     pad_token_id: written after each row's stop token.
@@ -80,7 +81,9 @@ class HybridEngine:
         on CPU, where a sync costs nothing, 8 on a GPU.
     compact_finished: drop finished rows from the batch (and the KV cache) at those checks
         (eager path only).
-    decode: "auto" | "eager" | "static" | "compiled" (see the module docstring).
+    decode: "auto" | "eager" | "static" | "compiled", or another name registered in
+        ``generator.DECODERS`` (see the module docstring); a path that cannot run with this model
+        raises ValueError here.
     compile_mode: ``torch.compile`` mode for ``decode="compiled"`` (default: "reduce-overhead" on
         CUDA, inductor's default elsewhere). A compiled step decodes chunks of
         ``min(max_batch_size, rows in the call)`` rows (the last chunk is padded), so a training
@@ -137,10 +140,12 @@ class HybridEngine:
 
     @property
     def sync_every(self) -> Optional[int]:
+        """As given to the constructor (read-only: the decoders were built with it)."""
         return self._ctx.sync_every
 
     @property
     def compact_finished(self) -> bool:
+        """As given to the constructor (read-only: the decoders were built with it)."""
         return self._ctx.compact_finished
 
     def decode_path(self, device: torch.device) -> str:
