@@ -6,77 +6,48 @@ and nothing goes stale: after an optimizer step the next ``generate`` samples fr
 weights, and the sampled tokens' log-probs equal the trainer's recomputation (the generator /
 trainer mismatch of TRL #4159 and verl PR #2953 cannot arise).
 
-Per call: inference mode (``inference.inference_mode``), ZeRO-3 parameters gathered once
-(``inference.zero3_gathered``), one prefill of the left-padded prompts with position ids
-``cumsum(mask) - mask`` ("N Implementation Details" #3), then one token per step from the
-engine-owned KV buffers (``cache.KVBufferPool``). The decode loop keeps the token choice on the
-device; the only host syncs are the all-finished check every ``sync_every`` steps, where finished
-rows are also compacted away so they stop costing compute, and one at the end to trim R.
+Per call: the inputs checked (one host sync), inference mode (``inference.inference_mode``), ZeRO-3
+parameters gathered once (``inference.zero3_gathered``), the prompts split into chunks of at most
+``max_batch_size`` rows, each decoded by the chosen decoder on engine-owned buffers, and the chunks
+joined (one host sync to trim R to the longest response).
 
-Decode paths (``decode=``): ``"eager"`` is the loop below (filled-prefix attention, finished
-rows compacted away); ``"static"`` / ``"compiled"`` run ``static.StaticDecoder``: a static cache
-and a decode step whose state lives in tensors, traced by ``torch.compile`` (CUDA graphs through
-``mode="reduce-overhead"`` on a GPU) for ``"compiled"``. ``"auto"`` (the default) takes
-``"compiled"`` on CUDA for architectures with a plain static cache and no ZeRO-3 partitioning,
-``"eager"`` otherwise. All paths sample the same tokens for the same seed (counter-based uniforms, one per row and step).
+Decode paths (``decode=``): each chunk of rows is decoded by a ``generator.Decoder`` from the
+``generator.DECODERS`` registry: ``"eager"`` (``eager.EagerDecoder``: filled-prefix attention,
+finished rows compacted away), ``"static"`` (``static.StaticDecoder``: a static cache and a decode
+step whose state lives in tensors) and ``"compiled"`` (``compiled.CompiledDecoder``: that step
+traced by ``torch.compile``, CUDA graphs through ``mode="reduce-overhead"`` on a GPU). ``"auto"``
+(the default) takes ``"compiled"`` on CUDA for architectures with a plain static cache and no
+ZeRO-3 partitioning, ``"eager"`` otherwise (``generator.build_decoders`` / ``auto_path``). All
+paths sample the same tokens for the same seed (counter-based uniforms, one per row and step).
 If compiling fails on the first call, the engine logs a warning with the error, records it in
 ``stats.compile_error`` and goes on with the eager loop.
+
+``HybridEngine`` is the live-weight ``generator.Generator``: ``on_weights_updated`` has nothing
+to sync.
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from rlhf_fast import _checks
 from rlhf_fast.engine import cache as kv
+from rlhf_fast.engine import eager, static, compiled  # noqa: F401, I001  (register the built-in decoders, in this order)
+from rlhf_fast.engine.generator import (
+    DecoderContext,
+    EngineStats,
+    GenerationOutput,
+    auto_path,
+    build_decoders,
+    decode_modes,
+)
 from rlhf_fast.engine.inference import inference_mode, unwrap, zero3_gathered, zero3_params
-from rlhf_fast.engine.sampling import SamplingParams, sample_next
-from rlhf_fast.engine.static import StaticDecoder
+from rlhf_fast.engine.sampling import SamplingParams
 
-log = logging.getLogger(__name__)
-DECODE_MODES = ("auto", "eager", "static", "compiled")
-
-
-@dataclass
-class GenerationOutput:
-    """Result of ``HybridEngine.generate`` (R = the longest response, at most max_new_tokens).
-
-    sequences: (B, P + R) int64: the prompts as given (left padded), then the responses, with
-        ``pad_token_id`` after each row's stop token.
-    response_mask: (B, R) bool: generated tokens up to and including the EOS / stop token.
-    logprobs: (B, R) float32: log-prob of each generated token under the temperature-scaled,
-        top-k / top-p renormalised distribution it was drawn from; 0 where the mask is False.
-    """
-
-    sequences: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-
-    @property
-    def responses(self) -> torch.Tensor:
-        """(B, R) the generated part of ``sequences``."""
-        return self.sequences[:, self.sequences.shape[1] - self.response_mask.shape[1] :]
-
-
-@dataclass
-class EngineStats:
-    """Counters for tests and logs: ``generate`` calls, ZeRO-3 gathers, decode forwards, rows
-    compacted away, host syncs in the decode loops, the decode path used by the last call, and
-    the error that made a compiled decode step fall back to the eager loop (None if none)."""
-
-    calls: int = 0
-    gathers: int = 0
-    forwards: int = 0
-    compactions: int = 0
-    syncs: int = 0
-    decode: str = ""
-    compile_error: Optional[str] = None
+__all__ = ["EngineStats", "GenerationOutput", "HybridEngine", "decode_modes"]
 
 
 # Architectures whose positions are a learned table: a position past it is an index error (GPT-2's
@@ -98,7 +69,8 @@ def _check_position_limit(config, max_seq_len: int) -> None:
 
 
 class HybridEngine:
-    """Generation on the training module's own weights with an engine-owned KV cache.
+    """Generation on the training module's own weights with an engine-owned KV cache: the
+    live-weight ``generator.Generator``.
 
     model: a HF causal LM, a ``rlhf_fast.models.Policy``, or a DeepSpeed engine wrapping either.
     pad_token_id: written after each row's stop token.
@@ -109,7 +81,9 @@ class HybridEngine:
         on CPU, where a sync costs nothing, 8 on a GPU.
     compact_finished: drop finished rows from the batch (and the KV cache) at those checks
         (eager path only).
-    decode: "auto" | "eager" | "static" | "compiled" (see the module docstring).
+    decode: "auto" | "eager" | "static" | "compiled", or another name registered in
+        ``generator.DECODERS`` (see the module docstring); a path that cannot run with this model
+        raises ValueError here.
     compile_mode: ``torch.compile`` mode for ``decode="compiled"`` (default: "reduce-overhead" on
         CUDA, inductor's default elsewhere). A compiled step decodes chunks of
         ``min(max_batch_size, rows in the call)`` rows (the last chunk is padded), so a training
@@ -144,34 +118,42 @@ class HybridEngine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         _check_position_limit(self.config, max_seq_len)
-        self.sync_every = sync_every
-        self.compact_finished = compact_finished
         self.kv_pool = kv.KVBufferPool(max_batch_size, max_seq_len)
-        self.stats = EngineStats()
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.lm.forward).parameters
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        self._static_unsupported = StaticDecoder.supports(self.config, max_seq_len) if decode != "eager" else None
-        if decode in ("static", "compiled") and self._static_unsupported:
-            raise ValueError(f"decode={decode!r} needs a plain static KV cache, but {type(self.lm).__name__}: "
-                             f"{self._static_unsupported}; use decode='eager'")
-        self._zero3 = bool(zero3_params(self.module))  # fixed for the engine's life
-        if decode == "compiled" and self._zero3:
-            raise ValueError("decode='compiled' cannot trace ZeRO-3 partitioned parameters (they are gathered anew "
-                             "each call); use decode='static' or 'eager'")
+        self._ctx = DecoderContext(
+            lm=self.lm, config=self.config, pad_token_id=pad_token_id, max_seq_len=max_seq_len, kv_pool=self.kv_pool,
+            stats=EngineStats(), sync_every=sync_every, compact_finished=compact_finished, compile_mode=compile_mode,
+            kv_bucket=kv_bucket, zero3=bool(zero3_params(self.module)),  # fixed for the engine's life
+        )
         self.decode = decode
-        self._static = StaticDecoder(self.lm, self.config, max_seq_len=max_seq_len, pad_token_id=pad_token_id,
-                                     compile_mode=compile_mode, kv_bucket=kv_bucket)
-        self._compiled_ok = False  # a compiled step has run once without error
+        self._decoders = build_decoders(decode, self._ctx)  # name -> decoder, the paths this engine may take
+        # the static-cache decoder, if any (tests tune its compile settings and read its buffers)
+        self._static = next((d for d in self._decoders.values() if isinstance(d, static.StaticDecoder)), None)
+
+    @property
+    def stats(self) -> EngineStats:
+        """The counters every decoder of this engine adds to."""
+        return self._ctx.stats
+
+    @stats.setter
+    def stats(self, value: EngineStats) -> None:
+        self._ctx.stats = value
+
+    @property
+    def sync_every(self) -> Optional[int]:
+        """As given to the constructor (read-only: the decoders were built with it)."""
+        return self._ctx.sync_every
+
+    @property
+    def compact_finished(self) -> bool:
+        """As given to the constructor (read-only: the decoders were built with it)."""
+        return self._ctx.compact_finished
 
     def decode_path(self, device: torch.device) -> str:
-        """The decode path a call on ``device`` takes: "eager", "static" or "compiled"."""
+        """The decode path a call on ``device`` takes: "eager", "static", "compiled" (or another
+        registered decoder's name)."""
         if self.decode != "auto":
             return self.decode
-        if device.type == "cuda" and not self._static_unsupported and not self._zero3 \
-                and self.stats.compile_error is None:
-            return "compiled"
-        return "eager"
+        return auto_path(device, self._decoders, self.stats)
 
     # ---- public --------------------------------------------------------------------------
 
@@ -182,7 +164,7 @@ class HybridEngine:
         input_ids, mask = self._check_inputs(input_ids, attention_mask, params)
         device = input_ids.device
         stop = params.stop_ids()
-        stop_t = torch.tensor(stop, dtype=torch.long, device=device) if stop else None
+        stop_t = torch.tensor(stop, dtype=torch.long, device=device) if stop else None  # (n_stop,) int64
         # the sampling seed: drawn from torch's global CPU generator when not given (no device sync)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         seed_t = torch.tensor(seed, dtype=torch.long, device=device)
@@ -194,6 +176,10 @@ class HybridEngine:
                 chunk = slice(start, start + rows)
                 outs.append(self._chunk(input_ids[chunk], mask[chunk], params, stop_t, seed_t, start, rows))
         return _concat(outs, input_ids.long(), self.pad_token_id)
+
+    def on_weights_updated(self) -> None:
+        """Nothing to do: every decode step reads the training module's current weights (ZeRO-3
+        ones are gathered anew by every call; a compiled step takes the parameters as inputs)."""
 
     # ---- checks --------------------------------------------------------------------------
 
@@ -251,90 +237,17 @@ class HybridEngine:
             input_ids = input_ids.masked_fill(outside & ~mask, self.pad_token_id)
         return input_ids, mask
 
-    # ---- decode loop ---------------------------------------------------------------------
-
-    def _forward(self, ids, attn, pos, cache) -> torch.Tensor:
-        kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-        if self._logits_to_keep:
-            kw["logits_to_keep"] = 1
-        out = self.lm(**kw)
-        self.stats.forwards += 1
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, -1]
+    # ---- decode --------------------------------------------------------------------------
 
     def _chunk(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int, rows: int):
+        """(tokens, valid, logps) of one chunk, each (b, max_new_tokens), from the path ``decode_path`` picks."""
         path = self.decode_path(ids.device)
+        decoder = self._decoders.get(path)
+        if decoder is None:
+            raise ValueError(f"decode path {path!r} is not one this engine built (decode={self.decode!r}: "
+                             f"{sorted(self._decoders)})")
         self.stats.decode = path
-        if path == "eager":
-            return self._generate_chunk(ids, mask, params, stop, seed, row_offset)
-        sync_every = self.sync_every or (1 if ids.device.type == "cpu" else 8)
-        compiled = path == "compiled"
-        args = (ids, mask, params, stop, seed, row_offset, sync_every, self.stats)
-        if not compiled or self._compiled_ok:
-            return self._static.generate_chunk(*args, compiled=compiled, pad_to=rows if compiled else None)
-        try:
-            out = self._static.generate_chunk(*args, compiled=True, pad_to=rows)
-        except Exception as e:  # a model or torch version the compiler cannot handle
-            if self.decode == "compiled":
-                raise
-            self.stats.compile_error = f"{type(e).__name__}: {e}"
-            log.warning("compiling the decode step failed; using the eager decode loop from now on (%s)",
-                        self.stats.compile_error)
-            self.stats.decode = "eager"
-            return self._generate_chunk(ids, mask, params, stop, seed, row_offset)
-        self._compiled_ok = True
-        return out
-
-    def _generate_chunk(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int):
-        B, P = ids.shape
-        R = params.max_new_tokens
-        dev, pad = ids.device, self.pad_token_id
-        sync_every = self.sync_every or (1 if dev.type == "cpu" else 8)
-        tokens = torch.full((B, R), pad, dtype=torch.long, device=dev)
-        logps = torch.zeros((B, R), dtype=torch.float32, device=dev)
-        valid = torch.zeros((B, R), dtype=torch.bool, device=dev)
-        attn = torch.ones((B, P + R), dtype=torch.long, device=dev)
-        attn[:, :P] = mask
-        m = mask.long()
-        pos = m.cumsum(-1) - m  # pads get 0; their keys are masked out
-        next_pos = m.sum(-1, keepdim=True)  # (B, 1): position of the first generated token
-        cache = kv.make_cache(self.config, self.kv_pool)
-        rows = None  # active row -> original row, once rows have been compacted away
-        noise_rows = torch.arange(B, device=dev) + row_offset  # a row's uniform draws follow its original index
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        logits = self._forward(ids, attn[:, :P], pos, cache)
-        for t in range(R):
-            tok, lp = sample_next(logits, params, step=t, stop_ids=stop, seed=seed, rows=noise_rows)
-            if stop is not None:
-                tok = tok.masked_fill(finished, pad)
-                lp = lp.masked_fill(finished, 0.0)
-            where = slice(None) if rows is None else rows
-            tokens[where, t] = tok
-            logps[where, t] = lp
-            valid[where, t] = ~finished
-            if t == R - 1:
-                break
-            if stop is not None:
-                finished = finished | torch.isin(tok, stop)
-                if (t + 1) % sync_every == 0:
-                    self.stats.syncs += 1
-                    n_done = int(finished.sum())  # CPU-GPU sync point: the all-finished check
-                    if n_done == finished.numel():
-                        break
-                    # Compact when the rows saved over the remaining steps outweigh copying the
-                    # live rows' cache once (about one step's KV traffic).
-                    if self.compact_finished and n_done > 0 and n_done * (R - 1 - t) >= finished.numel():
-                        keep = (~finished).nonzero().flatten()
-                        rows = keep if rows is None else rows[keep]
-                        noise_rows = noise_rows[keep]
-                        tok, finished = tok[keep], finished[keep]
-                        attn, next_pos = attn[keep], next_pos[keep]
-                        kv.select_rows(cache, keep)
-                        self.stats.compactions += 1
-            logits = self._forward(tok[:, None], attn[:, : P + t + 1], next_pos, cache)
-            next_pos = next_pos + 1
-        cache.reset()  # drop the views; the pool keeps the buffers for the next call
-        return tokens, valid, logps
+        return decoder.decode(ids, mask, params, stop, seed, row_offset, rows)
 
 
 def _concat(outs, input_ids: torch.Tensor, pad: int) -> GenerationOutput:

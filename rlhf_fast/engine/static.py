@@ -1,22 +1,21 @@
-"""The static decode path: fixed shapes, so the decode step can be compiled and CUDA-graphed.
+"""The static decode path (``decode="static"``): fixed shapes, so the step can be compiled.
 
 ``StaticDecoder`` decodes a chunk of B rows with a Hugging Face ``StaticCache`` of width
-``max_seq_len`` and keeps all of the loop's state in tensors it owns (the last token, position
-ids, key mask, cache position, step, finished flags, and the (B, max_seq_len) token / log-prob /
-valid buffers the step writes into). One decode step is then a function of those tensors alone:
+``max_seq_len`` and keeps all of the loop's state in one ``_State`` of tensors it owns (the last
+token, position ids, key mask, cache position, step, finished flags, and the (B, max_seq_len)
+token / log-prob / valid buffers the step writes into). One decode step is then a function of that
+state alone:
 
     key mask += this position -> model forward (one token, 4-D additive mask over the whole
     static cache) -> ``sample_next`` (counter-based uniforms, no RNG state) -> write token, log-prob
     and valid flag at ``step`` -> update finished / position / step, all in place.
 
-No Python value changes from one step to the next, so ``torch.compile`` traces it once per batch
-size and, with ``mode="reduce-overhead"`` on a GPU, replays it as one CUDA graph per step: no
-kernel-launch overhead and no host sync except the all-finished check every ``sync_every`` steps.
-Every state tensor (and the KV cache, which HF marks itself) is marked as a static address, so
-the graph mutates them in place instead of being re-recorded. The prefill (variable prompt width)
-runs eagerly into the same cache.
+No Python value changes from one step to the next, so ``compiled.CompiledDecoder`` traces the same
+step once per batch size and replays it (as a CUDA graph on a GPU). Every state tensor (and the KV
+cache, which HF marks itself) is marked as a static address, so a graph mutates them in place
+instead of being re-recorded. The prefill (variable prompt width) runs eagerly into the same cache.
 
-Differences from the eager loop in ``hybrid.py``: the static cache attends over all
+Differences from the eager loop in ``eager.py``: the static cache attends over all
 ``max_seq_len`` positions (masked) every step instead of the filled prefix, and finished rows keep
 their place in the batch (their tokens are replaced by padding) instead of being compacted away.
 Both produce the same tokens and log-probs: the uniform draws depend on (seed, step, row) only.
@@ -24,14 +23,8 @@ Both produce the same tokens and log-probs: the uniform draws depend on (seed, s
 KV windows (``kv_bucket``): a static cache makes every step attend over the whole width, so a
 step reads the KV of positions not generated yet (masked). With ``kv_bucket=b`` a step attends
 over the first ``w`` positions only, ``w`` = the filled length rounded up to a multiple of ``b``:
-the step runs on a ``StaticCache`` whose layers are views ``[:, :, :w]`` of the same buffers (same
-``cumulative_length`` tensor). The second width makes ``torch.compile`` trace once more with a
-symbolic width, and every later width reuses that graph (a later batch size makes the batch
-symbolic too: one more trace); CUDA graphs are recorded per width.
-
-What retraces: a new batch size (``HybridEngine`` pads every call to ``max_batch_size``), another
-temperature / top-k / top-p / do_sample / min_new_tokens, or another number of stop ids. The seed,
-the prompts, their width and the response length do not.
+the step runs on a ``_View`` whose ``StaticCache`` layers are views ``[:, :, :w]`` of the same
+buffers (same ``cumulative_length`` tensor).
 
 The cache width is ``max_seq_len`` rounded up to a multiple of 16, so SDPA's memory-efficient GPU
 kernel can read the (B, 1, 1, width) mask (it needs an aligned last dimension).
@@ -45,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -53,14 +45,23 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from rlhf_fast.engine.generator import DECODERS, DecoderContext
 from rlhf_fast.engine.sampling import SamplingParams, sample_next
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class _View:
+    """What a step attends through: the static cache and key mask, whole or as views of their
+    first ``w`` positions (``kv_bucket``)."""
+
+    cache: StaticCache
+    kmask: torch.Tensor  # (B, w) bool: cache positions a query may attend to
 
 
 @dataclass
 class _State:
-    """Per-batch-size buffers, allocated once and reused by every call (static addresses)."""
+    """Per-batch-size buffers, allocated once and reused by every call (static addresses): the
+    whole state of the decode loop, read and updated in place by ``StaticDecoder._step``."""
 
     cache: StaticCache
     tok: torch.Tensor  # (B,) int64: the token fed to the next forward
@@ -75,39 +76,72 @@ class _State:
     tokens: torch.Tensor  # (B, S) int64
     logps: torch.Tensor  # (B, S) float32
     valid: torch.Tensor  # (B, S) bool
-    windows: dict = field(default_factory=dict)  # width -> (StaticCache, key mask): views of the first width positions
+    whole: _View = field(init=False)  # the whole cache and key mask
+    windows: dict[int, _View] = field(default_factory=dict)  # width -> views of the first width positions
+
+    def __post_init__(self):
+        self.whole = _View(self.cache, self.kmask)
+
+    @classmethod
+    def allocate(cls, config, B: int, S: int, n_stop: int, device) -> "_State":
+        z = dict(device=device)
+        st = cls(
+            cache=StaticCache(config=config, max_cache_len=S),
+            tok=torch.zeros(B, dtype=torch.long, **z), pos=torch.zeros(B, 1, dtype=torch.long, **z),
+            kmask=torch.zeros(B, S, dtype=torch.bool, **z), cache_pos=torch.zeros(1, dtype=torch.long, **z),
+            step=torch.zeros(1, dtype=torch.long, **z), finished=torch.zeros(B, dtype=torch.bool, **z),
+            seed=torch.zeros((), dtype=torch.long, **z), rows=torch.zeros(B, dtype=torch.long, **z),
+            stop=torch.zeros(n_stop, dtype=torch.long, **z), tokens=torch.zeros(B, S, dtype=torch.long, **z),
+            logps=torch.zeros(B, S, dtype=torch.float32, **z), valid=torch.zeros(B, S, dtype=torch.bool, **z),
+        )
+        for t in st.tensors():
+            torch._dynamo.mark_static_address(t)
+        return st
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.tok, self.pos, self.kmask, self.cache_pos, self.step, self.finished, self.seed, self.rows,
                 self.stop, self.tokens, self.logps, self.valid]
 
+    def reset(self, mask: torch.Tensor, seed: torch.Tensor, stop: Optional[torch.Tensor], row_offset: int,
+              B0: int, pad_token_id: int) -> None:
+        """Starts a call on left-padded prompts ``mask`` (B, P), in place (the addresses stay);
+        rows from ``B0`` on are padding, finished from the start."""
+        B, P = mask.shape
+        m = mask.long()
+        self.kmask.zero_()
+        self.kmask[:, :P] = mask
+        self.pos.copy_(m.sum(-1, keepdim=True))  # position id of the first generated token
+        self.cache_pos.fill_(P)
+        self.step.zero_()
+        self.finished.zero_()
+        if B > B0 and self.stop.numel():
+            self.finished[B0:] = True  # padding rows never hold up the all-finished check
+        self.seed.copy_(seed)
+        self.rows.copy_(torch.arange(B, device=mask.device) + row_offset)
+        if self.stop.numel():
+            self.stop.copy_(stop)
+        self.tokens.fill_(pad_token_id)
+        self.logps.zero_()
+        self.valid.zero_()
 
+
+@DECODERS.register("static")
 class StaticDecoder:
-    """Static-cache decoding for ``HybridEngine`` (``decode="static"`` or ``"compiled"``).
-
-    lm: the HF causal LM (called, never copied); config: its text config; max_seq_len: the
-    static cache width (rounded up to 16); compile_mode: ``torch.compile``'s ``mode`` when
-    ``generate_chunk(compiled=True)`` (default ``"reduce-overhead"`` on CUDA, inductor's default
-    elsewhere); pad_token_id: written for finished rows; kv_bucket: attend over the filled length
-    rounded up to this multiple of 16 instead of the whole cache (None: the whole cache);
-    fullgraph / compile_backend: passed to ``torch.compile`` (tests trace with ``fullgraph=True`` and the "eager" backend to prove the
-    step has no graph break without paying for code generation).
+    """Static-cache decoding, the step run eagerly (``decode="static"``; ``compiled.CompiledDecoder``
+    compiles it). Built from the engine's ``generator.DecoderContext``: the model it calls, the
+    cache width (``max_seq_len`` rounded up to 16), the pad id written for finished rows, the
+    stats it counts into, and ``kv_bucket``: attend over the filled length rounded up to this
+    multiple of 16 instead of the whole cache (None: the whole cache).
     """
 
-    def __init__(self, lm, config, *, max_seq_len: int, pad_token_id: int, compile_mode: Optional[str] = None, fullgraph: bool = False, compile_backend="inductor",
-                 kv_bucket: Optional[int] = None):
-        self.lm, self.config = lm, config
-        self.max_seq_len = -(-max_seq_len // 16) * 16  # cache width
-        self.pad_token_id = pad_token_id
-        self.compile_mode, self.fullgraph = compile_mode, fullgraph
-        self.compile_backend = compile_backend
-        if kv_bucket is not None and (isinstance(kv_bucket, bool) or not isinstance(kv_bucket, int) or kv_bucket < 16
-                                      or kv_bucket % 16):
-            raise ValueError(f"kv_bucket must be None or a positive multiple of 16, got {kv_bucket!r}")
-        self.kv_bucket = kv_bucket
+    def __init__(self, ctx: DecoderContext):
+        self.ctx = ctx
+        self.lm, self.config = ctx.lm, ctx.config
+        self.max_seq_len = -(-ctx.max_seq_len // 16) * 16  # cache width
+        self.pad_token_id = ctx.pad_token_id
+        self.kv_bucket = ctx.kv_bucket
         self._states: dict[tuple, _State] = {}
-        self._compiled = None
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(ctx.lm.forward).parameters
 
     @staticmethod
     def supports(config, max_seq_len: int) -> Optional[str]:
@@ -119,49 +153,47 @@ class StaticDecoder:
         kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer}
         return f"it has {', '.join(sorted(kinds))} cache layers" if kinds else None
 
+    @classmethod
+    def unsupported(cls, ctx: DecoderContext) -> Optional[str]:
+        reason = cls.supports(ctx.config, ctx.max_seq_len)
+        if reason:
+            return f"needs a plain static KV cache, but {type(ctx.lm).__name__}: {reason}; use decode='eager'"
+        return None
+
     # ---- state -----------------------------------------------------------------------------
 
     def _state(self, B: int, device, dtype, n_stop: int) -> _State:
         key = (B, str(device), dtype, n_stop)
         st = self._states.get(key)
-        S = self.max_seq_len
         if st is None:
-            z = dict(device=device)
-            st = _State(
-                cache=StaticCache(config=self.config, max_cache_len=S),
-                tok=torch.zeros(B, dtype=torch.long, **z), pos=torch.zeros(B, 1, dtype=torch.long, **z),
-                kmask=torch.zeros(B, S, dtype=torch.bool, **z), cache_pos=torch.zeros(1, dtype=torch.long, **z),
-                step=torch.zeros(1, dtype=torch.long, **z), finished=torch.zeros(B, dtype=torch.bool, **z),
-                seed=torch.zeros((), dtype=torch.long, **z), rows=torch.zeros(B, dtype=torch.long, **z),
-                stop=torch.zeros(n_stop, dtype=torch.long, **z), tokens=torch.zeros(B, S, dtype=torch.long, **z),
-                logps=torch.zeros(B, S, dtype=torch.float32, **z), valid=torch.zeros(B, S, dtype=torch.bool, **z),
-            )
-            for t in st.tensors():
-                torch._dynamo.mark_static_address(t)
-            self._states[key] = st
+            st = self._states[key] = _State.allocate(self.config, B, self.max_seq_len, n_stop, device)
         else:
             st.cache.reset()
         return st
 
-    def _window(self, st: _State, width: int) -> tuple[StaticCache, torch.Tensor]:
-        """The cache and key mask a step attends through: views of the first ``width`` positions."""
+    def _view(self, st: _State, filled: int) -> _View:
+        """What a step attends through when ``filled`` positions are filled (its own included):
+        the whole cache, or with ``kv_bucket`` views of the first ``filled`` rounded up positions."""
+        if not self.kv_bucket:
+            return st.whole
+        width = -(-filled // self.kv_bucket) * self.kv_bucket
         if width >= self.max_seq_len:
-            return st.cache, st.kmask
-        entry = st.windows.get(width)
-        if entry is None:
+            return st.whole
+        view = st.windows.get(width)
+        if view is None:
             cache = copy.copy(st.cache)
             cache.layers = []
             for layer in st.cache.layers:
-                view = copy.copy(layer)  # shares cumulative_length and the buffers
-                view.keys, view.values = layer.keys[:, :, :width], layer.values[:, :, :width]
-                view.max_cache_len = width
-                torch._dynamo.mark_static_address(view.keys)
-                torch._dynamo.mark_static_address(view.values)
-                cache.layers.append(view)
+                part = copy.copy(layer)  # shares cumulative_length and the buffers
+                part.keys, part.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+                part.max_cache_len = width
+                torch._dynamo.mark_static_address(part.keys)
+                torch._dynamo.mark_static_address(part.values)
+                cache.layers.append(part)
             kmask = st.kmask[:, :width]
             torch._dynamo.mark_static_address(kmask)
-            entry = st.windows[width] = (cache, kmask)
-        return entry
+            view = st.windows[width] = _View(cache, kmask)
+        return view
 
     def buffer_bytes(self) -> int:
         """Bytes held by the static caches and state buffers (0 before the first call)."""
@@ -188,46 +220,41 @@ class StaticDecoder:
             kw["logits_to_keep"] = 1
         out = self.lm(**kw)
         logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, -1]
+        return logits[:, -1]  # (B, V)
 
-    def _record(self, logits, p: SamplingParams, tok, step, finished, seed, rows, stop, tokens, logps, valid):
-        """Samples from ``logits`` and writes the result at ``step``, in place (eager or traced)."""
-        new, lp = sample_next(logits, p, step=step, stop_ids=stop if stop.numel() else None, seed=seed, rows=rows)
-        live = ~finished
+    def _record(self, st: _State, logits: torch.Tensor, p: SamplingParams) -> None:
+        """Samples from ``logits`` and writes the result at ``st.step``, in place (eager or traced)."""
+        stop = st.stop if st.stop.numel() else None
+        new, lp = sample_next(logits, p, step=st.step, stop_ids=stop, seed=st.seed, rows=st.rows)
+        live = ~st.finished
         new = torch.where(live, new, self.pad_token_id)
         lp = torch.where(live, lp, 0.0)
-        tokens.index_copy_(1, step, new[:, None])
-        logps.index_copy_(1, step, lp[:, None])
-        valid.index_copy_(1, step, live[:, None])
-        if stop.numel():
-            finished.copy_(finished | torch.isin(new, stop))
-        tok.copy_(new)
-        step.add_(1)
+        st.tokens.index_copy_(1, st.step, new[:, None])
+        st.logps.index_copy_(1, st.step, lp[:, None])
+        st.valid.index_copy_(1, st.step, live[:, None])
+        if stop is not None:
+            st.finished.copy_(st.finished | torch.isin(new, stop))
+        st.tok.copy_(new)
+        st.step.add_(1)
 
-    def _step(self, cache, p: SamplingParams, tok, pos, kmask, cache_pos, step, finished, seed, rows, stop,
-              tokens, logps, valid) -> None:
-        """One decode step on the state tensors, all updates in place (the function that is compiled)."""
-        kmask.index_fill_(1, cache_pos, True)
-        logits = self._forward(tok[:, None], kmask[:, None, None, :], pos, cache)
-        self._record(logits, p, tok, step, finished, seed, rows, stop, tokens, logps, valid)
-        pos.add_(1)
-        cache_pos.add_(1)
+    def _step(self, st: _State, view: _View, p: SamplingParams) -> None:
+        """One decode step on the state, all updates in place (the function ``CompiledDecoder`` compiles)."""
+        view.kmask.index_fill_(1, st.cache_pos, True)
+        logits = self._forward(st.tok[:, None], view.kmask[:, None, None, :], st.pos, view.cache)
+        self._record(st, logits, p)
+        st.pos.add_(1)
+        st.cache_pos.add_(1)
 
-    def _compiled_step(self):
-        if self._compiled is None:
-            mode = self.compile_mode
-            if mode is None and self._device.type == "cuda" and self.compile_backend == "inductor":
-                mode = "reduce-overhead"
-            log.info("compiling the decode step (torch.compile backend=%s mode=%s fullgraph=%s)",
-                     self.compile_backend, mode, self.fullgraph)
-            # dynamic=None: a second KV-window width is traced once more with a symbolic width
-            self._compiled = torch.compile(self._step, backend=self.compile_backend, mode=mode,
-                                           fullgraph=self.fullgraph, dynamic=None if self.kv_bucket else False)
-        return self._compiled
+    def _run_step(self, st: _State, view: _View, p: SamplingParams) -> None:
+        self._step(st, view, p)
 
-    def generate_chunk(self, ids, mask, params: SamplingParams, stop: Optional[torch.Tensor], seed: torch.Tensor,
-                       row_offset: int, sync_every: int, stats, *, compiled: bool, pad_to: Optional[int] = None):
-        """Like ``HybridEngine._generate_chunk``: (tokens, valid, log-probs), each (B, max_new_tokens).
+    def decode(self, ids, mask, params: SamplingParams, stop, seed, row_offset: int, rows: int):
+        """See ``generator.Decoder``; the static path decodes the chunk as it is (``rows`` unused)."""
+        return self._decode(ids, mask, params, stop, seed, row_offset, pad_to=None)
+
+    def _decode(self, ids, mask, params: SamplingParams, stop: Optional[torch.Tensor], seed: torch.Tensor,
+                row_offset: int, pad_to: Optional[int]):
+        """(tokens, valid, log-probs), each (B0, max_new_tokens) for the B0 rows of ``ids``.
 
         pad_to: decode as if the batch had this many rows (copies of row 0, finished from the start
         and dropped from the result), so that every call of a compiled step has one shape."""
@@ -242,45 +269,25 @@ class StaticDecoder:
         self._dtype = next(self.lm.parameters()).dtype
         n_stop = 0 if stop is None else stop.numel()
         st = self._state(B, dev, self._dtype, n_stop)
-        S = self.max_seq_len
-        # --- reset the state for this call (in place: the addresses stay) ---
-        m = mask.long()
-        st.kmask.zero_()
-        st.kmask[:, :P] = mask
-        st.pos.copy_(m.sum(-1, keepdim=True))  # position id of the first generated token
-        st.cache_pos.fill_(P)
-        st.step.zero_()
-        st.finished.zero_()
-        if B > B0 and n_stop:
-            st.finished[B0:] = True  # padding rows never hold up the all-finished check
-        st.seed.copy_(seed)
-        st.rows.copy_(torch.arange(B, device=dev) + row_offset)
-        if n_stop:
-            st.stop.copy_(stop)
-        st.tokens.fill_(self.pad_token_id)
-        st.logps.zero_()
-        st.valid.zero_()
-        # --- prefill (eager; variable width P) ---
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        allowed = torch.zeros(B, 1, P, S, dtype=torch.bool, device=dev)
-        allowed[..., :P] = causal & mask.bool()[:, None, None, :]
-        logits = self._forward(ids, allowed, m.cumsum(-1) - m, st.cache)
-        stats.forwards += 1
-        self._record(logits, params, st.tok, st.step, st.finished, st.seed, st.rows, st.stop, st.tokens, st.logps,
-                     st.valid)
-        # --- decode ---
-        step_fn = self._compiled_step() if compiled else self._step
+        st.reset(mask, seed, stop, row_offset, B0, self.pad_token_id)
+        self._prefill(st, ids, mask, params)
+        sync_every, stats = self.ctx.sync_every_on(dev), self.ctx.stats
         for t in range(1, R):
             if n_stop and t % sync_every == 0:
                 stats.syncs += 1
                 if bool(st.finished.all()):  # CPU-GPU sync point: the all-finished check
                     break
-            cache, kmask = st.cache, st.kmask
-            if self.kv_bucket:  # this step's query is at cache position P + t - 1
-                cache, kmask = self._window(st, -(-(P + t) // self.kv_bucket) * self.kv_bucket)
-            if compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-            step_fn(cache, params, st.tok, st.pos, kmask, st.cache_pos, st.step, st.finished, st.seed, st.rows,
-                    st.stop, st.tokens, st.logps, st.valid)
+            self._run_step(st, self._view(st, P + t), params)  # this step's query is at cache position P + t - 1
             stats.forwards += 1
         return st.tokens[:B0, :R].clone(), st.valid[:B0, :R].clone(), st.logps[:B0, :R].clone()
+
+    def _prefill(self, st: _State, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams) -> None:
+        """The prompts' forward into the static cache (eager: the width P varies) and the first token."""
+        B, P = ids.shape
+        m = mask.long()
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        allowed = torch.zeros(B, 1, P, self.max_seq_len, dtype=torch.bool, device=ids.device)
+        allowed[..., :P] = causal & mask.bool()[:, None, None, :]
+        logits = self._forward(ids, allowed, m.cumsum(-1) - m, st.cache)
+        self.ctx.stats.forwards += 1
+        self._record(st, logits, params)
