@@ -171,5 +171,5 @@ def test_no_citation_of_files_outside_the_repo(folder):
 
 def test_architecture_doc_exists_and_names_the_layers():
     doc = (REPO / "docs" / "architecture.md").read_text()
-    for part in ("_checks", "reference", "ops", "algos", "models", "engine", "config", "trainers", "cli"):
+    for part in ("_checks", "_registry", "reference", "ops", "algos", "models", "engine", "config", "trainers", "cli"):
         assert part in doc

@@ -141,8 +141,9 @@ class GenerationConfig:
     """The replacement score, or the amount subtracted."""
     max_batch_size: int = 256
     """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
-    decode: Literal["auto", "eager", "static", "compiled"] = "auto"
-    """The engine's decode path: "compiled" (static cache, torch.compile'd step, CUDA graphs on
+    decode: str = "auto"
+    """The engine's decode path (``rlhf_fast.engine.decode_modes()``: "auto" and every registered
+    decoder, docs/architecture.md "Generation"): "compiled" (static cache, torch.compile'd step, CUDA graphs on
     a GPU), "eager" (filled-prefix attention, finished rows compacted away), "static" (the
     compiled path's step, not compiled), or "auto": compiled on CUDA unless ZeRO-3 partitions
     the policy or the architecture has no plain static cache, eager otherwise."""
@@ -251,6 +252,15 @@ for _name in ("max_new_tokens", "max_batch_size"):
     _CHECKS[(GenerationConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
 _CHECKS[(GenerationConfig, "min_new_tokens")] = (lambda v: v >= 0, "an integer >= 0")
 _CHECKS[(GenerationConfig, "truncate_min_length")] = (lambda v: v >= 0, "an integer >= 0")
+def _decode_modes() -> tuple[str, ...]:
+    from rlhf_fast.engine import decode_modes  # the engine's registry (imported on use: it loads transformers)
+
+    return decode_modes()
+
+
+_CHECKS[(GenerationConfig, "decode")] = (lambda v: v in _decode_modes(),
+                                         "a decode path: auto, eager, static, compiled or one registered in "
+                                         "rlhf_fast.engine.DECODERS")
 _CHECKS[(GenerationConfig, "temperature")] = (lambda v: v > 0, _POSITIVE)
 _CHECKS[(GenerationConfig, "top_k")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
 _CHECKS[(GenerationConfig, "top_p")] = (lambda v: 0 < v <= 1, "a number in (0, 1]")

@@ -35,7 +35,7 @@ from rlhf_fast import algos
 from rlhf_fast.algos import Registry, Rollout
 from rlhf_fast.config import BatchPlan, PPOConfig
 from rlhf_fast.data import PromptDataset
-from rlhf_fast.engine import HybridEngine
+from rlhf_fast.engine import make_generator
 from rlhf_fast.models import Critic, Policy, RewardModel
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
@@ -159,10 +159,10 @@ class PPOTrainer(StageTrainer):
         self._build_engines(policy, critic)
         max_prompt = max(int(x.numel()) for x in self.prompts.input_ids + self.eval_prompts.input_ids)
         self.max_prompt = cfg.data.max_prompt_length or max_prompt
-        self.gen = HybridEngine(self.policy_engine, pad_token_id=self.tokenizer.pad_token_id,
-                                max_batch_size=cfg.generation.max_batch_size,
-                                max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
-                                decode=cfg.generation.decode)
+        self.gen = make_generator(self.policy_engine, pad_token_id=self.tokenizer.pad_token_id,
+                                  max_batch_size=cfg.generation.max_batch_size,
+                                  max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
+                                  decode=cfg.generation.decode)
         scorer = Scorer(reward_model=self.reward_model, reward_fn=None if self.reward_model else self._reward_fn,
                         tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size)
         schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
@@ -291,8 +291,10 @@ class PPOTrainer(StageTrainer):
     def _update(self, exp: Rollout, kl_coef: float, generator: torch.Generator) -> list:
         self.policy_engine.train()
         critic_st = ppo_core.DeepSpeedStepper(self.critic_engine) if self.critic_engine else None
-        return ppo_core.ppo_update(ppo_core.DeepSpeedStepper(self.policy_engine), exp, self.hp, kl_coef=kl_coef,
-                                   generator=generator, critic_st=critic_st)
+        stats = ppo_core.ppo_update(ppo_core.DeepSpeedStepper(self.policy_engine), exp, self.hp, kl_coef=kl_coef,
+                                    generator=generator, critic_st=critic_st)
+        self.gen.on_weights_updated()  # the Generator contract: after the optimizer steps, before the next rollout
+        return stats
 
     def _rollout_health(self, lp: torch.Tensor, local: Rollout, extras) -> dict:
         """Raw score and missing-stop fraction over all ranks, and the engine-vs-trainer log-prob gap
@@ -358,6 +360,7 @@ class PPOTrainer(StageTrainer):
                 "score_stats": self.score_stats.state_dict()}
 
     def load_trainer_state(self, state: dict) -> None:
+        self.gen.on_weights_updated()  # the checkpoint's weights are in the policy now
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_stats.load_state_dict(state.get("score_stats", self.score_stats.state_dict()))
 
