@@ -256,3 +256,68 @@ def test_engine_rollout_logprobs_equal_policy_logprobs_with_filter(use_linear):
     # and the unfiltered log-probs are measurably different: the filter is really applied
     full = policy.logprobs(out.sequences, seq_mask, temperature=0.7, response_start=P).logprobs
     assert (full - out.logprobs)[m].abs().max().item() > 1e-3
+
+
+# ---- the kernels behind the op: Triton (interpreter on CPU) and the no-compiler fallback --------
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
+
+
+def _kernel_op(fwd, bwd, device="cpu"):
+    """fwd / bwd (the launchers' signatures) behind an autograd.Function, with the cut found as
+    the public op finds it."""
+
+    def op(x, labels, *, return_entropy, temperature, top_k, top_p):
+        x, labels = x.to(device), labels.to(device)
+        cut = _filter.kept_cut(x.detach(), temperature, top_k, top_p)
+        cv, ci = cut if cut is not None else (None, None)
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, logits):
+                lp, h, stats = fwd(logits, labels, temperature, True, IGNORE, cv, ci)
+                ctx.save_for_backward(logits, stats, h)
+                return lp, h
+
+            @staticmethod
+            def backward(ctx, g_lp, g_h):
+                logits, stats, h = ctx.saved_tensors
+                return bwd(g_lp, g_h, logits, labels, stats, h, temperature, IGNORE, cv, ci)
+
+        lp, h = Fn.apply(x)
+        return lp.cpu(), h.cpu()
+
+    return op
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [c for c in PINNED if c[2] <= 300],
+                         ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-k{c[3]}-p{c[4]}{''.join(sorted(c[5]))}")
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_pinned_triton(case, temperature):
+    from rlhf_fast.kernels import logprobs as k
+
+    B, T, V, top_k, top_p, kw = case
+    x, labels = gather_case(B, T, V, torch.bfloat16, **kw)
+    check_filtered(_kernel_op(k.gather_logprobs_fwd, k.gather_logprobs_bwd, TRITON_DEVICE), _gather_ref, [x], labels,
+                   dict(temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+@pytest.mark.triton
+def test_triton_multi_block_row_filtered():
+    """V larger than one interpreter block: the kept test and the online sums across chunks."""
+    from rlhf_fast.kernels import logprobs as k
+
+    x, labels = gather_case(1, 2, 40000, torch.float32, scale=5.0, ties=True, seed=2)
+    assert k._launch_config(40000, torch.device(TRITON_DEVICE))[0] < 40000
+    check_filtered(_kernel_op(k.gather_logprobs_fwd, k.gather_logprobs_bwd, TRITON_DEVICE), _gather_ref, [x], labels,
+                   dict(temperature=0.9, top_k=30, top_p=0.5))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.9), (7, 0.6)])
+def test_fallback_filtered(top_k, top_p):
+    from rlhf_fast.ops import logprobs as ops_logprobs
+
+    x, labels = gather_case(2, 5, 77, torch.bfloat16, ties=True, ignore_frac=0.3)
+    check_filtered(_kernel_op(ops_logprobs._fwd_torch, ops_logprobs._bwd_torch), _gather_ref, [x], labels,
+                   dict(temperature=0.7, top_k=top_k, top_p=top_p))
