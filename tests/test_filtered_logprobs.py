@@ -321,3 +321,37 @@ def test_fallback_filtered(top_k, top_p):
     x, labels = gather_case(2, 5, 77, torch.bfloat16, ties=True, ignore_frac=0.3)
     check_filtered(_kernel_op(ops_logprobs._fwd_torch, ops_logprobs._bwd_torch), _gather_ref, [x], labels,
                    dict(temperature=0.7, top_k=top_k, top_p=top_p))
+
+
+def test_opcheck_with_cut():
+    logits = torch.randn(2, 3, 37, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 3))
+    labels[0, 0] = IGNORE
+    cv, ci = _filter.kept_cut(logits.detach(), 0.7, 5, 0.8)
+    torch.library.opcheck(torch.ops.rlhf_fast.gather_logprobs.default, (logits, labels, 0.7, True, IGNORE, cv, ci))
+    _, _, stats = torch.ops.rlhf_fast.gather_logprobs(logits.detach(), labels, 0.7, True, IGNORE, cv, ci)
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.gather_logprobs_backward.default,
+        (torch.randn(2, 3), torch.randn(2, 3), logits.detach(), labels, stats, torch.rand(2, 3), 0.7, IGNORE, cv, ci),
+    )
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True)
+    cv, ci = _filter.kept_cut((h @ w.T).detach(), 0.7, 5, 0.8)
+    torch.library.opcheck(torch.ops.rlhf_fast.linear_logprobs.default,
+                          (h, w, labels.reshape(-1), 0.7, True, IGNORE, cv, ci))
+
+
+def test_torch_compile_fullgraph_filtered():
+    def f(logits, labels):
+        lp, h = ops.gather_logprobs(logits, labels, temperature=0.7, return_entropy=True, top_k=6, top_p=0.9)
+        return (_finite(lp) + 0.01 * h).sum()
+
+    logits = torch.randn(2, 4, 33, requires_grad=True)
+    labels = torch.randint(0, 33, (2, 4))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(logits, labels)
+    out.backward()
+    g = logits.grad.clone()
+    logits.grad = None
+    eager = f(logits, labels)
+    eager.backward()
+    assert torch.equal(out, eager) and torch.equal(g, logits.grad)

@@ -22,9 +22,12 @@ kernels let torch.compile trace them.
 
 The sampling filter (top-k / top-p) enters as a cut per row (``rlhf_fast/_filter.py``), found by
 the public function in a pre-pass that forms the logits ``_row_chunk`` rows at a time (one more
-GEMM over the rows; the engine's rule needs every logit of a row before the set is known). With a
-cut, CUDA also takes the chunked path (the Triton ``gather_logprobs`` kernel on each chunk): the
-fused Triton kernel has no filtered variant yet.
+GEMM over the rows; the engine's rule needs every logit of a row before the set is known). The
+forward and backward recompute each chunk with the same GEMM on the same rows, so the kernels
+compare the cut against the very logits it was found on. With a cut, CUDA also takes the chunked
+path (the Triton ``gather_logprobs`` kernel on each stored chunk), not the fused Triton kernel:
+its on-chip tile logits differ from a torch GEMM's by rounding, and the cut's own token (whose
+logit *is* the cut) could then fall on the wrong side of it.
 """
 
 from __future__ import annotations

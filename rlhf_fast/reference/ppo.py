@@ -103,8 +103,9 @@ def make_experience(
 
     ``micro_batches``: row index sets to score the batch in (``first_epoch_micro_batches``). A
     row's log-probs depend on which rows share its forward: CPU / GPU GEMMs pick blocking,
-    remainder kernels and thread splits of the reduction by the row count (MKL sgemm with 2
-    threads on AVX2 gives a row of a 4-row batch other float32 bits than the same row alone). The
+    remainder kernels and thread splits by the row count (with 2 threads and ATen / oneDNN / MKL
+    at AVX2, GPT-2's c_attn addmm gives a row of a 4-row batch other float32 bits than the same
+    row in a 1-row batch). The
     old log-probs are scored in the first epoch's micro-batches, so the first minibatch's forward
     sees bit-identical inputs and its ratio is exactly 1 at any thread count, micro-batch size or
     CPU ISA (tests/test_ppo_exactness.py). None scores the whole batch at once."""
