@@ -61,7 +61,7 @@ def _child() -> dict:
 
     base = _models()
     out = {}
-    for B, n_mb, micro in [(4, 2, None), (4, 2, 1), (8, 2, 1), (8, 2, 3), (8, 1, 5)]:
+    for B, n_mb, micro in [(4, 2, None), (4, 2, 1), (8, 2, 3), (8, 1, 5)]:
         hp = PRESETS["tldr"].replace(num_minibatches=n_mb, micro_batch_size=micro, num_epochs=1)
         rollout = _rollout(B)
         policy = copy.deepcopy(base)
