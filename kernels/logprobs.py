@@ -214,7 +214,8 @@ def _cut_args(cut_value, cut_index, temperature: float, device: torch.device, du
     if by_reciprocal and float(temperature) != 1.0:
         key = (float(temperature), str(device))
         if key not in _INV_T:
-            _INV_T[key] = float(torch.ones((), dtype=torch.float32, device=device) / float(temperature))  # host sync, once
+            # CPU-GPU sync point, once per (T, device)
+            _INV_T[key] = float(torch.ones((), dtype=torch.float32, device=device) / float(temperature))
         inv = _INV_T[key]
     return cut_value.contiguous(), cut_index.contiguous(), inv, True, by_reciprocal
 
