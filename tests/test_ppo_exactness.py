@@ -1,6 +1,7 @@
 """The first minibatch's ratio is exactly 1 (approx-KL and clip fraction exactly 0) whatever the thread
 count, micro-batch size, machine load or CPU ISA, in the reference PPO (rlhf_fast.reference.ppo) and
-in the fast path (rlhf_fast.trainers.ppo_core: score_logprobs, then ppo_update).
+in the fast path (rlhf_fast.trainers.ppo_core: score_logprobs, then ppo_update); and filtered
+(top-k / top-p) Policy.logprobs give the same bits with and without autograd on one micro-batch.
 
 A row's float32 log-probs depend on which rows share its forward: GEMMs choose blocking and thread
 splits by the row count. With 2 threads and ATen / oneDNN / MKL limited to AVX2 (a Zen 3 host, or
@@ -78,6 +79,22 @@ def _child() -> dict:
         st = ppo_core.TorchStepper(policy, torch.optim.Adam(policy.parameters(), lr=1e-3))
         stats = ppo_core.ppo_update(st, exp, hp, kl_coef=0.05, generator=gen)
         out[f"fast B={B} mb={n_mb} micro={micro}"] = _exact(stats[0])
+
+    # With the sampling filter (issue 18): the scoring pass (no grad) and the update's forward
+    # (autograd) on the same micro-batch give the same bits, kept set included.
+    rollout = _rollout(8, seed=1)
+    part = rollout.select(torch.tensor([5, 2, 7]))
+    for linear in (False, True):
+        policy = copy.deepcopy(base)
+        policy.use_linear_logprobs = linear
+        kw = dict(temperature=0.7, top_k=20, top_p=0.9, return_entropy=True, response_start=part.response_start)
+        with torch.no_grad():
+            old = policy.logprobs(part.sequences, part.attention_mask, **kw)
+        new = policy.logprobs(part.sequences, part.attention_mask, **kw)
+        new.logprobs.sum().backward()
+        m = part.response_mask
+        out[f"filtered linear={linear}"] = bool(torch.equal(old.logprobs[m], new.logprobs.detach()[m])
+                                                 and torch.isfinite(old.logprobs[m]).any())
     return out
 
 
