@@ -105,10 +105,10 @@ def make_experience(
     row's log-probs depend on which rows share its forward: CPU / GPU GEMMs pick blocking,
     remainder kernels and thread splits by the row count (with 2 threads and ATen / oneDNN / MKL
     at AVX2, GPT-2's c_attn addmm gives a row of a 4-row batch other float32 bits than the same
-    row in a 1-row batch). The
-    old log-probs are scored in the first epoch's micro-batches, so the first minibatch's forward
+    row in a 1-row batch). Scored in the first epoch's micro-batches, the first minibatch's forward
     sees bit-identical inputs and its ratio is exactly 1 at any thread count, micro-batch size or
-    CPU ISA (tests/test_ppo_exactness.py). None scores the whole batch at once."""
+    CPU ISA (tests/test_ppo_exactness.py), as in rlhf_fast.trainers.ppo_core.score_logprobs. None
+    scores the whole batch at once."""
     logprobs, _, values = _scored_in_batches(lambda part: _forward(policy, critic, part, hp.temperature),
                                              rollout, micro_batches)
     ref_logprobs, _, _ = _scored_in_batches(lambda part: _forward(ref_policy, None, part, hp.temperature),
