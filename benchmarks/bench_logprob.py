@@ -11,6 +11,12 @@ Implementations (all at temperature 1, float32 outputs):
                  bf16/fp16 -> a Python loop of per-row log_softmax + gather
   dschat         DeepSpeed-Chat-style log_softmax(logits.float()).gather(labels)
   dschat_compile torch.compile of dschat
+Filtered (the engine's sampling filter, top_k 50 / top_p 0.9: log-probs under the renormalised
+kept set, issue 18):
+  rlhf_fast_filtered  ops.gather_logprobs(top_k=, top_p=): the kept set from the engine's rule
+                      (a sort for top-p), then the same one-pass kernel summing kept tokens only
+  torch_filtered      what a peer would write: the engine's filter_logits (-inf outside), then
+                      log_softmax(...).gather (an [N, V] filtered copy and a full log_softmax)
 Bytes: forward reads the logits once (N*V*itemsize); forward+backward reads them twice and writes
 d(logits) once. The ideal is one pass each, so GB/s over those bytes is comparable across impls.
 """
@@ -29,6 +35,7 @@ import _common  # noqa: E402
 
 import rlhf_fast.ops as ops  # noqa: E402
 import rlhf_fast.reference as ref  # noqa: E402
+from rlhf_fast import _filter  # noqa: E402
 from rlhf_fast.reference import peers  # noqa: E402
 
 
@@ -44,8 +51,22 @@ IMPLS = {
 }
 
 
+TOP_K, TOP_P = 50, 0.9
+
+
+def torch_filtered(x, y):
+    z = _filter.filter_logits(x.float(), TOP_K, TOP_P)
+    return torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+FILTERED_IMPLS = {
+    "rlhf_fast_filtered": lambda x, y: ops.gather_logprobs(x, y, top_k=TOP_K, top_p=TOP_P),
+    "torch_filtered": torch_filtered,
+}
+
+
 def _impls(with_compile: bool):
-    impls = dict(IMPLS)
+    impls = {**IMPLS, **FILTERED_IMPLS}
     if with_compile:
         impls["dschat_compile"] = torch.compile(dschat, dynamic=False)
     return impls
@@ -111,7 +132,11 @@ def main(argv=None):
             sel = {r["impl"]: r["p50_ms"] for r in flat if r["N"] == N and r["V"] == V
                    and r["dtype"] == str(dtype).replace("torch.", "") and r["pass"] == pass_}
             ours = sel["rlhf_fast"]
-            print(f"{N}x{V} {dtype} {pass_}: " + ", ".join(f"{k} {v / ours:.2f}x" for k, v in sel.items() if k != "rlhf_fast"))
+            print(f"{N}x{V} {dtype} {pass_}: " + ", ".join(f"{k} {v / ours:.2f}x" for k, v in sel.items()
+                                                           if k not in ("rlhf_fast", *FILTERED_IMPLS)))
+            ours_f = sel["rlhf_fast_filtered"]
+            print(f"{N}x{V} {dtype} {pass_} top_k {TOP_K} / top_p {TOP_P}: torch_filtered "
+                  f"{sel['torch_filtered'] / ours_f:.2f}x, unfiltered rlhf_fast {ours / ours_f:.2f}x")
     if not args.no_save:
         print("record:", _common.write_record("logprob", device, {"cases": [list(map(str, c)) for c in cases], "reps": reps}, rows))
 
@@ -130,9 +155,20 @@ def test_bench_logprob(benchmark, impl, dtype):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("impl", list(FILTERED_IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bench_logprob_filtered(benchmark, impl, dtype):
+    logits, labels = make_inputs(64, 1000, dtype, torch.device("cpu"))
+    out = benchmark(FILTERED_IMPLS[impl], logits, labels)
+    expected = ref.gather_logprobs(logits.double(), labels, top_k=TOP_K, top_p=TOP_P)
+    assert torch.isfinite(expected).any() and torch.isinf(expected).any()  # both kinds of labels occur
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
 def test_bench_logprob_record(tmp_path):
-    rows = run_case(32, 300, torch.float32, torch.device("cpu"), IMPLS, reps=2)
-    assert {r["impl"] for r in rows} == set(IMPLS) and all(r["gbps"] > 0 for r in rows)
+    impls = {**IMPLS, **FILTERED_IMPLS}
+    rows = run_case(32, 300, torch.float32, torch.device("cpu"), impls, reps=2)
+    assert {r["impl"] for r in rows} == set(impls) and all(r["gbps"] > 0 for r in rows)
     path = _common.write_record("logprob", torch.device("cpu"), {"test": True}, rows, out_dir=tmp_path)
     assert path.exists()
 

@@ -118,23 +118,28 @@ def logprobs_configs() -> list[KernelConfig]:
     for V, dtype in itertools.product(VOCABS, DTYPES):
         block, num_warps = lpk._launch_config(V, CUDA)
         common = dict(T=T_TOK, stride_b=(T_TOK + 1) * V, stride_t=V, V=V, ignore_index=-100, BLOCK_V=block)
-        for flag_a, flag_b in itertools.product((False, True), repeat=2):
+        # the sampling filter (HAS_CUT) with both flags on or both off, as the trainer calls it
+        flags = [(a, b, False) for a, b in itertools.product((False, True), repeat=2)] + [
+            (False, False, True), (True, True, True)]
+        for flag_a, flag_b, cut in flags:
             quick = V in (32000, 50257) and flag_a == flag_b and dtype != torch.float16
             case = dict(dtype=_NAMES[dtype], V=V, BLOCK_V=block, warps=num_warps)
+            cut_args = dict(cut_value_ptr=_t(torch.float32), cut_index_ptr=_t(torch.int64),
+                            inv_temperature=1 / 0.7 if flag_a else 1.0, HAS_CUT=cut, CUT_BY_RECIPROCAL=cut)
             out.append(KernelConfig("logprobs_fwd", lpk._logprobs_fwd_kernel,
-                                    {**case, "temp": flag_a, "entropy": flag_b},
+                                    {**case, "temp": flag_a, "entropy": flag_b, "cut": cut},
                                     dict(logits_ptr=_t(dtype), labels_ptr=_t(torch.int64),
                                          logprobs_ptr=_t(torch.float32), entropy_ptr=_t(torch.float32),
                                          stats_ptr=_t(torch.float32),
-                                         temperature=0.7 if flag_a else 1.0, **common,
+                                         temperature=0.7 if flag_a else 1.0, **common, **cut_args,
                                          HAS_TEMPERATURE=flag_a, RETURN_ENTROPY=flag_b),
                                     dict(num_warps=num_warps), quick))
             out.append(KernelConfig("logprobs_bwd", lpk._logprobs_bwd_kernel,
-                                    {**case, "temp": flag_a, "grad_entropy": flag_b},
+                                    {**case, "temp": flag_a, "grad_entropy": flag_b, "cut": cut},
                                     dict(dlogits_ptr=_t(dtype), logits_ptr=_t(dtype), labels_ptr=_t(torch.int64),
                                          grad_logprobs_ptr=_t(torch.float32), grad_entropy_ptr=_t(torch.float32),
                                          stats_ptr=_t(torch.float32), entropy_ptr=_t(torch.float32),
-                                         temperature=0.7 if flag_a else 1.0, **common,
+                                         temperature=0.7 if flag_a else 1.0, **common, **cut_args,
                                          HAS_TEMPERATURE=flag_a, HAS_GRAD_ENTROPY=flag_b),
                                     dict(num_warps=num_warps), quick))
     return out

@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from rlhf_fast._checks import check_int, check_real
+# The kept-set rule lives below the engine so the log-prob ops and their references share it.
+from rlhf_fast._filter import filter_logits  # noqa: F401  (public here: rlhf_fast.engine.filter_logits)
 
 MIN_TEMPERATURE = 1e-6  # below it, float32 logits / temperature overflow (silent NaN)
 
@@ -100,30 +102,6 @@ class SamplingParams:
                 if tok not in ids:
                     ids.append(tok)
         return tuple(ids)
-
-
-def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then top-p filtering of (..., V) float logits (already temperature-scaled; ties at the
-    top-p cut are broken towards lower token ids): removed
-    tokens get -inf. Returns a new tensor unless nothing is filtered. Public so a caller (or a
-    test) can rebuild the exact distribution the engine sampled from."""
-    V = z.shape[-1]
-    if 0 < top_k < V:
-        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        # stable: among tied logits the lower token id ranks first, so the nucleus is the same set
-        # on every device and path (an unstable sort may cut a tie differently on a GPU)
-        sorted_z, order = torch.sort(z, dim=-1, descending=True, stable=True)
-        probs = torch.softmax(sorted_z, dim=-1)
-        # Remove a token when the mass of the tokens ranked above it already reaches top_p
-        # (HF TopPLogitsWarper: ascending cumsum <= 1 - top_p); rank 0 is always kept.
-        before = torch.cumsum(probs, dim=-1) - probs
-        remove_sorted = before >= top_p
-        remove_sorted[..., 0] = False
-        remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
-        z = z.masked_fill(remove, float("-inf"))
-    return z
 
 
 _M32 = 0xFFFFFFFF

@@ -96,8 +96,11 @@ def logprobs_from_hidden(
     return_entropy: bool = False,
     ignore_index: int = -100,
     use_linear_logprobs: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
-    """Per-token log-probs of ``labels`` under ``softmax(lm_head(hidden) / temperature)``.
+    """Per-token log-probs of ``labels`` under ``softmax(lm_head(hidden) / temperature)``, or under
+    the engine's top-k / top-p filtered and renormalised distribution (``ops.gather_logprobs``).
 
     hidden (..., H), labels (...) -> float32 (...) [, entropy (...)]. With
     ``use_linear_logprobs`` and an ``ops.linear_logprobs`` present (and a bias-free ``nn.Linear``
@@ -112,13 +115,14 @@ def logprobs_from_hidden(
     if op is not None and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
         return op(
             hidden, lm_head.weight, labels, temperature=temperature,
-            return_entropy=return_entropy, ignore_index=ignore_index,
+            return_entropy=return_entropy, ignore_index=ignore_index, top_k=top_k, top_p=top_p,
         )
     # A sliced (non-contiguous) hidden makes torch fall back from one GEMM to a batched matmul
     # for frozen weights (2.25x slower on CPU, measured in bench_ppo): the copy is (..., H), small.
     logits = lm_head(hidden.contiguous())
     return gather_logprobs(
-        logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index
+        logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
+        top_k=top_k, top_p=top_p,
     )
 
 
@@ -151,9 +155,10 @@ class FusedHeadLogprobs(nn.Module):
 
                 deepspeed.zero.register_external_parameter(self, weight)
 
-    def forward(self, hidden, labels, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100):
+    def forward(self, hidden, labels, temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100,
+                top_k: int = 0, top_p: float = 1.0):
         return logprobs_from_hidden(hidden, self.head(), labels, temperature=temperature, return_entropy=return_entropy,
-                                    ignore_index=ignore_index, use_linear_logprobs=True)
+                                    ignore_index=ignore_index, use_linear_logprobs=True, top_k=top_k, top_p=top_p)
 
 
 def shifted_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

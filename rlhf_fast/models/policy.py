@@ -76,8 +76,8 @@ class PolicyLogProbs:
     """Result of ``Policy.logprobs``; every tensor covers the predicted tokens
     ``response_start .. T-1`` (N = T - response_start; N = T - 1 when response_start is None).
 
-    logprobs: (B, N) float32 log-probs of the tokens under ``softmax(logits / temperature)``;
-        0 where the target token is padding.
+    logprobs: (B, N) float32 log-probs of the tokens under ``softmax(logits / temperature)``
+        (top-k / top-p filtered and renormalised when asked); 0 where the target token is padding.
     entropy: (B, N) float32 entropy of that distribution, or None.
     values: (B, N) float32 values of the states that predict those tokens, or None.
     hidden: (B, N, H) the hidden states they came from.
@@ -186,21 +186,27 @@ class Policy(nn.Module):
         return_entropy: bool = False,
         response_start: Optional[int] = None,
         position_ids=None,
+        top_k: int = 0,
+        top_p: float = 1.0,
     ) -> PolicyLogProbs:
         """Log-probs of each sequence's own next tokens: entry t is ``log p(input_ids[:, s + t] |
         prefix)`` for s = ``response_start`` (default 1, i.e. every token after the first). Only
         the hidden states that predict those tokens go through the LM head. Padded targets give 0.
-        ``temperature`` divides the logits, as in sampling ("N Implementation Details" #10)."""
+        ``temperature`` divides the logits, as in sampling ("N Implementation Details" #10);
+        ``top_k`` / ``top_p`` apply the engine's sampling filter after it (0 / 1.0 = off), so the
+        log-probs (and entropy) are those of the distribution the engine samples from, renormalised
+        over its kept set (a target outside the set gets -inf; see ``ops.gather_logprobs``)."""
         out = self.forward(input_ids, attention_mask, position_ids)
         hidden = response_slice(out.hidden, response_start)
         start = 1 if response_start is None else int(response_start)
         labels = shifted_labels(input_ids, attention_mask)[:, start - 1 :]
         if self.use_linear_logprobs:
             self.fused_head.register_zero3_weight()
-            res = self.fused_head(hidden, labels, temperature=temperature, return_entropy=return_entropy)
+            res = self.fused_head(hidden, labels, temperature=temperature, return_entropy=return_entropy,
+                                  top_k=top_k, top_p=top_p)
         else:
             res = logprobs_from_hidden(hidden, self.lm_head, labels, temperature=temperature,
-                                       return_entropy=return_entropy)
+                                       return_entropy=return_entropy, top_k=top_k, top_p=top_p)
         logprobs, entropy = res if return_entropy else (res, None)
         values = response_slice(out.values, response_start) if out.values is not None else None
         return PolicyLogProbs(logprobs=logprobs, entropy=entropy, values=values, hidden=hidden)

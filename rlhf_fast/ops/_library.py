@@ -3,7 +3,8 @@
 All ``csrc/*.cpp`` files compile into one shared library (``rlhf_fast_C``) on first import, with
 ``torch.utils.cpp_extension.load``; the build is cached under ``~/.cache/rlhf_fast`` (override with
 ``RLHF_FAST_BUILD_DIR``), keyed by torch version, Python version and CPU model, because the kernels
-are compiled for the host's vector ISA (``-march=native``). torch rebuilds when a source changes.
+are compiled for the host's vector ISA (``-march=native``; ``RLHF_FAST_MARCH`` picks another target,
+with its own build directory). torch rebuilds when a source changes.
 
 The library defines the ``torch.ops.rlhf_fast.*`` schemas (``TORCH_LIBRARY_FRAGMENT``) and their
 CPU kernels. If it cannot be built (no compiler, or ``RLHF_FAST_NO_EXT=1``), each op module defines
@@ -47,11 +48,23 @@ def _cpu_tag() -> str:
     return hashlib.sha1(model.encode()).hexdigest()[:10]
 
 
+def _march() -> str:
+    """``-march`` of the x86 build: ``native`` unless ``RLHF_FAST_MARCH`` names another target
+    (e.g. ``x86-64-v3``: AVX2 without AVX-512, to build for an older fleet or to reproduce its
+    numerics on a newer host; it gets its own build directory)."""
+    march = os.environ.get("RLHF_FAST_MARCH", "native").strip() or "native"
+    if not all(c.isalnum() or c in "-_." for c in march):
+        raise ValueError(f"RLHF_FAST_MARCH must be a gcc -march name such as native or x86-64-v3, got {march!r}")
+    return march
+
+
 def build_dir() -> str:
     root = os.environ.get("RLHF_FAST_BUILD_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "rlhf_fast"
     )
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{_cpu_tag()}"
+    if _march() != "native":
+        tag += f"-march_{_march()}"
     path = os.path.join(root, tag)
     os.makedirs(path, exist_ok=True)
     return path
@@ -70,7 +83,7 @@ def load_extension() -> bool:
         sources = sorted(glob.glob(os.path.join(_csrc_dir(), "*.cpp")))
         cflags = ["-O3", "-fopenmp", "-fno-math-errno"]
         if platform.machine() in ("x86_64", "AMD64"):
-            cflags += ["-march=native", "-mprefer-vector-width=512"]
+            cflags += [f"-march={_march()}", "-mprefer-vector-width=512"]
         log.info("building / loading rlhf_fast C++ ops from %d sources", len(sources))
         cpp_extension.load(
             name="rlhf_fast_C",

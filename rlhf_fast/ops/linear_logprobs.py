@@ -19,24 +19,34 @@ return_entropy, ignore_index) -> (logprobs, entropy, row_stats)``, float32 (N,),
 
 Autograd runs ``linear_logprobs_backward`` (one more custom op, so torch.compile sees both); fake
 kernels let torch.compile trace them.
+
+The sampling filter (top-k / top-p) enters as a cut per row (``rlhf_fast/_filter.py``), found by
+the public function in a pre-pass that forms the logits ``_row_chunk`` rows at a time (one more
+GEMM over the rows; the engine's rule needs every logit of a row before the set is known). The
+forward and backward recompute each chunk with the same GEMM on the same rows, so the kernels
+compare the cut against the very logits it was found on. With a cut, CUDA also takes the chunked
+path (the Triton ``gather_logprobs`` kernel on each stored chunk), not the fused Triton kernel:
+its on-chip tile logits differ from a torch GEMM's by rounding, and the cut's own token (whose
+logit *is* the cut) could then fall on the wrong side of it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _checks
+from rlhf_fast import _checks, _filter
 from rlhf_fast.ops import logprobs as _logprobs  # noqa: F401  (registers rlhf_fast::gather_logprobs)
 
 SCHEMAS = {
     "linear_logprobs": (
         "linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, float temperature=1.0, "
-        "bool return_entropy=False, int ignore_index=-100) -> (Tensor, Tensor, Tensor)"
+        "bool return_entropy=False, int ignore_index=-100, Tensor? cut_value=None, "
+        "Tensor? cut_index=None) -> (Tensor, Tensor, Tensor)"
     ),
     "linear_logprobs_backward": (
         "linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
         "Tensor weight, Tensor labels, Tensor row_stats, Tensor entropy, float temperature, "
-        "int ignore_index) -> (Tensor, Tensor)"
+        "int ignore_index, Tensor? cut_value=None, Tensor? cut_index=None) -> (Tensor, Tensor)"
     ),
 }
 
@@ -87,7 +97,8 @@ def _logits_chunk(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> t
 # require grad straight to linear_logprobs_backward.
 
 @torch.no_grad()
-def _fwd_chunked(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+def _fwd_chunked(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
+                 cut_index=None):
     N = hidden.shape[0]
     opts = dict(dtype=torch.float32, device=hidden.device)
     lp, ent, stats = torch.empty(N, **opts), torch.empty(N, **opts), torch.empty((N, 2), **opts)
@@ -98,7 +109,8 @@ def _fwd_chunked(hidden, weight, labels, temperature=1.0, return_entropy=False, 
         r1 = min(N, r0 + rows)
         z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
         out = torch.ops.rlhf_fast.gather_logprobs(
-            z.unsqueeze(0), labels[r0:r1].unsqueeze(0), temperature, return_entropy, ignore_index
+            z.unsqueeze(0), labels[r0:r1].unsqueeze(0), temperature, return_entropy, ignore_index,
+            *_cut_rows(cut_value, cut_index, r0, r1),
         )
         for dst, src in zip((lp, ent, stats), out):
             dst[r0:r1] = src[0]
@@ -106,7 +118,36 @@ def _fwd_chunked(hidden, weight, labels, temperature=1.0, return_entropy=False, 
 
 
 @torch.no_grad()
-def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index):
+def _cut_rows(cut_value, cut_index, r0, r1):
+    """The (1, rows) cut of rows r0:r1 for the gather kernel, or (None, None)."""
+    if cut_value is None:
+        return None, None
+    return cut_value[r0:r1].unsqueeze(0), cut_index[r0:r1].unsqueeze(0)
+
+
+@torch.no_grad()
+def _cut(hidden, weight, temperature, top_k, top_p):
+    """The engine's kept set of every row of ``hidden @ weight.T`` as a cut ((N,) float32, (N,)
+    int64), found ``_row_chunk`` rows at a time from the same logits the kernels form; None when
+    the filter keeps everything."""
+    N, V = hidden.shape[0], weight.shape[0]
+    if not _filter.filter_active(top_k, top_p, V):
+        return None
+    cd = _compute_dtype(hidden.dtype)
+    value = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    index = torch.empty(N, dtype=torch.int64, device=hidden.device)
+    rows = _row_chunk(N, V)
+    buf = torch.empty((rows, V), dtype=cd, device=hidden.device)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
+        value[r0:r1], index[r0:r1] = _filter.kept_cut(z, temperature, top_k, top_p)
+    return value, index
+
+
+@torch.no_grad()
+def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index,
+                 cut_value=None, cut_index=None):
     N, V = hidden.shape[0], weight.shape[0]
     cd = _compute_dtype(hidden.dtype)
     dh = torch.empty(hidden.shape, dtype=cd, device=hidden.device)
@@ -122,7 +163,7 @@ def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats,
         dz = torch.ops.rlhf_fast.gather_logprobs_backward(
             glp[r0:r1].unsqueeze(0), None if gh is None else gh[r0:r1].unsqueeze(0), z.unsqueeze(0),
             labels[r0:r1].unsqueeze(0), row_stats[r0:r1].unsqueeze(0), entropy[r0:r1].unsqueeze(0),
-            temperature, ignore_index,
+            temperature, ignore_index, *_cut_rows(cut_value, cut_index, r0, r1),
         )[0]
         if weight.dtype == cd:
             torch.mm(dz, weight, out=dh[r0:r1])
@@ -139,18 +180,21 @@ def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats,
 
 # ---- CUDA: Triton ---------------------------------------------------------------------------------
 
-def _fwd_cuda(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
-    if hidden.dtype == torch.float64:  # tensor cores have no float64 path worth a kernel
-        return _fwd_chunked(hidden, weight, labels, temperature, return_entropy, ignore_index)
+def _fwd_cuda(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
+              cut_index=None):
+    # tensor cores have no float64 path worth a kernel; the fused kernel has no filtered variant
+    if hidden.dtype == torch.float64 or cut_value is not None:
+        return _fwd_chunked(hidden, weight, labels, temperature, return_entropy, ignore_index, cut_value, cut_index)
     from rlhf_fast.kernels.linear_logprobs import linear_logprobs_fwd
 
     return linear_logprobs_fwd(hidden, weight, labels, temperature, return_entropy, ignore_index)
 
 
-def _bwd_cuda(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index):
+def _bwd_cuda(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index,
+              cut_value=None, cut_index=None):
     args = (grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index)
-    if hidden.dtype == torch.float64:
-        return _bwd_chunked(*args)
+    if hidden.dtype == torch.float64 or cut_value is not None:
+        return _bwd_chunked(*args, cut_value, cut_index)
     from rlhf_fast.kernels.linear_logprobs import linear_logprobs_bwd
 
     return linear_logprobs_bwd(*args)
@@ -158,36 +202,39 @@ def _bwd_cuda(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, en
 
 # ---- fake (meta) kernels, autograd ----------------------------------------------------------------
 
-def _fwd_fake(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+def _fwd_fake(hidden, weight, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
+              cut_index=None):
     lead = hidden.shape[:-1]
     f32 = torch.float32
     return hidden.new_empty(lead, dtype=f32), hidden.new_empty(lead, dtype=f32), hidden.new_empty((*lead, 2), dtype=f32)
 
 
-def _bwd_fake(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index):
+def _bwd_fake(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index,
+              cut_value=None, cut_index=None):
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
         weight, memory_format=torch.contiguous_format
     )
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, temperature, return_entropy, ignore_index = inputs
+    hidden, weight, labels, temperature, return_entropy, ignore_index, cut_value, cut_index = inputs
     _, entropy, row_stats = output
-    ctx.save_for_backward(hidden, weight, labels, row_stats, entropy)
+    ctx.save_for_backward(hidden, weight, labels, row_stats, entropy, cut_value, cut_index)
     ctx.temperature, ctx.return_entropy, ctx.ignore_index = temperature, return_entropy, ignore_index
     ctx.mark_non_differentiable(row_stats)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
-    hidden, weight, labels, row_stats, entropy = ctx.saved_tensors
+    hidden, weight, labels, row_stats, entropy, cut_value, cut_index = ctx.saved_tensors
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(entropy)
     if not ctx.return_entropy:
         grad_entropy = None  # entropy was not computed: it is a constant zero
     dh, dw = torch.ops.rlhf_fast.linear_logprobs_backward(
-        grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index
+        grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index,
+        cut_value, cut_index,
     )
-    return dh, dw, None, None, None, None
+    return dh, dw, None, None, None, None, None, None
 
 
 _LIB = torch.library.Library("rlhf_fast", "FRAGMENT")
@@ -218,30 +265,40 @@ def linear_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Log-prob of each label under ``softmax(hidden @ weight.T / temperature)``, float32, without
-    ever storing the [..., V] logits.
+    ever storing the [..., V] logits; with a sampling filter, under the softmax renormalised over
+    the kept tokens (as ``gather_logprobs``).
 
     Args:
         hidden: (..., H) float32 / bfloat16 / float16 / float64, e.g. the final hidden states.
         weight: (V, H), the lm_head weight, same dtype and device as ``hidden``.
         labels: (...) integer, in [0, V) or equal to ``ignore_index`` (log-prob 0, no gradient).
         temperature: > 0; logits are divided by it (N-details #10: use the sampling temperature).
-        return_entropy: also return the entropy of ``softmax(hidden @ weight.T / temperature)``.
+        return_entropy: also return the entropy of ``softmax(hidden @ weight.T / temperature)``
+            (of the filtered distribution when a filter is on).
+        top_k, top_p: the engine's sampling filter (0 / 1.0 = off; see ``gather_logprobs``): the
+            kept set is a constant of the forward, gradients flow through kept logits only, a
+            label outside it gets -inf. Off: bit-identical to the unfiltered op.
     Returns:
         logprobs (...) float32, and entropy (...) float32 if ``return_entropy``. Differentiable
         w.r.t. hidden and weight through both.
     Raises:
         ValueError naming the argument: non-floating hidden or weight, mismatched dtypes, weight
         not (V, H) with H = hidden.shape[-1], labels of the wrong shape or out of range, a device
-        mismatch, temperature <= 0 or not finite.
+        mismatch, temperature <= 0 or not finite, top_k not an int >= 0, top_p outside (0, 1].
     """
     temperature = _checks.check_linear_logprob_inputs(hidden, weight, labels, temperature, ignore_index)
+    top_k, top_p = _filter.check_filter(top_k, top_p)
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long()
+    cut = _cut(h.detach(), weight.detach(), temperature, top_k, top_p)
+    cut_value, cut_index = cut if cut is not None else (None, None)
     lp, ent, _ = torch.ops.rlhf_fast.linear_logprobs(
-        h, weight, y, temperature, bool(return_entropy), int(ignore_index)
+        h, weight, y, temperature, bool(return_entropy), int(ignore_index), cut_value, cut_index
     )
     if return_entropy:
         return lp.reshape(lead), ent.reshape(lead)

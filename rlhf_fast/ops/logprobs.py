@@ -1,17 +1,22 @@
 """``gather_logprobs``: token log-probs (+ entropy) from logits, as one fused custom op.
 
 ``torch.ops.rlhf_fast.gather_logprobs(logits (B, T, V), labels (B, T), temperature, return_entropy,
-ignore_index) -> (logprobs, entropy, row_stats)``, float32 (B, T), (B, T) and (B, T, 2) (the row max and
-log-sum-exp minus it, saved for the backward), dispatches to the C++ kernel on
+ignore_index, cut_value, cut_index) -> (logprobs, entropy, row_stats)``, float32 (B, T), (B, T) and
+(B, T, 2) (the row max and log-sum-exp minus it, saved for the backward), dispatches to the C++ kernel on
 CPU (csrc/logprobs.cpp) and the Triton kernel on CUDA (kernels/logprobs.py); a fake kernel lets
 torch.compile trace it; autograd runs ``gather_logprobs_backward``, one pass writing d(logits).
+
+The sampling filter (top-k / top-p) enters as an optional cut per row (``rlhf_fast/_filter.py``):
+the public function finds it with the engine's own rule (one extra pass: a top-k selection, or
+the engine's sort for top-p), the kernels then sum over the kept tokens only, in the same single
+pass as without a filter.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _checks
+from rlhf_fast import _checks, _filter
 from rlhf_fast.ops import _library
 
 # Mirrors TORCH_LIBRARY_FRAGMENT in csrc/logprobs.cpp (used only when the C++ library cannot be
@@ -19,21 +24,34 @@ from rlhf_fast.ops import _library
 SCHEMAS = {
     "gather_logprobs": (
         "gather_logprobs(Tensor logits, Tensor labels, float temperature=1.0, "
-        "bool return_entropy=False, int ignore_index=-100) -> (Tensor, Tensor, Tensor)"
+        "bool return_entropy=False, int ignore_index=-100, Tensor? cut_value=None, "
+        "Tensor? cut_index=None) -> (Tensor, Tensor, Tensor)"
     ),
     "gather_logprobs_backward": (
         "gather_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-        "Tensor labels, Tensor row_stats, Tensor entropy, float temperature, int ignore_index) -> Tensor"
+        "Tensor labels, Tensor row_stats, Tensor entropy, float temperature, int ignore_index, "
+        "Tensor? cut_value=None, Tensor? cut_index=None) -> Tensor"
     ),
 }
 
 
 # ---- CPU fallback (no compiler): plain torch, materialises [B, T, V] -------------------------
 
-def _fwd_torch(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+def _kept(logits, temperature, cut_value, cut_index):
+    """(B, T, V) kept mask of the cut, or None without one."""
+    if cut_value is None:
+        return None
+    return _filter.kept_mask(_filter.scaled_logits(logits, temperature), cut_value, cut_index)
+
+
+def _fwd_torch(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
+               cut_index=None):
     z = logits.float() / temperature
-    logp = torch.log_softmax(z, -1)
     m = z.amax(-1, keepdim=True)
+    kept = _kept(logits, temperature, cut_value, cut_index)
+    if kept is not None:
+        z = z.masked_fill(~kept, float("-inf"))
+    logp = torch.log_softmax(z, -1)
     stats = torch.cat([m, torch.logsumexp(z - m, -1, keepdim=True)], -1)
     ignored = labels == ignore_index
     lp = logp.gather(-1, labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
@@ -43,10 +61,16 @@ def _fwd_torch(logits, labels, temperature=1.0, return_entropy=False, ignore_ind
     return lp, ent, stats
 
 
-def _bwd_torch(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
+def _bwd_torch(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index,
+               cut_value=None, cut_index=None):
     logp = (logits.float() / temperature - row_stats[..., :1]) - row_stats[..., 1:]
     p = torch.exp(logp)
     has_label = labels != ignore_index
+    kept = _kept(logits, temperature, cut_value, cut_index)
+    if kept is not None:
+        p = torch.where(kept, p, 0.0)
+        label_kept = kept.gather(-1, labels.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        has_label = has_label & label_kept
     g = torch.where(has_label, grad_logprobs.float(), 0.0).unsqueeze(-1)
     onehot = torch.zeros_like(p).scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 1.0)
     dz = g * (onehot - p)
@@ -58,21 +82,25 @@ def _bwd_torch(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, 
 
 # ---- CUDA: Triton ----------------------------------------------------------------------------
 
-def _fwd_cuda(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+def _fwd_cuda(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
+              cut_index=None):
     from rlhf_fast.kernels.logprobs import gather_logprobs_fwd
 
-    return gather_logprobs_fwd(logits, labels, temperature, return_entropy, ignore_index)
+    return gather_logprobs_fwd(logits, labels, temperature, return_entropy, ignore_index, cut_value, cut_index)
 
 
-def _bwd_cuda(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
+def _bwd_cuda(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index,
+              cut_value=None, cut_index=None):
     from rlhf_fast.kernels.logprobs import gather_logprobs_bwd
 
-    return gather_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index)
+    return gather_logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index,
+                               cut_value, cut_index)
 
 
 # ---- fake (meta) kernels, autograd -----------------------------------------------------------
 
-def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100):
+def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
+              cut_index=None):
     shape = logits.shape[:-1]
     return (
         logits.new_empty(shape, dtype=torch.float32),
@@ -81,28 +109,30 @@ def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_inde
     )
 
 
-def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index):
+def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index,
+              cut_value=None, cut_index=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, return_entropy, ignore_index = inputs
+    logits, labels, temperature, return_entropy, ignore_index, cut_value, cut_index = inputs
     _, entropy, row_stats = output
-    ctx.save_for_backward(logits, labels, row_stats, entropy)
+    ctx.save_for_backward(logits, labels, row_stats, entropy, cut_value, cut_index)
     ctx.temperature, ctx.return_entropy, ctx.ignore_index = temperature, return_entropy, ignore_index
     ctx.mark_non_differentiable(row_stats)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
-    logits, labels, row_stats, entropy = ctx.saved_tensors
+    logits, labels, row_stats, entropy, cut_value, cut_index = ctx.saved_tensors
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(entropy)
     if not ctx.return_entropy:
         grad_entropy = None  # entropy was not computed: it is a constant zero
     dlogits = torch.ops.rlhf_fast.gather_logprobs_backward(
-        grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index
+        grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index,
+        cut_value, cut_index,
     )
-    return dlogits, None, None, None, None
+    return dlogits, None, None, None, None, None, None
 
 
 def _register() -> None:
@@ -138,27 +168,43 @@ def gather_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
-    """Log-prob of each label under ``softmax(logits / temperature)``, fused, float32.
+    """Log-prob of each label under ``softmax(logits / temperature)``, fused, float32; with a
+    sampling filter, under the softmax renormalised over the tokens the filter keeps.
 
     Args:
         logits: (..., V) float32 / bfloat16 / float16 / float64, any strides (a unit stride along
             V avoids a copy; slices like ``logits[:, :-1]`` are read in place).
         labels: (...) integer, in [0, V) or equal to ``ignore_index`` (log-prob 0, no gradient).
         temperature: > 0; logits are divided by it (N-details #10: use the sampling temperature).
-        return_entropy: also return the entropy of ``softmax(logits / temperature)``.
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` (of the
+            filtered distribution when a filter is on).
+        top_k, top_p: the sampling filter of ``rlhf_fast.engine.SamplingParams`` (0 / 1.0 = off),
+            applied after the temperature with the engine's rule (``rlhf_fast/_filter.py``: top-k
+            keeps ties with the k-th logit, top-p's stable sort breaks ties towards lower ids), so
+            these are the log-probs the engine samples with. The kept set is a constant of the
+            forward: gradients flow through kept logits only. A label outside it gets -inf.
+            Off (the defaults, or top_k >= V): bit-identical to the unfiltered op.
     Returns:
         logprobs (...) float32, and entropy (...) float32 if ``return_entropy``. Differentiable
-        w.r.t. logits through both; no [..., V] float32 temporary is ever created.
+        w.r.t. logits through both; no [..., V] float32 temporary is ever created (a top-p
+        filter sorts ``_filter.CUT_CHUNK_BYTES`` of rows at a time to find the kept set).
     Raises:
         ValueError naming the argument: non-floating logits, integer labels of the wrong shape or
-        out of range, a device mismatch, temperature <= 0 or not finite.
+        out of range, a device mismatch, temperature <= 0 or not finite, top_k not an int >= 0,
+        top_p outside (0, 1].
     """
     temperature = _checks.check_logprob_inputs(logits, labels, temperature, ignore_index)
+    top_k, top_p = _filter.check_filter(top_k, top_p)
     lead = logits.shape[:-1]
     x = _as_3d(logits)
     y = labels.reshape(x.shape[:-1]).long()
-    lp, ent, _ = torch.ops.rlhf_fast.gather_logprobs(x, y, temperature, bool(return_entropy), int(ignore_index))
+    cut = _filter.kept_cut(x, temperature, top_k, top_p)
+    cut_value, cut_index = cut if cut is not None else (None, None)
+    lp, ent, _ = torch.ops.rlhf_fast.gather_logprobs(x, y, temperature, bool(return_entropy), int(ignore_index),
+                                                     cut_value, cut_index)
     if return_entropy:
         return lp.reshape(lead), ent.reshape(lead)
     return lp.reshape(lead)

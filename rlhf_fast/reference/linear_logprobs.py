@@ -21,6 +21,8 @@ def linear_logprobs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     compute_dtype: torch.dtype | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """``gather_logprobs(hidden @ weight.T, labels, ...)``, the slow plain way.
 
@@ -30,6 +32,8 @@ def linear_logprobs(
         labels: (...) integer; entries equal to ``ignore_index`` give 0 and no gradient.
         compute_dtype: the dtype of the matmul and the log-softmax. Default: float64 for float64
             inputs, else float32 (a peer upcasting bf16 hidden states and weight).
+        top_k, top_p: the engine's sampling filter, as in ``gather_logprobs`` (its kept set is
+            decided on the float32 logits this matmul gives in ``compute_dtype``).
     Returns:
         logprobs (...) in ``compute_dtype``, and entropy (...) if ``return_entropy``.
     """
@@ -44,4 +48,6 @@ def linear_logprobs(
         return_entropy=return_entropy,
         ignore_index=ignore_index,
         compute_dtype=compute_dtype,
+        top_k=top_k,
+        top_p=top_p,
     )

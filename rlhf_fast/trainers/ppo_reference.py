@@ -66,15 +66,53 @@ def _forward(policy, critic, batch: Rollout, temperature: float):
     return out.logprobs, out.entropy, values
 
 
+def _scored_in_batches(forward, rollout: Rollout, batches: Optional[list[torch.Tensor]]):
+    """``forward(part) -> tuple of (b, R) tensors or None`` over ``rollout``, run on each index set
+    of ``batches`` (every row once; the whole batch at once when None) and scattered back."""
+    if batches is None:
+        return forward(rollout)
+    outs = None
+    for rows in batches:
+        part = forward(rollout.select(rows))
+        if outs is None:
+            outs = [None if t is None else t.new_zeros((rollout.batch_size, *t.shape[1:])) for t in part]
+        for out, t in zip(outs, part):
+            if out is not None:
+                out[rows] = t
+    return tuple(outs)
+
+
+def first_epoch_micro_batches(generator: torch.Generator, B: int, hp: PPOHyperParams) -> list[torch.Tensor]:
+    """The row indices of each micro-batch of the first epoch, in training order, drawn from a copy
+    of ``generator`` (its state is not advanced)."""
+    g = torch.Generator()
+    g.set_state(generator.get_state())
+    perm = torch.randperm(B, generator=g)
+    mb_size = B // hp.num_minibatches
+    micro = hp.micro_batch_size or mb_size
+    return [perm[s : s + mb_size][m : m + micro] for s in range(0, B, mb_size) for m in range(0, mb_size, micro)]
+
+
 @torch.no_grad()
 def make_experience(
     policy, ref_policy, rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float, critic=None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, micro_batches: Optional[list[torch.Tensor]] = None,
 ) -> Rollout:
     """Old / reference log-probs and values from the current (initial) weights, then the shaped
-    rewards and, unless ``hp.advantages_per_minibatch``, the advantages and returns."""
-    logprobs, _, values = _forward(policy, critic, rollout, hp.temperature)
-    ref_logprobs, _, _ = _forward(ref_policy, None, rollout, hp.temperature)
+    rewards and, unless ``hp.advantages_per_minibatch``, the advantages and returns.
+
+    ``micro_batches``: row index sets to score the batch in (``first_epoch_micro_batches``). A
+    row's log-probs depend on which rows share its forward: CPU / GPU GEMMs pick blocking,
+    remainder kernels and thread splits by the row count (with 2 threads and ATen / oneDNN / MKL
+    at AVX2, GPT-2's c_attn addmm gives a row of a 4-row batch other float32 bits than the same
+    row in a 1-row batch). Scored in the first epoch's micro-batches, the first minibatch's forward
+    sees bit-identical inputs and its ratio is exactly 1 at any thread count, micro-batch size or
+    CPU ISA (tests/test_ppo_exactness.py), as in rlhf_fast.trainers.ppo_core.score_logprobs. None
+    scores the whole batch at once."""
+    logprobs, _, values = _scored_in_batches(lambda part: _forward(policy, critic, part, hp.temperature),
+                                             rollout, micro_batches)
+    ref_logprobs, _, _ = _scored_in_batches(lambda part: _forward(ref_policy, None, part, hp.temperature),
+                                            rollout, micro_batches)
     mask = rollout.response_mask
     scores = rollout.scores.to(dtype)
     if hp.score_clip is not None:
@@ -356,7 +394,8 @@ def ppo_iteration(
     micro_size = hp.micro_batch_size or mb_size
     optimizers = [optimizer] + ([critic_optimizer] if critic_optimizer is not None else [])
 
-    experience = make_experience(policy, ref_policy, rollout, hp, kl_coef=kl_coef, critic=critic, dtype=dtype)
+    experience = make_experience(policy, ref_policy, rollout, hp, kl_coef=kl_coef, critic=critic, dtype=dtype,
+                                 micro_batches=first_epoch_micro_batches(generator, B, hp))
     minibatch_stats: list[MinibatchStats] = []
     for _epoch in range(hp.num_epochs):
         perm = torch.randperm(B, generator=generator)
