@@ -100,6 +100,18 @@ class PPOHyperParams:
     temperature: float = 1.0
     """divides the logits when computing log-probs, as in sampling ("N details" #10; N+ 0.7).
     PPO-max samples at 0.8 but scores log-probs from raw logits (1.0)."""
+    top_k: Optional[int] = None
+    """top-k of the distribution the old and new log-probs are computed under: None = the
+    sampler's (``generation.top_k``, resolved by the PPO trainer), 0 = off. The engine samples from
+    the filtered distribution, so the PPO ratio compares like with like only under the same filter
+    (TRL issue 6789: ratio mean ~0.90 at top_p 0.8 without it)."""
+    top_p: Optional[float] = None
+    """top-p of that distribution: None = the sampler's (``generation.top_p``), 1.0 = off."""
+    ref_filter: bool = False
+    """also compute the reference log-probs (the KL) under the filter. Off by default: the KL is
+    then that of the sampling policy to the reference model as it is, finite for every sampled
+    token, whereas a token outside the reference's own top-k / top-p set has reference log-prob
+    -inf (an infinite KL; the trainer stops with an error naming this field)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,9 +135,25 @@ class PPOHyperParams:
             raise ValueError(f"micro_batch_size must be None or >= 1, got {self.micro_batch_size}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
         self.policy_loss_params()  # validates the clip ranges
 
     # -- derived views: components receive only what they need (docs/architecture.md) --
+
+    @property
+    def filters_logprobs(self) -> bool:
+        """A top-k / top-p filter applies to the policy's log-probs."""
+        return bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
+
+    def logprob_filter(self, *, reference: bool = False) -> dict:
+        """``top_k`` / ``top_p`` keyword arguments of ``Policy.logprobs`` for the policy (or, with
+        ``reference``, the reference: off unless ``ref_filter``)."""
+        if reference and not self.ref_filter:
+            return {"top_k": 0, "top_p": 1.0}
+        return {"top_k": self.top_k or 0, "top_p": 1.0 if self.top_p is None else self.top_p}
 
     @property
     def estimator(self) -> AdvantageEstimator:

@@ -195,6 +195,17 @@ class PPOConfig:
     ZeRO-3). None: on when ``deepspeed.zero_stage`` is 3 and ``ref_on_cpu`` is off."""
     use_linear_logprobs: bool = False
     """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    """Where the PPO ratio's old log-probs come from: "recompute" — a policy forward over the
+    rollout in the first epoch's micro-batches (the first minibatch's ratio is then exactly 1; the
+    N-details code, TRL before 0.12, OpenRLHF, verl); "rollout" — the engine's own per-token
+    log-probs of the sampled tokens (live weights, same model code: equal up to float32 rounding),
+    and the policy's log-prob forward is skipped (TRL's PPOTrainer does this). Needs
+    ``algo.temperature`` = ``generation.temperature`` and the sampler's filter."""
+    logprob_gap_every: int = 10
+    """With ``old_logprobs: rollout``, recompute the old log-probs every this many iterations to log
+    ``generation/logprob_gap_max`` (engine vs trainer); with "recompute" the gap is free and logged
+    every iteration."""
     iterations: int = 40
     """PPO iterations (rollout + update)."""
     stop_after_iterations: Optional[int] = None
@@ -267,12 +278,38 @@ _CHECKS[(GenerationConfig, "top_p")] = (lambda v: 0 < v <= 1, "a number in (0, 1
 _CHECKS[(RewardConfig, "batch_size")] = (lambda v: v >= 1, "an integer >= 1")
 for _name in ("iterations", "rollout_batch_size", "samples_per_prompt", "eval_prompts"):
     _CHECKS[(PPOConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
+_CHECKS[(PPOConfig, "logprob_gap_every")] = (lambda v: v >= 1, "an integer >= 1")
 _CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
 # seeds: per-rank and per-iteration seeds are derived from them (seed + rank * 100003, ...) and must
 # stay inside torch's and the sampler's int64 range
 for _stage in (SFTConfig, RMConfig, PPOConfig):
     _CHECKS[(_stage, "seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 _CHECKS[(ModelConfig, "init_seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
+
+
+def _check_logprob_distribution(cfg: "PPOConfig", path: str) -> None:
+    """The log-probs' distribution must be one the sampler can reproduce (issue 18: the ratio compares
+    the distribution the tokens were drawn from)."""
+    hp, g = cfg.algo, cfg.generation
+    top_k = g.top_k if hp.top_k is None else hp.top_k
+    top_p = g.top_p if hp.top_p is None else hp.top_p
+    filtered = bool(top_k) or top_p < 1.0
+    if hp.ref_filter and not filtered:
+        raise ValueError(f"{path}.algo.ref_filter needs a sampling filter ({path}.generation.top_k > 0 or "
+                         f"{path}.generation.top_p < 1): there is none to apply to the reference")
+    if top_p < 1.0 and hp.temperature != g.temperature:
+        raise ValueError(f"top_p {top_p} filters the log-probs, but {path}.algo.temperature ({hp.temperature}) differs "
+                         f"from {path}.generation.temperature ({g.temperature}): the top-p set depends on the "
+                         "temperature, so the log-probs would not be under the distribution the tokens were drawn from")
+    if cfg.old_logprobs == "rollout":
+        if hp.temperature != g.temperature or top_k != g.top_k or top_p != g.top_p:
+            raise ValueError(f"{path}.old_logprobs 'rollout' takes the engine's log-probs, drawn at "
+                             f"{path}.generation.temperature / top_k / top_p ({g.temperature} / {g.top_k} / {g.top_p}); "
+                             f"the trainer's are at algo's ({hp.temperature} / {top_k} / {top_p}): make them equal "
+                             "or use 'recompute'")
+        if not g.do_sample:
+            raise ValueError(f"{path}.old_logprobs 'rollout' needs {path}.generation.do_sample (greedy decoding "
+                             "records no sampling distribution)")
 
 
 def _cross_checks(cfg, path: str) -> None:
@@ -297,6 +334,8 @@ def _cross_checks(cfg, path: str) -> None:
             f"before-training normalisation scores samples of the initial policy (N details #9); set "
             f"{path}.normalize_before false or {path}.normalization policy_samples"
         )
+    if isinstance(cfg, PPOConfig):
+        _check_logprob_distribution(cfg, path)
     if isinstance(cfg, PPOConfig) and cfg.frozen_zero3 and cfg.ref_on_cpu:
         raise ValueError(f"{path}.frozen_zero3 and {path}.ref_on_cpu exclude each other: shard the frozen "
                          "reference over the ranks or keep it whole on the CPU")
@@ -378,6 +417,9 @@ PRESETS.update({
     "ppo_max": _ppo_preset(
         "ppo_max", **{
             "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.missing_stop_penalty": None,
+            # MOSS-RLHF scores log-probs from the raw logits (temperature 1, no top-p) although it
+            # samples at 0.8 / top-p 0.9: reproduced as is (its ratio compares two distributions)
+            "ppo.algo.top_k": 0, "ppo.algo.top_p": 1.0,
             "ppo.critic": "separate",
         }),
 })

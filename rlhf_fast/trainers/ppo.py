@@ -33,7 +33,7 @@ import torch
 
 from rlhf_fast import algos
 from rlhf_fast.algos import Registry, Rollout
-from rlhf_fast.config import BatchPlan, PPOConfig
+from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import make_generator
 from rlhf_fast.models import Critic, Policy, RewardModel
@@ -113,6 +113,12 @@ CRITIC_LAYOUTS.register("value_head")(CriticLayout(value_head=True, separate=Fal
 CRITIC_LAYOUTS.register("separate")(CriticLayout(value_head=False, separate=True))
 
 
+#: ``ppo.old_logprobs`` -> whether the PPO ratio's old log-probs are the engine's (True) or recomputed
+OLD_LOGPROB_SOURCES: Registry[bool] = Registry("old log-prob source")
+OLD_LOGPROB_SOURCES.register("recompute")(False)
+OLD_LOGPROB_SOURCES.register("rollout")(True)
+
+
 class PPOTrainer(StageTrainer):
     """``PPOTrainer(cfg.ppo, "out/ppo").fit()`` trains the policy and returns the last metrics.
 
@@ -124,8 +130,12 @@ class PPOTrainer(StageTrainer):
 
     def __init__(self, cfg: PPOConfig, output_dir, *, resume: bool = False, reward_fn: Optional[RewardFn] = None,
                  dist_info: Optional[dss.DistInfo] = None):
+        validate(cfg, "ppo")  # a config built in code skips load_config's checks
         super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
-        self.hp = cfg.algo
+        g = cfg.generation  # the log-probs are under the sampler's filter unless algo sets its own
+        self.hp = cfg.algo.replace(top_k=g.top_k if cfg.algo.top_k is None else cfg.algo.top_k,
+                                   top_p=g.top_p if cfg.algo.top_p is None else cfg.algo.top_p)
+        self.old_from_rollout = OLD_LOGPROB_SOURCES[cfg.old_logprobs]
         self._reward_fn = reward_fn
         W = self.dist.world_size
         if cfg.rollout_batch_size % W:
@@ -267,12 +277,12 @@ class PPOTrainer(StageTrainer):
             responses = self.rollouts.respond(batch, seed)
         with timer("score"):
             local, extras = self.rollouts.score(responses, batch["prompts"])
+            if self.old_from_rollout:  # the engine's log-probs travel with the rollout: (b, R) -> (B, R)
+                local = local.replace(logprobs=torch.where(local.response_mask, extras.engine_logprobs, 0.0))
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)  # (B, ...) all ranks
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)  # minibatch permutations
         with timer("logprobs"):
-            plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, hp, device=rollout.response_ids.device)
-            lp, ref_lp, values = ppo_core.score_logprobs(self.policy_engine.module, self._critic_module(),
-                                                         self.ref_policy, rollout, hp, plan=plan)  # (B, R) each
+            lp, ref_lp, values, trainer_lp = self._experience_logprobs(rollout, generator, iteration)  # (B, R) each
         with timer("advantages"):
             exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
                                              kl_coef=kl_coef, score_stats=self.score_stats)
@@ -282,11 +292,28 @@ class PPOTrainer(StageTrainer):
         row = algos.PPOStats(objective=algos.objective_stats(exp, kl_coef), minibatches=mb_stats).to_dict()
         self.kl_ctl.update(row["objective/kl"], rollout.batch_size)
         elapsed = time.perf_counter() - t_start
-        row.update(self._rollout_health(lp, local, extras))
+        row.update(self._rollout_health(trainer_lp, local, extras))
+        row.update({"policy/first_minibatch_approxkl": float(mb_stats[0].approxkl),
+                    "policy/first_minibatch_clipfrac": float(mb_stats[0].clipfrac)})
         row.update({"perf/tokens_per_s": float(exp.response_mask.sum()) / max(elapsed, 1e-9),
                     "perf/iteration_s": elapsed, "train/lr": lr})
         row.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
         return row
+
+    def _experience_logprobs(self, rollout: Rollout, generator: torch.Generator, iteration: int):
+        """(old log-probs, reference log-probs, values, the trainer's own old log-probs or None),
+        (B, R) each: the old ones recomputed, or the engine's (``ppo.old_logprobs: rollout``, which
+        recomputes them only every ``logprob_gap_every`` iterations, for the gap metric)."""
+        plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, self.hp, device=rollout.response_ids.device)
+        models = (self.policy_engine.module, self._critic_module(), self.ref_policy)
+        if not self.old_from_rollout:
+            lp, ref_lp, values = ppo_core.score_logprobs(*models, rollout, self.hp, plan=plan)
+            return lp, ref_lp, values, lp
+        lp, ref_lp, values = ppo_core.score_logprobs(*models, rollout, self.hp, plan=plan, old_logprobs=rollout.logprobs)
+        trainer_lp = None
+        if iteration % self.cfg.logprob_gap_every == 0:
+            trainer_lp, _, _ = ppo_core.score_logprobs(*models, rollout, self.hp, plan=plan)
+        return lp, ref_lp, values, trainer_lp
 
     def _update(self, exp: Rollout, kl_coef: float, generator: torch.Generator) -> list:
         self.policy_engine.train()
@@ -296,17 +323,20 @@ class PPOTrainer(StageTrainer):
         self.gen.on_weights_updated()  # the Generator contract: after the optimizer steps, before the next rollout
         return stats
 
-    def _rollout_health(self, lp: torch.Tensor, local: Rollout, extras) -> dict:
+    def _rollout_health(self, lp: Optional[torch.Tensor], local: Rollout, extras) -> dict:
         """Raw score and missing-stop fraction over all ranks, and the engine-vs-trainer log-prob gap
-        on this rank's rows (same weights, same model code: only kernel-level differences remain)."""
-        start = self.dist.rank * local.batch_size
-        mine = lp[start : start + local.batch_size]  # (b, R)
-        gap = torch.where(local.response_mask, (mine - extras.engine_logprobs).abs(), 0.0).max()
+        on this rank's rows (same weights, same model code: only kernel-level differences remain;
+        absent in the iterations where ``old_logprobs: rollout`` skips the recomputation)."""
         raw = extras.raw_scores
         raw_sum, missing, n_rows = dss.all_reduce_sum(
             [float(raw.sum()), float((~extras.has_stop).sum()), float(raw.numel())], self.dist.device)
-        return {"objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows,
-                "generation/logprob_gap_max": float(gap)}
+        out = {"objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows}
+        if lp is not None:
+            start = self.dist.rank * local.batch_size
+            mine = lp[start : start + local.batch_size]  # (b, R)
+            out["generation/logprob_gap_max"] = float(
+                torch.where(local.response_mask, (mine - extras.engine_logprobs).abs(), 0.0).max())
+        return out
 
     def _critic_module(self):
         return self.critic_engine.module if self.critic_engine is not None else None
@@ -329,8 +359,10 @@ class PPOTrainer(StageTrainer):
         scores = self.rollouts.scorer(r, prompts, eval_rows=rows)  # (b,)
         roll = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores)
         kw = dict(temperature=self.hp.temperature, response_start=roll.response_start)
-        lp = self.policy_engine.module.logprobs(roll.sequences, roll.attention_mask, **kw).logprobs
-        ref = self.ref_policy.logprobs(roll.sequences, roll.attention_mask, **kw).logprobs
+        lp = self.policy_engine.module.logprobs(roll.sequences, roll.attention_mask, **kw,
+                                                **self.hp.logprob_filter()).logprobs
+        ref = self.ref_policy.logprobs(roll.sequences, roll.attention_mask, **kw,
+                                       **self.hp.logprob_filter(reference=True)).logprobs
         kl = torch.where(r.response_mask, lp - ref, 0.0).sum(-1)  # (b,)
         sums = [float(scores.sum()), float(kl.sum()), float(r.response_mask.sum()), float(len(rows))]
         gold = 0.0

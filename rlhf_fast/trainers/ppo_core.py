@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from rlhf_fast import algos
 from rlhf_fast.algos import MinibatchStats, PPOHyperParams, Rollout
+from rlhf_fast.models.policy import response_slice
 
 
 class Stepper(Protocol):
@@ -91,14 +92,26 @@ class DeepSpeedStepper:
 # ---- experience -------------------------------------------------------------------------------
 
 
-def policy_forward(policy, critic, batch: Rollout, temperature: float, *, entropy: bool = False):
-    """(logprobs, entropy or None, values or None), each (b, R), of the response tokens."""
-    out = policy.logprobs(batch.sequences, batch.attention_mask, temperature=temperature, return_entropy=entropy,
-                          response_start=batch.response_start)
+def policy_forward(policy, critic, batch: Rollout, hp: PPOHyperParams, *, entropy: bool = False):
+    """(logprobs, entropy or None, values or None), each (b, R), of the response tokens, under the
+    distribution the sampler draws from (``hp.temperature``, ``hp.logprob_filter()``)."""
+    out = policy.logprobs(batch.sequences, batch.attention_mask, temperature=hp.temperature, return_entropy=entropy,
+                          response_start=batch.response_start, **hp.logprob_filter())
     values = out.values
     if critic is not None:
         values = critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values
     return out.logprobs, out.entropy, values
+
+
+def values_only(policy, critic, batch: Rollout):
+    """(b, R) values (None without a value head or critic), skipping the LM head: what the
+    experience needs when the old log-probs come from the rollout."""
+    if critic is not None:
+        return critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values
+    if getattr(policy, "value_head", None) is None:
+        return None
+    values = policy.forward(batch.sequences, batch.attention_mask).values  # (b, Q + R)
+    return response_slice(values, batch.response_start)
 
 
 @dataclass
@@ -164,39 +177,65 @@ def first_epoch_plan(generator: torch.Generator, B: int, hp: PPOHyperParams, dev
 
 
 @torch.no_grad()
-def score_logprobs(policy, critic, ref_policy, rollout: Rollout, hp: PPOHyperParams, *, plan: list[MinibatchPlan]):
+def score_logprobs(policy, critic, ref_policy, rollout: Rollout, hp: PPOHyperParams, *, plan: list[MinibatchPlan],
+                   old_logprobs: Optional[torch.Tensor] = None):
     """Old log-probs and values (current weights) and reference log-probs of every row of the
     global batch: (B, R) float32 each (values None without value head or critic).
 
     Each rank scores exactly the micro-batches it will train on first (``plan`` = the first
     epoch's), with the same rows in the same order: the first minibatch's forward then sees
     bit-identical inputs, so its ratio is exactly 1 (TRL #454) however CPU / GPU matmuls depend
-    on the batch shape. The rows of other ranks arrive through one all-reduce (sum of zeros)."""
+    on the batch shape. The rows of other ranks arrive through one all-reduce (sum of zeros).
+    ``old_logprobs`` (B, R): the engine's (``ppo.old_logprobs: rollout``); the policy's LM head
+    is then skipped (its backbone still runs when a value head gives the values)."""
     B, R = rollout.response_ids.shape
     dev = rollout.response_ids.device
-    lp = torch.zeros(B, R, device=dev)
-    ref = torch.zeros(B, R, device=dev)
+    lp, ref = torch.zeros(B, R, device=dev), torch.zeros(B, R, device=dev)
     values = None
     for mb in plan:
         for pos in mb.micro:
             rows = mb.rows[pos]
             part = rollout.select(rows)
-            l, _, v = policy_forward(policy, critic, part, hp.temperature)
-            lp[rows] = l.float()
+            if old_logprobs is None:
+                l, _, v = policy_forward(policy, critic, part, hp)
+                lp[rows] = l.float()
+            else:
+                v = values_only(policy, critic, part)
             ref[rows] = ref_policy.logprobs(part.sequences, part.attention_mask, temperature=hp.temperature,
-                                            response_start=part.response_start).logprobs.float()
+                                            response_start=part.response_start,
+                                            **hp.logprob_filter(reference=True)).logprobs.float()
             if v is not None:
                 values = torch.zeros(B, R, device=dev) if values is None else values
                 values[rows] = v.float()
-    world = _World.current()
-    if world.size > 1:
-        has_values = torch.tensor([0.0 if values is None else 1.0], device=dev)
-        dist.all_reduce(has_values)
-        stacked = torch.stack([lp, ref, values if values is not None else torch.zeros_like(lp)])
-        dist.all_reduce(stacked)
-        lp, ref = stacked[0], stacked[1]
-        values = stacked[2] if has_values.item() > 0 else None
+    lp, ref, values = _sum_over_ranks(lp, ref, values)
+    if old_logprobs is not None:
+        lp = old_logprobs.float()
+    if hp.ref_filter:
+        _check_reference_support(ref, rollout.response_mask)
     return lp, ref, values
+
+
+def _sum_over_ranks(lp, ref, values):
+    """Each rank filled its own rows (zeros elsewhere): one all-reduce joins them."""
+    world = _World.current()
+    if world.size == 1:
+        return lp, ref, values
+    has_values = torch.tensor([0.0 if values is None else 1.0], device=lp.device)
+    dist.all_reduce(has_values)
+    stacked = torch.stack([lp, ref, values if values is not None else torch.zeros_like(lp)])
+    dist.all_reduce(stacked)
+    return stacked[0], stacked[1], (stacked[2] if has_values.item() > 0 else None)
+
+
+def _check_reference_support(ref: torch.Tensor, mask: torch.Tensor) -> None:
+    """With ``algo.ref_filter`` a sampled token outside the reference's top-k / top-p set has
+    reference log-prob -inf: an infinite KL. Stop with an error that says so (a host sync)."""
+    outside = mask & torch.isneginf(ref)
+    n = int(outside.sum())
+    if n:
+        raise ValueError(f"{n} of {int(mask.sum())} sampled tokens lie outside the reference policy's top-k / top-p "
+                         "set (reference log-prob -inf, an infinite KL): set ppo.algo.ref_filter false to take the "
+                         "reference log-probs under its full distribution")
 
 
 def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
@@ -263,7 +302,7 @@ def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout
     mask = micro.response_mask  # (b, R) bool
     critic = critic_st.module if critic_st is not None else None
     # policy/entropy is always reported; the op computes it in the same pass
-    logprobs, entropy, values = policy_forward(policy_st.module, critic, micro, hp.temperature, entropy=True)  # (b, R)
+    logprobs, entropy, values = policy_forward(policy_st.module, critic, micro, hp, entropy=True)  # (b, R)
     pg = algos.policy_loss(hp.policy_loss, logprobs, micro.logprobs, micro.advantages, mask, hp.policy_loss_params(),
                            normalizer=normalizer)
     loss = pg.loss
