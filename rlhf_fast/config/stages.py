@@ -131,7 +131,9 @@ class GenerationConfig:
     still a period."""
     stop_during_generation: bool = True
     """Also stop sampling a row at a stop token (saves compute); False samples the full length and
-    truncates afterwards, as lm-human-preferences does."""
+    truncates afterwards, as lm-human-preferences does (its ``respond`` always samples
+    ``response_length`` tokens). Whether PPO then trains on the tokens after the stop is
+    ``after_stop``."""
     truncate_min_length: int = 0
     """Only stop tokens at index >= this count ("N details" #14: '.' at or after token 16)."""
     missing_stop_penalty: Optional[Literal["replace", "subtract"]] = "replace"
@@ -139,6 +141,17 @@ class GenerationConfig:
     preferences, N+: -1), "subtract" it (TRL ``missing_eos_penalty``), or null (none)."""
     missing_stop_value: float = -1.0
     """The replacement score, or the amount subtracted."""
+    after_stop: Literal["masked", "trained"] = "masked"
+    """Which sampled tokens PPO trains on after the first stop token, and where the score lands
+    (``rlhf_fast.algos.postprocess_responses``). The reward always scores the response truncated
+    after its stop token, and the missing-stop penalty always looks for one. "masked" (N+ TL;DR,
+    vwxyzjn/summarize_from_feedback_details ``ppo.py``; TRL): tokens after the stop are padded
+    and masked out of the KL penalty, GAE, whitening and the losses; the score lands on the stop
+    token. "trained" (openai/lm-human-preferences ``train_policy.py``: ``make_score_fn``
+    truncates only the copy it scores, ``compute_rewards`` adds the score at ``rewards[:, -1]``,
+    ``loss`` runs over every sampled token): the KL penalty, GAE, whitening and the losses cover
+    every sampled token and the score lands on the last sampled one. "trained" needs
+    ``stop_during_generation`` and ``stop_at_eos`` false (rows sampled to full length)."""
     max_batch_size: int = 256
     """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
     decode: Literal["auto", "eager", "static", "compiled"] = "auto"
@@ -179,7 +192,16 @@ class PPOConfig:
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
     """Critic optimizer (a separate critic only)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    """Linear decay to 0 over all optimizer steps ("N details" #5)."""
+    """Linear decay to 0 ("N details" #5), over the unit of ``lr_schedule_unit``."""
+    lr_schedule_unit: Literal["optimizer_step", "iteration"] = "optimizer_step"
+    """What the lr schedule counts. "optimizer_step": the lr changes at every optimizer step
+    (``iterations * num_epochs * num_minibatches`` steps; DeepSpeed-Chat, OpenRLHF). "iteration":
+    the lr is constant across one PPO iteration's epochs and minibatches and is annealed between
+    iterations, over ``iterations`` (warm-up steps then count iterations): lr at iteration k =
+    lr * lr_factor(k), as openai/lm-human-preferences ``train_policy.py`` (``train_minibatch``:
+    ``lrnow = lr * (1 - policy_frac)``, the global step advancing once per ``PPOTrainer.step``)
+    and the N+ TL;DR code (summarize_from_feedback_details ``ppo.py``: ``frac = 1 - (update - 1)
+    / num_updates`` set once per update)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """``grad_clip`` is taken from ``algo.max_grad_norm``; ``grad_accum`` from the minibatch plan."""
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1, eval_every=5))
@@ -279,6 +301,12 @@ def _cross_checks(cfg, path: str) -> None:
             raise ValueError(f"{path}: {e}") from None
     if isinstance(cfg, GenerationConfig) and cfg.min_new_tokens > cfg.max_new_tokens:
         raise ValueError(f"{path}.min_new_tokens ({cfg.min_new_tokens}) exceeds {path}.max_new_tokens ({cfg.max_new_tokens})")
+    if isinstance(cfg, GenerationConfig) and cfg.after_stop == "trained" and (cfg.stop_during_generation or cfg.stop_at_eos):
+        raise ValueError(
+            f"{path}.after_stop 'trained' trains on the tokens sampled after the stop token, but "
+            f"{'stop_during_generation' if cfg.stop_during_generation else 'stop_at_eos'} is true, so none are sampled: set "
+            f"{path}.stop_during_generation false and {path}.stop_at_eos false (put the EOS token in {path}.stop_tokens "
+            f"to truncate at it), or {path}.after_stop masked")
     if isinstance(cfg, RewardConfig) and cfg.model_path is not None and cfg.function is not None:
         raise ValueError(f"{path}: give reward.model_path or reward.function, not both")
     if isinstance(cfg, RMConfig) and cfg.normalize_before and cfg.normalization != "policy_samples":
@@ -352,6 +380,12 @@ PRESETS.update({
             "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,
             "ppo.generation.temperature": 0.7, "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
             "ppo.critic": "value_head", "ppo.optim.tf_adam_eps": True, "ppo.scheduler.decay": "linear",
+            "ppo.scheduler.warmup_steps": 0, "ppo.scheduler.warmup_ratio": 0.0, "ppo.scheduler.min_lr_ratio": 0.0,
+            # the '.' only truncates the scored copy; PPO trains on all 24 sampled tokens and the
+            # score lands on the last one (train_policy.py make_score_fn / compute_rewards / loss)
+            "ppo.generation.after_stop": "trained",
+            # lrnow = lr * (1 - global_step / nupdates), the global step advancing once per PPO update
+            "ppo.lr_schedule_unit": "iteration",
         }),
     # "The N+ Implementation Details ... TL;DR": EOS trick with -1 for a missing EOS, beta 0.05,
     # temperature 0.7, critic from the reward model. The PPO defaults are these already; the preset
@@ -362,6 +396,14 @@ PRESETS.update({
         "tldr", **{
             "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",
             "ppo.generation.missing_stop_value": -1.0, "ppo.generation.temperature": 0.7, "ppo.critic": "separate",
+            "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
+            "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
+            # tokens after the EOS padded and masked (ppo.py: padding_mask, INVALID_LOGPROB)
+            "ppo.generation.after_stop": "masked",
+            # lr set once per update: frac = 1 - (update - 1) / num_updates (ppo.py), AdamW eps 1e-5
+            "ppo.lr_schedule_unit": "iteration", "ppo.scheduler.decay": "linear", "ppo.scheduler.warmup_steps": 0,
+            "ppo.scheduler.warmup_ratio": 0.0, "ppo.scheduler.min_lr_ratio": 0.0, "ppo.optim.tf_adam_eps": False,
+            "ppo.optim.eps": 1e-5,
         }),
     # "Secrets of RLHF, Part I" PPO-max: score clipping, small fixed beta, value clipping, critic
     # from the reward model, samples at 0.8 / top-p 0.9 but log-probs from raw logits.

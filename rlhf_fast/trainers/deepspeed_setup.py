@@ -120,13 +120,21 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LambdaLR):
     ``lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``; the two agree exactly when PyTorch's eps is
     TF's eps divided by ``sqrt(1 - beta2^t)`` (N details, "PyTorch Adam vs TF Adam"). Any Adam that
     reads ``group["eps"]`` at each step (torch, DeepSpeed CPU / fused Adam) is covered.
+
+
+    ``steps_per_unit`` > 1 holds the lr for that many optimizer steps: step s uses
+    ``lr_factor(s // steps_per_unit)`` and ``total_steps`` / ``warmup_steps`` count units (one PPO
+    iteration's optimizer steps, for ``ppo.lr_schedule_unit`` "iteration"). The TF epsilon
+    still follows the optimizer steps (Adam's t).
     """
 
     def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, decay: str, min_ratio: float = 0.0,
-                 tf_eps: Optional[tuple[float, float]] = None):
-        self.tf_eps = tf_eps
-        fn = lambda step: lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps,  # noqa: E731
-                                    decay=decay, min_ratio=min_ratio)
+                 tf_eps: Optional[tuple[float, float]] = None, steps_per_unit: int = 1):
+        if steps_per_unit < 1:
+            raise ValueError(f"steps_per_unit must be >= 1, got {steps_per_unit}")
+        self.tf_eps, self.steps_per_unit = tf_eps, int(steps_per_unit)
+        fn = lambda step: lr_factor(step // self.steps_per_unit, total_steps=total_steps,  # noqa: E731
+                                    warmup_steps=warmup_steps, decay=decay, min_ratio=min_ratio)
         super().__init__(optimizer, fn)
 
     def step(self, epoch=None):
@@ -192,19 +200,41 @@ def make_optimizer(params, optim: OptimConfig, *, offload: bool):
     return torch.optim.AdamW(params, **kwargs, **fused)
 
 
+def make_scheduler(optimizer, *, optim: OptimConfig, sched: SchedulerConfig, total_steps: int,
+                   steps_per_unit: int = 1) -> WarmupDecayLR:
+    """The schedule of ``sched`` over ``total_steps`` units of ``steps_per_unit`` optimizer steps,
+    with the TF-style epsilon when ``optim.tf_adam_eps``; eps is already set for step 1."""
+    scheduler = WarmupDecayLR(
+        optimizer, total_steps=total_steps, warmup_steps=warmup_steps_of(sched, total_steps), decay=sched.decay,
+        min_ratio=sched.min_lr_ratio, tf_eps=(optim.eps, optim.betas[1]) if optim.tf_adam_eps else None,
+        steps_per_unit=steps_per_unit,
+    )
+    scheduler._set_eps()  # eps of step 1
+    return scheduler
+
+
+def ppo_schedule(unit: str, *, iterations: int, steps_per_iteration: int) -> dict:
+    """``build_engine`` / ``make_scheduler`` arguments for ``ppo.lr_schedule_unit``:
+    "optimizer_step" decays over every optimizer step, "iteration" holds the lr for the
+    ``steps_per_iteration`` optimizer steps of one PPO iteration and decays over ``iterations``
+    (openai/lm-human-preferences ``train_policy.py`` ``train_minibatch``)."""
+    if unit == "optimizer_step":
+        return dict(total_steps=iterations * steps_per_iteration, steps_per_unit=1)
+    if unit == "iteration":
+        return dict(total_steps=iterations, steps_per_unit=steps_per_iteration)
+    raise ValueError(f"ppo.lr_schedule_unit must be 'optimizer_step' or 'iteration', got {unit!r}")
+
+
 def build_engine(model: torch.nn.Module, *, optim: OptimConfig, sched: SchedulerConfig, ds: DeepSpeedConfig,
-                 plan: BatchPlan, total_steps: int):
-    """``deepspeed.initialize`` with our optimizer and schedule. Returns the engine; the
-    optimizer and scheduler are ``engine.optimizer`` / ``engine.lr_scheduler``."""
+                 plan: BatchPlan, total_steps: int, steps_per_unit: int = 1):
+    """``deepspeed.initialize`` with our optimizer and schedule (``make_scheduler``). Returns the
+    engine; the optimizer and scheduler are ``engine.optimizer`` / ``engine.lr_scheduler``."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, optim, offload=ds.offload_optimizer)
-    scheduler = WarmupDecayLR(
-        optimizer, total_steps=total_steps, warmup_steps=warmup_steps_of(sched, total_steps), decay=sched.decay,
-        min_ratio=sched.min_lr_ratio, tf_eps=(optim.eps, optim.betas[1]) if optim.tf_adam_eps else None,
-    )
-    scheduler._set_eps()  # eps of step 1
+    scheduler = make_scheduler(optimizer, optim=optim, sched=sched, total_steps=total_steps,
+                               steps_per_unit=steps_per_unit)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_dict(ds, plan),
         dist_init_required=False,

@@ -287,7 +287,8 @@ class PPOTrainer:
         self.prompts = PromptDataset(train, self.tokenizer, **kw)
         self.eval_prompts = PromptDataset(evals, self.tokenizer, **kw)
         self.collate = self.prompts.collator(pad_to_length=cfg.data.max_prompt_length)
-        build = dict(plan=self.plan, total_steps=self.total_steps, sched=cfg.scheduler)
+        build = dict(plan=self.plan, sched=cfg.scheduler, **dss.ppo_schedule(
+            cfg.lr_schedule_unit, iterations=cfg.iterations, steps_per_iteration=self.hp.num_epochs * self.hp.num_minibatches))
         ds = copy.deepcopy(cfg.deepspeed)
         ds.grad_clip = self.hp.max_grad_norm or 0.0
         self.policy_engine = dss.build_engine(policy, optim=cfg.optim, ds=ds, **build)
@@ -354,7 +355,9 @@ class PPOTrainer:
         return batch
 
     def _respond(self, batch: dict, seed: int):
-        """Generate, pad to max_new_tokens, truncate after the first stop token (EOS trick)."""
+        """Generate, pad to max_new_tokens, then ``algos.postprocess_responses``: the scoring view
+        (truncated after the first stop token: the EOS trick) and the training view
+        (``generation.after_stop``). Returns (query ids, query mask, that split, engine log-probs)."""
         ids = batch["input_ids"].to(self.dist.device)
         mask = batch["attention_mask"].to(self.dist.device)
         out = self.gen.generate(ids, mask, self._sampling(seed))
@@ -363,14 +366,10 @@ class PPOTrainer:
         resp = torch.nn.functional.pad(out.responses, (0, pad), value=self.tokenizer.pad_token_id)
         rmask = torch.nn.functional.pad(out.response_mask, (0, pad), value=False)
         gen_lp = torch.nn.functional.pad(out.logprobs, (0, pad), value=0.0)
-        stops = self._stop_ids()
-        if stops:
-            t = algos.truncate_at_stop(resp, stops, pad_token_id=self.tokenizer.pad_token_id,
-                                       min_length=self.cfg.generation.truncate_min_length, response_mask=rmask)
-            resp, rmask, has_stop = t.response_ids, t.response_mask, t.has_stop
-        else:  # fixed-length responses, EOS ignored ("N details" #4)
-            has_stop = torch.ones(resp.shape[0], dtype=torch.bool, device=resp.device)
-        return ids, mask.bool(), resp, rmask, has_stop, gen_lp
+        g = self.cfg.generation
+        post = algos.postprocess_responses(resp, rmask, self._stop_ids(), pad_token_id=self.tokenizer.pad_token_id,
+                                           min_length=g.truncate_min_length, after_stop=g.after_stop)
+        return ids, mask.bool(), post, gen_lp
 
     def _stop_ids(self) -> list[int]:
         g = self.cfg.generation
@@ -403,9 +402,10 @@ class PPOTrainer:
         t_start = time.perf_counter()
         with timer("generate"):
             batch = self._prompt_batch(iteration)
-            q_ids, q_mask, resp, rmask, has_stop, gen_lp = self._respond(batch, seed)
+            q_ids, q_mask, post, gen_lp = self._respond(batch, seed)
+            resp, rmask, has_stop = post.response_ids, post.train_mask, post.has_stop
         with timer("score"):
-            scores = self._score(q_ids, q_mask, resp, rmask, batch["prompts"])
+            scores = self._score(q_ids, q_mask, post.score_ids, post.score_mask, batch["prompts"])
             raw_scores = scores.clone()
             scores = algos.apply_missing_stop_penalty(scores, has_stop, mode=cfg.generation.missing_stop_penalty,
                                                       value=cfg.generation.missing_stop_value)
@@ -463,18 +463,20 @@ class PPOTrainer:
             return {}
         batch = self.collate([self.eval_prompts[i] for i in rows])
         batch["prompts"] = [self.eval_prompts.prompts[i] for i in rows]
-        q_ids, q_mask, resp, rmask, has_stop, _ = self._respond(batch, seed=self.cfg.seed * 31 + self.dist.rank)
-        scores = self._score(q_ids, q_mask, resp, rmask, batch["prompts"], eval_rows=rows)
+        q_ids, q_mask, post, _ = self._respond(batch, seed=self.cfg.seed * 31 + self.dist.rank)
+        resp, rmask = post.response_ids, post.train_mask
+        scores = self._score(q_ids, q_mask, post.score_ids, post.score_mask, batch["prompts"], eval_rows=rows)
         r = Rollout(q_ids, q_mask, resp, rmask, scores)
         lp = self.policy_engine.module.logprobs(r.sequences, r.attention_mask, temperature=self.hp.temperature,
                                                 response_start=r.response_start).logprobs
         ref = self.ref_policy.logprobs(r.sequences, r.attention_mask, temperature=self.hp.temperature,
                                        response_start=r.response_start).logprobs
         kl = torch.where(rmask, lp - ref, 0.0).sum(-1)
-        sums = [float(scores.sum()), float(kl.sum()), float(rmask.sum()), float(len(rows))]
+        # length and gold score of the response as scored (truncated after the stop token)
+        sums = [float(scores.sum()), float(kl.sum()), float(post.score_mask.sum()), float(len(rows))]
         gold = 0.0
         if self.task is not None:
-            texts = self.tokenizer.batch_decode(torch.where(rmask, resp, self.tokenizer.pad_token_id),
+            texts = self.tokenizer.batch_decode(torch.where(post.score_mask, post.score_ids, self.tokenizer.pad_token_id),
                                                 skip_special_tokens=True)
             gold = float(sum(self.task.gold_reward(texts, batch["prompts"])))
         s, k, n_tok, n, g = dss.all_reduce_sum(sums + [gold], self.dist.device)
