@@ -405,12 +405,20 @@ PRESETS.update({
             "ppo.scheduler.warmup_ratio": 0.0, "ppo.scheduler.min_lr_ratio": 0.0, "ppo.optim.tf_adam_eps": False,
             "ppo.optim.eps": 1e-5,
         }),
-    # "Secrets of RLHF, Part I" PPO-max: score clipping, small fixed beta, value clipping, critic
-    # from the reward model, samples at 0.8 / top-p 0.9 but log-probs from raw logits.
+    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's run_en.sh runs it: running reward
+    # scaling, small fixed beta, value and policy loss clipping, critic from the reward model,
+    # samples at 0.8 / top-p 0.9 stopped at the EOS but log-probs from raw logits; AdamW betas
+    # (0.9, 0.95), eps 1e-6 for the policy and 1e-8 for the critic (ppo_trainer.build_optimizer).
+    # Its inverse-sqrt schedule and repetition penalty 1.1 are not reproduced (README table).
     "ppo_max": _ppo_preset(
         "ppo_max", **{
-            "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.missing_stop_penalty": None,
-            "ppo.critic": "separate",
+            "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.top_k": 0,
+            "ppo.generation.missing_stop_penalty": None, "ppo.generation.stop_at_eos": True,
+            "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
+            "ppo.generation.after_stop": "masked", "ppo.critic": "separate",
+            "ppo.optim.betas": [0.9, 0.95], "ppo.optim.eps": 1e-6, "ppo.optim.tf_adam_eps": False,
+            "ppo.critic_optim.betas": [0.9, 0.95], "ppo.critic_optim.eps": 1e-8, "ppo.critic_optim.tf_adam_eps": False,
+            "ppo.lr_schedule_unit": "optimizer_step",
         }),
 })
 PRESETS["ci"].update({
