@@ -344,6 +344,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rm.epochs": 1.0, "rm.scheduler.decay": "linear", "rm.scheduler.min_lr_ratio": 0.0,
         "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.normalize_before": True,
         "rm.sample_temperature": 0.7,  # lm-human-preferences' books / TL;DR policy temperature
+        "rm.normalization_samples": 256,  # launch.py get_train_reward_experiments: normalize_samples 256
         "sft.optim.tf_adam_eps": True,
     },
     "n_plus": {
@@ -367,14 +368,17 @@ def _ppo_preset(name: str, **extra) -> dict[str, Any]:
 
 
 PRESETS.update({
-    # "The N Implementation Details of RLHF with PPO" (lm-human-preferences): fixed-length
+    # "The N Implementation Details of RLHF with PPO" (openai/lm-human-preferences train_policy.py,
+    # launch.py's books tasks; vwxyzjn/lm-human-preference-details train_policy_accelerate.py): fixed-length
     # responses with EOS ignored (#4), truncation at the first '.' at or after token 16 and a
     # -1 score without one (#14), temperature 0.7 in sampling and log-probs (#10), a zero-init
     # value head on the policy (#11), adaptive KL (#20), TF-style Adam eps; the reward model
-    # normalised on samples of the initial policy before and after its training (#9).
+    # normalised on samples of the initial policy before and after its training (#9). PPO updates
+    # equal upstream's (tests/test_preset_parity.py, scripts/check_preset_parity.py). Deviations:
+    # README "Presets and their sources".
     "lm_human_preferences": _ppo_preset(
         "lm_human_preferences", **{
-            "rm.normalization": "policy_samples", "rm.normalize_before": True,
+            "rm.normalization": "policy_samples", "rm.normalize_before": True, "rm.normalization_samples": 256,
             "ppo.generation.stop_at_eos": False, "ppo.generation.stop_tokens": ["."],
             "ppo.generation.stop_during_generation": False, "ppo.generation.truncate_min_length": 16,
             "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,
@@ -387,11 +391,14 @@ PRESETS.update({
             # lrnow = lr * (1 - global_step / nupdates), the global step advancing once per PPO update
             "ppo.lr_schedule_unit": "iteration",
         }),
-    # "The N+ Implementation Details ... TL;DR": EOS trick with -1 for a missing EOS, beta 0.05,
-    # temperature 0.7, critic from the reward model. The PPO defaults are these already; the preset
-    # pins them (it undoes another preset given before it). N+'s model-size settings (lr 3e-6, Adam
-    # eps 1e-5, ZeRO-2, for 1B-6.9B models) are not set: at the built-in task's size lr 3e-6 does
-    # not train in 40 iterations. Add --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them.
+    # "The N+ Implementation Details ... TL;DR" (vwxyzjn/summarize_from_feedback_details ppo.py):
+    # EOS trick with -1 for a missing EOS, beta 0.05, temperature 0.7, critic from the reward model,
+    # the lr annealed once per update. The PPO defaults are these except the lr schedule (the
+    # default decays it at every optimizer step); the preset pins every field (it undoes another
+    # preset given before it). N+'s model-size settings (lr 3e-6, ZeRO-2, for 1B-6.9B models) are
+    # not set: at the built-in task's size lr 3e-6 does not train in 40 iterations. Add
+    # --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them. Deviations: README "Presets and
+    # their sources".
     "tldr": _ppo_preset(
         "tldr", **{
             "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",
