@@ -197,3 +197,29 @@ def test_trainer_under_lm_human_preferences(tmp_path):
     assert all(r["objective/response_length"] == 8.0 for r in train)
     final = read_metrics(tmp_path)[-1]
     assert final["eval/response_length"] <= 8.0  # the scored (truncated) length
+
+
+# ---- the critic's initial values (N+ TL;DR) ------------------------------------------------------------
+
+
+def test_critic_from_reward_model_with_its_normalisation(tmp_path):
+    """tldr: the critic's initial values are the reward model's normalised per-token rewards (N+
+    ``ScalarModel``: head minus the reference-mean bias); without the flag, the raw head."""
+    from rlhf_fast.models import Critic, RewardModel
+    from rlhf_fast.tasks import tiny_config
+
+    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=40, bos_token_id=1, eos_token_id=2,
+                                                 pad_token_id=0), seed=3)
+    with torch.no_grad():
+        rm.gain.fill_(1.7)
+        rm.bias.fill_(-0.6)
+    rm.save_pretrained(tmp_path)
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    out = rm.eval()(ids, mask)
+    raw = Critic.from_pretrained(tmp_path).eval()(ids, mask).values
+    folded = Critic.from_pretrained(tmp_path, with_normalization=True).eval()(ids, mask).values
+    torch.testing.assert_close(raw, out.rewards)
+    torch.testing.assert_close(folded, 1.7 * out.rewards - 0.6)
+    assert _ppo_cfg("tldr").critic_with_rm_normalization
+    assert not _ppo_cfg("ppo_max").critic_with_rm_normalization and not _ppo_cfg(None).critic_with_rm_normalization

@@ -208,6 +208,11 @@ class PPOConfig:
     critic: Literal["separate", "value_head"] = "separate"
     """"separate": a critic initialised from the reward model (N+ TL;DR, PPO-max); "value_head": a
     zero-initialised value head on the policy backbone ("N details" #11)."""
+    critic_with_rm_normalization: bool = False
+    """A separate critic initialised from the reward model gets the reward model's normalisation
+    folded into its value head (initial values = normalised per-token rewards), as N+ TL;DR's
+    critic (summarize_from_feedback_details ``ScalarModel``: head minus the reward model's
+    reference-mean bias). False: the raw reward head (MOSS-RLHF's critic, the default)."""
     ref_on_cpu: bool = False
     """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B)."""
     frozen_zero3: Optional[bool] = None
@@ -403,7 +408,7 @@ PRESETS.update({
         "tldr", **{
             "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",
             "ppo.generation.missing_stop_value": -1.0, "ppo.generation.temperature": 0.7, "ppo.critic": "separate",
-            "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
+            "ppo.critic_with_rm_normalization": True, "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
             "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
             # tokens after the EOS padded and masked (ppo.py: padding_mask, INVALID_LOGPROB)
             "ppo.generation.after_stop": "masked",
@@ -422,7 +427,7 @@ PRESETS.update({
             "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.top_k": 0,
             "ppo.generation.missing_stop_penalty": None, "ppo.generation.stop_at_eos": True,
             "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
-            "ppo.generation.after_stop": "masked", "ppo.critic": "separate",
+            "ppo.generation.after_stop": "masked", "ppo.critic": "separate", "ppo.critic_with_rm_normalization": False,
             "ppo.optim.betas": [0.9, 0.95], "ppo.optim.eps": 1e-6, "ppo.optim.tf_adam_eps": False,
             "ppo.critic_optim.betas": [0.9, 0.95], "ppo.critic_optim.eps": 1e-8, "ppo.critic_optim.tf_adam_eps": False,
             "ppo.lr_schedule_unit": "optimizer_step",

@@ -254,7 +254,8 @@ class PPOTrainer:
         critic = None
         if cfg.critic == "separate" and self.hp.advantage_estimator == "gae":
             # N+ TL;DR / PPO-max: the critic starts from the reward model; else from the policy (zero head).
-            critic = Critic.from_pretrained(cfg.reward.model_path) if cfg.reward.model_path else Critic(
+            critic = Critic.from_pretrained(cfg.reward.model_path, with_normalization=cfg.critic_with_rm_normalization) \
+                if cfg.reward.model_path else Critic(
                 copy.deepcopy(policy.backbone))
         return policy.to(self.dist.device), critic.to(self.dist.device) if critic is not None else None
 
