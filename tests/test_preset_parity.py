@@ -137,10 +137,12 @@ def test_no_stop_tokens_keeps_the_generator_mask():
 # 3 iterations x 2 epochs x 2 minibatches = 12 optimizer steps, linear decay to 0 ("N details" #5)
 PER_ITERATION = [1.0] * 4 + [2 / 3] * 4 + [1 / 3] * 4  # upstream: lr * (1 - update / n_updates)
 PER_STEP = [1 - s / 12 for s in range(12)]
+# MOSS-RLHF invsqrt_scheduler with a warm-up of round(0.1 * 12) = 1 step: max(0 / 1, 0.1), then sqrt(1 / s)
+INVSQRT = [0.1] + [(1 / s) ** 0.5 for s in range(1, 12)]
 
 
 @pytest.mark.parametrize("preset,factors", [("lm_human_preferences", PER_ITERATION), ("tldr", PER_ITERATION),
-                                            ("ppo_max", PER_STEP), (None, PER_STEP)])
+                                            ("ppo_max", INVSQRT), (None, PER_STEP)])
 def test_lr_at_each_optimizer_step(preset, factors):
     cfg = _ppo_cfg(preset, "--ppo.iterations", "3", "--ppo.algo.num_epochs", "2", "--ppo.algo.num_minibatches", "2")
     p = torch.nn.Parameter(torch.zeros(1))
@@ -223,3 +225,10 @@ def test_critic_from_reward_model_with_its_normalisation(tmp_path):
     torch.testing.assert_close(folded, 1.7 * out.rewards - 0.6)
     assert _ppo_cfg("tldr").critic_with_rm_normalization
     assert not _ppo_cfg("ppo_max").critic_with_rm_normalization and not _ppo_cfg(None).critic_with_rm_normalization
+
+
+def test_invsqrt_is_moss_rlhf_schedule():
+    """ppo_trainer.invsqrt_scheduler with warmup 4: max(s / 4, 0.1) while s < 4, then sqrt(4 / s)."""
+    got = [dss.lr_factor(s, total_steps=50, warmup_steps=4, decay="invsqrt") for s in range(7)]
+    assert got == pytest.approx([0.1, 0.25, 0.5, 0.75, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5], rel=1e-12)
+    assert dss.lr_factor(10**20, total_steps=50, warmup_steps=4, decay="invsqrt") == 1e-8

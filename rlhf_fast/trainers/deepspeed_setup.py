@@ -96,7 +96,14 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up from
     1/(warmup+1) to 1, then "linear" / "cosine" decay to ``min_ratio`` at ``total_steps`` or
     "constant". The last step of a run uses a small positive lr; the value at ``total_steps`` is
-    ``min_ratio`` (0: lr annealed to 0, N details #5)."""
+    ``min_ratio`` (0: lr annealed to 0, N details #5).
+
+    "invsqrt" is OpenLMLab/MOSS-RLHF's whole schedule (``ppo_trainer.invsqrt_scheduler``), warm-up
+    included: ``max(step / w, 0.1)`` for ``step < w``, then ``sqrt(w / step)``, never below 1e-8
+    (w = max(warmup_steps, 1); ``total_steps`` and ``min_ratio`` unused)."""
+    if decay == "invsqrt":
+        w = max(warmup_steps, 1)
+        return max(max(step / w, 0.1) if step < w else math.sqrt(w / step), 1e-8)
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if decay == "constant":
