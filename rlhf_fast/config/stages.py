@@ -195,7 +195,7 @@ class PPOConfig:
     """Linear decay to 0 ("N details" #5), over the unit of ``lr_schedule_unit``."""
     lr_schedule_unit: Literal["optimizer_step", "iteration"] = "optimizer_step"
     """What the lr schedule counts. "optimizer_step": the lr changes at every optimizer step
-    (``iterations * num_epochs * num_minibatches`` steps; DeepSpeed-Chat, OpenRLHF). "iteration":
+    (``iterations * num_epochs * num_minibatches`` steps; DeepSpeed-Chat, OpenRLHF, MOSS-RLHF). "iteration":
     the lr is constant across one PPO iteration's epochs and minibatches and is annealed between
     iterations, over ``iterations`` (warm-up steps then count iterations): lr at iteration k =
     lr * lr_factor(k), as openai/lm-human-preferences ``train_policy.py`` (``train_minibatch``:
