@@ -232,3 +232,45 @@ def test_invsqrt_is_moss_rlhf_schedule():
     got = [dss.lr_factor(s, total_steps=50, warmup_steps=4, decay="invsqrt") for s in range(7)]
     assert got == pytest.approx([0.1, 0.25, 0.5, 0.75, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5], rel=1e-12)
     assert dss.lr_factor(10**20, total_steps=50, warmup_steps=4, decay="invsqrt") == 1e-8
+
+
+# ---- the reward model's normalisation samples (lm_human_preferences, n_details) ----------------------
+
+
+def test_rm_normalisation_samples_full_length_under_lm_human_preferences(tmp_path):
+    """train_reward.py normalises on ``response_length`` sampled tokens, EOS ignored; the default
+    (and N+) samples end at their first EOS."""
+    from rlhf_fast.trainers.rm import RMTrainer
+    from rlhf_fast.trainers.sft import train_sft
+
+    quiet = ["--sft.logging.progress_bar", "false", "--rm.logging.progress_bar", "false",
+             "--sft.logging.tensorboard", "false", "--rm.logging.tensorboard", "false"]
+    sft = ["--sft.model.size", "test", "--sft.model.config_overrides", "{}", "--sft.batch_size", "16",
+           "--sft.micro_batch_size", "16", "--sft.data.max_train_examples", "64", "--sft.data.max_eval_examples", "16",
+           "--sft.max_steps", "2", "--sft.logging.eval_every", "0"]
+    train_sft(C.load_config(presets=["ci"], overrides=[*quiet, *sft]).sft, tmp_path / "sft")
+    # make EOS the likely token everywhere: the final layer norm outputs a constant multiple of
+    # the (tied) EOS embedding, so the EOS logit dominates
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = tmp_path / "sft" / "model"
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    with torch.no_grad():
+        lm.transformer.ln_f.weight.zero_()
+        lm.transformer.ln_f.bias.copy_(1000.0 * lm.lm_head.weight[eos])
+    lm.save_pretrained(model_dir)
+    lengths = {}
+    for preset in ("lm_human_preferences", "n_details", None):
+        cfg = C.load_config(presets=["ci"] + ([preset] if preset else []), overrides=[
+            *quiet, "--rm.sft_model", str(tmp_path / "sft" / "model"), "--rm.normalization", "policy_samples",
+            "--rm.normalization_samples", "16", "--rm.sample_max_new_tokens", "12", "--rm.eval_batch_size", "16"]).rm
+        trainer = RMTrainer(cfg, tmp_path / f"rm_{preset}")
+        trainer.build_datasets()
+        ids, mask = trainer._policy_samples(0)
+        resp, rmask = ids[:, -12:], mask[:, -12:]
+        eos_inside = bool(((resp == trainer.tokenizer.eos_token_id) & rmask.bool()).any())
+        lengths[preset] = (cfg.sample_stop_at_eos, rmask.sum(-1).tolist(), eos_inside)
+    assert lengths["lm_human_preferences"][0] is False and lengths["n_details"][0] is False and lengths[None][0]
+    assert min(lengths[None][1]) < 12  # the default stops at the EOS ...
+    for preset in ("lm_human_preferences", "n_details"):  # ... these sample through it
+        assert lengths[preset][1] == [12] * 16 and lengths[preset][2], lengths[preset]

@@ -88,6 +88,11 @@ class RMConfig:
     used on its own."""
     sample_max_new_tokens: int = 24
     """Response length of those samples."""
+    sample_stop_at_eos: bool = True
+    """Those samples end at their first EOS. False samples ``sample_max_new_tokens`` tokens with EOS
+    an ordinary token and scores them untruncated, as openai/lm-human-preferences
+    ``train_reward.py`` (``sample_policy_batch``: ``policy.respond_op(length=response_length)``,
+    scored by ``get_rewards`` without the PPO postprocessing)."""
     epochs: float = 1.0
     """Passes over the pairs; 1 as in N (#5) and N+ (more over-fits)."""
     max_steps: Optional[int] = None
@@ -350,6 +355,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.normalize_before": True,
         "rm.sample_temperature": 0.7,  # lm-human-preferences' books / TL;DR policy temperature
         "rm.normalization_samples": 256,  # launch.py get_train_reward_experiments: normalize_samples 256
+        "rm.sample_stop_at_eos": False,  # train_reward.py samples response_length tokens, EOS ignored
         "sft.optim.tf_adam_eps": True,
     },
     "n_plus": {
@@ -384,6 +390,7 @@ PRESETS.update({
     "lm_human_preferences": _ppo_preset(
         "lm_human_preferences", **{
             "rm.normalization": "policy_samples", "rm.normalize_before": True, "rm.normalization_samples": 256,
+            "rm.sample_stop_at_eos": False,
             "ppo.generation.stop_at_eos": False, "ppo.generation.stop_tokens": ["."],
             "ppo.generation.stop_during_generation": False, "ppo.generation.truncate_min_length": 16,
             "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,
