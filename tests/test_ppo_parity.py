@@ -81,7 +81,7 @@ def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_
     # normalised the same way (update with the batch, then normalise), the fast path the stats object
     ref_rollout = rollout
     if hp.normalize_scores:
-        ref_rollout = rollout.replace(scores=_normalized(rollout.scores))
+        ref_rollout = rollout.replace(scores=_normalized(rollout.scores, hp))
     # the trainer gives the critic its own engine: the reference gets its own optimizer too
     res = ppo_iteration(p_ref, ref_policy, ref_rollout, hp, make_opt(list(p_ref.parameters())), kl_coef=kl_coef,
                         generator=torch.Generator().manual_seed(seed), critic=c_ref,
@@ -102,10 +102,13 @@ def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_
     return res, exp, stats, (p_ref, c_ref), (p_fast, c_fast)
 
 
-def _normalized(scores):
-    """Mean 0 / population std 1 over the batch, in float64, as written in the PPO-max description."""
+def _normalized(scores, hp):
+    """The first batch's running normalisation, in float64: minus the mean unless
+    ``score_norm_shift_mean`` is off (MOSS-RLHF's reward scaling), over the population std or the
+    n - 1 one (``score_norm_unbiased``)."""
     x = scores.double()
-    return ((x - x.mean()) / (x.var(unbiased=False).sqrt() + 1e-8)).to(scores.dtype)
+    centred = x - x.mean() if hp.score_norm_shift_mean else x
+    return (centred / (x.var(unbiased=hp.score_norm_unbiased).sqrt() + 1e-8)).to(scores.dtype)
 
 
 def assert_parity(res, exp, stats, ref_models, fast_models, *, param_atol=2e-5, adam_lr=None):

@@ -83,6 +83,13 @@ class PPOHyperParams:
     """normalise scores by the running mean and std of every score seen (``algos.RunningMoments``,
     updated with each batch first), before ``score_clip`` (PPO-max reward normalisation; off in the
     N-details and N+ runs, which normalise the reward model once instead)."""
+    score_norm_shift_mean: bool = True
+    """with ``normalize_scores``: subtract the running mean (MOSS-RLHF ``use_reward_norm``); False
+    only divides by the running std (MOSS-RLHF ``use_reward_scaling`` alone, its run_en.sh:
+    ``rewards /= self.running.std`` in ``ppo_trainer.make_experiences``)."""
+    score_norm_unbiased: bool = False
+    """with ``normalize_scores``: running std with n - 1 (MOSS-RLHF ``utils.RunningMoments``) instead
+    of n."""
 
     # -- update loop --
     num_epochs: int = 4
@@ -190,25 +197,42 @@ class PPOHyperParams:
 
 
 PRESETS: dict[str, PPOHyperParams] = {
-    # openai/lm-human-preferences via "The N Implementation Details of RLHF with PPO".
+    # openai/lm-human-preferences train_policy.py (PpoHParams; launch.py's books tasks: kl_coef 0.15,
+    # adaptive_kl target 6; policy.temperature 0.7), as reproduced by vwxyzjn/lm-human-preference-
+    # details train_policy_accelerate.py. Per-minibatch reward whitening (shift_mean=False), GAE and
+    # advantage whitening, as PPOTrainer.loss does; TF moments (variance over n), +1e-8; losses
+    # averaged over every token of the minibatch. Which tokens: generation.after_stop "trained"
+    # (config preset lm_human_preferences). Deviations: README "Presets and their sources".
     "lm_human_preferences": PPOHyperParams(
-        gamma=1.0, lam=0.95, whiten_rewards=True, whiten_advantages=True, whiten_unbiased=False,
+        gamma=1.0, lam=0.95, whiten_rewards=True, whiten_advantages=True, whiten_unbiased=False, whiten_eps=1e-8,
         advantages_per_minibatch=True, kl_estimator="k1", kl_placement="in_reward", kl_controller="adaptive",
         kl_init=0.15, kl_target=6.0, kl_horizon=10000.0, clip_range=0.2, value_clip_range=0.2, vf_coef=0.1,
-        num_epochs=4, num_minibatches=1, temperature=0.7,
+        ent_coef=0.0, loss_aggregation="token-mean", num_epochs=4, num_minibatches=1, max_grad_norm=None,
+        temperature=0.7,
     ),
-    # "The N+ Implementation Details of RLHF with PPO: TL;DR summarization".
+    # "The N+ Implementation Details ... TL;DR": vwxyzjn/summarize_from_feedback_details ppo.py
+    # (PpoHParams: whiten_rewards False, kl_coef 0.05; advantages whitened once per batch with a
+    # biased masked variance, masked_whiten; temperature 0.7). Deviations (score one token past
+    # the EOS there, loss averaged per micro-batch, ...): README "Presets and their sources".
     "tldr": PPOHyperParams(
-        gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=False,
-        kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed", kl_init=0.05, clip_range=0.2,
-        value_clip_range=0.2, vf_coef=0.1, num_epochs=4, num_minibatches=1, temperature=0.7,
+        gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=False, whiten_eps=1e-8,
+        advantages_per_minibatch=False, kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed",
+        kl_init=0.05, clip_range=0.2, value_clip_range=0.2, vf_coef=0.1, ent_coef=0.0, loss_aggregation="token-mean",
+        num_epochs=4, num_minibatches=1, max_grad_norm=None, temperature=0.7,
     ),
-    # "Secrets of RLHF, Part I" PPO-max (MOSS-RLHF run_en.sh / config_ppo.py at 4865d82):
-    # token-level KL in the reward with a small fixed beta, value clipping 0.2, policy clip 0.2,
-    # vf weight 1, advantage normalisation, reward clip 10, log-probs from raw logits.
+    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's released launch runs it
+    # (run_en.sh with config_ppo.py's defaults; ppo/ppo_trainer.py, ppo/ppo_datahelper.py,
+    # utils.py): --use_reward_scaling without --use_reward_norm (scores divided by the running
+    # std, n - 1, no mean shift), no --use_reward_clip, no --use_advantage_norm (when a user turns
+    # whitening on, MOSS whitens per train batch, biased, +1e-6: those are set), token-level k1 KL
+    # in the reward with kl_penalty_weight 0.01, --use_critic_loss_clip (value clip 0.2, 0.5 *
+    # max), --use_policy_loss_clip (0.2), vf_loss_weight 1, one pass over the rollout buffer,
+    # log-probs from raw logits, DeepSpeed gradient_clipping 1.0 (accelerate_config.yaml).
     "ppo_max": PPOHyperParams(
-        gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=True,
-        kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed", kl_init=0.01, clip_range=0.2,
-        value_clip_range=0.2, vf_coef=1.0, score_clip=10.0, normalize_scores=True, num_epochs=1, num_minibatches=1, temperature=1.0,
+        gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=False, whiten_unbiased=False, whiten_eps=1e-6,
+        advantages_per_minibatch=True, kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed",
+        kl_init=0.01, clip_range=0.2, value_clip_range=0.2, vf_coef=1.0, ent_coef=0.0, loss_aggregation="token-mean",
+        score_clip=None, normalize_scores=True, score_norm_shift_mean=False, score_norm_unbiased=True,
+        num_epochs=1, num_minibatches=1, max_grad_norm=1.0, temperature=1.0,
     ),
 }

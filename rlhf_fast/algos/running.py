@@ -37,8 +37,15 @@ class RunningMoments:
         self.m2 += b_m2 + delta**2 * self.count * n / total
         self.count = total
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.double() - self.mean) / (self.std + self.eps)).to(x.dtype)
+    def normalize(self, x: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = False) -> torch.Tensor:
+        """``(x - mean) / (std + eps)``; ``shift_mean=False``: ``x / (std + eps)`` (MOSS-RLHF's
+        ``use_reward_scaling`` without ``use_reward_norm``); ``unbiased``: the std with n - 1
+        (MOSS-RLHF ``utils.RunningMoments.std``), 1 while fewer than two scores were seen."""
+        std = self.std
+        if unbiased:
+            std = math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+        centred = x.double() - self.mean if shift_mean else x.double()
+        return (centred / (std + self.eps)).to(x.dtype)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}

@@ -1,7 +1,8 @@
 """Response post-processing before scoring: truncation after the first stop token (the EOS
-trick, N+ TL;DR; "N details" #14's '.' after token 16), detection of a missing stop token, and
-the missing-stop penalty (registry: "replace" the score, N+ / lm-human-preferences; "subtract"
-from it, TRL's ``missing_eos_penalty``)."""
+trick, N+ TL;DR; "N details" #14's '.' after token 16), detection of a missing stop token, the
+missing-stop penalty (registry: "replace" the score, N+ / lm-human-preferences; "subtract"
+from it, TRL's ``missing_eos_penalty``), and which tokens PPO trains on after the stop token
+(``AFTER_STOP``: "masked", N+ TL;DR; "trained", lm-human-preferences)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,88 @@ def truncate_at_stop(
     return Truncation(response_ids=ids, response_mask=keep, has_stop=has_stop, stop_index=stop)
 
 
+#: what happens to the sampled tokens after the first stop token (``postprocess_responses``)
+AFTER_STOP = ("masked", "trained")
+
+
+@dataclass(frozen=True)
+class PostprocessedResponses:
+    """One rollout's responses, split into what the reward sees and what PPO trains on.
+
+    response_ids: (B, R) long, the ids PPO trains on: the sampled ids ("trained") or the ids
+        padded after the stop token ("masked").
+    train_mask: (B, R) bool, the tokens that get a KL penalty and enter GAE, whitening and the
+        losses ("trained": every sampled token; "masked": up to and including the stop token).
+    score_ids: (B, R) long, the response the reward model / function scores: padded after the
+        stop token in both modes (lm-human-preferences ``postprocess_fn_from_hparams``; N+
+        ``truncate_response``).
+    score_mask: (B, R) bool, True on ``score_ids``' tokens up to and including the stop token.
+    has_stop: (B,) bool, a stop token at index >= ``min_length`` was sampled (the missing-stop
+        penalty applies to the others).
+    score_index: (B,) long, where the sequence score lands in the per-token rewards: the last
+        True of ``train_mask`` (the last sampled token, or the stop token); -1 for an empty row.
+    """
+
+    response_ids: Tensor
+    train_mask: Tensor
+    score_ids: Tensor
+    score_mask: Tensor
+    has_stop: Tensor
+    score_index: Tensor
+
+
+def last_true_index(mask: Tensor) -> Tensor:
+    """(B,) long: index of the last True of each row of a (B, R) mask, -1 for an all-False row
+    (where ``shape_rewards`` puts the score)."""
+    R = mask.shape[-1]
+    pos = torch.arange(R, device=mask.device)
+    return torch.where(mask.bool(), pos, -1).amax(-1) if R > 0 else torch.full(mask.shape[:1], -1, device=mask.device)
+
+
+def postprocess_responses(
+    response_ids: Tensor,
+    response_mask: Tensor,
+    stop_token_ids: Sequence[int],
+    *,
+    pad_token_id: int,
+    min_length: int = 0,
+    after_stop: str = "masked",
+) -> PostprocessedResponses:
+    """Split sampled responses into the scoring view and the training view.
+
+    response_ids / response_mask: (B, R), the generator's output (mask False on its own padding
+    after a row it stopped). ``stop_token_ids`` empty: no truncation, every row "has" a stop
+    (fixed-length responses, "N details" #4). Otherwise the scoring view is
+    ``truncate_at_stop`` (stop tokens at index >= ``min_length``) and the training view is:
+
+    - "masked" (N+ TL;DR, vwxyzjn/summarize_from_feedback_details ``ppo.py``: tokens after the
+      EOS are padded and masked; TRL): the truncated response; the score lands on the stop token.
+    - "trained" (openai/lm-human-preferences ``train_policy.py``: ``make_score_fn`` truncates
+      only the copy it scores and ``penalize``s it; ``PPOTrainer.step`` / ``loss`` run
+      ``compute_rewards`` — ``rewards[:, -1] += scores`` — GAE, whitening and the losses over
+      every sampled token; likewise vwxyzjn/lm-human-preference-details
+      ``train_policy_accelerate.py``): every sampled token; the score lands on the last one.
+    """
+    if after_stop not in AFTER_STOP:
+        raise ValueError(f"after_stop must be one of {AFTER_STOP}, got {after_stop!r}")
+    if tuple(response_mask.shape) != tuple(response_ids.shape):
+        raise ValueError(f"response_mask must have the shape of response_ids {tuple(response_ids.shape)}, "
+                         f"got {tuple(response_mask.shape)}")
+    mask = response_mask.bool()
+    stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
+    if not stops:
+        ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+        has_stop = torch.ones(response_ids.shape[0], dtype=torch.bool, device=response_ids.device)
+        return PostprocessedResponses(ids, mask, ids, mask, has_stop, last_true_index(mask))
+    t = truncate_at_stop(response_ids, stops, pad_token_id=pad_token_id, min_length=min_length, response_mask=mask)
+    if after_stop == "masked":
+        train_ids, train_mask = t.response_ids, t.response_mask
+    else:
+        train_ids, train_mask = response_ids, mask
+    return PostprocessedResponses(train_ids, train_mask, t.response_ids, t.response_mask, t.has_stop,
+                                  last_true_index(train_mask))
+
+
 MISSING_STOP_PENALTIES: Registry[Callable[[Tensor, Tensor, float], Tensor]] = Registry("missing-stop penalty")
 
 
@@ -107,10 +190,13 @@ class TruncationParams:
     """missing-stop penalty: "replace" (lm-human-preferences, N+ TL;DR), "subtract" (TRL), None."""
     penalty_value: float = -1.0
     """the replacement score (-1, "N details" #14 and N+) or the amount subtracted (TRL)."""
+    after_stop: str = "masked"
+    """tokens after the stop token: "masked" (N+ TL;DR) or "trained" (lm-human-preferences);
+    see ``postprocess_responses``."""
 
 
 TRUNCATION_PRESETS = {
-    "lm_human_preferences": TruncationParams(min_length=16, penalty="replace", penalty_value=-1.0),
+    "lm_human_preferences": TruncationParams(min_length=16, penalty="replace", penalty_value=-1.0, after_stop="trained"),
     "tldr": TruncationParams(min_length=0, penalty="replace", penalty_value=-1.0),
     "ppo_max": TruncationParams(min_length=0, penalty=None),
 }

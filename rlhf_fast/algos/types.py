@@ -21,10 +21,13 @@ class Rollout:
 
     query_ids: (B, Q) long, left-padded prompts ("N details" #2, #3).
     query_mask: (B, Q) bool, True on prompt tokens.
-    response_ids: (B, R) long, sampled responses, padded after the stop token (EOS trick).
-    response_mask: (B, R) bool, True on response tokens up to and including the stop token.
-    scores: (B,) float, sequence scores from the reward model / function, after any missing-stop
-        penalty and score clipping.
+    response_ids: (B, R) long, the sampled responses PPO trains on: padded after the stop token
+        (EOS trick, ``generation.after_stop`` "masked") or every sampled token ("trained",
+        lm-human-preferences); ``algos.postprocess_responses`` makes both views.
+    response_mask: (B, R) bool, the tokens PPO trains on: up to and including the stop token
+        ("masked"), or every sampled token ("trained").
+    scores: (B,) float, sequence scores of the responses truncated after their stop token, from
+        the reward model / function, after any missing-stop penalty and score clipping.
     logprobs: (B, R) float32, log-probs of the response tokens under the policy that sampled
         them, at the sampling temperature ("old" log-probs of the PPO ratio).
     ref_logprobs: (B, R) float32, the same under the frozen reference policy.
@@ -32,7 +35,8 @@ class Rollout:
         (None without a critic: grpo / rloo).
     kl: (B, R) per-token KL estimate ``kl_penalty(logprobs, ref_logprobs)``, 0 on padding.
     rewards: (B, R) per-token rewards: ``-beta * kl`` (KL in the reward) plus the score at the
-        last valid token ("N details" #17).
+        last valid token of ``response_mask`` ("N details" #17): the stop token ("masked") or the
+        last sampled token ("trained", lm-human-preferences ``rewards[:, -1] += scores``).
     advantages: (B, R), returns: (B, R): from the advantage estimator; 0 on padding.
     group_ids: (B,) long, rows with the same id answer the same prompt (grpo / rloo baselines).
     """

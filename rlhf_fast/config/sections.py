@@ -88,9 +88,10 @@ class SchedulerConfig:
     """Optimizer steps of linear warm-up; ``warmup_ratio`` is used when this is 0."""
     warmup_ratio: float = 0.0
     """Warm-up as a share of the total optimizer steps (used when ``warmup_steps`` is 0)."""
-    decay: Literal["linear", "cosine", "constant"] = "linear"
+    decay: Literal["linear", "cosine", "constant", "invsqrt"] = "linear"
     """Shape after warm-up. "linear" to 0: N details #5 (lr annealed to 0 for RM training and PPO);
-    "cosine": N+ SFT."""
+    "cosine": N+ SFT; "invsqrt": OpenLMLab/MOSS-RLHF's PPO schedule (``ppo_trainer.invsqrt_scheduler``:
+    its own warm-up ``max(step / warmup, 0.1)``, then ``sqrt(warmup / step)``; ``min_lr_ratio`` unused)."""
     min_lr_ratio: float = 0.0
     """Final lr as a share of the peak; 0 = decay to 0 (N #5)."""
 

@@ -88,6 +88,11 @@ class RMConfig:
     used on its own."""
     sample_max_new_tokens: int = 24
     """Response length of those samples."""
+    sample_stop_at_eos: bool = True
+    """Those samples end at their first EOS. False samples ``sample_max_new_tokens`` tokens with EOS
+    an ordinary token and scores them untruncated, as openai/lm-human-preferences
+    ``train_reward.py`` (``sample_policy_batch``: ``policy.respond_op(length=response_length)``,
+    scored by ``get_rewards`` without the PPO postprocessing)."""
     epochs: float = 1.0
     """Passes over the pairs; 1 as in N (#5) and N+ (more over-fits)."""
     max_steps: Optional[int] = None
@@ -131,7 +136,9 @@ class GenerationConfig:
     still a period."""
     stop_during_generation: bool = True
     """Also stop sampling a row at a stop token (saves compute); False samples the full length and
-    truncates afterwards, as lm-human-preferences does."""
+    truncates afterwards, as lm-human-preferences does (its ``respond`` always samples
+    ``response_length`` tokens). Whether PPO then trains on the tokens after the stop is
+    ``after_stop``."""
     truncate_min_length: int = 0
     """Only stop tokens at index >= this count ("N details" #14: '.' at or after token 16)."""
     missing_stop_penalty: Optional[Literal["replace", "subtract"]] = "replace"
@@ -139,6 +146,17 @@ class GenerationConfig:
     preferences, N+: -1), "subtract" it (TRL ``missing_eos_penalty``), or null (none)."""
     missing_stop_value: float = -1.0
     """The replacement score, or the amount subtracted."""
+    after_stop: Literal["masked", "trained"] = "masked"
+    """Which sampled tokens PPO trains on after the first stop token, and where the score lands
+    (``rlhf_fast.algos.postprocess_responses``). The reward always scores the response truncated
+    after its stop token, and the missing-stop penalty always looks for one. "masked" (N+ TL;DR,
+    vwxyzjn/summarize_from_feedback_details ``ppo.py``; TRL): tokens after the stop are padded
+    and masked out of the KL penalty, GAE, whitening and the losses; the score lands on the stop
+    token. "trained" (openai/lm-human-preferences ``train_policy.py``: ``make_score_fn``
+    truncates only the copy it scores, ``compute_rewards`` adds the score at ``rewards[:, -1]``,
+    ``loss`` runs over every sampled token): the KL penalty, GAE, whitening and the losses cover
+    every sampled token and the score lands on the last sampled one. "trained" needs
+    ``stop_during_generation`` and ``stop_at_eos`` false (rows sampled to full length)."""
     max_batch_size: int = 256
     """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
     decode: str = "auto"
@@ -180,13 +198,27 @@ class PPOConfig:
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
     """Critic optimizer (a separate critic only)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    """Linear decay to 0 over all optimizer steps ("N details" #5)."""
+    """Linear decay to 0 ("N details" #5), over the unit of ``lr_schedule_unit``."""
+    lr_schedule_unit: Literal["optimizer_step", "iteration"] = "optimizer_step"
+    """What the lr schedule counts. "optimizer_step": the lr changes at every optimizer step
+    (``iterations * num_epochs * num_minibatches`` steps; DeepSpeed-Chat, OpenRLHF, MOSS-RLHF). "iteration":
+    the lr is constant across one PPO iteration's epochs and minibatches and is annealed between
+    iterations, over ``iterations`` (warm-up steps then count iterations): lr at iteration k =
+    lr * lr_factor(k), as openai/lm-human-preferences ``train_policy.py`` (``train_minibatch``:
+    ``lrnow = lr * (1 - policy_frac)``, the global step advancing once per ``PPOTrainer.step``)
+    and the N+ TL;DR code (summarize_from_feedback_details ``ppo.py``: ``frac = 1 - (update - 1)
+    / num_updates`` set once per update)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """``grad_clip`` is taken from ``algo.max_grad_norm``; ``grad_accum`` from the minibatch plan."""
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1, eval_every=5))
     critic: Literal["separate", "value_head"] = "separate"
     """"separate": a critic initialised from the reward model (N+ TL;DR, PPO-max); "value_head": a
     zero-initialised value head on the policy backbone ("N details" #11)."""
+    critic_with_rm_normalization: bool = False
+    """A separate critic initialised from the reward model gets the reward model's normalisation
+    folded into its value head (initial values = normalised per-token rewards), as N+ TL;DR's
+    critic (summarize_from_feedback_details ``ScalarModel``: head minus the reward model's
+    reference-mean bias). False: the raw reward head (MOSS-RLHF's critic, the default)."""
     ref_on_cpu: bool = False
     """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B)."""
     frozen_zero3: Optional[bool] = None
@@ -326,6 +358,12 @@ def _cross_checks(cfg, path: str) -> None:
             raise ValueError(f"{path}: {e}") from None
     if isinstance(cfg, GenerationConfig) and cfg.min_new_tokens > cfg.max_new_tokens:
         raise ValueError(f"{path}.min_new_tokens ({cfg.min_new_tokens}) exceeds {path}.max_new_tokens ({cfg.max_new_tokens})")
+    if isinstance(cfg, GenerationConfig) and cfg.after_stop == "trained" and (cfg.stop_during_generation or cfg.stop_at_eos):
+        raise ValueError(
+            f"{path}.after_stop 'trained' trains on the tokens sampled after the stop token, but "
+            f"{'stop_during_generation' if cfg.stop_during_generation else 'stop_at_eos'} is true, so none are sampled: set "
+            f"{path}.stop_during_generation false and {path}.stop_at_eos false (put the EOS token in {path}.stop_tokens "
+            f"to truncate at it), or {path}.after_stop masked")
     if isinstance(cfg, RewardConfig) and cfg.model_path is not None and cfg.function is not None:
         raise ValueError(f"{path}: give reward.model_path or reward.function, not both")
     if isinstance(cfg, RMConfig) and cfg.normalize_before and cfg.normalization != "policy_samples":
@@ -365,6 +403,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rm.epochs": 1.0, "rm.scheduler.decay": "linear", "rm.scheduler.min_lr_ratio": 0.0,
         "rm.optim.tf_adam_eps": True, "rm.normalization": "policy_samples", "rm.normalize_before": True,
         "rm.sample_temperature": 0.7,  # lm-human-preferences' books / TL;DR policy temperature
+        "rm.normalization_samples": 256,  # launch.py get_train_reward_experiments: normalize_samples 256
+        "rm.sample_stop_at_eos": False,  # train_reward.py samples response_length tokens, EOS ignored
         "sft.optim.tf_adam_eps": True,
     },
     "n_plus": {
@@ -388,39 +428,71 @@ def _ppo_preset(name: str, **extra) -> dict[str, Any]:
 
 
 PRESETS.update({
-    # "The N Implementation Details of RLHF with PPO" (lm-human-preferences): fixed-length
+    # "The N Implementation Details of RLHF with PPO" (openai/lm-human-preferences train_policy.py,
+    # launch.py's books tasks; vwxyzjn/lm-human-preference-details train_policy_accelerate.py): fixed-length
     # responses with EOS ignored (#4), truncation at the first '.' at or after token 16 and a
     # -1 score without one (#14), temperature 0.7 in sampling and log-probs (#10), a zero-init
     # value head on the policy (#11), adaptive KL (#20), TF-style Adam eps; the reward model
-    # normalised on samples of the initial policy before and after its training (#9).
+    # normalised on samples of the initial policy before and after its training (#9). PPO updates
+    # equal upstream's (tests/test_preset_parity.py, scripts/check_preset_parity.py). Deviations:
+    # README "Presets and their sources".
     "lm_human_preferences": _ppo_preset(
         "lm_human_preferences", **{
-            "rm.normalization": "policy_samples", "rm.normalize_before": True,
+            "rm.normalization": "policy_samples", "rm.normalize_before": True, "rm.normalization_samples": 256,
+            "rm.sample_stop_at_eos": False,
             "ppo.generation.stop_at_eos": False, "ppo.generation.stop_tokens": ["."],
             "ppo.generation.stop_during_generation": False, "ppo.generation.truncate_min_length": 16,
             "ppo.generation.missing_stop_penalty": "replace", "ppo.generation.missing_stop_value": -1.0,
             "ppo.generation.temperature": 0.7, "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
             "ppo.critic": "value_head", "ppo.optim.tf_adam_eps": True, "ppo.scheduler.decay": "linear",
+            "ppo.scheduler.warmup_steps": 0, "ppo.scheduler.warmup_ratio": 0.0, "ppo.scheduler.min_lr_ratio": 0.0,
+            # the '.' only truncates the scored copy; PPO trains on all 24 sampled tokens and the
+            # score lands on the last one (train_policy.py make_score_fn / compute_rewards / loss)
+            "ppo.generation.after_stop": "trained",
+            # lrnow = lr * (1 - global_step / nupdates), the global step advancing once per PPO update
+            "ppo.lr_schedule_unit": "iteration",
         }),
-    # "The N+ Implementation Details ... TL;DR": EOS trick with -1 for a missing EOS, beta 0.05,
-    # temperature 0.7, critic from the reward model. The PPO defaults are these already; the preset
-    # pins them (it undoes another preset given before it). N+'s model-size settings (lr 3e-6, Adam
-    # eps 1e-5, ZeRO-2, for 1B-6.9B models) are not set: at the built-in task's size lr 3e-6 does
-    # not train in 40 iterations. Add --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them.
+    # "The N+ Implementation Details ... TL;DR" (vwxyzjn/summarize_from_feedback_details ppo.py):
+    # EOS trick with -1 for a missing EOS, beta 0.05, temperature 0.7, critic from the reward model,
+    # the lr annealed once per update. The PPO defaults are these except the lr schedule (the
+    # default decays it at every optimizer step); the preset pins every field (it undoes another
+    # preset given before it). N+'s model-size settings (lr 3e-6, ZeRO-2, for 1B-6.9B models) are
+    # not set: at the built-in task's size lr 3e-6 does not train in 40 iterations. Add
+    # --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them. Deviations: README "Presets and
+    # their sources".
     "tldr": _ppo_preset(
         "tldr", **{
             "ppo.generation.stop_at_eos": True, "ppo.generation.missing_stop_penalty": "replace",
             "ppo.generation.missing_stop_value": -1.0, "ppo.generation.temperature": 0.7, "ppo.critic": "separate",
+            "ppo.critic_with_rm_normalization": True, "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
+            "ppo.generation.top_k": 0, "ppo.generation.top_p": 1.0,
+            # tokens after the EOS padded and masked (ppo.py: padding_mask, INVALID_LOGPROB)
+            "ppo.generation.after_stop": "masked",
+            # lr set once per update: frac = 1 - (update - 1) / num_updates (ppo.py), AdamW eps 1e-5
+            "ppo.lr_schedule_unit": "iteration", "ppo.scheduler.decay": "linear", "ppo.scheduler.warmup_steps": 0,
+            "ppo.scheduler.warmup_ratio": 0.0, "ppo.scheduler.min_lr_ratio": 0.0, "ppo.optim.tf_adam_eps": False,
+            "ppo.optim.eps": 1e-5,
         }),
-    # "Secrets of RLHF, Part I" PPO-max: score clipping, small fixed beta, value clipping, critic
-    # from the reward model, samples at 0.8 / top-p 0.9 but log-probs from raw logits.
+    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's run_en.sh runs it: running reward
+    # scaling, small fixed beta, value and policy loss clipping, critic from the reward model,
+    # samples at 0.8 / top-p 0.9 stopped at the EOS but log-probs from raw logits; AdamW betas
+    # (0.9, 0.95), eps 1e-6 for the policy and 1e-8 for the critic (ppo_trainer.build_optimizer).
+    # Its repetition penalty 1.1 is not reproduced (README table).
     "ppo_max": _ppo_preset(
         "ppo_max", **{
-            "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.missing_stop_penalty": None,
+            "ppo.generation.temperature": 0.8, "ppo.generation.top_p": 0.9, "ppo.generation.top_k": 0,
+            "ppo.generation.missing_stop_penalty": None, "ppo.generation.stop_at_eos": True,
+            "ppo.generation.stop_tokens": [], "ppo.generation.truncate_min_length": 0,
             # MOSS-RLHF scores log-probs from the raw logits (temperature 1, no top-p) although it
             # samples at 0.8 / top-p 0.9: reproduced as is (its ratio compares two distributions)
             "ppo.algo.top_k": 0, "ppo.algo.top_p": 1.0,
-            "ppo.critic": "separate",
+            "ppo.generation.after_stop": "masked", "ppo.critic": "separate", "ppo.critic_with_rm_normalization": False,
+            "ppo.optim.betas": [0.9, 0.95], "ppo.optim.eps": 1e-6, "ppo.optim.tf_adam_eps": False,
+            "ppo.critic_optim.betas": [0.9, 0.95], "ppo.critic_optim.eps": 1e-8, "ppo.critic_optim.tf_adam_eps": False,
+            # invsqrt_scheduler, stepped after every optimizer step; run_en.sh warms up for 100 of
+            # its 1000 steps: a tenth of the run here
+            "ppo.lr_schedule_unit": "optimizer_step", "ppo.scheduler.decay": "invsqrt",
+            "ppo.scheduler.warmup_steps": 0, "ppo.scheduler.warmup_ratio": 0.1, "ppo.scheduler.min_lr_ratio": 0.0,
         }),
 })
 PRESETS["ci"].update({

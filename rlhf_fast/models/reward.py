@@ -175,6 +175,16 @@ class RewardModel(nn.Module):
         return raw
 
 
+@torch.no_grad()
+def fold_normalization(head: ScalarHead, gain: torch.Tensor, bias: torch.Tensor) -> ScalarHead:
+    """``head`` <- ``gain * head + bias`` (weight scaled by gain, bias ``gain * b + bias``)."""
+    lin = head.linear
+    g = gain.to(lin.weight.dtype)
+    lin.weight.mul_(g)
+    lin.bias.mul_(g).add_(bias.to(lin.bias.dtype))
+    return head
+
+
 class Critic(nn.Module):
     """A separate value model: backbone + scalar value head. Zero-initialised head from a plain LM
     (N details #11), or the reward model's head and backbone (N+ and PPO-max: the critic starts
@@ -200,9 +210,14 @@ class Critic(nn.Module):
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         seed: int | None = None,
+        with_normalization: bool = False,
     ) -> "Critic":
         """From a saved critic, a saved reward model (its head becomes the value head), a plain HF
-        LM directory or in-memory model (zero head), or a config."""
+        LM directory or in-memory model (zero head), or a config. ``with_normalization``: from a
+        reward model, fold its normalisation into the value head (``gain * head + bias``), so the
+        initial values are the normalised per-token rewards, as the N+ TL;DR critic
+        (summarize_from_feedback_details ``ScalarModel.forward``: ``scalar_head(h) - config.bias``
+        with the reward model's reference-mean bias)."""
         critic = cls(_backbone_from(source, dtype=dtype, attn_implementation=attn_implementation, seed=seed))
         tensors, meta = _extras(source)
         kind = meta.get("kind")
@@ -210,6 +225,8 @@ class Critic(nn.Module):
             critic.value_head.load_state_dict(_io.take_prefix(tensors, "value_head."))
         elif kind == "reward_model":
             critic.value_head.load_state_dict(_io.take_prefix(tensors, "head."))
+            if with_normalization:
+                fold_normalization(critic.value_head, tensors["gain"], tensors["bias"])
         elif kind not in (None, "policy"):
             raise ValueError(f"{source}: saved as a {kind!r}; a critic loads from a critic, reward_model, policy or plain LM")
         return critic

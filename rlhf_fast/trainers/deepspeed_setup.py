@@ -103,12 +103,29 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up from
     1/(warmup+1) to 1, then "linear" / "cosine" decay to ``min_ratio`` at ``total_steps`` or
     "constant". The last step of a run uses a small positive lr; the value at ``total_steps`` is
-    ``min_ratio`` (0: lr annealed to 0, N details #5)."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return LR_DECAYS[decay](progress, min_ratio)
+    ``min_ratio`` (0: lr annealed to 0, N details #5).
+
+    "invsqrt" is OpenLMLab/MOSS-RLHF's whole schedule (``ppo_trainer.invsqrt_scheduler``), warm-up
+    included: ``max(step / w, 0.1)`` for ``step < w``, then ``sqrt(w / step)``, never below 1e-8
+    (w = max(warmup_steps, 1); ``total_steps`` and ``min_ratio`` unused)."""
+    return LR_SCHEDULES[decay](step, total_steps, warmup_steps, min_ratio)
+
+
+def _warmup_then(shape: Callable[[float, float], float]):
+    """Linear warm-up from 1/(warmup+1) to 1, then ``shape(progress, min_ratio)`` to the end."""
+
+    def factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        span = max(1, total_steps - warmup_steps)
+        return shape(min(1.0, (step - warmup_steps) / span), min_ratio)
+
+    return factor
+
+
+def _invsqrt(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    w = max(warmup_steps, 1)
+    return max(max(step / w, 0.1) if step < w else math.sqrt(w / step), 1e-8)
 
 
 #: ``scheduler.decay``: (progress in [0, 1] after warm-up, min_ratio) -> multiplier of the peak lr
@@ -117,6 +134,12 @@ LR_DECAYS.register("constant")(lambda progress, min_ratio: 1.0)
 LR_DECAYS.register("linear")(lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * (1.0 - progress))
 LR_DECAYS.register("cosine")(
     lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+#: ``scheduler.decay`` -> (step, total_steps, warmup_steps, min_ratio) -> multiplier of the peak lr
+LR_SCHEDULES: Registry[Callable[[int, int, int, float], float]] = Registry("lr schedule")
+for _name in LR_DECAYS.names():
+    LR_SCHEDULES.register(_name)(_warmup_then(LR_DECAYS[_name]))
+LR_SCHEDULES.register("invsqrt")(_invsqrt)
 
 
 def warmup_steps_of(sched: SchedulerConfig, total_steps: int) -> int:
@@ -132,13 +155,21 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LambdaLR):
     ``lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``; the two agree exactly when PyTorch's eps is
     TF's eps divided by ``sqrt(1 - beta2^t)`` (N details, "PyTorch Adam vs TF Adam"). Any Adam that
     reads ``group["eps"]`` at each step (torch, DeepSpeed CPU / fused Adam) is covered.
+
+
+    ``steps_per_unit`` > 1 holds the lr for that many optimizer steps: step s uses
+    ``lr_factor(s // steps_per_unit)`` and ``total_steps`` / ``warmup_steps`` count units (one PPO
+    iteration's optimizer steps, for ``ppo.lr_schedule_unit`` "iteration"). The TF epsilon
+    still follows the optimizer steps (Adam's t).
     """
 
     def __init__(self, optimizer, *, total_steps: int, warmup_steps: int, decay: str, min_ratio: float = 0.0,
-                 tf_eps: Optional[tuple[float, float]] = None):
-        self.tf_eps = tf_eps
-        fn = lambda step: lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps,  # noqa: E731
-                                    decay=decay, min_ratio=min_ratio)
+                 tf_eps: Optional[tuple[float, float]] = None, steps_per_unit: int = 1):
+        if steps_per_unit < 1:
+            raise ValueError(f"steps_per_unit must be >= 1, got {steps_per_unit}")
+        self.tf_eps, self.steps_per_unit = tf_eps, int(steps_per_unit)
+        fn = lambda step: lr_factor(step // self.steps_per_unit, total_steps=total_steps,  # noqa: E731
+                                    warmup_steps=warmup_steps, decay=decay, min_ratio=min_ratio)
         super().__init__(optimizer, fn)
 
     def step(self, epoch=None):
@@ -219,19 +250,46 @@ def make_optimizer(params, optim: OptimConfig, *, offload: bool):
     return torch.optim.AdamW(params, **kwargs, **fused)
 
 
+def make_scheduler(optimizer, *, optim: OptimConfig, sched: SchedulerConfig, total_steps: int,
+                   steps_per_unit: int = 1) -> WarmupDecayLR:
+    """The schedule of ``sched`` over ``total_steps`` units of ``steps_per_unit`` optimizer steps,
+    with the TF-style epsilon when ``optim.tf_adam_eps``; eps is already set for step 1."""
+    scheduler = WarmupDecayLR(
+        optimizer, total_steps=total_steps, warmup_steps=warmup_steps_of(sched, total_steps), decay=sched.decay,
+        min_ratio=sched.min_lr_ratio, tf_eps=(optim.eps, optim.betas[1]) if optim.tf_adam_eps else None,
+        steps_per_unit=steps_per_unit,
+    )
+    scheduler._set_eps()  # eps of step 1
+    return scheduler
+
+
+def ppo_schedule(unit: str, *, iterations: int, steps_per_iteration: int) -> dict:
+    """``build_engine`` / ``make_scheduler`` arguments for ``ppo.lr_schedule_unit``:
+    "optimizer_step" decays over every optimizer step, "iteration" holds the lr for the
+    ``steps_per_iteration`` optimizer steps of one PPO iteration and decays over ``iterations``
+    (openai/lm-human-preferences ``train_policy.py`` ``train_minibatch``)."""
+    if unit not in LR_SCHEDULE_UNITS:
+        raise ValueError(f"ppo.lr_schedule_unit must be one of {LR_SCHEDULE_UNITS.names()}, got {unit!r}")
+    per_unit = steps_per_iteration if LR_SCHEDULE_UNITS[unit] else 1
+    return dict(total_steps=iterations * steps_per_iteration // per_unit, steps_per_unit=per_unit)
+
+
+#: ``ppo.lr_schedule_unit`` -> whether the lr is held for a whole PPO iteration
+LR_SCHEDULE_UNITS: Registry[bool] = Registry("lr schedule unit")
+LR_SCHEDULE_UNITS.register("optimizer_step")(False)
+LR_SCHEDULE_UNITS.register("iteration")(True)
+
+
 def build_engine(model: torch.nn.Module, *, optim: OptimConfig, sched: SchedulerConfig, ds: DeepSpeedConfig,
-                 plan: BatchPlan, total_steps: int):
-    """``deepspeed.initialize`` with our optimizer and schedule. Returns the engine; the
-    optimizer and scheduler are ``engine.optimizer`` / ``engine.lr_scheduler``."""
+                 plan: BatchPlan, total_steps: int, steps_per_unit: int = 1):
+    """``deepspeed.initialize`` with our optimizer and schedule (``make_scheduler``). Returns the
+    engine; the optimizer and scheduler are ``engine.optimizer`` / ``engine.lr_scheduler``."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, optim, offload=ds.offload_optimizer)
-    scheduler = WarmupDecayLR(
-        optimizer, total_steps=total_steps, warmup_steps=warmup_steps_of(sched, total_steps), decay=sched.decay,
-        min_ratio=sched.min_lr_ratio, tf_eps=(optim.eps, optim.betas[1]) if optim.tf_adam_eps else None,
-    )
-    scheduler._set_eps()  # eps of step 1
+    scheduler = make_scheduler(optimizer, optim=optim, sched=sched, total_steps=total_steps,
+                               steps_per_unit=steps_per_unit)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config_dict(ds, plan),
         dist_init_required=False,

@@ -225,8 +225,8 @@ class PPOTrainer(StageTrainer):
         critic = None
         if layout.separate and self.hp.estimator.needs_values:
             # N+ TL;DR / PPO-max: the critic starts from the reward model; else from the policy (zero head).
-            critic = Critic.from_pretrained(cfg.reward.model_path) if cfg.reward.model_path else Critic(
-                copy.deepcopy(policy.backbone))
+            critic = Critic.from_pretrained(cfg.reward.model_path, with_normalization=cfg.critic_with_rm_normalization) \
+                if cfg.reward.model_path else Critic(copy.deepcopy(policy.backbone))
         return policy.to(self.dist.device), critic.to(self.dist.device) if critic is not None else None
 
     def _load_reward(self, frozen_dtype) -> Optional[RewardModel]:
@@ -248,7 +248,8 @@ class PPOTrainer(StageTrainer):
 
     def _build_engines(self, policy, critic) -> None:
         cfg = self.cfg
-        build = dict(plan=self.plan, total_steps=self.total_steps, sched=cfg.scheduler)
+        build = dict(plan=self.plan, sched=cfg.scheduler, **dss.ppo_schedule(
+            cfg.lr_schedule_unit, iterations=cfg.iterations, steps_per_iteration=self.hp.num_epochs * self.hp.num_minibatches))
         ds = copy.deepcopy(cfg.deepspeed)
         ds.grad_clip = self.hp.max_grad_norm or 0.0
         self.policy_engine = self.engine = dss.build_engine(policy, optim=cfg.optim, ds=ds, **build)
@@ -356,7 +357,7 @@ class PPOTrainer(StageTrainer):
         batch = self.collate([self.eval_prompts[i] for i in rows])
         prompts = [self.eval_prompts.prompts[i] for i in rows]
         r = self.rollouts.respond(batch, seed=self.cfg.seed * 31 + self.dist.rank)
-        scores = self.rollouts.scorer(r, prompts, eval_rows=rows)  # (b,)
+        scores = self.rollouts.scorer(r, prompts, eval_rows=rows)  # (b,), on the response as scored
         roll = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores)
         kw = dict(temperature=self.hp.temperature, response_start=roll.response_start)
         lp = self.policy_engine.module.logprobs(roll.sequences, roll.attention_mask, **kw,
@@ -364,10 +365,11 @@ class PPOTrainer(StageTrainer):
         ref = self.ref_policy.logprobs(roll.sequences, roll.attention_mask, **kw,
                                        **self.hp.logprob_filter(reference=True)).logprobs
         kl = torch.where(r.response_mask, lp - ref, 0.0).sum(-1)  # (b,)
-        sums = [float(scores.sum()), float(kl.sum()), float(r.response_mask.sum()), float(len(rows))]
+        # length and gold score of the response as scored (truncated after the stop token)
+        sums = [float(scores.sum()), float(kl.sum()), float(r.score_mask.sum()), float(len(rows))]
         gold = 0.0
         if self.task is not None:
-            texts = self.tokenizer.batch_decode(torch.where(r.response_mask, r.response_ids, self.tokenizer.pad_token_id),
+            texts = self.tokenizer.batch_decode(torch.where(r.score_mask, r.score_ids, self.tokenizer.pad_token_id),
                                                 skip_special_tokens=True)
             gold = float(sum(self.task.gold_reward(texts, prompts)))
         s, k, n_tok, n, g = dss.all_reduce_sum(sums + [gold], self.dist.device)

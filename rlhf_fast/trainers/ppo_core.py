@@ -250,7 +250,7 @@ def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
         if score_stats is None:
             raise ValueError("algo.normalize_scores needs the trainer's running score statistics (score_stats)")
         score_stats.update(scores)
-        scores = score_stats.normalize(scores)
+        scores = score_stats.normalize(scores, shift_mean=hp.score_norm_shift_mean, unbiased=hp.score_norm_unbiased)
     if hp.score_clip is not None:
         scores = scores.clamp(-hp.score_clip, hp.score_clip)
     rewards, kl = algos.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef=kl_coef,

@@ -229,6 +229,9 @@ class RMTrainer(DatasetStageTrainer):
         policy = load_causal_lm(self.init_path).to(self.dist.device).eval()
         resize_embeddings_for_tokenizer(policy, self.tokenizer)
         tok = self.tokenizer
+        stop_at_eos = self.cfg.sample_stop_at_eos
+        if not stop_at_eos:  # generate() falls back to generation_config's EOS when given None
+            policy.generation_config.eos_token_id = None
         prompts = [tok(p)["input_ids"] for p in self._draw_prompts(draw)]
         p_ids, p_mask = left_pad(prompts, tok.pad_token_id)
         seqs = []
@@ -240,16 +243,19 @@ class RMTrainer(DatasetStageTrainer):
                     input_ids=p_ids[sl].to(self.dist.device), attention_mask=p_mask[sl].to(self.dist.device),
                     do_sample=True, temperature=self.sample_temperature, top_k=0, top_p=1.0,
                     max_new_tokens=self.cfg.sample_max_new_tokens, pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
+                    eos_token_id=tok.eos_token_id if stop_at_eos else None,
                 )
                 seqs.append(out.cpu())
         width = max(s.shape[1] for s in seqs)
         ids = torch.cat([F.pad(s, (0, width - s.shape[1]), value=tok.pad_token_id) for s in seqs])
         P = p_ids.shape[1]
         resp = ids[:, P:]
-        is_eos = resp == tok.eos_token_id
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # positions after the first EOS
-        resp_mask = (~after_eos) & (resp != tok.pad_token_id)
+        if stop_at_eos:
+            is_eos = resp == tok.eos_token_id
+            after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # positions after the first EOS
+            resp_mask = (~after_eos) & (resp != tok.pad_token_id)
+        else:  # every row sampled to full length, EOS an ordinary token (lm-human-preferences)
+            resp_mask = torch.ones_like(resp, dtype=torch.bool)
         mask = torch.cat([p_mask, resp_mask.long()], dim=1)
         del policy
         return ids, mask

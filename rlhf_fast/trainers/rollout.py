@@ -131,10 +131,12 @@ def resolve_stop_tokens(tokenizer, stop_tokens) -> list[int]:
 class Responses:
     """What ``RolloutStage.respond`` returns for b prompts (R = max_new_tokens).
 
-    query_ids / query_mask: (b, Q) long / bool, the left-padded prompts. response_ids: (b, R) long,
-    padded after the first stop token. response_mask: (b, R) bool, up to and including it.
-    has_stop: (b,) bool (always True without stop tokens: fixed-length responses). logprobs: (b, R)
-    float32, the engine's log-probs of the sampled tokens (before truncation; 0 past R_generated)."""
+    query_ids / query_mask: (b, Q) long / bool, the left-padded prompts. response_ids /
+    response_mask: (b, R) the training view (``generation.after_stop``: padded and masked after the
+    first stop token, or every sampled token). has_stop: (b,) bool (always True without stop
+    tokens: fixed-length responses). logprobs: (b, R) float32, the engine's log-probs of the
+    sampled tokens (0 past R_generated). score_ids / score_mask: (b, R) the scoring view, truncated
+    after the first stop token (the EOS trick) in either mode (``algos.postprocess_responses``)."""
 
     query_ids: torch.Tensor
     query_mask: torch.Tensor
@@ -142,6 +144,8 @@ class Responses:
     response_mask: torch.Tensor
     has_stop: torch.Tensor
     logprobs: torch.Tensor
+    score_ids: torch.Tensor
+    score_mask: torch.Tensor
 
 
 @dataclass
@@ -202,13 +206,13 @@ class Scorer:
         """``eval_rows``: the eval prompts' indices (for error messages); else rows are numbered
         from ``index_offset``."""
         if self.reward_model is not None:
-            seq = torch.cat([r.query_ids, r.response_ids], 1)  # (b, Q + R)
-            att = torch.cat([r.query_mask, r.response_mask], 1).long()
+            seq = torch.cat([r.query_ids, r.score_ids], 1)  # (b, Q + R)
+            att = torch.cat([r.query_mask, r.score_mask], 1).long()
             bs = self.batch_size
             return torch.cat([self.reward_model(seq[s : s + bs], att[s : s + bs]).scores
                               for s in range(0, seq.shape[0], bs)]).float()
         pad = self.tokenizer.pad_token_id
-        texts = self.tokenizer.batch_decode(torch.where(r.response_mask, r.response_ids, pad), skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(torch.where(r.score_mask, r.score_ids, pad), skip_special_tokens=True)
         dev = r.response_ids.device
         if eval_rows is not None:
             return call_reward_function(self.reward_fn, prompts, texts, indices=eval_rows, what="eval prompt").to(dev)
@@ -241,7 +245,9 @@ class RolloutStage:
         return ids
 
     def respond(self, batch: dict, seed: int) -> Responses:
-        """Generate, pad to max_new_tokens, truncate after the first stop token (EOS trick)."""
+        """Generate, pad to max_new_tokens, then ``algos.postprocess_responses``: the scoring view
+        (truncated after the first stop token: the EOS trick) and the training view
+        (``generation.after_stop``)."""
         ids = batch["input_ids"].to(self.device)  # (b, Q)
         mask = batch["attention_mask"].to(self.device)
         out = self.gen.generate(ids, mask, self.sampling(seed))
@@ -250,14 +256,11 @@ class RolloutStage:
         resp = torch.nn.functional.pad(out.responses, (0, pad), value=pad_id)  # (b, R)
         rmask = torch.nn.functional.pad(out.response_mask, (0, pad), value=False)
         gen_lp = torch.nn.functional.pad(out.logprobs, (0, pad), value=0.0)
-        stops = self.truncation_ids()
-        if stops:
-            t = algos.truncate_at_stop(resp, stops, pad_token_id=pad_id,
-                                       min_length=self.cfg.generation.truncate_min_length, response_mask=rmask)
-            resp, rmask, has_stop = t.response_ids, t.response_mask, t.has_stop
-        else:  # fixed-length responses, EOS ignored ("N details" #4)
-            has_stop = torch.ones(resp.shape[0], dtype=torch.bool, device=resp.device)
-        return Responses(ids, mask.bool(), resp, rmask, has_stop, gen_lp)
+        g = self.cfg.generation
+        post = algos.postprocess_responses(resp, rmask, self.truncation_ids(), pad_token_id=pad_id,
+                                           min_length=g.truncate_min_length, after_stop=g.after_stop)
+        return Responses(ids, mask.bool(), post.response_ids, post.train_mask, post.has_stop, gen_lp,
+                         score_ids=post.score_ids, score_mask=post.score_mask)
 
     def collect(self, iteration: int, seed: int) -> tuple[Rollout, RolloutExtras]:
         """This rank's rollout of ``iteration``: (b,) rows, b = local prompts x samples_per_prompt."""
