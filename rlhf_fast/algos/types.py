@@ -125,6 +125,7 @@ MINIBATCH_METRIC_NAMES = {
     "ratio_mean": "policy/ratio_mean",
     "ratio_max": "policy/ratio_max",
     "dual_clipfrac": "policy/dual_clipfrac",
+    "outside_filter_frac": "policy/outside_filter_frac",
     "vf_clipfrac": "val/clipfrac",
     "vpred": "val/vpred",
     "verror": "val/error",
@@ -156,7 +157,9 @@ class MinibatchStats:
     approxkl: 0.5 * mean((logp - old_logp)^2) (the N-details code). clipfrac: fraction of tokens
         where the clipped surrogate is the active one. entropy: mean policy entropy.
     ratio_mean / ratio_max: mean / max of exp(logp - old_logp). dual_clipfrac: fraction of
-        tokens whose loss the dual clip capped (0 without ``dual_clip``).
+        tokens whose loss the dual clip capped (0 without ``dual_clip``). outside_filter_frac:
+        fraction of tokens that left the updated policy's top-k / top-p set (log-prob -inf, ratio
+        0; approxkl and the ratio statistics cover the others).
     vf_clipfrac: fraction of tokens where the clipped value error is the larger. vpred: mean
         new value. verror: mean squared error (v - returns)^2.
     """
@@ -171,6 +174,7 @@ class MinibatchStats:
     ratio_mean: torch.Tensor = field(default_factory=_zero)
     ratio_max: torch.Tensor = field(default_factory=_zero)
     dual_clipfrac: torch.Tensor = field(default_factory=_zero)
+    outside_filter_frac: torch.Tensor = field(default_factory=_zero)
     vf_clipfrac: torch.Tensor = field(default_factory=_zero)
     vpred: torch.Tensor = field(default_factory=_zero)
     verror: torch.Tensor = field(default_factory=_zero)

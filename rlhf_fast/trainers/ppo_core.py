@@ -307,8 +307,9 @@ def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout
                            normalizer=normalizer)
     loss = pg.loss
     kl_part = torch.zeros((), device=logprobs.device)
-    if hp.placement.in_loss:
-        term, kl_part = algos.kl_loss(logprobs, micro.ref_logprobs, mask, coef=hp.placement.loss_coef(kl_coef),
+    if hp.placement.in_loss:  # over the tokens still in the policy's filtered support (see _minibatch_stats)
+        in_support = mask & torch.isfinite(logprobs.detach()) if hp.filters_logprobs else mask
+        term, kl_part = algos.kl_loss(logprobs, micro.ref_logprobs, in_support, coef=hp.placement.loss_coef(kl_coef),
                                       estimator=hp.kl_estimator, clamp=hp.kl_clamp, aggregation=hp.loss_aggregation,
                                       normalizer=normalizer)
         loss = loss + term
@@ -345,24 +346,32 @@ def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> Mi
     valid token of the global minibatch (sums and counts all-reduced in one collective)."""
     m = torch.cat([p["mask"] for p in pieces])
     cat = {k: torch.cat([p[k] for p in pieces]).double() for k in pieces[0] if k != "mask"}
+    logr = cat.pop("logr")
+    # Under a top-k / top-p filter a sampled token can leave the updated policy's kept set: its new
+    # log-prob is -inf (ratio 0, which the clipped loss handles). The ratio statistics cover the
+    # tokens still in the set; the others are counted apart (policy/outside_filter_frac).
+    kept = m & torch.isfinite(logr)
     sums = {k: torch.where(m, v, 0.0).sum() for k, v in cat.items()}
-    sums["approxkl"] = torch.where(m, 0.5 * cat["logr"] ** 2, 0.0).sum()
-    sums["ratio"] = torch.where(m, torch.exp(cat["logr"]), 0.0).sum()
+    sums["approxkl"] = torch.where(kept, 0.5 * logr**2, 0.0).sum()
+    sums["ratio"] = torch.where(kept, torch.exp(logr), 0.0).sum()
+    sums["outside"] = (m & ~kept).sum().double()
     losses = {k: sum(p[k].double() for p in parts) for k in parts[0]}
-    ratio_max = torch.where(m, torch.exp(cat["logr"]), -torch.inf).max() if m.any() else torch.zeros((), dtype=torch.float64)
+    ratio_max = torch.where(kept, torch.exp(logr), -torch.inf).max() if kept.any() else torch.zeros((), dtype=torch.float64)
     keys = sorted(sums)
-    vec = torch.stack([m.sum().double()] + [sums[k] for k in keys] + [losses[k] for k in sorted(losses)])
+    vec = torch.stack([m.sum().double(), kept.sum().double()] + [sums[k] for k in keys]
+                      + [losses[k] for k in sorted(losses)])
     if world.size > 1:
         dist.all_reduce(vec)
         mx = ratio_max.reshape(1).clone()
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         ratio_max = mx[0]
-    n = vec[0].clamp(min=1)
-    s = dict(zip(keys, vec[1 : 1 + len(keys)]))
-    lo = dict(zip(sorted(losses), vec[1 + len(keys):]))  # each rank's parts are shares of the global loss
+    n, n_kept = vec[0].clamp(min=1), vec[1].clamp(min=1)
+    s = dict(zip(keys, vec[2 : 2 + len(keys)]))
+    lo = dict(zip(sorted(losses), vec[2 + len(keys):]))  # each rank's parts are shares of the global loss
     out = MinibatchStats(**lo)
-    out.approxkl, out.clipfrac, out.entropy = s["approxkl"] / n, s["clipped"] / n, s["entropy"] / n
-    out.ratio_mean, out.ratio_max, out.dual_clipfrac = s["ratio"] / n, ratio_max, s["dual_clipped"] / n
+    out.approxkl, out.clipfrac, out.entropy = s["approxkl"] / n_kept, s["clipped"] / n, s["entropy"] / n
+    out.ratio_mean, out.ratio_max, out.dual_clipfrac = s["ratio"] / n_kept, ratio_max, s["dual_clipped"] / n
+    out.outside_filter_frac = s["outside"] / n
     if "vpred" in s:
         out.vpred, out.verror, out.vf_clipfrac = s["vpred"] / n, s["verror"] / n, s["vclipped"] / n
     return out
