@@ -15,16 +15,34 @@ def get_task(data: DataConfig):
     return _get_task(data.task)
 
 
-def load_tokenizer(model: ModelConfig, data: DataConfig, *, source: Optional[str] = None):
-    """The tokenizer for a stage: ``model.tokenizer_path``, else ``source`` / ``model.path`` when it
-    holds a tokenizer, else the built-in task's. Prepared for RLHF (dedicated pad, left padding)."""
-    path = model.tokenizer_path or source or model.path
-    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
+
+def has_tokenizer(path) -> bool:
+    """Whether a local directory holds a saved tokenizer (``tokenizer.save_pretrained``)."""
+    return path is not None and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(model: ModelConfig, data: DataConfig, *, source: Optional[str] = None, section: str = "model"):
+    """The tokenizer for a stage, prepared for RLHF (dedicated pad, left padding):
+    ``model.tokenizer_path`` when set, else the model directory's own (``source`` / ``model.path``),
+    else, for a fresh built-in model (no directory), the built-in task's. A model directory without
+    a tokenizer and no ``tokenizer_path`` is a ValueError: the built-in tokenizer's ids would be
+    wrong for a real model. ``section`` names the config section in errors ("sft.model", "ppo.policy")."""
+    from transformers import AutoTokenizer
+
+    if model.tokenizer_path is not None:
+        if not has_tokenizer(model.tokenizer_path):
+            raise ValueError(f"{section}.tokenizer_path {model.tokenizer_path!r} is not a tokenizer directory "
+                             f"(no {' / '.join(TOKENIZER_FILES)})")
+        tok = AutoTokenizer.from_pretrained(model.tokenizer_path, local_files_only=True)
+    elif (path := source or model.path) is not None:
+        if not Path(path).is_dir():
+            raise ValueError(f"model path {path!r} is not a directory (rlhf_fast never downloads models)")
+        if not has_tokenizer(path):
+            raise ValueError(f"model directory {path!r} holds no tokenizer (no {' / '.join(TOKENIZER_FILES)}): save "
+                             f"the model's tokenizer there (tokenizer.save_pretrained) or set {section}.tokenizer_path")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    elif model.tokenizer_path is not None:
-        raise ValueError(f"model.tokenizer_path {model.tokenizer_path!r} is not a tokenizer directory")
     else:
         tok = get_task(data).tokenizer
     return prepare_tokenizer(tok)

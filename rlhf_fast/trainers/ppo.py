@@ -37,7 +37,7 @@ from rlhf_fast.algos import Rollout
 from rlhf_fast.config import BatchPlan, PPOConfig
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import HybridEngine, SamplingParams
-from rlhf_fast.models import Critic, Policy, RewardModel
+from rlhf_fast.models import Critic, Policy, load_reward_model
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import Checkpointer, MetricsLogger, epoch_order, make_progress, save_model_atomically, \
@@ -223,7 +223,7 @@ class PPOTrainer:
 
     def _models(self):
         cfg = self.cfg
-        self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path)
+        self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path, section="ppo.policy")
         self.stop_token_ids = resolve_stop_tokens(self.tokenizer, cfg.generation.stop_tokens)  # before any model
         src = _build.model_source(cfg.policy, cfg.data, self.tokenizer)
         value_head = cfg.critic == "value_head"
@@ -247,7 +247,7 @@ class PPOTrainer:
                 raise ValueError("ppo.reward: give reward.model_path (a directory from rlhf-fast rm) or reward.function")
             if not Path(cfg.reward.model_path).is_dir():
                 raise ValueError(f"ppo.reward.model_path {cfg.reward.model_path!r} is not a directory")
-            self.reward_model = RewardModel.from_pretrained(cfg.reward.model_path).eval().requires_grad_(False)
+            self.reward_model = load_reward_model(cfg.reward.model_path, self.tokenizer)
             self.reward_model.to(self.dist.device)
             if frozen_dtype is not None:
                 self.reward_model.backbone.to(frozen_dtype)

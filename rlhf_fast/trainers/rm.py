@@ -71,7 +71,7 @@ class RMTrainer(StageTrainer):
 
     def build_datasets(self) -> None:
         cfg = self.cfg
-        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, source=self.init_path)
+        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, source=self.init_path, section="rm.model")
         train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).preference_records())
         kw = dict(
             prompt_field=cfg.data.prompt_field, chosen_field=cfg.data.chosen_field,
@@ -89,10 +89,11 @@ class RMTrainer(StageTrainer):
         if not isinstance(src, str):  # a fresh model: build it as a causal LM so the vocabulary can grow
             src = load_causal_lm(src, seed=self.cfg.model.init_seed)
             resize_embeddings_for_tokenizer(src, self.tokenizer)
-        rm = RewardModel.from_pretrained(src, attn_implementation=self.cfg.model.attn_implementation,
+        # new_head: an SFT / plain LM gets a fresh head (N+: the RM starts from the SFT model); a
+        # reward model (ours or an HF sequence classifier) keeps its trained one
+        rm = RewardModel.from_pretrained(src, new_head=True, attn_implementation=self.cfg.model.attn_implementation,
                                          seed=self.cfg.model.init_seed)
-        if rm.backbone.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
-            raise ValueError(f"{src}: the model's vocabulary is smaller than its tokenizer ({len(self.tokenizer)})")
+        resize_embeddings_for_tokenizer(rm.backbone, self.tokenizer, what=f"rm model {src}")
         return rm
 
     def collate(self, items: list) -> dict:

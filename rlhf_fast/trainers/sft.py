@@ -32,7 +32,7 @@ class SFTTrainer(StageTrainer):
 
     def build_datasets(self) -> None:
         cfg = self.cfg
-        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data)
+        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, section="sft.model")
         train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).sft_records())
         kw = dict(
             prompt_field=cfg.data.prompt_field, response_field=cfg.data.response_field,
@@ -47,7 +47,7 @@ class SFTTrainer(StageTrainer):
     def build_model(self) -> torch.nn.Module:
         src = _build.model_source(self.cfg.model, self.cfg.data, self.tokenizer)
         model = load_causal_lm(src, attn_implementation=self.cfg.model.attn_implementation, seed=self.cfg.model.init_seed)
-        resize_embeddings_for_tokenizer(model, self.tokenizer)
+        resize_embeddings_for_tokenizer(model, self.tokenizer, what=f"sft model {src}" if isinstance(src, str) else "sft model")
         return model
 
     def collate(self, items: list) -> dict:
