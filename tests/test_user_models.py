@@ -1,0 +1,208 @@
+"""A user's own models: Hugging Face sequence-classification reward models load with their trained
+head and score exactly as transformers does; a directory without a trained reward head, a
+sequence classifier loaded as a policy, weights left at random init and a tokenizer of another
+model are errors naming what was found (each used to pass silently)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
+
+from rlhf_fast.config import DataConfig, ModelConfig
+from rlhf_fast.models import (
+    Critic,
+    Policy,
+    RewardModel,
+    check_reward_tokenizer,
+    load_backbone,
+    load_causal_lm,
+    load_reward_model,
+)
+from rlhf_fast.tasks import ARCHITECTURES, tiny_config
+from rlhf_fast.tasks.tokenizer import train_bpe_tokenizer
+from rlhf_fast.trainers import _build
+
+V = 61
+PAD = 0
+
+
+def _hf_rm_dir(tmp_path, arch, *, name="hf_rm", pad=PAD, **overrides):
+    """An ``AutoModelForSequenceClassification`` reward model (num_labels 1) saved the usual way,
+    with a non-trivial score head; returns (directory, the HF model)."""
+    overrides = {"vocab_size": V, "num_labels": 1, **overrides}
+    cfg = tiny_config(arch, pad_token_id=pad, **overrides)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    d = tmp_path / name
+    model.save_pretrained(d)
+    return d, model
+
+
+def _rows(seed=3, lengths=(3, 7, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, V, (n,), generator=g) for n in lengths]
+
+
+def _left_pad(rows, L, pad=PAD):
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = r
+        mask[b, L - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hf_sequence_classifier_scores_equal_transformers(arch, tmp_path):
+    d, hf = _hf_rm_dir(tmp_path, arch)
+    rm = RewardModel.from_pretrained(d).eval()
+    assert rm.normalization["source"] == "hf_sequence_classification" and float(rm.gain) == 1 and float(rm.bias) == 0
+    rows = _rows()
+    with torch.no_grad():
+        want = torch.stack([hf(input_ids=r[None]).logits[0, 0] for r in rows])  # the HF model's own output
+        got = rm(*_left_pad(rows, 9))
+    torch.testing.assert_close(got.raw_scores, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.scores, want, atol=2e-5, rtol=1e-4)
+    # The critic started from the reward model (N+, PPO-max) gets the trained head too.
+    critic = Critic.from_pretrained(d).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(critic(*_left_pad(rows, 9)).values[:, -1], want, atol=2e-5, rtol=1e-4)
+
+
+def test_score_read_where_transformers_reads_it_when_pad_is_eos(tmp_path):
+    """transformers reads the last token that is not the config's pad id: with pad == EOS (Qwen's
+    <|endoftext|>, TRL's default), a response ending in EOS is scored at the token before it. The
+    score must be read there, not at the EOS, or PPO optimises another number than the RM gives."""
+    eos = 5
+    d, hf = _hf_rm_dir(tmp_path, "qwen2", pad=eos)
+    rm = RewardModel.from_pretrained(d).eval()
+    assert rm.score_skip_token_id == eos
+    rows = [torch.cat([r, torch.tensor([eos])]) for r in _rows(seed=4)]
+    rows = [torch.where(r[:-1] == eos, 6, r[:-1]) for r in rows]  # no EOS inside the text
+    rows = [torch.cat([r, torch.tensor([eos])]) for r in rows]
+    with torch.no_grad():
+        want = torch.stack([hf(input_ids=r[None]).logits[0, 0] for r in rows])
+        got = rm(*_left_pad(rows, 10, pad=1)).raw_scores  # our pad id differs from the RM's config
+        at_eos = rm.forward(*_left_pad(rows, 10, pad=1)).rewards[:, -1]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(at_eos, want)  # reading at the EOS would give other numbers
+    # the reading rule survives a save in rlhf_fast's format
+    rm.save_pretrained(tmp_path / "ours")
+    again = RewardModel.from_pretrained(tmp_path / "ours").eval()
+    assert again.score_skip_token_id == eos
+    with torch.no_grad():
+        torch.testing.assert_close(again(*_left_pad(rows, 10, pad=1)).raw_scores, want, atol=2e-5, rtol=1e-4)
+
+
+def test_directories_without_a_trained_reward_head_are_errors(tmp_path):
+    # a causal LM (an SFT directory) used to get a fresh random head, silently
+    cfg = tiny_config("qwen2", vocab_size=V)
+    load_causal_lm(cfg, seed=0).save_pretrained(tmp_path / "causal")
+    with pytest.raises(ValueError, match=r"causal holds no trained reward head: it holds Qwen2ForCausalLM"):
+        RewardModel.from_pretrained(tmp_path / "causal")
+    Policy.from_pretrained(cfg, seed=0).save_pretrained(tmp_path / "sft")
+    with pytest.raises(ValueError, match=r"holds Qwen2ForCausalLM \(saved by rlhf_fast as a policy\)"):
+        RewardModel.from_pretrained(tmp_path / "sft")
+    with pytest.raises(ValueError, match="holds no trained reward head; pass new_head=True"):
+        RewardModel.from_pretrained(cfg)
+    assert RewardModel.from_pretrained(tmp_path / "sft", new_head=True, seed=0) is not None  # RM training's start
+    # a classifier with two labels
+    d2, _ = _hf_rm_dir(tmp_path, "llama", name="two", num_labels=2)
+    with pytest.raises(ValueError, match=r"LlamaForSequenceClassification with num_labels = 2; a reward model scores "
+                                         r"with one label"):
+        RewardModel.from_pretrained(d2)
+    # a classifier whose score weights are missing from the file
+    d3, _ = _hf_rm_dir(tmp_path, "gpt2", name="noscore")
+    f = d3 / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if not k.startswith("score.")}, str(f),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"leaves missing weights score\.weight, which would be drawn at random; the "
+                                         r"directory holds GPT2ForSequenceClassification"):
+        RewardModel.from_pretrained(d3)
+    # rlhf_fast's format with its heads file gone
+    d4 = tmp_path / "ours"
+    RewardModel.from_pretrained(cfg, new_head=True, seed=0).save_pretrained(d4)
+    (d4 / "rlhf_fast_heads.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"rlhf_fast\.json says reward_model but rlhf_fast_heads\.safetensors is missing"):
+        RewardModel.from_pretrained(d4)
+    # a directory that is not there
+    with pytest.raises(ValueError, match="not a local directory"):
+        RewardModel.from_pretrained(tmp_path / "nope")
+
+
+def test_reward_model_is_not_a_policy_and_missing_weights_are_errors(tmp_path):
+    d, _ = _hf_rm_dir(tmp_path, "qwen2")
+    with pytest.raises(ValueError, match=r"holds a sequence-classification model \(Qwen2ForSequenceClassification\), "
+                                         r"not a causal LM"):
+        Policy.from_pretrained(d)
+    # an untied causal LM whose lm_head is missing from the file: transformers would draw it
+    cfg = tiny_config("llama", vocab_size=V)
+    load_causal_lm(cfg, seed=0).save_pretrained(tmp_path / "llama")
+    f = tmp_path / "llama" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if k != "lm_head.weight"}, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"as LlamaForCausalLM leaves missing weights lm_head\.weight"):
+        load_causal_lm(tmp_path / "llama")
+    load_backbone(tmp_path / "llama")  # the body alone is complete
+
+
+# ---- tokenizers --------------------------------------------------------------------------------------------
+
+
+def _tokenizer(texts=("a small corpus of words", "and some more words here", "the reward model reads text")):
+    return train_bpe_tokenizer(list(texts) * 4, vocab_size=300)
+
+
+def test_model_directory_without_tokenizer_is_an_error(tmp_path):
+    """It used to get the built-in 631-token tokenizer silently (and the vocabulary was grown to fit)."""
+    load_causal_lm(tiny_config("qwen2", vocab_size=V), seed=0).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"model directory '.*m' holds no tokenizer .* set sft\.model\.tokenizer_path"):
+        _build.load_tokenizer(ModelConfig(path=str(tmp_path / "m")), DataConfig(), section="sft.model")
+    with pytest.raises(ValueError, match=r"ppo\.policy\.tokenizer_path '.*m' is not a tokenizer directory"):
+        _build.load_tokenizer(ModelConfig(tokenizer_path=str(tmp_path / "m")), DataConfig(), section="ppo.policy")
+    tok = _tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    got = _build.load_tokenizer(ModelConfig(path=str(tmp_path / "m"), tokenizer_path=str(tmp_path / "tok")), DataConfig())
+    assert got.get_vocab() == tok.get_vocab() | {"[PAD]": got.pad_token_id} or got.get_vocab()["[PAD]"] == got.pad_token_id
+    # a fresh built-in model (no directory) still gets the built-in task's tokenizer
+    assert len(_build.load_tokenizer(ModelConfig(), DataConfig())) > 0
+
+
+def test_reward_tokenizer_checked_against_the_policy(tmp_path):
+    tok = _tokenizer()
+    size = len(tok)
+    d, _ = _hf_rm_dir(tmp_path, "qwen2", vocab_size=size, name="rm_exact")
+    tok.save_pretrained(d)
+    rm = load_reward_model(d, tok)  # the same tokenizer: fine
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    # the policy's tokenizer got a new pad past the reward model's embedding: masked, never read
+    from rlhf_fast.data import prepare_tokenizer
+
+    tok.pad_token = None
+    prepared = prepare_tokenizer(tok, pad_token="<pad>")
+    assert len(prepared) == size + 1 and prepared.pad_token_id == size
+    check_reward_tokenizer(rm, prepared, d)
+    ids = torch.tensor([[prepared.pad_token_id, 7, 8, 9]])
+    with torch.no_grad():  # the pad id has no row in the RM: it must not be looked up
+        rm(ids, torch.tensor([[0, 1, 1, 1]]))
+    # a tokenizer of another model, larger than the embedding: named, with both sizes
+    import random
+
+    rng = random.Random(0)
+    corpus = [" ".join("".join(rng.choice("qxzjkvw") for _ in range(5)) for _ in range(20)) for _ in range(50)]
+    other = train_bpe_tokenizer(corpus, vocab_size=size + 30)
+    assert len(other) == size + 30
+    with pytest.raises(ValueError, match=rf"the tokenizer has {len(other)} tokens but the model's embedding has "
+                                         rf"{size} rows"):
+        load_reward_model(d, other)
+    # one that fits in the embedding but maps tokens to other ids than the RM's own tokenizer
+    d2, _ = _hf_rm_dir(tmp_path, "qwen2", vocab_size=size + 100, name="rm_wide")
+    tok.save_pretrained(d2)
+    with pytest.raises(ValueError, match=rf"its tokenizer \({size + 1} tokens\) and the policy's \({len(other)} tokens\) "
+                                         r"disagree on \d+ tokens"):
+        load_reward_model(d2, other)
