@@ -47,13 +47,19 @@ class DataConfig:
     max_eval_examples: Optional[int] = None
     """Evaluate on at most N held-out records; None: all."""
     prompt_field: str = "prompt"
-    """Record field with the prompt (query)."""
+    """Record field with the prompt (query): a string, or a list of ``{role, content}`` messages
+    rendered with the tokenizer's chat template (``rlhf_fast.data.chat``)."""
+    messages_field: str = "messages"
+    """Record field with a whole chat conversation (TRL's conversational format), read when the
+    record has no prompt / response fields: SFT trains on its last (assistant) message as the
+    response; PPO prompts are its messages (no assistant message last)."""
     response_field: str = "response"
-    """SFT: record field with the reference response."""
+    """SFT: record field with the reference response (a string, or a message list when the prompt is one)."""
     chosen_field: str = "chosen"
-    """RM: record field with the preferred response."""
+    """RM: record field with the preferred response (a string, or a message list: TRL's preference
+    format, the prompt then a message list or the messages chosen and rejected share)."""
     rejected_field: str = "rejected"
-    """RM: record field with the other response."""
+    """RM: record field with the other response (the same form as ``chosen_field``)."""
     max_prompt_length: Optional[int] = None
     """Prompt tokens kept (cut on the left: N+ keeps the end of the query); None: no limit."""
     max_response_length: Optional[int] = None

@@ -7,6 +7,7 @@ from typing import Optional
 
 from rlhf_fast.config import DataConfig, ModelConfig
 from rlhf_fast.data import load_records, prepare_tokenizer
+from rlhf_fast.data.chat import check_records
 
 
 def get_task(data: DataConfig):
@@ -66,11 +67,25 @@ def _check_file(path: str, what: str) -> str:
     return path
 
 
+# what each stage reads from a record (rlhf_fast.data.chat.parts_of)
+DATA_KINDS = {"sft": "sft", "rm": "preference", "ppo": "prompt"}
+
+
+def record_fields(data: DataConfig) -> dict:
+    """The record field names of ``data``, as ``rlhf_fast.data.chat.parts_of`` takes them."""
+    return dict(prompt_field=data.prompt_field, response_field=data.response_field, chosen_field=data.chosen_field,
+                rejected_field=data.rejected_field, messages_field=data.messages_field)
+
+
 def check_data_files(data: DataConfig, stage: str) -> None:
-    """Fails fast (before any distributed set-up) on data files that do not exist."""
+    """Fails fast, before any distributed set-up or model, on data files that do not exist, hold no
+    records, or hold a record the stage cannot read (a missing field, a wrong type, a malformed
+    message list: the error names the file and line). Tokenisation (lengths, chat templates)
+    needs the tokenizer and is checked when the datasets are built."""
     for name in ("train_file", "eval_file"):
         if getattr(data, name) is not None:
-            _check_file(getattr(data, name), f"{stage}.data.{name}")
+            check_records(file_records(getattr(data, name), f"{stage}.data.{name}"), DATA_KINDS[stage],
+                          **record_fields(data))
 
 
 def file_records(path: str, what: str) -> list:

@@ -199,6 +199,7 @@ class PPOTrainer:
                  dist_info: Optional[dss.DistInfo] = None):
         self.cfg, self.output_dir, self.resume = cfg, Path(output_dir), resume
         self.hp = cfg.algo
+        _build.check_data_files(cfg.data, self.stage)  # bad records fail before distributed set-up and models
         self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
         self.is_main = self.dist.is_main
         self._reward_fn = reward_fn
@@ -283,7 +284,8 @@ class PPOTrainer:
                              + (f"; {len(evals)} others were held out for evaluation (ppo.eval_prompts "
                                 f"{cfg.eval_prompts})" if evals and cfg.data.eval_file is None else ""))
         policy, critic = self._models()
-        kw = dict(prompt_field=cfg.data.prompt_field, max_prompt_length=cfg.data.max_prompt_length)
+        kw = dict(prompt_field=cfg.data.prompt_field, messages_field=cfg.data.messages_field,
+                  max_prompt_length=cfg.data.max_prompt_length)
         self.prompts = PromptDataset(train, self.tokenizer, **kw)
         self.eval_prompts = PromptDataset(evals, self.tokenizer, **kw)
         self.collate = self.prompts.collator(pad_to_length=cfg.data.max_prompt_length)

@@ -29,10 +29,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     return -F.logsigmoid(chosen.float() - rejected.float() - margin)
 
 
-def _field(record, name: str) -> str:
-    return record.text(name) if hasattr(record, "text") else record[name]
-
-
 class RMTrainer(StageTrainer):
     """``RMTrainer(cfg.rm, "out/rm").fit()`` writes ``out/rm/model`` (a ``RewardModel`` with its
     normalisation, and the tokenizer) and returns the last logged metrics (``eval/accuracy``,
@@ -58,6 +54,8 @@ class RMTrainer(StageTrainer):
                                    else policy_temperature if policy_temperature is not None
                                    else GenerationConfig().temperature)
         self.reference_data = reference_data or DataConfig()
+        if cfg.normalization.startswith("reference"):  # read after training: check it before
+            _build.check_data_files(self.reference_data, "sft")
         self.init_path = cfg.sft_model or cfg.model.path
         for name, path in (("rm.sft_model", cfg.sft_model), ("rm.model.path", cfg.model.path)):
             if path is not None and not Path(path).is_dir():
@@ -75,13 +73,16 @@ class RMTrainer(StageTrainer):
         train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).preference_records())
         kw = dict(
             prompt_field=cfg.data.prompt_field, chosen_field=cfg.data.chosen_field,
-            rejected_field=cfg.data.rejected_field, max_prompt_length=cfg.data.max_prompt_length,
+            rejected_field=cfg.data.rejected_field, messages_field=cfg.data.messages_field,
+            max_prompt_length=cfg.data.max_prompt_length,
             max_response_length=cfg.data.max_response_length,
         )
-        self.train_items = PreferenceDataset(train, self.tokenizer, **kw).items
+        train_ds = PreferenceDataset(train, self.tokenizer, **kw)
+        self.train_items = train_ds.items
         eval_ds = PreferenceDataset(evals, self.tokenizer, **kw)
         self.eval_items = eval_ds.items
-        self.prompts = [_field(r, cfg.data.prompt_field) for r in train]  # the pool normalisation draws from
+        # the pool normalisation draws from: each prompt's tokens (a chat prompt rendered by the template)
+        self.prompts = train_ds.prompt_ids
         self._collate = eval_ds.collator()
 
     def build_model(self) -> torch.nn.Module:
@@ -195,11 +196,12 @@ class RMTrainer(StageTrainer):
         records, _ = _build.split_records(data, "sft", lambda: _build.get_task(data).sft_records())
         records = records[: self.cfg.normalization_samples]
         ds = SFTDataset(records, self.tokenizer, prompt_field=data.prompt_field, response_field=data.response_field,
-                        max_prompt_length=data.max_prompt_length, max_response_length=data.max_response_length)
+                        messages_field=data.messages_field, max_prompt_length=data.max_prompt_length,
+                        max_response_length=data.max_response_length)
         return left_pad([it["input_ids"] for it in ds.items], self.tokenizer.pad_token_id)
 
-    def _draw_prompts(self, draw: int) -> list[str]:
-        """Draw ``draw``'s prompts: the ``draw``-th block of ``normalization_samples`` training
+    def _draw_prompts(self, draw: int) -> list[list[int]]:
+        """Draw ``draw``'s prompts (token ids): the ``draw``-th block of ``normalization_samples`` training
         prompts, wrapping around the pool (a pool smaller than a block repeats prompts)."""
         n, pool = self.cfg.normalization_samples, self.prompts
         if not pool:
@@ -215,7 +217,7 @@ class RMTrainer(StageTrainer):
         policy = load_causal_lm(self.init_path).to(self.dist.device).eval()
         resize_embeddings_for_tokenizer(policy, self.tokenizer)
         tok = self.tokenizer
-        prompts = [tok(p)["input_ids"] for p in self._draw_prompts(draw)]
+        prompts = self._draw_prompts(draw)
         p_ids, p_mask = left_pad(prompts, tok.pad_token_id)
         seqs = []
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):

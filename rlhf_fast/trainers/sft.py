@@ -36,6 +36,7 @@ class SFTTrainer(StageTrainer):
         train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).sft_records())
         kw = dict(
             prompt_field=cfg.data.prompt_field, response_field=cfg.data.response_field,
+            messages_field=cfg.data.messages_field,
             max_prompt_length=cfg.data.max_prompt_length, max_response_length=cfg.data.max_response_length,
             train_on_prompt=cfg.loss_on == "all",
         )
