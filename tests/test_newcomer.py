@@ -1,0 +1,143 @@
+"""The newcomer path end to end: a user's own tiny Qwen2 model saved with ``save_pretrained``, a
+tokenizer trained locally and saved beside it (pad == a special token, EOS the chat turn's end, a
+chat template), chat JSONL data, and a Hugging Face ``Qwen2ForSequenceClassification`` reward
+model -> SFT through the CLI -> a reward model from the SFT model on chat preference pairs
+(Python API) -> PPO through the Python API with the HF reward model, whose trained head must
+score every rollout exactly as the HF model itself does. Tiny sizes: seconds, not minutes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+from rlhf_fast import config as C
+from rlhf_fast.cli import main
+from rlhf_fast.data import write_jsonl
+from rlhf_fast.models import Policy, RewardModel, load_causal_lm
+from rlhf_fast.trainers.common import read_metrics
+from rlhf_fast.trainers.ppo import PPOTrainer
+from rlhf_fast.trainers.rm import RMTrainer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ANIMALS = ["cat", "dog", "bird", "fish", "cow", "fox"]
+MOODS = ["happy", "sad", "calm", "loud"]
+
+
+def _user_tokenizer(corpus):
+    """A byte-level BPE trained here, Qwen-style: pad "<|endoftext|>", EOS "<|im_end|>", a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHATML)
+
+
+def _qwen2(tok, **kw):
+    return Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+def _question(i):
+    return f"how is the {ANIMALS[i % len(ANIMALS)]} today"
+
+
+def _answer(i):
+    return f"the {ANIMALS[i % len(ANIMALS)]} is {MOODS[i % len(MOODS)]}"
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("newcomer")
+    corpus = [_question(i) + " " + _answer(i) for i in range(48)] + ["system user assistant"]
+    tok = _user_tokenizer(corpus * 3)
+    torch.manual_seed(0)
+    model_dir, rm_dir = root / "my-qwen2", root / "my-reward-model"
+    load_causal_lm(_qwen2(tok), seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    hf_rm = AutoModelForSequenceClassification.from_config(_qwen2(tok, num_labels=1))
+    with torch.no_grad():
+        hf_rm.score.weight.normal_(0.0, 1.0)  # a "trained" head: anything but a fresh draw
+    hf_rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    sys_msg = {"role": "system", "content": "answer briefly"}
+    write_jsonl(root / "sft.jsonl", [{"messages": [sys_msg, {"role": "user", "content": _question(i)},
+                                                   {"role": "assistant", "content": _answer(i)}]} for i in range(40)])
+    write_jsonl(root / "prefs.jsonl", [{"chosen": [{"role": "user", "content": _question(i)},
+                                                   {"role": "assistant", "content": _answer(i)}],
+                                        "rejected": [{"role": "user", "content": _question(i)},
+                                                     {"role": "assistant", "content": "no"}]} for i in range(24)])
+    write_jsonl(root / "prompts.jsonl", [{"prompt": [{"role": "user", "content": _question(i)}]} for i in range(24)])
+    return root
+
+
+class RecordingPPOTrainer(PPOTrainer):
+    """Keeps every (sequence, mask, score) the reward model produced."""
+
+    def _score(self, q_ids, q_mask, resp, rmask, prompts, eval_rows=None):
+        scores = super()._score(q_ids, q_mask, resp, rmask, prompts, eval_rows)
+        self.scored = getattr(self, "scored", [])
+        self.scored.append((torch.cat([q_ids, resp], 1).cpu(), torch.cat([q_mask, rmask], 1).cpu(), scores.cpu()))
+        return scores
+
+
+def test_own_qwen2_tokenizer_chat_data_and_hf_reward_model(user_files, tmp_path):
+    root = user_files
+    quiet = [f"--{s}.logging.{k}" for s in ("sft", "rm", "ppo") for k in ("progress_bar", "tensorboard")]
+    quiet = [x for q in quiet for x in (q, "false")]
+    # 1. SFT through the CLI on the user's model, tokenizer and chat data
+    sft_dir = tmp_path / "sft"
+    assert main(["sft", "--output-dir", str(sft_dir), *quiet, "--sft.model.path", str(root / "my-qwen2"),
+                 "--sft.data.train_file", str(root / "sft.jsonl"), "--sft.max_steps", "3", "--sft.batch_size", "8",
+                 "--sft.micro_batch_size", "8", "--sft.eval_batch_size", "8"]) == 0
+    sft_tok = AutoTokenizer.from_pretrained(sft_dir / "model")
+    user_tok = AutoTokenizer.from_pretrained(root / "my-qwen2")
+    # pad was the user's <|endoftext|>, distinct from EOS: kept, no new token, no resize
+    assert sft_tok.get_vocab() == user_tok.get_vocab() and sft_tok.pad_token == "<|endoftext|>"
+    assert Policy.from_pretrained(sft_dir / "model").config.vocab_size == len(user_tok)
+
+    # 2. (optional stage) a reward model from the SFT model on TRL-style chat preference pairs
+    cfg = C.load_config(overrides=[*quiet, "--rm.sft_model", str(sft_dir / "model"), "--rm.data.train_file",
+                                   str(root / "prefs.jsonl"), "--rm.max_steps", "2", "--rm.batch_size", "8",
+                                   "--rm.micro_batch_size", "8", "--rm.eval_batch_size", "8",
+                                   "--rm.normalization", "none"])
+    rm_metrics = RMTrainer(cfg.rm, tmp_path / "rm").fit()
+    assert 0.0 <= rm_metrics["eval/accuracy"] <= 1.0
+    assert RewardModel.from_pretrained(tmp_path / "rm" / "model").score_skip_token_id is None
+
+    # 3. PPO through the Python API with the HF sequence-classification reward model and chat prompts
+    cfg = C.load_config(overrides=[
+        *quiet, "--ppo.policy.path", str(sft_dir / "model"), "--ppo.reward.model_path", str(root / "my-reward-model"),
+        "--ppo.data.train_file", str(root / "prompts.jsonl"), "--ppo.iterations", "2", "--ppo.rollout_batch_size", "8",
+        "--ppo.eval_prompts", "8", "--ppo.generation.max_new_tokens", "6", "--ppo.algo.num_minibatches", "2",
+        "--ppo.algo.num_epochs", "1", "--ppo.logging.eval_every", "0"])
+    trainer = RecordingPPOTrainer(cfg.ppo, tmp_path / "ppo")
+    last = trainer.fit()
+    assert trainer.iteration == 2 and (tmp_path / "ppo" / "model" / "config.json").is_file()
+    assert all(torch.isfinite(torch.tensor(r.get("objective/scores", 0.0))) for r in read_metrics(tmp_path / "ppo"))
+    assert "eval/score" in last
+
+    # every score PPO trained and evaluated with equals the HF model's own output on the same tokens
+    hf = AutoModelForSequenceClassification.from_pretrained(root / "my-reward-model").eval()
+    n = 0
+    with torch.no_grad():
+        for seq, mask, scores in trainer.scored:
+            for row in range(seq.shape[0]):
+                ids = seq[row][mask[row].bool()]
+                want = hf(input_ids=ids[None]).logits[0, 0]
+                assert scores[row].item() == pytest.approx(want.item(), abs=2e-5, rel=1e-4), (row, ids.tolist())
+                n += 1
+    assert n == 2 * 8 + 8 + 8  # two rollouts, the evaluation before training and the final one
+    # the critic started from the reward model's trained head (N+, PPO-max), not a zero head
+    assert torch.count_nonzero(trainer.critic_engine.module.value_head.linear.weight) > 0
+    # prompts were rendered with the user's chat template (the generation prompt included)
+    assert trainer.prompts.prompts[0].endswith("<|im_start|>assistant\n")
