@@ -190,7 +190,13 @@ def resolve_stop_tokens(tokenizer, stop_tokens) -> list[int]:
 class PPOTrainer:
     """``PPOTrainer(cfg.ppo, "out/ppo").fit()`` trains the policy and returns the last metrics.
 
-    ``reward_fn`` (optional) overrides ``cfg.reward``: ``fn(prompts, responses) -> scores``.
+    ``cfg``: a ``PPOConfig``: ``policy.path`` (an SFT output), ``reward.model_path`` (a directory
+    from ``rlhf-fast rm`` or an HF ``AutoModelForSequenceClassification`` one, loaded with its
+    trained head by ``rlhf_fast.models.load_reward_model``) or ``reward.function``, and prompts in
+    ``data.train_file`` (text or chat records; checked in the constructor). ``output_dir``: the
+    stage directory. ``resume``: continue from its latest checkpoint. ``reward_fn`` (optional)
+    overrides ``cfg.reward``: ``fn(prompts, responses) -> scores``. ``dist_info``: an already
+    initialised process group.
     """
 
     stage = "ppo"

@@ -35,7 +35,11 @@ class RMTrainer(StageTrainer):
     ``eval/loss``, ``norm/*``...); with ``normalize_before``, ``norm_before/*`` is logged at step 0.
 
     The backbone comes from ``cfg.sft_model`` (N+: the RM starts from the SFT model), else
-    ``cfg.model.path``, else a fresh ``cfg.model`` config. ``reference_data``: where the reference
+    ``cfg.model.path``, else a fresh ``cfg.model`` config; a source without a reward head gets a
+    fresh one, a reward model (ours or an HF sequence classifier) keeps its trained head. Data:
+    ``cfg.data.train_file`` (text ``prompt`` / ``chosen`` / ``rejected`` records or TRL's chat
+    preference format, ``rlhf_fast.data.chat``) or the built-in task; every record is checked in
+    the constructor, before distributed set-up. ``reference_data``: where the reference
     responses for the "reference_*" normalisations come from (the ``sft`` section's data).
     ``policy_temperature``: the PPO sampling temperature (``ppo.generation.temperature``), used
     for the "policy_samples" responses when ``cfg.sample_temperature`` is None.
@@ -245,6 +249,7 @@ class RMTrainer(StageTrainer):
 
 def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
              policy_temperature: Optional[float] = None) -> dict:
-    """Runs the reward-model stage; returns its last logged metrics."""
+    """Runs the reward-model stage (``RMTrainer(cfg, output_dir, ...).fit()``); returns its last
+    logged metrics."""
     return RMTrainer(cfg, output_dir, resume=resume, reference_data=reference_data,
                      policy_temperature=policy_temperature).fit()

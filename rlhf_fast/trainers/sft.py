@@ -25,7 +25,16 @@ from rlhf_fast.trainers.common import StageTrainer
 class SFTTrainer(StageTrainer):
     """``SFTTrainer(cfg.sft, "out/sft").fit()`` writes ``out/sft/model`` (a policy in HF format,
     with its tokenizer) and returns the last logged metrics (``train/loss``, ``eval/loss``,
-    ``eval/perplexity``...)."""
+    ``eval/perplexity``...).
+
+    ``cfg``: an ``SFTConfig`` (``load_config(...).sft`` or built in code). The model is
+    ``cfg.model.path`` (a local ``save_pretrained`` directory holding its tokenizer, or
+    ``cfg.model.tokenizer_path``) or, without a path, a fresh ``cfg.model.arch`` model on the
+    built-in task's tokenizer. Data: ``cfg.data.train_file`` (text ``prompt`` / ``response`` or
+    chat ``messages`` records, ``rlhf_fast.data.chat``) or the built-in task; every record is
+    checked here, before distributed set-up. ``output_dir``: the stage directory (metrics.jsonl,
+    tensorboard/, checkpoints/, model/). ``resume``: continue from ``output_dir``'s latest
+    checkpoint. ``dist_info``: an already initialised process group (the pipeline passes one)."""
 
     stage = "sft"
     cfg: SFTConfig
@@ -87,5 +96,6 @@ class SFTTrainer(StageTrainer):
 
 
 def train_sft(cfg: SFTConfig, output_dir, *, resume: bool = False) -> dict:
-    """Runs the SFT stage; returns its last logged metrics."""
+    """Runs the SFT stage (``SFTTrainer(cfg, output_dir, resume=resume).fit()``); returns its last
+    logged metrics."""
     return SFTTrainer(cfg, output_dir, resume=resume).fit()
