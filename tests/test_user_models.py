@@ -129,7 +129,8 @@ def test_directories_without_a_trained_reward_head_are_errors(tmp_path):
     d4 = tmp_path / "ours"
     RewardModel.from_pretrained(cfg, new_head=True, seed=0).save_pretrained(d4)
     (d4 / "rlhf_fast_heads.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"rlhf_fast\.json says reward_model but rlhf_fast_heads\.safetensors is missing"):
+    with pytest.raises(ValueError, match=r"rlhf_fast\.json says it holds a reward_model, but "
+                                         r"rlhf_fast_heads\.safetensors is missing"):
         RewardModel.from_pretrained(d4)
     # a directory that is not there
     with pytest.raises(ValueError, match="not a local directory"):
@@ -206,3 +207,27 @@ def test_reward_tokenizer_checked_against_the_policy(tmp_path):
     with pytest.raises(ValueError, match=rf"its tokenizer \({size + 1} tokens\) and the policy's \({len(other)} tokens\) "
                                          r"disagree on \d+ tokens"):
         load_reward_model(d2, other)
+
+
+def test_saved_heads_are_never_dropped_silently(tmp_path):
+    """rlhf_fast's own directories: a value head or critic head whose file is gone, or a heads file
+    without the metadata naming it, used to load as a plain model (heads dropped or zeroed)."""
+    cfg = tiny_config("gpt2", vocab_size=V)
+    policy = Policy.from_pretrained(cfg, seed=0, value_head=True)
+    policy.save_pretrained(tmp_path / "p")
+    (tmp_path / "p" / "rlhf_fast_heads.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"rlhf_fast\.json says it holds a policy with a value head, but "
+                                         r"rlhf_fast_heads\.safetensors is missing"):
+        Policy.from_pretrained(tmp_path / "p")
+    Critic.from_pretrained(cfg, seed=0).save_pretrained(tmp_path / "c")
+    (tmp_path / "c" / "rlhf_fast_heads.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"says it holds a critic, but rlhf_fast_heads\.safetensors is missing"):
+        Critic.from_pretrained(tmp_path / "c")
+    RewardModel.from_pretrained(cfg, new_head=True, seed=0).save_pretrained(tmp_path / "r")
+    (tmp_path / "r" / "rlhf_fast.json").unlink()
+    for cls in (Policy, Critic, RewardModel):
+        with pytest.raises(ValueError, match=r"rlhf_fast_heads\.safetensors without rlhf_fast\.json"):
+            cls.from_pretrained(tmp_path / "r")
+    (tmp_path / "r" / "rlhf_fast.json").write_text(json.dumps({"format_version": 1, "kind": "value_model"}))
+    with pytest.raises(ValueError, match=r"kind 'value_model' is not one of"):
+        Critic.from_pretrained(tmp_path / "r")

@@ -35,8 +35,9 @@ from rlhf_fast.models.reward import (
 )
 
 __all__ = [
-    "Critic", "CriticOutput", "Policy", "PolicyLogProbs", "PolicyOutput", "RewardModel", "RewardOutput",
-    "HFRewardParts", "ScalarHead", "architectures_of", "backbone_of", "check_reward_tokenizer", "check_vocab_fits", "disable_dropout", "gather_last_valid", "hidden_size_of", "init_reward_head",
-    "init_value_head", "last_valid_index", "load_backbone", "load_causal_lm", "load_hf_reward_parts", "load_reward_model", "logprobs_from_hidden",
+    "Critic", "CriticOutput", "HFRewardParts", "Policy", "PolicyLogProbs", "PolicyOutput", "RewardModel",
+    "RewardOutput", "ScalarHead", "architectures_of", "backbone_of", "check_reward_tokenizer", "check_vocab_fits",
+    "disable_dropout", "gather_last_valid", "hidden_size_of", "init_reward_head", "init_value_head", "last_valid_index",
+    "load_backbone", "load_causal_lm", "load_hf_reward_parts", "load_reward_model", "logprobs_from_hidden",
     "position_ids_from_mask", "resize_embeddings_for_tokenizer", "shifted_labels",
 ]

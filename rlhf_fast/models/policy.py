@@ -134,7 +134,8 @@ class Policy(nn.Module):
         tensors, meta = ({}, {}) if not isinstance(source, (str, os.PathLike)) else _io.load_extras(source)
         if meta and meta.get("kind") != "policy":
             raise ValueError(f"{source}: saved as a {meta.get('kind')!r}, not a policy")
-        saved_head = _io.take_prefix(tensors, "value_head.")
+        saved_head = _io.head_tensors(tensors, "value_head.", source, "policy with a value head") \
+            if meta.get("value_head") else {}
         want_head = bool(saved_head) if value_head is None else value_head
         policy = cls(model, value_head=want_head, use_linear_logprobs=use_linear_logprobs)
         if want_head and saved_head:

@@ -221,10 +221,10 @@ class RewardModel(nn.Module):
             tensors, meta = _io.load_extras(path)
             kind = meta.get("kind")
             if kind == "reward_model":
-                head = _io.take_prefix(tensors, "head.")
-                if set(head) != {"linear.weight", "linear.bias"} or not {"gain", "bias"} <= set(tensors):
-                    raise ValueError(f"{path}: {_io.META_FILE} says reward_model but {_io.HEADS_FILE} "
-                                     f"{'is missing' if not tensors else 'lacks the head / gain / bias tensors'}")
+                head = _io.head_tensors(tensors, "head.", path, "reward_model")
+                if not {"gain", "bias"} <= set(tensors):
+                    raise ValueError(f"{path}: {_io.META_FILE} says it holds a reward_model, but {_io.HEADS_FILE} "
+                                     "lacks its normalisation (gain / bias)")
                 rm = cls(_backbone_from(path, dtype=dtype, attn_implementation=attn_implementation, seed=seed),
                          seed=seed, score_skip_token_id=meta.get("score_skip_token_id"))
                 rm.head.load_state_dict(head)
@@ -369,9 +369,9 @@ class Critic(nn.Module):
         tensors, meta = _extras(source)
         kind = meta.get("kind")
         if kind == "critic":
-            critic.value_head.load_state_dict(_io.take_prefix(tensors, "value_head."))
+            critic.value_head.load_state_dict(_io.head_tensors(tensors, "value_head.", source, "critic"))
         elif kind == "reward_model":
-            critic.value_head.load_state_dict(_io.take_prefix(tensors, "head."))
+            critic.value_head.load_state_dict(_io.head_tensors(tensors, "head.", source, "reward_model"))
         elif kind not in (None, "policy"):
             raise ValueError(f"{source}: saved as a {kind!r}; a critic loads from a critic, reward_model, policy or plain LM")
         return critic

@@ -57,7 +57,8 @@ class SFTTrainer(StageTrainer):
     def build_model(self) -> torch.nn.Module:
         src = _build.model_source(self.cfg.model, self.cfg.data, self.tokenizer)
         model = load_causal_lm(src, attn_implementation=self.cfg.model.attn_implementation, seed=self.cfg.model.init_seed)
-        resize_embeddings_for_tokenizer(model, self.tokenizer, what=f"sft model {src}" if isinstance(src, str) else "sft model")
+        resize_embeddings_for_tokenizer(model, self.tokenizer, what=f"sft model {src}" if isinstance(src, str) else
+                                        "sft model")
         return model
 
     def collate(self, items: list) -> dict:
