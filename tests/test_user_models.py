@@ -231,3 +231,18 @@ def test_saved_heads_are_never_dropped_silently(tmp_path):
     (tmp_path / "r" / "rlhf_fast.json").write_text(json.dumps({"format_version": 1, "kind": "value_model"}))
     with pytest.raises(ValueError, match=r"kind 'value_model' is not one of"):
         Critic.from_pretrained(tmp_path / "r")
+
+
+def test_rm_policy_samples_from_a_reward_model_is_refused_up_front(tmp_path, monkeypatch):
+    """Continuing RM training from a reward model keeps its head, but "policy_samples" needs a
+    policy to sample from: that used to fail only after training, in the normalisation."""
+    from rlhf_fast import config as C
+    from rlhf_fast.trainers import deepspeed_setup as dss
+    from rlhf_fast.trainers.rm import RMTrainer
+
+    monkeypatch.setattr(dss, "init_distributed", lambda *a, **k: pytest.fail("distributed set-up before the check"))
+    d, _ = _hf_rm_dir(tmp_path, "gpt2")
+    cfg = C.load_config(overrides=["--rm.sft_model", str(d)]).rm
+    with pytest.raises(ValueError, match=r"'policy_samples' samples from the initial policy, but .*hf_rm holds a reward "
+                                         r"model \(GPT2ForSequenceClassification\), which cannot generate"):
+        RMTrainer(cfg, tmp_path / "out")

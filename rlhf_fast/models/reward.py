@@ -147,6 +147,13 @@ def load_hf_reward_parts(source, *, dtype=None, attn_implementation=None, trust_
     return HFRewardParts(backbone=backbone, head=head, pad_token_id=int(pad) if pad is not None else None)
 
 
+def holds_reward_model(path) -> bool:
+    """Whether a model directory holds a reward model (rlhf_fast's or an HF sequence classifier)."""
+    if not (Path(path) / "config.json").is_file():
+        return False
+    return is_sequence_classifier(path) or _io.load_extras(path)[1].get("kind") == "reward_model"
+
+
 def describe_model_dir(path) -> str:
     """What a model directory holds, for errors: "Qwen2ForCausalLM (saved by rlhf_fast as a policy)"."""
     try:

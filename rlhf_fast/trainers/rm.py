@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.models.reward import describe_model_dir, holds_reward_model
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import StageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
@@ -53,23 +54,30 @@ class RMTrainer(StageTrainer):
         validate(cfg, "rm")  # a config built in code skips load_config's checks (normalize_before needs policy_samples)
         if policy_temperature is not None and not policy_temperature > 0:
             raise ValueError(f"policy_temperature must be > 0, got {policy_temperature}")
-        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
-        self.sample_temperature = (cfg.sample_temperature if cfg.sample_temperature is not None
-                                   else policy_temperature if policy_temperature is not None
-                                   else GenerationConfig().temperature)
-        self.reference_data = reference_data or DataConfig()
+        # every check that needs no model runs before the distributed set-up (super().__init__)
+        reference_data = reference_data or DataConfig()
         if cfg.normalization.startswith("reference"):  # read after training: check it before
-            _build.check_data_files(self.reference_data, "sft")
-        self.init_path = cfg.sft_model or cfg.model.path
+            _build.check_data_files(reference_data, "sft")
+        init_path = cfg.sft_model or cfg.model.path
         for name, path in (("rm.sft_model", cfg.sft_model), ("rm.model.path", cfg.model.path)):
             if path is not None and not Path(path).is_dir():
                 raise ValueError(f"{name} {path!r} is not a directory (a model written by rlhf-fast sft; "
                                  "nothing is downloaded)")
-        if cfg.normalization == "policy_samples" and self.init_path is None:
+        if cfg.normalization == "policy_samples" and init_path is None:
             raise ValueError(
                 "rm.normalization 'policy_samples' samples from the initial policy, but there is none: set "
                 "rm.sft_model (or rm.model.path), or choose 'reference_mean', 'reference_std' or 'none'"
             )
+        if cfg.normalization == "policy_samples" and holds_reward_model(init_path):
+            raise ValueError(
+                f"rm.normalization 'policy_samples' samples from the initial policy, but {init_path} holds a reward "
+                f"model ({describe_model_dir(init_path)}), which cannot generate: choose 'reference_mean', "
+                "'reference_std' or 'none', or start from an SFT model")
+        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+        self.sample_temperature = (cfg.sample_temperature if cfg.sample_temperature is not None
+                                   else policy_temperature if policy_temperature is not None
+                                   else GenerationConfig().temperature)
+        self.reference_data, self.init_path = reference_data, init_path
 
     def build_datasets(self) -> None:
         cfg = self.cfg
