@@ -14,10 +14,13 @@ class ModelConfig:
     """Which model a stage starts from."""
 
     path: Optional[str] = None
-    """Local directory of a Hugging Face causal LM (or one saved by rlhf_fast). None: a fresh model
-    of ``arch`` / ``size`` sized to the built-in task's tokenizer (nothing is ever downloaded)."""
+    """Local directory of a Hugging Face causal LM (or one saved by rlhf_fast), with its tokenizer
+    (or ``tokenizer_path``). None: a fresh model of ``arch`` / ``size`` sized to the built-in task's
+    tokenizer (nothing is ever downloaded)."""
     tokenizer_path: Optional[str] = None
-    """Local tokenizer directory. None: ``path`` when it holds a tokenizer, else the built-in task's."""
+    """Local tokenizer directory. None: the one saved in ``path`` (a ``path`` without a tokenizer is
+    an error: the built-in tokenizer's ids would be wrong for it); the built-in task's for a fresh
+    model (no ``path``)."""
     arch: Literal["gpt2", "llama", "gpt_neox", "qwen2"] = "gpt2"
     """Architecture of a fresh model (``rlhf_fast.tasks.tiny_config``); ignored when ``path`` is set."""
     size: Literal["test", "task"] = "task"
