@@ -125,6 +125,10 @@ def test_directories_without_a_trained_reward_head_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"leaves missing weights score\.weight, which would be drawn at random; the "
                                          r"directory holds GPT2ForSequenceClassification"):
         RewardModel.from_pretrained(d3)
+    # a classifier whose weights file is gone
+    (d3 / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"noscore: cannot load the weights \(.*no file named model\.safetensors"):
+        RewardModel.from_pretrained(d3)
     # rlhf_fast's format with its heads file gone
     d4 = tmp_path / "ours"
     RewardModel.from_pretrained(cfg, new_head=True, seed=0).save_pretrained(d4)

@@ -121,13 +121,21 @@ def _load(auto_cls, source: Source, *, dtype, attn_implementation, disable_dropo
         if dtype is not None:
             kwargs["dtype"] = dtype
         with _seeded(seed):
-            model, info = auto_cls.from_pretrained(
-                path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
-                output_loading_info=True, **kwargs
-            )
-        _check_loading_info(path, type(model).__name__, info)
+            model = from_pretrained_strict(auto_cls, path, config=config, trust_remote_code=trust_remote_code, **kwargs)
     if disable_dropout_:
         disable_dropout(model)
+    return model
+
+
+def from_pretrained_strict(auto_cls, path: Path, **kwargs) -> PreTrainedModel:
+    """``auto_cls.from_pretrained(path, local_files_only=True, **kwargs)`` that refuses to draw
+    weights (``_check_loading_info``) and turns a missing or unreadable weights file (transformers'
+    OSError) into a ValueError naming the directory."""
+    try:
+        model, info = auto_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot load the weights ({e})") from None
+    _check_loading_info(path, type(model).__name__, info)
     return model
 
 

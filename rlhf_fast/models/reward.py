@@ -30,13 +30,13 @@ from rlhf_fast.models.heads import (
 )
 from rlhf_fast.models.loading import (
     Source,
-    _check_loading_info,
     _local_dir,
     architectures_of,
     backbone_of,
     check_vocab_fits,
     disable_dropout,
     disable_dropout_in_config,
+    from_pretrained_strict,
     hidden_size_of,
     is_sequence_classifier,
     load_backbone,
@@ -132,10 +132,8 @@ def load_hf_reward_parts(source, *, dtype=None, attn_implementation=None, trust_
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True,
-        **kwargs)
-    _check_loading_info(path, type(model).__name__, info)
+    model = from_pretrained_strict(AutoModelForSequenceClassification, path, config=config,
+                                   trust_remote_code=trust_remote_code, **kwargs)
     disable_dropout(model)
     layer = _score_layer(model)
     if tuple(layer.weight.shape) != (1, hidden_size_of(config)):
