@@ -250,3 +250,47 @@ def test_rm_policy_samples_from_a_reward_model_is_refused_up_front(tmp_path, mon
     with pytest.raises(ValueError, match=r"'policy_samples' samples from the initial policy, but .*hf_rm holds a reward "
                                          r"model \(GPT2ForSequenceClassification\), which cannot generate"):
         RMTrainer(cfg, tmp_path / "out")
+
+
+def test_tokenizer_path_must_agree_with_the_model_directorys_own(tmp_path):
+    import random
+
+    own = _tokenizer()
+    load_causal_lm(tiny_config("qwen2", vocab_size=len(own)), seed=0).save_pretrained(tmp_path / "m")
+    own.save_pretrained(tmp_path / "m")
+    rng = random.Random(1)
+    other = train_bpe_tokenizer([" ".join("".join(rng.choice("qxzjkvw") for _ in range(5)) for _ in range(20))
+                                 for _ in range(50)], vocab_size=len(own))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"sft\.model\.tokenizer_path '.*other' \(\d+ tokens\) disagrees with the "
+                                         r"tokenizer saved in the model directory '.*m' on \d+ tokens"):
+        _build.load_tokenizer(ModelConfig(path=str(tmp_path / "m"), tokenizer_path=str(tmp_path / "other")),
+                              DataConfig(), section="sft.model")
+    # one that extends the model's own (added special tokens) is fine
+    own.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    own.save_pretrained(tmp_path / "extended")
+    tok = _build.load_tokenizer(ModelConfig(path=str(tmp_path / "m"), tokenizer_path=str(tmp_path / "extended")),
+                                DataConfig())
+    assert "<|im_start|>" in tok.get_vocab()
+    # a tokenizer file that cannot be read: one line naming the directory
+    (tmp_path / "other" / "tokenizer.json").write_text("{not json")
+    (tmp_path / "other" / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"the tokenizer in '.*other' cannot be loaded"):
+        _build.load_tokenizer(ModelConfig(tokenizer_path=str(tmp_path / "other")), DataConfig())
+
+
+def test_reward_tokenizer_pads_are_exempt(tmp_path):
+    """The RM's own pad ("<pad>", added by its trainer) and the policy's ("<newpad>") share an id: masked,
+    never read."""
+    from rlhf_fast.data import prepare_tokenizer
+
+    rm_tok = _tokenizer()
+    rm_tok.pad_token = None
+    rm_tok.add_special_tokens({"pad_token": "<pad>"})
+    d, _ = _hf_rm_dir(tmp_path, "llama", vocab_size=len(rm_tok), pad=rm_tok.pad_token_id)
+    rm_tok.save_pretrained(d)
+    policy_tok = _tokenizer()
+    policy_tok.pad_token = None
+    policy_tok = prepare_tokenizer(policy_tok, pad_token="<newpad>")  # at the id where the RM has "<pad>"
+    assert policy_tok.pad_token_id == rm_tok.pad_token_id
+    load_reward_model(d, policy_tok)

@@ -246,6 +246,17 @@ def check_vocab_fits(model: PreTrainedModel, tokenizer, *, what: str, never_read
         )
 
 
+def tokenizer_disagreement(own, tokenizer) -> list[str]:
+    """Tokens of tokenizer ``own`` (a model's saved tokenizer) that ``tokenizer`` maps to another id
+    (or not at all), sorted by ``own``'s id. Pad tokens are exempt (``own``'s pad, and whatever
+    ``own`` has at ``tokenizer``'s pad id): padding is masked, never read."""
+    mine, theirs = own.get_vocab(), tokenizer.get_vocab()
+    exempt = {getattr(own, "pad_token", None)}
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return sorted((t for t, i in mine.items() if theirs.get(t) != i and t not in exempt and i != pad_id),
+                  key=lambda t: mine[t])
+
+
 def resize_embeddings_for_tokenizer(model: PreTrainedModel, tokenizer, *, pad_to_multiple_of: int | None = None,
                                     what: str = "model") -> bool:
     """Grows ``model``'s input (and tied / untied output) embeddings to ``len(tokenizer)`` when the

@@ -38,6 +38,7 @@ from rlhf_fast.models.loading import (
     disable_dropout_in_config,
     from_pretrained_strict,
     hidden_size_of,
+    tokenizer_disagreement,
     is_sequence_classifier,
     load_backbone,
 )
@@ -412,15 +413,15 @@ def check_reward_tokenizer(reward_model: RewardModel, tokenizer, path=None) -> N
         return
     from transformers import AutoTokenizer
 
-    own = AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab()
-    theirs = tokenizer.get_vocab()
-    differ = [t for t, i in own.items() if theirs.get(t) != i]
+    own = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    differ = tokenizer_disagreement(own, tokenizer)
     if differ:
-        t = sorted(differ, key=lambda t: own[t])[0]
+        t = differ[0]
         raise ValueError(
             f"{what}: its tokenizer ({len(own)} tokens) and the policy's ({len(tokenizer)} tokens) disagree on "
-            f"{len(differ)} tokens (e.g. {t!r}: id {own[t]} there, {theirs.get(t)} in the policy's): the reward "
-            "model would score other text than the policy wrote; use a reward model trained with the policy's tokenizer")
+            f"{len(differ)} tokens (e.g. {t!r}: id {own.get_vocab()[t]} there, {tokenizer.get_vocab().get(t)} in the "
+            "policy's): the reward model would score other text than the policy wrote; use a reward model trained "
+            "with the policy's tokenizer")
 
 
 def load_reward_model(path, tokenizer, *, dtype: torch.dtype | None = None,

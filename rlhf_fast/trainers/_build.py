@@ -24,26 +24,43 @@ def has_tokenizer(path) -> bool:
     return path is not None and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
 
 
+def _auto_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"the tokenizer in {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from None
+
+
 def load_tokenizer(model: ModelConfig, data: DataConfig, *, source: Optional[str] = None, section: str = "model"):
     """The tokenizer for a stage, prepared for RLHF (dedicated pad, left padding):
     ``model.tokenizer_path`` when set, else the model directory's own (``source`` / ``model.path``),
     else, for a fresh built-in model (no directory), the built-in task's. A model directory without
     a tokenizer and no ``tokenizer_path`` is a ValueError: the built-in tokenizer's ids would be
     wrong for a real model. ``section`` names the config section in errors ("sft.model", "ppo.policy")."""
-    from transformers import AutoTokenizer
-
     if model.tokenizer_path is not None:
         if not has_tokenizer(model.tokenizer_path):
             raise ValueError(f"{section}.tokenizer_path {model.tokenizer_path!r} is not a tokenizer directory "
                              f"(no {' / '.join(TOKENIZER_FILES)})")
-        tok = AutoTokenizer.from_pretrained(model.tokenizer_path, local_files_only=True)
+        tok = _auto_tokenizer(model.tokenizer_path)
+        own_dir = source or model.path
+        if own_dir is not None and has_tokenizer(own_dir):  # the model directory's own tokenizer must agree
+            from rlhf_fast.models.loading import tokenizer_disagreement
+
+            differ = tokenizer_disagreement(_auto_tokenizer(own_dir), tok)
+            if differ:
+                raise ValueError(
+                    f"{section}.tokenizer_path {model.tokenizer_path!r} ({len(tok)} tokens) disagrees with the "
+                    f"tokenizer saved in the model directory {own_dir!r} on {len(differ)} tokens (e.g. {differ[0]!r}): "
+                    "the model would read wrong ids; drop tokenizer_path, or give one that extends the model's")
     elif (path := source or model.path) is not None:
         if not Path(path).is_dir():
             raise ValueError(f"model path {path!r} is not a directory (rlhf_fast never downloads models)")
         if not has_tokenizer(path):
             raise ValueError(f"model directory {path!r} holds no tokenizer (no {' / '.join(TOKENIZER_FILES)}): save "
                              f"the model's tokenizer there (tokenizer.save_pretrained) or set {section}.tokenizer_path")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = _auto_tokenizer(path)
     else:
         tok = get_task(data).tokenizer
     return prepare_tokenizer(tok)
