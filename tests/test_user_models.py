@@ -294,3 +294,15 @@ def test_reward_tokenizer_pads_are_exempt(tmp_path):
     policy_tok = prepare_tokenizer(policy_tok, pad_token="<newpad>")  # at the id where the RM has "<pad>"
     assert policy_tok.pad_token_id == rm_tok.pad_token_id
     load_reward_model(d, policy_tok)
+
+
+def test_encoder_classifier_is_refused(tmp_path):
+    """BERT's classifier reads a pooled first token: a per-token head read at the last token would
+    give other scores, silently."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                     num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match=r"BertForSequenceClassification has no per-token `score` layer"):
+        RewardModel.from_pretrained(tmp_path / "bert")

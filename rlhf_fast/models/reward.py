@@ -101,24 +101,23 @@ class HFRewardParts:
 
 
 def _score_layer(model: PreTrainedModel) -> nn.Linear:
-    """The classification layer of a sequence-classification model: ``score`` in transformers'
-    decoder classifiers (Llama, Qwen2, GPT-2, GPT-NeoX, Mistral...), else the only ``nn.Linear``
-    child outside the backbone."""
+    """The per-token ``score`` layer of a decoder sequence classifier (transformers'
+    ``GenericForSequenceClassification`` and GPT-2 / GPT-NeoX / ... classifiers: score every
+    position, pool at the last non-pad token). Encoder classifiers (BERT's ``classifier`` on a
+    pooled first token) score elsewhere, so reading their head per token would be wrong: refused."""
     score = getattr(model, "score", None)
-    if isinstance(score, nn.Linear):
-        return score
-    prefix = getattr(model, "base_model_prefix", "")
-    linears = [m for name, m in model.named_children() if name != prefix and isinstance(m, nn.Linear)]
-    if len(linears) != 1:
-        raise ValueError(f"{type(model).__name__}: cannot find its score layer (no `score` Linear and "
-                         f"{len(linears)} Linear children outside the backbone); this classifier head is not supported")
-    return linears[0]
+    if not isinstance(score, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no per-token `score` layer: it is not a decoder sequence "
+                         "classifier read at the last token (an encoder's classifier reads a pooled token), so its "
+                         "scores cannot be reproduced; use a decoder reward model (Llama, Qwen2, GPT-2, ...)")
+    return score
 
 
 def load_hf_reward_parts(source, *, dtype=None, attn_implementation=None, trust_remote_code: bool = False) -> HFRewardParts:
     """Backbone, trained score head and pad id of an ``AutoModelForSequenceClassification``
-    directory (any architecture transformers maps). ValueError when the directory is not a
-    sequence classifier, has ``num_labels != 1``, or lacks the score weights (nothing is drawn)."""
+    directory (any decoder architecture transformers maps). ValueError when the directory is not a
+    sequence classifier, has ``num_labels != 1``, lacks the score weights (nothing is drawn), or
+    is an encoder classifier (its score is not read at the last token)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = _local_dir(source)
