@@ -306,3 +306,20 @@ def test_encoder_classifier_is_refused(tmp_path):
     BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match=r"BertForSequenceClassification has no per-token `score` layer"):
         RewardModel.from_pretrained(tmp_path / "bert")
+
+
+def test_rm_training_from_an_hf_reward_model_keeps_its_head(tmp_path):
+    """rm.model.path on a TRL-style reward model: training continues from its trained head (and its
+    reading rule); it used to start from a fresh random head."""
+    from rlhf_fast import config as C
+    from rlhf_fast.trainers.rm import RMTrainer
+
+    tok = _tokenizer()
+    d, hf = _hf_rm_dir(tmp_path, "qwen2", vocab_size=len(tok), pad=tok.eos_token_id)
+    tok.save_pretrained(d)
+    cfg = C.load_config(overrides=["--rm.model.path", str(d), "--rm.normalization", "none",
+                                   "--rm.data.max_train_examples", "64"]).rm
+    trainer = RMTrainer(cfg, tmp_path / "out")
+    trainer.build_datasets()
+    rm = trainer.build_model()
+    assert torch.equal(rm.head.linear.weight, hf.score.weight.float()) and rm.score_skip_token_id == tok.eos_token_id
