@@ -51,7 +51,9 @@ class RewardOutput:
 
     scores: (B,) float32 normalised score ``gain * raw_scores + bias``.
     raw_scores: (B,) float32 head output at each row's last valid token (N details #7; N+ reads
-        it at the EOS token, which is the last valid token once responses are truncated after EOS).
+        it at the EOS token, which is the last valid token once responses are truncated after EOS),
+        or, for a reward model from an HF sequence classifier, at the last valid token that is not
+        its pad id (``RewardModel.read_mask``), as transformers reads it.
     rewards: (B, T) float32 raw head output at every position (N details #1: per-token outputs).
     hidden: (B, T, H) final hidden state.
     """
