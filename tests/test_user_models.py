@@ -323,3 +323,9 @@ def test_rm_training_from_an_hf_reward_model_keeps_its_head(tmp_path):
     trainer.build_datasets()
     rm = trainer.build_model()
     assert torch.equal(rm.head.linear.weight, hf.score.weight.float()) and rm.score_skip_token_id == tok.eos_token_id
+
+
+def test_reward_model_directory_as_policy_names_its_kind(tmp_path):
+    RewardModel.from_pretrained(tiny_config("llama", vocab_size=V), new_head=True, seed=0).save_pretrained(tmp_path / "r")
+    with pytest.raises(ValueError, match=r"saved as a 'reward_model', not a policy"):
+        Policy.from_pretrained(tmp_path / "r")
