@@ -141,3 +141,21 @@ def test_own_qwen2_tokenizer_chat_data_and_hf_reward_model(user_files, tmp_path)
     assert torch.count_nonzero(trainer.critic_engine.module.value_head.linear.weight) > 0
     # prompts were rendered with the user's chat template (the generation prompt included)
     assert trainer.prompts.prompts[0].endswith("<|im_start|>assistant\n")
+
+
+def test_cli_refuses_what_used_to_run_silently(user_files, tmp_path, capsys):
+    """The issue's two silent failures, through the command line: an SFT (causal-LM) directory as
+    the reward model, and a model directory without a tokenizer. Each is one error line, exit 2."""
+    root = user_files
+    quiet = ["--ppo.logging.progress_bar", "false", "--ppo.logging.tensorboard", "false"]
+    rc = main(["ppo", "--output-dir", str(tmp_path / "ppo"), *quiet, "--ppo.policy.path", str(root / "my-qwen2"),
+               "--ppo.reward.model_path", str(root / "my-qwen2"), "--ppo.data.train_file", str(root / "prompts.jsonl"),
+               "--ppo.rollout_batch_size", "8", "--ppo.eval_prompts", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "my-qwen2 holds no trained reward head: it holds Qwen2ForCausalLM" in err, err
+    bare = tmp_path / "bare"
+    load_causal_lm(root / "my-qwen2").save_pretrained(bare)  # the weights without the tokenizer
+    rc = main(["sft", "--output-dir", str(tmp_path / "sft"), "--sft.model.path", str(bare),
+               "--sft.data.train_file", str(root / "sft.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds no tokenizer" in err and "set sft.model.tokenizer_path" in err, err
