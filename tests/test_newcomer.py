@@ -1,9 +1,11 @@
-"""The newcomer path end to end: a user's own tiny Qwen2 model saved with ``save_pretrained``, a
-tokenizer trained locally and saved beside it (pad == a special token, EOS the chat turn's end, a
-chat template), chat JSONL data, and a Hugging Face ``Qwen2ForSequenceClassification`` reward
-model -> SFT through the CLI -> a reward model from the SFT model on chat preference pairs
-(Python API) -> PPO through the Python API with the HF reward model, whose trained head must
-score every rollout exactly as the HF model itself does. Tiny sizes: seconds, not minutes."""
+"""The newcomer path end to end: a user's own tiny Qwen2 or Llama model saved with
+``save_pretrained``, a tokenizer trained locally and saved beside it (EOS the chat turn's end, a
+chat template; Qwen2's tokenizer class pads with "<|endoftext|>", Llama's has no pad, so "[PAD]" is
+added and the embedding grows by that row), chat JSONL data, and a Hugging Face
+``...ForSequenceClassification`` reward model -> SFT through the CLI -> a reward model from the
+SFT model on chat preference pairs (Python API) -> PPO through the Python API with the HF reward
+model, whose trained head must score every rollout exactly as the HF model itself does. Tiny
+sizes: seconds, not minutes."""
 
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from rlhf_fast import config as C
 from rlhf_fast.cli import main
@@ -28,7 +36,7 @@ MOODS = ["happy", "sad", "calm", "loud"]
 
 
 def _user_tokenizer(corpus):
-    """A byte-level BPE trained here, Qwen-style: pad "<|endoftext|>", EOS "<|im_end|>", a chat template."""
+    """A byte-level BPE trained here, Llama-style without a pad token; EOS "<|im_end|>", a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -37,14 +45,17 @@ def _user_tokenizer(corpus):
     tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
                                    additional_special_tokens=["<|im_start|>"], chat_template=CHATML)
 
 
-def _qwen2(tok, **kw):
-    return Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+def _config(arch, tok, **kw):
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                  eos_token_id=tok.eos_token_id, **kw)
+    if arch == "qwen2":
+        return Qwen2Config(tie_word_embeddings=True, **common)
+    return LlamaConfig(tie_word_embeddings=False, **common)
 
 
 def _question(i):
@@ -55,20 +66,26 @@ def _answer(i):
     return f"the {ANIMALS[i % len(ANIMALS)]} is {MOODS[i % len(MOODS)]}"
 
 
-@pytest.fixture(scope="module")
-def user_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("newcomer")
+def _make_user_files(root, arch):
+    """The user's model and tokenizer (root/my-model), HF reward model (root/my-reward-model) and
+    chat data (root/{sft,prefs,prompts}.jsonl)."""
     corpus = [_question(i) + " " + _answer(i) for i in range(48)] + ["system user assistant"]
     tok = _user_tokenizer(corpus * 3)
     torch.manual_seed(0)
-    model_dir, rm_dir = root / "my-qwen2", root / "my-reward-model"
-    load_causal_lm(_qwen2(tok), seed=0).save_pretrained(model_dir)
+    model_dir, rm_dir = root / "my-model", root / "my-reward-model"
+    load_causal_lm(_config(arch, tok), seed=0).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    hf_rm = AutoModelForSequenceClassification.from_config(_qwen2(tok, num_labels=1))
+    user_tok = AutoTokenizer.from_pretrained(model_dir)  # what transformers makes of it for this architecture
+    # the reward model as TRL trains one: its config's pad is the tokenizer's, or EOS for a tokenizer
+    # without one (transformers then reads the score at the last token before a trailing EOS)
+    rm_pad = user_tok.pad_token if user_tok.pad_token is not None else user_tok.eos_token
+    hf_rm = AutoModelForSequenceClassification.from_config(
+        _config(arch, tok, num_labels=1, pad_token_id=user_tok.convert_tokens_to_ids(rm_pad)))
     with torch.no_grad():
         hf_rm.score.weight.normal_(0.0, 1.0)  # a "trained" head: anything but a fresh draw
     hf_rm.save_pretrained(rm_dir)
-    tok.save_pretrained(rm_dir)
+    user_tok.pad_token = rm_pad
+    user_tok.save_pretrained(rm_dir)
     sys_msg = {"role": "system", "content": "answer briefly"}
     write_jsonl(root / "sft.jsonl", [{"messages": [sys_msg, {"role": "user", "content": _question(i)},
                                                    {"role": "assistant", "content": _answer(i)}]} for i in range(40)])
@@ -77,7 +94,12 @@ def user_files(tmp_path_factory):
                                         "rejected": [{"role": "user", "content": _question(i)},
                                                      {"role": "assistant", "content": "no"}]} for i in range(24)])
     write_jsonl(root / "prompts.jsonl", [{"prompt": [{"role": "user", "content": _question(i)}]} for i in range(24)])
-    return root
+    return arch, root
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def user_files(request, tmp_path_factory):
+    return _make_user_files(tmp_path_factory.mktemp(f"newcomer-{request.param}"), request.param)
 
 
 class RecordingPPOTrainer(PPOTrainer):
@@ -90,20 +112,24 @@ class RecordingPPOTrainer(PPOTrainer):
         return scores
 
 
-def test_own_qwen2_tokenizer_chat_data_and_hf_reward_model(user_files, tmp_path):
-    root = user_files
+def test_own_model_tokenizer_chat_data_and_hf_reward_model(user_files, tmp_path):
+    arch, root = user_files
     quiet = [f"--{s}.logging.{k}" for s in ("sft", "rm", "ppo") for k in ("progress_bar", "tensorboard")]
     quiet = [x for q in quiet for x in (q, "false")]
     # 1. SFT through the CLI on the user's model, tokenizer and chat data
     sft_dir = tmp_path / "sft"
-    assert main(["sft", "--output-dir", str(sft_dir), *quiet, "--sft.model.path", str(root / "my-qwen2"),
+    assert main(["sft", "--output-dir", str(sft_dir), *quiet, "--sft.model.path", str(root / "my-model"),
                  "--sft.data.train_file", str(root / "sft.jsonl"), "--sft.max_steps", "3", "--sft.batch_size", "8",
                  "--sft.micro_batch_size", "8", "--sft.eval_batch_size", "8"]) == 0
     sft_tok = AutoTokenizer.from_pretrained(sft_dir / "model")
-    user_tok = AutoTokenizer.from_pretrained(root / "my-qwen2")
-    # pad was the user's <|endoftext|>, distinct from EOS: kept, no new token, no resize
-    assert sft_tok.get_vocab() == user_tok.get_vocab() and sft_tok.pad_token == "<|endoftext|>"
-    assert Policy.from_pretrained(sft_dir / "model").config.vocab_size == len(user_tok)
+    user_tok = AutoTokenizer.from_pretrained(root / "my-model")
+    if arch == "qwen2":  # Qwen2's tokenizer pads with "<|endoftext|>" (not EOS): kept, no new token
+        assert sft_tok.pad_token == "<|endoftext|>" and sft_tok.get_vocab() == user_tok.get_vocab()
+        assert Policy.from_pretrained(sft_dir / "model").config.vocab_size == len(user_tok)
+    else:  # no pad: "[PAD]" was added, and the embedding grew by exactly that row
+        assert user_tok.pad_token is None and sft_tok.pad_token == "[PAD]"
+        assert sft_tok.get_vocab() == user_tok.get_vocab() | {"[PAD]": len(user_tok)}
+        assert Policy.from_pretrained(sft_dir / "model").config.vocab_size == len(user_tok) + 1
 
     # 2. (optional stage) a reward model from the SFT model on TRL-style chat preference pairs
     cfg = C.load_config(overrides=[*quiet, "--rm.sft_model", str(sft_dir / "model"), "--rm.data.train_file",
@@ -127,7 +153,11 @@ def test_own_qwen2_tokenizer_chat_data_and_hf_reward_model(user_files, tmp_path)
     assert "eval/score" in last
 
     # every score PPO trained and evaluated with equals the HF model's own output on the same tokens
+    # (Llama: the policy's "[PAD]" has no row in the reward model, it is only ever at masked positions;
+    # the RM's pad is EOS, so transformers reads before a trailing EOS, and so must PPO)
     hf = AutoModelForSequenceClassification.from_pretrained(root / "my-reward-model").eval()
+    assert trainer.reward_model.score_skip_token_id == hf.config.pad_token_id
+    assert (hf.config.pad_token_id == sft_tok.eos_token_id) == (arch == "llama")
     n = 0
     with torch.no_grad():
         for seq, mask, scores in trainer.scored:
@@ -143,18 +173,18 @@ def test_own_qwen2_tokenizer_chat_data_and_hf_reward_model(user_files, tmp_path)
     assert trainer.prompts.prompts[0].endswith("<|im_start|>assistant\n")
 
 
-def test_cli_refuses_what_used_to_run_silently(user_files, tmp_path, capsys):
+def test_cli_refuses_what_used_to_run_silently(tmp_path, capsys):
     """The issue's two silent failures, through the command line: an SFT (causal-LM) directory as
     the reward model, and a model directory without a tokenizer. Each is one error line, exit 2."""
-    root = user_files
+    _, root = _make_user_files(tmp_path, "qwen2")
     quiet = ["--ppo.logging.progress_bar", "false", "--ppo.logging.tensorboard", "false"]
-    rc = main(["ppo", "--output-dir", str(tmp_path / "ppo"), *quiet, "--ppo.policy.path", str(root / "my-qwen2"),
-               "--ppo.reward.model_path", str(root / "my-qwen2"), "--ppo.data.train_file", str(root / "prompts.jsonl"),
+    rc = main(["ppo", "--output-dir", str(tmp_path / "ppo"), *quiet, "--ppo.policy.path", str(root / "my-model"),
+               "--ppo.reward.model_path", str(root / "my-model"), "--ppo.data.train_file", str(root / "prompts.jsonl"),
                "--ppo.rollout_batch_size", "8", "--ppo.eval_prompts", "8"])
     err = capsys.readouterr().err
-    assert rc == 2 and "my-qwen2 holds no trained reward head: it holds Qwen2ForCausalLM" in err, err
+    assert rc == 2 and "my-model holds no trained reward head: it holds Qwen2ForCausalLM" in err, err
     bare = tmp_path / "bare"
-    load_causal_lm(root / "my-qwen2").save_pretrained(bare)  # the weights without the tokenizer
+    load_causal_lm(root / "my-model").save_pretrained(bare)  # the weights without the tokenizer
     rc = main(["sft", "--output-dir", str(tmp_path / "sft"), "--sft.model.path", str(bare),
                "--sft.data.train_file", str(root / "sft.jsonl")])
     err = capsys.readouterr().err
