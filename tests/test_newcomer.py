@@ -9,7 +9,6 @@ sizes: seconds, not minutes."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -23,14 +23,13 @@ from rlhf_fast.models.loading import (
     resize_embeddings_for_tokenizer,
 )
 from rlhf_fast.models.policy import Policy, PolicyLogProbs, PolicyOutput
+from rlhf_fast.models.hf_classifier import HFRewardParts, load_hf_reward_parts
 from rlhf_fast.models.reward import (
     Critic,
     CriticOutput,
-    HFRewardParts,
     RewardModel,
     RewardOutput,
     check_reward_tokenizer,
-    load_hf_reward_parts,
     load_reward_model,
 )
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
-from rlhf_fast.models.reward import describe_model_dir, holds_reward_model
+from rlhf_fast.models.hf_classifier import describe_model_dir, holds_reward_model
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import StageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
