@@ -4,7 +4,6 @@ cannot be read, and data validated (file and line named) before any distributed 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

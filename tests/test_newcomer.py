@@ -9,7 +9,6 @@ sizes: seconds, not minutes."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import (
