@@ -329,3 +329,12 @@ def test_reward_model_directory_as_policy_names_its_kind(tmp_path):
     RewardModel.from_pretrained(tiny_config("llama", vocab_size=V), new_head=True, seed=0).save_pretrained(tmp_path / "r")
     with pytest.raises(ValueError, match=r"saved as a 'reward_model', not a policy"):
         Policy.from_pretrained(tmp_path / "r")
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    load_causal_lm(tiny_config("llama", vocab_size=V), seed=0).save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["vocab_size"] = V + 5  # edited by hand, or another checkpoint's config
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"m: its weights do not fit its config\.json \(LlamaForCausalLM\)"):
+        load_causal_lm(tmp_path / "m")

@@ -130,11 +130,18 @@ def _load(auto_cls, source: Source, *, dtype, attn_implementation, disable_dropo
 def from_pretrained_strict(auto_cls, path: Path, **kwargs) -> PreTrainedModel:
     """``auto_cls.from_pretrained(path, local_files_only=True, **kwargs)`` that refuses to draw
     weights (``_check_loading_info``) and turns a missing or unreadable weights file (transformers'
-    OSError) into a ValueError naming the directory."""
+    OSError) or weights of another shape than the config says (its RuntimeError) into a ValueError
+    naming the directory."""
     try:
         model, info = auto_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
     except OSError as e:
         raise ValueError(f"{path}: cannot load the weights ({e})") from None
+    except RuntimeError as e:  # transformers raises this for weights whose shape differs from the config's
+        if "size mismatch" not in str(e) and "mismatched_sizes" not in str(e):
+            raise
+        found = ", ".join(architectures_of(path)) or "no architectures field"
+        raise ValueError(f"{path}: its weights do not fit its config.json ({found}): "
+                         f"{' '.join(str(e).split())[:400]}") from None
     _check_loading_info(path, type(model).__name__, info)
     return model
 
