@@ -124,7 +124,7 @@ def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None =
     policy = Policy.from_pretrained(cfg, value_head=True, seed=seed, dtype=dtype).to(device)
     policy.model.generation_config.eos_token_id = None  # fixed-length responses on both sides
     ref = Policy(copy.deepcopy(policy.model)).eval().requires_grad_(False)
-    rm = RewardModel.from_pretrained(cfg, seed=seed + 1, dtype=dtype).to(device).eval().requires_grad_(False)
+    rm = RewardModel.from_pretrained(cfg, new_head=True, seed=seed + 1, dtype=dtype).to(device).eval().requires_grad_(False)
     texts = [r["prompt"] for r in task.prompt_records("train")[:B]]
     enc = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
     P = max(map(len, enc))

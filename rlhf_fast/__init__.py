@@ -1,3 +1,10 @@
-"""rlhf_fast: RLHF + PPO with fused kernels, a hybrid generation engine and a DeepSpeed PPO loop."""
+"""rlhf_fast: RLHF + PPO with fused kernels, a hybrid generation engine and a DeepSpeed PPO loop.
+
+Entry points (README "From Python"): the stage trainers ``rlhf_fast.trainers.sft.SFTTrainer``,
+``rlhf_fast.trainers.rm.RMTrainer`` and ``rlhf_fast.trainers.ppo.PPOTrainer`` (``Trainer(cfg,
+output_dir).fit()``), their typed configs in ``rlhf_fast.config`` (``load_config`` for presets and
+overrides), ``rlhf_fast.trainers.pipeline.run_pipeline`` for all three, and the building blocks in
+``rlhf_fast.models``, ``rlhf_fast.data``, ``rlhf_fast.algos``, ``rlhf_fast.engine`` and ``rlhf_fast.ops``.
+"""
 
 __version__ = "0.1.0"

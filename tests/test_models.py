@@ -35,7 +35,7 @@ def _policy(arch: str) -> Policy:
 
 @functools.lru_cache(maxsize=None)
 def _reward_model(arch: str) -> RewardModel:
-    return RewardModel.from_pretrained(tiny_config(arch, vocab_size=V), seed=7).eval()
+    return RewardModel.from_pretrained(tiny_config(arch, vocab_size=V), new_head=True, seed=7).eval()
 
 
 def _random_batch(B, T, *, seed=0, left_pad=None):
@@ -190,16 +190,16 @@ def test_left_padded_logits_equal_unpadded(arch, data):
 def test_reward_head_init_statistics_and_seed():
     d = 256
     cfg = tiny_config("gpt2", vocab_size=V, n_embd=d, n_head=4, n_layer=1)
-    weights = torch.cat([RewardModel.from_pretrained(cfg, seed=s).head.linear.weight.flatten() for s in range(4)])
+    weights = torch.cat([RewardModel.from_pretrained(cfg, new_head=True, seed=s).head.linear.weight.flatten() for s in range(4)])
     std = 1 / math.sqrt(d + 1)  # N details #8
     n = weights.numel()  # 1024 draws: the sample std is within ~2.2% (1 SE), so 10% is > 4 SE
     assert abs(weights.std().item() / std - 1) < 0.10
     assert abs(weights.mean().item()) < 4 * std / math.sqrt(n)
-    rm = RewardModel.from_pretrained(cfg, seed=3)
+    rm = RewardModel.from_pretrained(cfg, new_head=True, seed=3)
     assert torch.all(rm.head.linear.bias == 0)
-    again = RewardModel.from_pretrained(cfg, seed=3)
+    again = RewardModel.from_pretrained(cfg, new_head=True, seed=3)
     assert torch.equal(rm.head.linear.weight, again.head.linear.weight)
-    assert not torch.equal(rm.head.linear.weight, RewardModel.from_pretrained(cfg, seed=4).head.linear.weight)
+    assert not torch.equal(rm.head.linear.weight, RewardModel.from_pretrained(cfg, new_head=True, seed=4).head.linear.weight)
 
 
 def test_value_heads_start_at_zero():
@@ -236,7 +236,7 @@ def test_reward_read_at_last_valid_token_left_and_right(arch):
 # ---- normalisation -------------------------------------------------------------------------------
 
 def test_normalization_gives_mean_0_std_1_on_calibration_samples():
-    rm = RewardModel.from_pretrained(tiny_config("gpt_neox", vocab_size=V), seed=5)
+    rm = RewardModel.from_pretrained(tiny_config("gpt_neox", vocab_size=V), new_head=True, seed=5)
     ids, mask = _random_batch(40, 8, seed=9, left_pad=[i % 4 for i in range(40)])
     raw = rm.calibrate(ids, mask, batch_size=16)
     with torch.no_grad():
@@ -255,7 +255,7 @@ def test_normalization_gives_mean_0_std_1_on_calibration_samples():
 
 
 def test_normalization_rejects_constant_scores():
-    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=V), seed=0)
+    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=V), new_head=True, seed=0)
     with pytest.raises(ValueError, match="std"):
         rm.set_normalization(torch.ones(8))
 
@@ -269,7 +269,7 @@ def test_save_load_round_trips(arch, tmp_path):
     policy = Policy.from_pretrained(cfg, seed=1, value_head=True)
     with torch.no_grad():
         policy.value_head.linear.weight.normal_()  # non-trivial head
-    rm = RewardModel.from_pretrained(cfg, seed=2)
+    rm = RewardModel.from_pretrained(cfg, new_head=True, seed=2)
     rm.calibrate(ids, mask)
     critic = Critic.from_reward_model(rm)
     policy.save_pretrained(tmp_path / "policy")
@@ -301,8 +301,8 @@ def test_reward_model_from_sft_policy_keeps_backbone(tmp_path):
     policy = Policy.from_pretrained(cfg, seed=3)
     policy.save_pretrained(tmp_path / "sft")
     ids, mask = _random_batch(2, 6)
-    rm_dir = RewardModel.from_pretrained(tmp_path / "sft", seed=1)
-    rm_mem = RewardModel.from_pretrained(policy.model, seed=1)
+    rm_dir = RewardModel.from_pretrained(tmp_path / "sft", new_head=True, seed=1)
+    rm_mem = RewardModel.from_pretrained(policy.model, new_head=True, seed=1)
     with torch.no_grad():
         h = policy(ids, mask).hidden
         torch.testing.assert_close(rm_dir(ids, mask).hidden, h, atol=0, rtol=0)
@@ -349,16 +349,34 @@ def test_bad_inputs_are_named():
         policy.logprobs(ids, mask, response_start=0)
 
 
+class _Tok:
+    """The things the resize helper reads: a size, a pad id, and the special tokens added on top
+    of the base vocabulary (``added_tokens_decoder``)."""
+
+    def __init__(self, size, added):
+        from tokenizers import AddedToken
+
+        self.size, self.pad_token_id = size, size - 1
+        self.added_tokens_decoder = {i: AddedToken(f"<s{i}>", special=True) for i in added}
+
+    def __len__(self):
+        return self.size
+
+
 def test_resize_embeddings_for_tokenizer():
-    class Tok:  # the two things the helper reads
-        pad_token_id = V
-
-        def __len__(self):
-            return V + 1
-
     model = load_causal_lm(tiny_config("llama", vocab_size=V), seed=0)
-    assert resize_embeddings_for_tokenizer(model, Tok())
+    assert resize_embeddings_for_tokenizer(model, _Tok(V + 1, added=[V]))  # prepare_tokenizer's "[PAD]"
     assert model.get_input_embeddings().weight.shape[0] == V + 1
     assert model.get_output_embeddings().weight.shape[0] == V + 1
     assert model.config.pad_token_id == V
-    assert not resize_embeddings_for_tokenizer(model, Tok())
+    assert not resize_embeddings_for_tokenizer(model, _Tok(V + 1, added=[V]))
+
+
+def test_resize_refuses_a_tokenizer_of_another_model():
+    """A tokenizer whose ordinary vocabulary exceeds the embedding (the built-in 631-token one on a
+    user's model) used to grow the embedding silently: every id past the model's would be wrong."""
+    model = load_causal_lm(tiny_config("qwen2", vocab_size=V), seed=0)
+    with pytest.raises(ValueError, match=rf"my model: the tokenizer has {V + 40} tokens but the model's embedding "
+                                         rf"has {V} rows \(ids {V}\.\.{V + 38} have none\)"):
+        resize_embeddings_for_tokenizer(model, _Tok(V + 40, added=[V + 39]), what="my model")
+    assert model.get_input_embeddings().weight.shape[0] == V  # untouched

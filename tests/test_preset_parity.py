@@ -211,7 +211,7 @@ def test_critic_from_reward_model_with_its_normalisation(tmp_path):
     from rlhf_fast.tasks import tiny_config
 
     rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=40, bos_token_id=1, eos_token_id=2,
-                                                 pad_token_id=0), seed=3)
+                                                 pad_token_id=0), seed=3, new_head=True)
     with torch.no_grad():
         rm.gain.fill_(1.7)
         rm.bias.fill_(-0.6)

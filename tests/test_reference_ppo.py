@@ -131,7 +131,7 @@ def test_kl_nonzero_with_other_reference_and_kl_in_loss(base):
 
 
 def test_separate_critic_and_per_minibatch_whitening(base):
-    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=V), seed=7)
+    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=V), new_head=True, seed=7)
     critic = Critic.from_reward_model(rm)
     policy0 = _policy(value_head=False)
     hp = PRESETS["lm_human_preferences"].replace(num_minibatches=2, num_epochs=1)

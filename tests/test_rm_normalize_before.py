@@ -138,7 +138,7 @@ def test_resume_keeps_before_normalisation(init_policy, run, tmp_path, monkeypat
 def _stub_trainer(gain: float, bias: float, raw: torch.Tensor, **cfg):
     """An RMTrainer with only what ``micro_step`` reads: the config and an engine returning the
     given raw scores (chosen rows first) normalised by a real RewardModel's gain / bias buffers."""
-    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=16), seed=0)
+    rm = RewardModel.from_pretrained(tiny_config("gpt2", vocab_size=16), new_head=True, seed=0)
     rm.gain.fill_(gain)
     rm.bias.fill_(bias)
     t = RMTrainer.__new__(RMTrainer)

@@ -139,7 +139,7 @@ def test_tiny_configs_use_the_tokenizer_and_run(task, arch):
     cfg = task.model_config(arch, size="test")
     assert cfg.vocab_size == len(tok) and cfg.eos_token_id == tok.eos_token_id and cfg.pad_token_id == tok.pad_token_id
     policy = Policy.from_pretrained(cfg, seed=0, value_head=True)
-    rm = RewardModel.from_pretrained(cfg, seed=0)
+    rm = RewardModel.from_pretrained(cfg, new_head=True, seed=0)
     prompts = PromptDataset(task.prompt_records("eval")[:4], tok)
     batch = prompts.collator()([prompts[i] for i in range(4)])
     with torch.no_grad():

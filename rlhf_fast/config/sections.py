@@ -14,10 +14,13 @@ class ModelConfig:
     """Which model a stage starts from."""
 
     path: Optional[str] = None
-    """Local directory of a Hugging Face causal LM (or one saved by rlhf_fast). None: a fresh model
-    of ``arch`` / ``size`` sized to the built-in task's tokenizer (nothing is ever downloaded)."""
+    """Local directory of a Hugging Face causal LM (or one saved by rlhf_fast), with its tokenizer
+    (or ``tokenizer_path``). None: a fresh model of ``arch`` / ``size`` sized to the built-in task's
+    tokenizer (nothing is ever downloaded)."""
     tokenizer_path: Optional[str] = None
-    """Local tokenizer directory. None: ``path`` when it holds a tokenizer, else the built-in task's."""
+    """Local tokenizer directory. None: the one saved in ``path`` (a ``path`` without a tokenizer is
+    an error: the built-in tokenizer's ids would be wrong for it); the built-in task's for a fresh
+    model (no ``path``)."""
     arch: Literal["gpt2", "llama", "gpt_neox", "qwen2"] = "gpt2"
     """Architecture of a fresh model (``rlhf_fast.tasks.tiny_config``); ignored when ``path`` is set."""
     size: Literal["test", "task"] = "task"
@@ -47,13 +50,19 @@ class DataConfig:
     max_eval_examples: Optional[int] = None
     """Evaluate on at most N held-out records; None: all."""
     prompt_field: str = "prompt"
-    """Record field with the prompt (query)."""
+    """Record field with the prompt (query): a string, or a list of ``{role, content}`` messages
+    rendered with the tokenizer's chat template (``rlhf_fast.data.chat``)."""
+    messages_field: str = "messages"
+    """Record field with a whole chat conversation (TRL's conversational format), read when the
+    record has no prompt / response fields: SFT trains on its last (assistant) message as the
+    response; PPO prompts are its messages (no assistant message last)."""
     response_field: str = "response"
-    """SFT: record field with the reference response."""
+    """SFT: record field with the reference response (a string, or a message list when the prompt is one)."""
     chosen_field: str = "chosen"
-    """RM: record field with the preferred response."""
+    """RM: record field with the preferred response (a string, or a message list: TRL's preference
+    format, the prompt then a message list or the messages chosen and rejected share)."""
     rejected_field: str = "rejected"
-    """RM: record field with the other response."""
+    """RM: record field with the other response (the same form as ``chosen_field``)."""
     max_prompt_length: Optional[int] = None
     """Prompt tokens kept (cut on the left: N+ keeps the end of the query); None: no limit."""
     max_response_length: Optional[int] = None

@@ -172,8 +172,10 @@ class RewardConfig:
     """Where the scores come from."""
 
     model_path: Optional[str] = None
-    """A reward-model directory written by ``rlhf-fast rm`` (normalisation included). The
-    pipeline fills it in."""
+    """A reward-model directory written by ``rlhf-fast rm`` (normalisation included), or a Hugging
+    Face ``AutoModelForSequenceClassification`` directory with num_labels 1 (TRL / OpenRLHF reward
+    models: its trained score head, read as transformers reads it). It must share the policy's
+    tokenizer; a directory without a trained reward head is an error. The pipeline fills it in."""
     function: Optional[str] = None
     """Instead of a model: ``package.module:function`` taking (prompts, responses) lists and
     returning one finite number per prompt; ``task:gold`` uses the built-in task's gold reward."""

@@ -13,7 +13,9 @@ from rlhf_fast.models.heads import (
     shifted_labels,
 )
 from rlhf_fast.models.loading import (
+    architectures_of,
     backbone_of,
+    check_vocab_fits,
     disable_dropout,
     hidden_size_of,
     load_backbone,
@@ -21,11 +23,20 @@ from rlhf_fast.models.loading import (
     resize_embeddings_for_tokenizer,
 )
 from rlhf_fast.models.policy import Policy, PolicyLogProbs, PolicyOutput
-from rlhf_fast.models.reward import Critic, CriticOutput, RewardModel, RewardOutput
+from rlhf_fast.models.hf_classifier import HFRewardParts, load_hf_reward_parts
+from rlhf_fast.models.reward import (
+    Critic,
+    CriticOutput,
+    RewardModel,
+    RewardOutput,
+    check_reward_tokenizer,
+    load_reward_model,
+)
 
 __all__ = [
-    "Critic", "CriticOutput", "Policy", "PolicyLogProbs", "PolicyOutput", "RewardModel", "RewardOutput",
-    "ScalarHead", "backbone_of", "disable_dropout", "gather_last_valid", "hidden_size_of", "init_reward_head",
-    "init_value_head", "last_valid_index", "load_backbone", "load_causal_lm", "logprobs_from_hidden",
+    "Critic", "CriticOutput", "HFRewardParts", "Policy", "PolicyLogProbs", "PolicyOutput", "RewardModel",
+    "RewardOutput", "ScalarHead", "architectures_of", "backbone_of", "check_reward_tokenizer", "check_vocab_fits",
+    "disable_dropout", "gather_last_valid", "hidden_size_of", "init_reward_head", "init_value_head", "last_valid_index",
+    "load_backbone", "load_causal_lm", "load_hf_reward_parts", "load_reward_model", "logprobs_from_hidden",
     "position_ids_from_mask", "resize_embeddings_for_tokenizer", "shifted_labels",
 ]

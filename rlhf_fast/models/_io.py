@@ -33,8 +33,13 @@ def save_extras(directory, tensors: dict[str, torch.Tensor], meta: dict) -> None
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+KINDS = ("policy", "reward_model", "critic")
+
+
 def load_extras(directory) -> tuple[dict[str, torch.Tensor], dict]:
-    """Head tensors and metadata saved beside a model; ({}, {}) for a plain HF directory."""
+    """Head tensors and metadata saved beside a model; ({}, {}) for a plain HF directory. A heads
+    file without the metadata that says what it holds, or metadata without a known ``kind``, is a
+    ValueError (it would otherwise be read as a plain model and its heads ignored)."""
     directory = Path(directory)
     meta: dict = {}
     if (directory / META_FILE).is_file():
@@ -45,8 +50,24 @@ def load_extras(directory) -> tuple[dict[str, torch.Tensor], dict]:
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"{directory / META_FILE}: format_version {version!r} is not {FORMAT_VERSION}")
+        if meta.get("kind") not in KINDS:
+            raise ValueError(f"{directory / META_FILE}: kind {meta.get('kind')!r} is not one of {KINDS}")
+    elif (directory / HEADS_FILE).is_file():
+        raise ValueError(f"{directory}: {HEADS_FILE} without {META_FILE}, which says what the heads are; the "
+                         "directory is incomplete (save it again with save_pretrained)")
     tensors = load_file(str(directory / HEADS_FILE)) if (directory / HEADS_FILE).is_file() else {}
     return tensors, meta
+
+
+def head_tensors(tensors: dict[str, torch.Tensor], prefix: str, directory, what: str) -> dict[str, torch.Tensor]:
+    """The ``prefix`` tensors of a saved ScalarHead (``linear.weight``, ``linear.bias``); a
+    ValueError naming ``directory`` and ``what`` when they are not all there."""
+    head = take_prefix(tensors, prefix)
+    if set(head) != {"linear.weight", "linear.bias"}:
+        state = f"has {sorted(head)}" if head else ("is missing" if not tensors else "lacks them")
+        raise ValueError(f"{directory}: {META_FILE} says it holds a {what}, but {HEADS_FILE} {state} "
+                         f"({prefix}linear.weight / .bias)")
+    return head
 
 
 def take_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,7 +1,10 @@
 """Loading Hugging Face causal LMs and backbones from a local directory or a config.
 
 Nothing here downloads: every ``from_pretrained`` runs with ``local_files_only=True`` and a
-source that is not an existing directory is a ValueError. Dropout is switched off on load, in the
+source that is not an existing directory is a ValueError. Nothing is drawn silently either: a
+checkpoint that lacks weights the requested class needs (transformers would initialise them at
+random and print a load report) is a ValueError naming the weights and the directory's
+architecture, and a sequence-classification directory is never loaded as a causal LM. Dropout is switched off on load, in the
 config (so modules built later agree) and on every module ("The N Implementation Details of RLHF
 with PPO" #13; N+ turns it off for SFT, RM and PPO): with dropout on, the PPO ratio is not 1 on
 the first minibatch (TRL #454).
@@ -58,6 +61,23 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def architectures_of(path) -> list[str]:
+    """The ``architectures`` field of ``path/config.json`` (what ``save_pretrained`` recorded,
+    e.g. ``["Qwen2ForSequenceClassification"]``); [] when it has none."""
+    import json
+
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{Path(path) / 'config.json'} cannot be read ({e})") from None
+    return [a for a in archs if isinstance(a, str)]
+
+
+def is_sequence_classifier(path) -> bool:
+    """Whether ``path`` was saved from an ``AutoModelForSequenceClassification`` model."""
+    return any(a.endswith("ForSequenceClassification") for a in architectures_of(path))
+
+
 def _local_dir(source: Union[str, os.PathLike]) -> Path:
     path = Path(source).expanduser()
     if not path.is_dir():
@@ -100,13 +120,44 @@ def _load(auto_cls, source: Source, *, dtype, attn_implementation, disable_dropo
             disable_dropout_in_config(config)
         if dtype is not None:
             kwargs["dtype"] = dtype
-        with _seeded(seed):  # only weights missing from the checkpoint are drawn
-            model = auto_cls.from_pretrained(
-                path, config=config, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs
-            )
+        with _seeded(seed):
+            model = from_pretrained_strict(auto_cls, path, config=config, trust_remote_code=trust_remote_code, **kwargs)
     if disable_dropout_:
         disable_dropout(model)
     return model
+
+
+def from_pretrained_strict(auto_cls, path: Path, **kwargs) -> PreTrainedModel:
+    """``auto_cls.from_pretrained(path, local_files_only=True, **kwargs)`` that refuses to draw
+    weights (``_check_loading_info``) and turns a missing or unreadable weights file (transformers'
+    OSError) or weights of another shape than the config says (its RuntimeError) into a ValueError
+    naming the directory."""
+    try:
+        model, info = auto_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot load the weights ({e})") from None
+    except RuntimeError as e:  # transformers raises this for weights whose shape differs from the config's
+        if "size mismatch" not in str(e) and "mismatched_sizes" not in str(e):
+            raise
+        found = ", ".join(architectures_of(path)) or "no architectures field"
+        raise ValueError(f"{path}: its weights do not fit its config.json ({found}): "
+                         f"{' '.join(str(e).split())[:400]}") from None
+    _check_loading_info(path, type(model).__name__, info)
+    return model
+
+
+def _check_loading_info(path: Path, cls_name: str, info: dict) -> None:
+    """Refuses a load that left weights at their random init (``missing_keys``): transformers
+    only prints a report and goes on. Unexpected keys are fine (a backbone loaded from a causal-LM
+    or sequence-classification directory leaves the head's weights unused)."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or ()))
+    if missing or mismatched:
+        found = ", ".join(architectures_of(path)) or "no architectures field"
+        shown = ", ".join(missing[:6]) + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
+        what = f"missing weights {shown}" if missing else f"weights of another shape {', '.join(mismatched[:6])}"
+        raise ValueError(f"{path}: loading it as {cls_name} leaves {what}, which would be drawn at random; the "
+                         f"directory holds {found}")
 
 
 def load_causal_lm(
@@ -122,8 +173,15 @@ def load_causal_lm(
 
     ``source``: a directory written by ``save_pretrained`` or a ``PretrainedConfig`` (random init,
     drawn from ``seed`` when given, without touching the global RNG). ``dtype``: load dtype
-    (default: the checkpoint's). Dropout is disabled unless ``disable_dropout=False``.
+    (default: the checkpoint's). Dropout is disabled unless ``disable_dropout=False``. A
+    directory saved from a sequence-classification model (a reward model) or one that lacks the
+    LM head's weights is a ValueError.
     """
+    if not isinstance(source, PretrainedConfig):
+        path = _local_dir(source)
+        if is_sequence_classifier(path):
+            raise ValueError(f"{path} holds a sequence-classification model ({', '.join(architectures_of(path))}), "
+                             "not a causal LM: a reward model cannot be loaded as a policy")
     return _load(
         AutoModelForCausalLM, source, dtype=dtype, attn_implementation=attn_implementation,
         disable_dropout_=disable_dropout, seed=seed, trust_remote_code=trust_remote_code,
@@ -168,16 +226,59 @@ def hidden_size_of(config: PretrainedConfig) -> int:
     raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
 
 
-def resize_embeddings_for_tokenizer(model: PreTrainedModel, tokenizer, *, pad_to_multiple_of: int | None = None) -> bool:
+def _added_special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens added on top of the tokenizer's base vocabulary ("[PAD]" from
+    ``rlhf_fast.data.prepare_tokenizer``, chat markers, ...)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
+
+
+def embedding_rows(model: PreTrainedModel) -> int:
+    """Rows of the input embedding: the ids a model can read (may exceed ``len(tokenizer)``:
+    Qwen2 pads its embedding to a multiple of 128)."""
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def check_vocab_fits(model: PreTrainedModel, tokenizer, *, what: str, never_read: tuple[int, ...] = ()) -> None:
+    """ValueError, naming both sizes, when ``tokenizer`` makes ids that ``model``'s embedding has
+    no row for; ids in ``never_read`` (the pad token, which a reward model only meets at masked
+    positions) are exempt."""
+    rows, size = embedding_rows(model), len(tokenizer)
+    beyond = [i for i in range(rows, size) if i not in never_read]
+    if beyond:
+        raise ValueError(
+            f"{what}: the tokenizer has {size} tokens but the model's embedding has {rows} rows "
+            f"(ids {beyond[0]}..{beyond[-1]} have none): the tokenizer does not belong to this model; give the "
+            "tokenizer it was trained with (model.tokenizer_path)"
+        )
+
+
+def tokenizer_disagreement(own, tokenizer) -> list[str]:
+    """Tokens of tokenizer ``own`` (a model's saved tokenizer) that ``tokenizer`` maps to another id
+    (or not at all), sorted by ``own``'s id. Pad tokens are exempt (``own``'s pad, and whatever
+    ``own`` has at ``tokenizer``'s pad id): padding is masked, never read."""
+    mine, theirs = own.get_vocab(), tokenizer.get_vocab()
+    exempt = {getattr(own, "pad_token", None)}
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return sorted((t for t, i in mine.items() if theirs.get(t) != i and t not in exempt and i != pad_id),
+                  key=lambda t: mine[t])
+
+
+def resize_embeddings_for_tokenizer(model: PreTrainedModel, tokenizer, *, pad_to_multiple_of: int | None = None,
+                                    what: str = "model") -> bool:
     """Grows ``model``'s input (and tied / untied output) embeddings to ``len(tokenizer)`` when the
     tokenizer has more tokens than the model, e.g. after ``rlhf_fast.data.prepare_tokenizer``
-    added a dedicated pad token. Also records the pad / eos ids in the model's config. Returns
-    True if the embeddings were resized. Call it before wrapping the model (Policy, RewardModel)
-    and before building optimizers."""
+    added a dedicated pad token. Only added special tokens may need new rows: a tokenizer whose
+    ordinary vocabulary exceeds the embedding belongs to another model, and growing the embedding
+    to fit it would train on wrong ids, so that is a ValueError naming both sizes (``what`` names
+    the model). Also records the pad / eos ids in the model's config. Returns True if the
+    embeddings were resized. Call it before wrapping the model (Policy, RewardModel) and before
+    building optimizers."""
     needed = len(tokenizer)
-    current = model.get_input_embeddings().weight.shape[0]
+    current = embedding_rows(model)
     resized = False
     if needed > current:
+        check_vocab_fits(model, tokenizer, what=what, never_read=tuple(_added_special_ids(tokenizer)))
         model.resize_token_embeddings(needed, pad_to_multiple_of=pad_to_multiple_of)
         resized = True
     if getattr(tokenizer, "pad_token_id", None) is not None:

@@ -130,11 +130,12 @@ class Policy(nn.Module):
         """Loads from a local directory (a plain HF causal LM or one saved by ``save_pretrained``)
         or builds from a config. ``value_head=None`` keeps a saved value head if there is one;
         True adds a zero-initialised one when none was saved; False drops it."""
-        model = load_causal_lm(source, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
         tensors, meta = ({}, {}) if not isinstance(source, (str, os.PathLike)) else _io.load_extras(source)
-        if meta and meta.get("kind") != "policy":
+        if meta and meta.get("kind") != "policy":  # before loading: a reward model's body has no LM head
             raise ValueError(f"{source}: saved as a {meta.get('kind')!r}, not a policy")
-        saved_head = _io.take_prefix(tensors, "value_head.")
+        model = load_causal_lm(source, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
+        saved_head = _io.head_tensors(tensors, "value_head.", source, "policy with a value head") \
+            if meta.get("value_head") else {}
         want_head = bool(saved_head) if value_head is None else value_head
         policy = cls(model, value_head=want_head, use_linear_logprobs=use_linear_logprobs)
         if want_head and saved_head:

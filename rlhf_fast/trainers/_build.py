@@ -7,6 +7,7 @@ from typing import Optional
 
 from rlhf_fast.config import DataConfig, ModelConfig
 from rlhf_fast.data import load_records, prepare_tokenizer
+from rlhf_fast.data.chat import check_records
 
 
 def get_task(data: DataConfig):
@@ -15,16 +16,51 @@ def get_task(data: DataConfig):
     return _get_task(data.task)
 
 
-def load_tokenizer(model: ModelConfig, data: DataConfig, *, source: Optional[str] = None):
-    """The tokenizer for a stage: ``model.tokenizer_path``, else ``source`` / ``model.path`` when it
-    holds a tokenizer, else the built-in task's. Prepared for RLHF (dedicated pad, left padding)."""
-    path = model.tokenizer_path or source or model.path
-    if path is not None and (Path(path) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    elif model.tokenizer_path is not None:
-        raise ValueError(f"model.tokenizer_path {model.tokenizer_path!r} is not a tokenizer directory")
+
+def has_tokenizer(path) -> bool:
+    """Whether a local directory holds a saved tokenizer (``tokenizer.save_pretrained``)."""
+    return path is not None and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _auto_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"the tokenizer in {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(model: ModelConfig, data: DataConfig, *, source: Optional[str] = None, section: str = "model"):
+    """The tokenizer for a stage, prepared for RLHF (dedicated pad, left padding):
+    ``model.tokenizer_path`` when set, else the model directory's own (``source`` / ``model.path``),
+    else, for a fresh built-in model (no directory), the built-in task's. A model directory without
+    a tokenizer and no ``tokenizer_path`` is a ValueError: the built-in tokenizer's ids would be
+    wrong for a real model. ``section`` names the config section in errors ("sft.model", "ppo.policy")."""
+    if model.tokenizer_path is not None:
+        if not has_tokenizer(model.tokenizer_path):
+            raise ValueError(f"{section}.tokenizer_path {model.tokenizer_path!r} is not a tokenizer directory "
+                             f"(no {' / '.join(TOKENIZER_FILES)})")
+        tok = _auto_tokenizer(model.tokenizer_path)
+        own_dir = source or model.path
+        if own_dir is not None and has_tokenizer(own_dir):  # the model directory's own tokenizer must agree
+            from rlhf_fast.models.loading import tokenizer_disagreement
+
+            differ = tokenizer_disagreement(_auto_tokenizer(own_dir), tok)
+            if differ:
+                raise ValueError(
+                    f"{section}.tokenizer_path {model.tokenizer_path!r} ({len(tok)} tokens) disagrees with the "
+                    f"tokenizer saved in the model directory {own_dir!r} on {len(differ)} tokens (e.g. {differ[0]!r}): "
+                    "the model would read wrong ids; drop tokenizer_path, or give one that extends the model's")
+    elif (path := source or model.path) is not None:
+        if not Path(path).is_dir():
+            raise ValueError(f"model path {path!r} is not a directory (rlhf_fast never downloads models)")
+        if not has_tokenizer(path):
+            raise ValueError(f"model directory {path!r} holds no tokenizer (no {' / '.join(TOKENIZER_FILES)}): save "
+                             f"the model's tokenizer there (tokenizer.save_pretrained) or set {section}.tokenizer_path")
+        tok = _auto_tokenizer(path)
     else:
         tok = get_task(data).tokenizer
     return prepare_tokenizer(tok)
@@ -48,11 +84,25 @@ def _check_file(path: str, what: str) -> str:
     return path
 
 
+# what each stage reads from a record (rlhf_fast.data.chat.parts_of)
+DATA_KINDS = {"sft": "sft", "rm": "preference", "ppo": "prompt"}
+
+
+def record_fields(data: DataConfig) -> dict:
+    """The record field names of ``data``, as ``rlhf_fast.data.chat.parts_of`` takes them."""
+    return dict(prompt_field=data.prompt_field, response_field=data.response_field, chosen_field=data.chosen_field,
+                rejected_field=data.rejected_field, messages_field=data.messages_field)
+
+
 def check_data_files(data: DataConfig, stage: str) -> None:
-    """Fails fast (before any distributed set-up) on data files that do not exist."""
+    """Fails fast, before any distributed set-up or model, on data files that do not exist, hold no
+    records, or hold a record the stage cannot read (a missing field, a wrong type, a malformed
+    message list: the error names the file and line). Tokenisation (lengths, chat templates)
+    needs the tokenizer and is checked when the datasets are built."""
     for name in ("train_file", "eval_file"):
         if getattr(data, name) is not None:
-            _check_file(getattr(data, name), f"{stage}.data.{name}")
+            check_records(file_records(getattr(data, name), f"{stage}.data.{name}"), DATA_KINDS[stage],
+                          **record_fields(data))
 
 
 def file_records(path: str, what: str) -> list:

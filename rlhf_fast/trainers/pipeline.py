@@ -29,6 +29,10 @@ def _done(stage_dir: Path) -> bool:
 
 
 def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print) -> dict:
+    """SFT -> reward model -> PPO on ``cfg`` (a ``RunConfig``, e.g. ``load_config(presets=["ci"])``)
+    into ``output_dir``/sft, /rm, /ppo; the RM starts from the SFT model and PPO from the SFT policy
+    with that RM unless ``cfg.rm.sft_model`` / ``cfg.ppo.policy.path`` / ``cfg.ppo.reward`` say
+    otherwise. ``echo`` prints the progress lines and the summary table. Returns summary.json's dict."""
     from rlhf_fast.trainers.ppo import PPOTrainer
     from rlhf_fast.trainers.rm import RMTrainer
     from rlhf_fast.trainers.sft import SFTTrainer

@@ -36,7 +36,7 @@ from rlhf_fast.algos import Registry, Rollout
 from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import make_generator
-from rlhf_fast.models import Critic, Policy, RewardModel
+from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
@@ -122,7 +122,13 @@ OLD_LOGPROB_SOURCES.register("rollout")(True)
 class PPOTrainer(StageTrainer):
     """``PPOTrainer(cfg.ppo, "out/ppo").fit()`` trains the policy and returns the last metrics.
 
-    ``reward_fn`` (optional) overrides ``cfg.reward``: ``fn(prompts, responses) -> scores``.
+    ``cfg``: a ``PPOConfig``: ``policy.path`` (an SFT output), ``reward.model_path`` (a directory
+    from ``rlhf-fast rm`` or an HF ``AutoModelForSequenceClassification`` one, loaded with its
+    trained head by ``rlhf_fast.models.load_reward_model``) or ``reward.function``, and prompts in
+    ``data.train_file`` (text or chat records; checked in the constructor). ``output_dir``: the
+    stage directory. ``resume``: continue from its latest checkpoint. ``reward_fn`` (optional)
+    overrides ``cfg.reward``: ``fn(prompts, responses) -> scores``. ``dist_info``: an already
+    initialised process group.
     """
 
     stage = "ppo"
@@ -131,6 +137,7 @@ class PPOTrainer(StageTrainer):
     def __init__(self, cfg: PPOConfig, output_dir, *, resume: bool = False, reward_fn: Optional[RewardFn] = None,
                  dist_info: Optional[dss.DistInfo] = None):
         validate(cfg, "ppo")  # a config built in code skips load_config's checks
+        _build.check_data_files(cfg.data, self.stage)  # bad records fail before distributed set-up and models
         super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
         g = cfg.generation  # the log-probs are under the sampler's filter unless algo sets its own
         self.hp = cfg.algo.replace(top_k=g.top_k if cfg.algo.top_k is None else cfg.algo.top_k,
@@ -159,10 +166,11 @@ class PPOTrainer(StageTrainer):
         cfg = self.cfg
         dss.seed_everything(cfg.seed, self.dist.rank)
         train, evals = self._load_prompts()
-        self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path)
+        self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path, section="ppo.policy")
         self.stop_token_ids = resolve_stop_tokens(self.tokenizer, cfg.generation.stop_tokens)  # before any model
         policy, critic = self._models()
-        kw = dict(prompt_field=cfg.data.prompt_field, max_prompt_length=cfg.data.max_prompt_length)
+        kw = dict(prompt_field=cfg.data.prompt_field, messages_field=cfg.data.messages_field,
+                  max_prompt_length=cfg.data.max_prompt_length)
         self.prompts = PromptDataset(train, self.tokenizer, **kw)
         self.eval_prompts = PromptDataset(evals, self.tokenizer, **kw)
         self.collate = self.prompts.collator(pad_to_length=cfg.data.max_prompt_length)
@@ -240,7 +248,7 @@ class PPOTrainer(StageTrainer):
             raise ValueError("ppo.reward: give reward.model_path (a directory from rlhf-fast rm) or reward.function")
         if not Path(cfg.reward.model_path).is_dir():
             raise ValueError(f"ppo.reward.model_path {cfg.reward.model_path!r} is not a directory")
-        rm = RewardModel.from_pretrained(cfg.reward.model_path).eval().requires_grad_(False)
+        rm = load_reward_model(cfg.reward.model_path, self.tokenizer)
         rm.to(self.dist.device)
         if frozen_dtype is not None:
             rm.backbone.to(frozen_dtype)

@@ -21,6 +21,7 @@ from rlhf_fast.algos import Registry
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.models.hf_classifier import describe_model_dir, holds_reward_model
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
@@ -59,7 +60,11 @@ class RMTrainer(DatasetStageTrainer):
     ``eval/loss``, ``norm/*``...); with ``normalize_before``, ``norm_before/*`` is logged at step 0.
 
     The backbone comes from ``cfg.sft_model`` (N+: the RM starts from the SFT model), else
-    ``cfg.model.path``, else a fresh ``cfg.model`` config. ``reference_data``: where the reference
+    ``cfg.model.path``, else a fresh ``cfg.model`` config; a source without a reward head gets a
+    fresh one, a reward model (ours or an HF sequence classifier) keeps its trained head. Data:
+    ``cfg.data.train_file`` (text ``prompt`` / ``chosen`` / ``rejected`` records or TRL's chat
+    preference format, ``rlhf_fast.data.chat``) or the built-in task; every record is checked in
+    the constructor, before distributed set-up. ``reference_data``: where the reference
     responses for the "reference_*" normalisations come from (the ``sft`` section's data).
     ``policy_temperature``: the PPO sampling temperature (``ppo.generation.temperature``), used
     for the "policy_samples" responses when ``cfg.sample_temperature`` is None.
@@ -73,35 +78,48 @@ class RMTrainer(DatasetStageTrainer):
         validate(cfg, "rm")  # a config built in code skips load_config's checks (normalize_before needs policy_samples)
         if policy_temperature is not None and not policy_temperature > 0:
             raise ValueError(f"policy_temperature must be > 0, got {policy_temperature}")
-        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
-        self.sample_temperature = (cfg.sample_temperature if cfg.sample_temperature is not None
-                                   else policy_temperature if policy_temperature is not None
-                                   else GenerationConfig().temperature)
-        self.reference_data = reference_data or DataConfig()
-        self.init_path = cfg.sft_model or cfg.model.path
+        # every check that needs no model runs before the distributed set-up (super().__init__)
+        reference_data = reference_data or DataConfig()
+        entry = RM_NORMALIZATIONS[cfg.normalization]
+        if entry.apply is not None and not entry.samples_policy:  # reference data, read after training: check it now
+            _build.check_data_files(reference_data, "sft")
+        init_path = cfg.sft_model or cfg.model.path
         for name, path in (("rm.sft_model", cfg.sft_model), ("rm.model.path", cfg.model.path)):
             if path is not None and not Path(path).is_dir():
                 raise ValueError(f"{name} {path!r} is not a directory (a model written by rlhf-fast sft; "
                                  "nothing is downloaded)")
-        if RM_NORMALIZATIONS[cfg.normalization].samples_policy and self.init_path is None:
+        if RM_NORMALIZATIONS[cfg.normalization].samples_policy and init_path is None:
             raise ValueError(
                 "rm.normalization 'policy_samples' samples from the initial policy, but there is none: set "
                 "rm.sft_model (or rm.model.path), or choose 'reference_mean', 'reference_std' or 'none'"
             )
+        if entry.samples_policy and holds_reward_model(init_path):
+            raise ValueError(
+                f"rm.normalization 'policy_samples' samples from the initial policy, but {init_path} holds a reward "
+                f"model ({describe_model_dir(init_path)}), which cannot generate: choose 'reference_mean', "
+                "'reference_std' or 'none', or start from an SFT model")
+        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+        self.sample_temperature = (cfg.sample_temperature if cfg.sample_temperature is not None
+                                   else policy_temperature if policy_temperature is not None
+                                   else GenerationConfig().temperature)
+        self.reference_data, self.init_path = reference_data, init_path
 
     def build_datasets(self) -> None:
         cfg = self.cfg
-        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, source=self.init_path)
+        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, source=self.init_path, section="rm.model")
         train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).preference_records())
         kw = dict(
             prompt_field=cfg.data.prompt_field, chosen_field=cfg.data.chosen_field,
-            rejected_field=cfg.data.rejected_field, max_prompt_length=cfg.data.max_prompt_length,
+            rejected_field=cfg.data.rejected_field, messages_field=cfg.data.messages_field,
+            max_prompt_length=cfg.data.max_prompt_length,
             max_response_length=cfg.data.max_response_length,
         )
-        self.train_items = PreferenceDataset(train, self.tokenizer, **kw).items
+        train_ds = PreferenceDataset(train, self.tokenizer, **kw)
+        self.train_items = train_ds.items
         eval_ds = PreferenceDataset(evals, self.tokenizer, **kw)
         self.eval_items = eval_ds.items
-        self.prompts = [_field(r, cfg.data.prompt_field) for r in train]  # the pool normalisation draws from
+        # the pool normalisation draws from: each prompt's tokens (a chat prompt rendered by the template)
+        self.prompts = train_ds.prompt_ids
         self._collate = eval_ds.collator()
 
     def build_model(self) -> torch.nn.Module:
@@ -109,10 +127,11 @@ class RMTrainer(DatasetStageTrainer):
         if not isinstance(src, str):  # a fresh model: build it as a causal LM so the vocabulary can grow
             src = load_causal_lm(src, seed=self.cfg.model.init_seed)
             resize_embeddings_for_tokenizer(src, self.tokenizer)
-        rm = RewardModel.from_pretrained(src, attn_implementation=self.cfg.model.attn_implementation,
+        # new_head: an SFT / plain LM gets a fresh head (N+: the RM starts from the SFT model); a
+        # reward model (ours or an HF sequence classifier) keeps its trained one
+        rm = RewardModel.from_pretrained(src, new_head=True, attn_implementation=self.cfg.model.attn_implementation,
                                          seed=self.cfg.model.init_seed)
-        if rm.backbone.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
-            raise ValueError(f"{src}: the model's vocabulary is smaller than its tokenizer ({len(self.tokenizer)})")
+        resize_embeddings_for_tokenizer(rm.backbone, self.tokenizer, what=f"rm model {src}")
         return rm
 
     def collate(self, items: list) -> dict:
@@ -209,11 +228,12 @@ class RMTrainer(DatasetStageTrainer):
         records, _ = _build.split_records(data, "sft", lambda: _build.get_task(data).sft_records())
         records = records[: self.cfg.normalization_samples]
         ds = SFTDataset(records, self.tokenizer, prompt_field=data.prompt_field, response_field=data.response_field,
-                        max_prompt_length=data.max_prompt_length, max_response_length=data.max_response_length)
+                        messages_field=data.messages_field, max_prompt_length=data.max_prompt_length,
+                        max_response_length=data.max_response_length)
         return left_pad([it["input_ids"] for it in ds.items], self.tokenizer.pad_token_id)
 
-    def _draw_prompts(self, draw: int) -> list[str]:
-        """Draw ``draw``'s prompts: the ``draw``-th block of ``normalization_samples`` training
+    def _draw_prompts(self, draw: int) -> list[list[int]]:
+        """Draw ``draw``'s prompts (token ids): the ``draw``-th block of ``normalization_samples`` training
         prompts, wrapping around the pool (a pool smaller than a block repeats prompts)."""
         n, pool = self.cfg.normalization_samples, self.prompts
         if not pool:
@@ -232,7 +252,7 @@ class RMTrainer(DatasetStageTrainer):
         stop_at_eos = self.cfg.sample_stop_at_eos
         if not stop_at_eos:  # generate() falls back to generation_config's EOS when given None
             policy.generation_config.eos_token_id = None
-        prompts = [tok(p)["input_ids"] for p in self._draw_prompts(draw)]
+        prompts = self._draw_prompts(draw)
         p_ids, p_mask = left_pad(prompts, tok.pad_token_id)
         seqs = []
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
@@ -263,6 +283,7 @@ class RMTrainer(DatasetStageTrainer):
 
 def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
              policy_temperature: Optional[float] = None) -> dict:
-    """Runs the reward-model stage; returns its last logged metrics."""
+    """Runs the reward-model stage (``RMTrainer(cfg, output_dir, ...).fit()``); returns its last
+    logged metrics."""
     return RMTrainer(cfg, output_dir, resume=resume, reference_data=reference_data,
                      policy_temperature=policy_temperature).fit()

@@ -29,17 +29,27 @@ LOSS_ON_PROMPT = {"response": False, "all": True}
 class SFTTrainer(DatasetStageTrainer):
     """``SFTTrainer(cfg.sft, "out/sft").fit()`` writes ``out/sft/model`` (a policy in HF format,
     with its tokenizer) and returns the last logged metrics (``train/loss``, ``eval/loss``,
-    ``eval/perplexity``...)."""
+    ``eval/perplexity``...).
+
+    ``cfg``: an ``SFTConfig`` (``load_config(...).sft`` or built in code). The model is
+    ``cfg.model.path`` (a local ``save_pretrained`` directory holding its tokenizer, or
+    ``cfg.model.tokenizer_path``) or, without a path, a fresh ``cfg.model.arch`` model on the
+    built-in task's tokenizer. Data: ``cfg.data.train_file`` (text ``prompt`` / ``response`` or
+    chat ``messages`` records, ``rlhf_fast.data.chat``) or the built-in task; every record is
+    checked here, before distributed set-up. ``output_dir``: the stage directory (metrics.jsonl,
+    tensorboard/, checkpoints/, model/). ``resume``: continue from ``output_dir``'s latest
+    checkpoint. ``dist_info``: an already initialised process group (the pipeline passes one)."""
 
     stage = "sft"
     cfg: SFTConfig
 
     def build_datasets(self) -> None:
         cfg = self.cfg
-        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data)
+        self.tokenizer = _build.load_tokenizer(cfg.model, cfg.data, section="sft.model")
         train, evals = _build.split_records(cfg.data, self.stage, lambda: _build.get_task(cfg.data).sft_records())
         kw = dict(
             prompt_field=cfg.data.prompt_field, response_field=cfg.data.response_field,
+            messages_field=cfg.data.messages_field,
             max_prompt_length=cfg.data.max_prompt_length, max_response_length=cfg.data.max_response_length,
             train_on_prompt=LOSS_ON_PROMPT[cfg.loss_on],
         )
@@ -51,7 +61,8 @@ class SFTTrainer(DatasetStageTrainer):
     def build_model(self) -> torch.nn.Module:
         src = _build.model_source(self.cfg.model, self.cfg.data, self.tokenizer)
         model = load_causal_lm(src, attn_implementation=self.cfg.model.attn_implementation, seed=self.cfg.model.init_seed)
-        resize_embeddings_for_tokenizer(model, self.tokenizer)
+        resize_embeddings_for_tokenizer(model, self.tokenizer, what=f"sft model {src}" if isinstance(src, str) else
+                                        "sft model")
         return model
 
     def collate(self, items: list) -> dict:
@@ -90,5 +101,6 @@ class SFTTrainer(DatasetStageTrainer):
 
 
 def train_sft(cfg: SFTConfig, output_dir, *, resume: bool = False) -> dict:
-    """Runs the SFT stage; returns its last logged metrics."""
+    """Runs the SFT stage (``SFTTrainer(cfg, output_dir, resume=resume).fit()``); returns its last
+    logged metrics."""
     return SFTTrainer(cfg, output_dir, resume=resume).fit()
