@@ -43,6 +43,7 @@ from rlhf_fast import config as config_mod
 from rlhf_fast.config import BatchPlan, LoggingConfig
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers import deepspeed_setup as dss
+from rlhf_fast.trainers.runs import guarded_fit, previous_run, resolve_save_every, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, step)
+            writer.flush()
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A TensorBoard text entry (markdown) at ``step``; nothing without TensorBoard."""
+        writer = self._tb() if self.enabled else None
+        if writer is not None:
+            writer.add_text(tag, text, step)
             writer.flush()
 
     def _tb(self):
@@ -206,11 +214,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _same_value(x, y) -> bool:
+    """Equal, or two spellings of one existing path (runs/sft/model vs /abs/runs/sft/model: the
+    pipeline fills model paths in from --output-dir as it was written)."""
+    if x == y:
+        return True
+    if isinstance(x, str) and isinstance(y, str) and x and y:
+        try:
+            return os.path.samefile(x, y)
+        except OSError:
+            return False
+    return False
+
+
 def check_resume_config(saved: dict, current: dict, stage: str, path) -> None:
     """Raises when ``current`` differs from the config a checkpoint was written with (outside
     ``RESUMABLE_CHANGES``), naming the fields."""
     a, b = _flatten(saved), _flatten(current)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    diff = [k for k in sorted(set(a) | set(b))
+            if not _same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)]
     if diff:
         shown = "; ".join(f"{stage}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:6])
         more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
@@ -237,13 +259,6 @@ class Checkpointer:
         log.warning("%s names %s, which is missing or incomplete (no %s): nothing to resume from, starting "
                     "from scratch", pointer, path, STATE_FILE)
         return None
-
-    def clear(self) -> None:
-        """A fresh (not resumed) run removes an earlier run's checkpoints, which a later ``--resume``
-        would otherwise mix with this run's (rank 0)."""
-        if self.is_main and self.root.exists():
-            log.warning("fresh run: removing the earlier checkpoints in %s (use --resume to continue a run)", self.root)
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
         name = f"step-{step:06d}"
@@ -299,12 +314,14 @@ class Checkpointer:
 
 
 def start_fresh(output_dir: Path, checkpointer: Checkpointer, *, is_main: bool) -> None:
-    """A run that does not resume replaces the earlier run's record in ``output_dir``: its metrics,
-    TensorBoard events and checkpoints (rank 0)."""
-    if is_main:
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
-    checkpointer.clear()
+    """A run that does not resume starts in a directory without an earlier run: ``fit``'s guard
+    (``rlhf_fast.trainers.runs.guarded_fit``) refused one, or deleted it under ``overwrite``, before
+    anything was built. Checked again here for a caller that set up a trainer without ``fit``;
+    nothing is ever deleted here (an earlier run's checkpoints would mix into a later ``--resume``)."""
+    found = previous_run(output_dir)
+    if found:
+        raise ValueError(f"{output_dir} holds a previous run ({', '.join(found)}): resume it, overwrite it "
+                         "(overwrite=True / --overwrite) or choose another output directory")
     dss.barrier()
 
 
@@ -341,10 +358,11 @@ class StageTrainer:
 
     stage = "stage"
 
-    def __init__(self, cfg, output_dir, *, resume: bool = False, dist_info: Optional[dss.DistInfo] = None):
+    def __init__(self, cfg, output_dir, *, resume: bool = False, overwrite: bool = False,
+                 dist_info: Optional[dss.DistInfo] = None):
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         _build.check_data_files(cfg.data, self.stage)
         self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
         self.plan = BatchPlan.resolve(cfg, self.dist.world_size, path=f"{self.stage}.")
@@ -470,11 +488,13 @@ class StageTrainer:
                                state={"step": self.step, "total_steps": self.total_steps, "stage": self.stage,
                                       "config": config_mod.to_dict(self.cfg)})
 
+    @guarded_fit
     def fit(self) -> dict:
         """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;
         returns the last logged metrics."""
         self._setup()
         log = self.cfg.logging
+        save_every = resolve_save_every(log.save_every, self.total_steps)
         stop_at = min(self.total_steps, self.cfg.stop_after_steps or self.total_steps)
         bar = make_progress(self.total_steps, self.step, enabled=self.is_main and log.progress_bar
                             and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
@@ -507,8 +527,11 @@ class StageTrainer:
             if self.step % log.log_every == 0 or final or self.step == stop_at or "eval/loss" in row:
                 self.logger.log(self.step, row)
                 last = row
-            if (log.save_every and self.step % log.save_every == 0) or final or self.step == stop_at:
+            stopping = not final and stop_requested(self.dist)  # Ctrl-C (rlhf_fast/trainers/runs.py)
+            if (save_every and self.step % save_every == 0) or final or self.step == stop_at or stopping:
                 self._checkpoint()
+            if stopping:
+                break
         bar.close()
         if self.step == self.total_steps:
             save_model_atomically(self.output_dir / "model", lambda d: self.write_model(self.engine.module, d),

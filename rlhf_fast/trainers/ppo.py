@@ -42,6 +42,8 @@ from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import Checkpointer, MetricsLogger, epoch_order, make_progress, save_model_atomically, \
     start_fresh, write_stage_config
+from rlhf_fast.trainers.runs import guarded_fit, resolve_save_every, stop_requested
+from rlhf_fast.trainers.watch import SampleLogger, ppo_postfix
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -195,9 +197,9 @@ class PPOTrainer:
 
     stage = "ppo"
 
-    def __init__(self, cfg: PPOConfig, output_dir, *, resume: bool = False, reward_fn: Optional[RewardFn] = None,
-                 dist_info: Optional[dss.DistInfo] = None):
-        self.cfg, self.output_dir, self.resume = cfg, Path(output_dir), resume
+    def __init__(self, cfg: PPOConfig, output_dir, *, resume: bool = False, overwrite: bool = False,
+                 reward_fn: Optional[RewardFn] = None, dist_info: Optional[dss.DistInfo] = None):
+        self.cfg, self.output_dir, self.resume, self.overwrite = cfg, Path(output_dir), resume, overwrite
         self.hp = cfg.algo
         self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
         self.is_main = self.dist.is_main
@@ -313,6 +315,8 @@ class PPOTrainer:
         log = cfg.logging
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=log.keep_checkpoints, is_main=self.is_main)
         self.logger = MetricsLogger(self.output_dir, tensorboard=log.tensorboard, enabled=self.is_main)
+        self.samples = SampleLogger(self.output_dir, rows=log.samples_per_iteration, enabled=self.is_main,
+                                    metrics=self.logger)
         self.iteration = 0
         if self.resume and (ckpt := self.checkpointer.latest()) is not None:
             state = self.checkpointer.load(ckpt, self._engines(), stage=self.stage, config=config_mod.to_dict(cfg))
@@ -320,6 +324,7 @@ class PPOTrainer:
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.score_stats.load_state_dict(state.get("score_stats", self.score_stats.state_dict()))
             self.logger.resume_from(self.iteration)
+            self.samples.resume_from(self.iteration)
         else:
             start_fresh(self.output_dir, self.checkpointer, is_main=self.is_main)
         if self.is_main:
@@ -414,6 +419,7 @@ class PPOTrainer:
                 groups = algos.contiguous_group_ids(resp.shape[0], cfg.samples_per_prompt, resp.device)
                 groups = groups + self.dist.rank * self.local_prompts
             local = Rollout(q_ids, q_mask, resp, rmask, scores, group_ids=groups)
+            self.samples.log(iteration + 1, self.tokenizer, batch["prompts"], resp, rmask, scores, raw_scores, has_stop)
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)
         with timer("logprobs"):
@@ -471,14 +477,14 @@ class PPOTrainer:
         ref = self.ref_policy.logprobs(r.sequences, r.attention_mask, temperature=self.hp.temperature,
                                        response_start=r.response_start).logprobs
         kl = torch.where(rmask, lp - ref, 0.0).sum(-1)
-        sums = [float(scores.sum()), float(kl.sum()), float(rmask.sum()), float(len(rows))]
+        sums = [float(scores.sum()), float(kl.sum()), float(rmask.sum()), float(len(rows)), float((~has_stop).sum())]
         gold = 0.0
         if self.task is not None:
             texts = self.tokenizer.batch_decode(torch.where(rmask, resp, self.tokenizer.pad_token_id),
                                                 skip_special_tokens=True)
             gold = float(sum(self.task.gold_reward(texts, batch["prompts"])))
-        s, k, n_tok, n, g = dss.all_reduce_sum(sums + [gold], self.dist.device)
-        out = {"eval/score": s / n, "eval/kl": k / n, "eval/response_length": n_tok / n}
+        s, k, n_tok, n, miss, g = dss.all_reduce_sum(sums + [gold], self.dist.device)
+        out = {"eval/score": s / n, "eval/kl": k / n, "eval/response_length": n_tok / n, "eval/missing_stop_frac": miss / n}
         if self.task is not None:
             out["eval/gold_score"] = g / n
         return out
@@ -501,11 +507,13 @@ class PPOTrainer:
         module.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
+    @guarded_fit
     def fit(self) -> dict:
         """Runs (or resumes) ``cfg.iterations`` iterations; evaluates before the first (the SFT
         policy) and every ``logging.eval_every``; writes ``DIR/model`` and plots; returns the last row."""
         self.setup()
         cfg, log = self.cfg, self.cfg.logging
+        save_every = resolve_save_every(log.save_every, cfg.iterations)
         bar = make_progress(cfg.iterations, self.iteration, desc="ppo",
                             enabled=self.is_main and log.progress_bar and not os.environ.get("RLHF_FAST_NO_TQDM"))
         last: dict = {}
@@ -524,11 +532,13 @@ class PPOTrainer:
             self.logger.log(self.iteration, row)
             last = row
             bar.update(1)
-            bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
-                            tok_s=f"{row['perf/tokens_per_s']:.0f}")
-            if (log.save_every and self.iteration % log.save_every == 0) or final or \
-                    self.iteration == cfg.stop_after_iterations:
+            bar.set_postfix(ppo_postfix(row))
+            stopping = not final and stop_requested(self.dist)  # Ctrl-C (rlhf_fast/trainers/runs.py)
+            if (save_every and self.iteration % save_every == 0) or final or \
+                    self.iteration == cfg.stop_after_iterations or stopping:
                 self._checkpoint()
+            if stopping:
+                break
         bar.close()
         if self.iteration == cfg.iterations:
             if cfg.deepspeed.zero_stage == 3:
