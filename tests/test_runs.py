@@ -19,7 +19,6 @@ import pytest
 
 from rlhf_fast import config as C
 from rlhf_fast.cli import main
-from rlhf_fast.trainers import runs
 from rlhf_fast.trainers.common import read_metrics, write_stage_config
 from rlhf_fast.trainers.sft import SFTTrainer
 
@@ -58,6 +57,8 @@ def _hold_lock(directory: Path) -> subprocess.Popen:
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path, caplog, monkeypatch, capsys):
     """A second run on the directory is refused with the holder's pid, before any model is built;
     a lock left by a killed process is taken over (with a warning); a rank other than 0 never locks."""
+    from rlhf_fast.trainers import runs
+
     holder = _hold_lock(tmp_path)
     try:
         with pytest.raises(runs.OutputDirBusy, match=rf"is in use by another run \(pid {holder.pid} on "):
@@ -130,6 +131,8 @@ def test_resume_with_nothing_to_resume(tmp_path, caplog):
     d2 = tmp_path / "killed"
     d2.mkdir()
     (d2 / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 3.0}) + "\n")
+    from rlhf_fast.trainers import runs
+
     for directory, why in ((d, r".*checkpoints/latest names 'step-000009', which is missing or incomplete"),
                            (d2, r"no checkpoint was completed")):
         decision = runs.decide_start(directory, stage="sft", resume=True, overwrite=False)
@@ -203,7 +206,9 @@ def test_pipeline_resume_refuses_changed_settings_of_finished_stages(tmp_path, m
     monkeypatch.chdir(tmp_path)
     out = Path("run")  # relative: the second run names the same directory absolutely
     cfg = C.load_config(presets=["ci"])
-    pipeline._fill_paths(cfg, out)
+    # the stages' configs as the pipeline writes them: its model paths filled in from DIR
+    cfg.rm.sft_model, cfg.ppo.policy.path = str(out / "sft" / "model"), str(out / "sft" / "model")
+    cfg.ppo.reward.model_path = str(out / "rm" / "model")
     _finished_stage(out / "sft", "sft", cfg.sft)
     _finished_stage(out / "rm", "rm", cfg.rm)
     changed = C.load_config(presets=["ci"], overrides=["--rm.margin", "0.5", "--sft.logging.log_every", "3"])
