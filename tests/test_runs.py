@@ -178,7 +178,7 @@ def test_ctrl_c_checkpoints_and_prints_one_line(tmp_path, monkeypatch, capsys):
     assert main([*run, "--resume"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("rlhf-fast:")]) == 2
-    assert "sft interrupted (Ctrl-C) in the middle of a step; the newest checkpoint is" in err
+    assert "rlhf-fast: sft interrupted (Ctrl-C); the newest checkpoint is" in err
     assert _steps(d) == ["step-000003"]  # nothing written after the second Ctrl-C
     monkeypatch.undo()
     assert main([*run, "--resume"]) == 0
@@ -254,6 +254,16 @@ def test_underscore_spelling_of_an_option_is_pointed_to_the_dashed_one(capsys):
         assert "unrecognized option --output_dir: did you mean --output-dir?" in err, err
     # config fields keep their underscores
     assert main(["config", "--sft.max_steps", "3"]) == 0 and "max_steps: 3" in capsys.readouterr().out
+
+
+def test_new_fields_are_documented(capsys):
+    assert main(["config", "--docs"]) == 0
+    out = capsys.readouterr().out
+    assert "sft.logging.save_every = None\n    Optimizer steps between checkpoints" in out
+    assert "ppo.logging.save_every = None\n    Iterations between checkpoints" in out
+    assert "ppo.logging.samples_per_iteration = 4\n    Rollouts (prompt, response, score)" in out
+    with pytest.raises(ValueError, match=r"ppo\.logging\.save_every: expected an integer >= 0"):
+        C.load_config(overrides=["--ppo.logging.save_every", "-1"])
 
 
 def test_config_docs_into_a_closed_pipe_ends_quietly():

@@ -330,8 +330,9 @@ def _on_sigint(signum, frame):
     if not _STOP.armed or _STOP.requested:  # outside the loop, or a second Ctrl-C: stop now
         raise KeyboardInterrupt
     _STOP.requested = True
-    print("\nrlhf-fast: Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again stops at once)",
-          file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # every rank gets the terminal's SIGINT; one says so
+        print("\nrlhf-fast: Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
 
 
 def stop_requested(dist=None) -> bool:
@@ -373,9 +374,11 @@ class _InterruptScope:
 
 def _where(directory, stage: str) -> str:
     ckpt = latest_checkpoint(directory)
-    if ckpt is None:
-        return f"no {stage} checkpoint was written yet (a new run starts from the beginning)"
-    return f"the newest checkpoint is {ckpt}: continue with --resume"
+    if ckpt is not None:
+        return f"the newest checkpoint is {ckpt}: continue with --resume"
+    if previous_run(directory):
+        return "no checkpoint was written yet: start again with --overwrite"
+    return "nothing was written"
 
 
 def guarded_fit(fit):
@@ -395,8 +398,7 @@ def guarded_fit(fit):
         except Interrupted:
             raise
         except KeyboardInterrupt:
-            raise Interrupted(f"{self.stage} interrupted (Ctrl-C) in the middle of a step; "
-                              f"{_where(self.output_dir, self.stage)}") from None
+            raise Interrupted(f"{self.stage} interrupted (Ctrl-C); {_where(self.output_dir, self.stage)}") from None
         finally:
             if lock is not None:
                 lock.release()
