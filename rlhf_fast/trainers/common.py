@@ -12,11 +12,13 @@ Output directory layout::
                                           trainer_state.json (written last)
     DIR/checkpoints/latest                name of the newest complete checkpoint
     DIR/model/                            the final model (HF format + tokenizer)
+    DIR/.rlhf_fast.lock                   the lock of the run using DIR (``rlhf_fast.trainers.runs``)
 
 Checkpoints are written to ``checkpoints/.tmp-step-N`` and renamed into place, and ``latest`` is
 replaced atomically after that: a run killed mid-save leaves the previous checkpoint as
 ``latest``, complete and loadable. Multi-node runs need ``DIR`` on a shared file system (as
-DeepSpeed's own checkpoints do).
+DeepSpeed's own checkpoints do). ``fit`` refuses a ``DIR`` that holds an earlier run unless it
+resumes or overwrites it, and locks ``DIR`` while it runs (``rlhf_fast.trainers.runs``).
 
 Exactness: a loss is a sum over units (tokens or pairs) divided by the number of units in the
 whole global batch, so 1 rank with 2 micro-batches and 2 ranks with 1 each compute the same

@@ -14,7 +14,8 @@ One iteration (DESIGN.md "PPO loop"), each phase timed:
 Output directory (as the other stages): config.yaml, metrics.jsonl, tensorboard/, checkpoints/
 (policy, critic, optimizer and scheduler states, KL controller, iteration; every random choice
 is a function of (seed, rank, iteration), so a resumed run repeats the uninterrupted one),
-model/ (the final policy) and plots/*.png.
+model/ (the final policy), plots/*.png and samples.jsonl (a few rollouts per iteration,
+``rlhf_fast.trainers.watch``).
 """
 
 from __future__ import annotations
