@@ -284,11 +284,29 @@ def start_together(decide, *, dist=None, lock: Optional[OutputDirLock] = None, w
         raise error if error is not None else ValueError(f"another rank refused to start {what} (rank 0 names the reason)")
 
 
+def check_checkpoint_settings(checkpoint: Path, *, stage: str, config: dict) -> None:
+    """The checks ``Checkpointer.load`` makes (the stage that wrote it, its settings), made before
+    anything is built: a ValueError naming the fields."""
+    from rlhf_fast.trainers.common import STATE_FILE, check_resume_config
+
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {checkpoint}: {STATE_FILE} cannot be read ({e})") from None
+    if state.get("stage", stage) != stage:
+        raise ValueError(f"checkpoint {checkpoint} was written by the {state['stage']!r} stage, not {stage!r}: "
+                         "point --output-dir at this stage's own directory")
+    if "config" in state:
+        check_resume_config(state["config"], config, stage, checkpoint)
+
+
 def ensure_fresh_or_overwrite(directory, *, stage: str, resume: bool, overwrite: bool, dist=None,
-                              lock: Optional[OutputDirLock] = None) -> StartDecision:
+                              lock: Optional[OutputDirLock] = None, config: Optional[dict] = None) -> StartDecision:
     """Locks (rank 0, when ``lock`` is given), decides, agrees over the ranks, and on "overwrite"
-    deletes the earlier run (rank 0). Raises ``ValueError`` (``OutputDirBusy`` for the lock) on every
-    rank when any rank refuses; the lock is then released again."""
+    deletes the earlier run (rank 0). With ``config`` (``to_dict`` of the stage's config), a resume
+    from a checkpoint of another stage or with other settings is refused here, before any model is
+    built. Raises ``ValueError`` (``OutputDirBusy`` for the lock) on every rank when any rank
+    refuses; the lock is then released again."""
     from rlhf_fast.trainers import deepspeed_setup as dss
 
     is_main = dist is None or dist.is_main
@@ -297,6 +315,8 @@ def ensure_fresh_or_overwrite(directory, *, stage: str, resume: bool, overwrite:
     def decide():
         nonlocal decision
         decision = decide_start(directory, stage=stage, resume=resume, overwrite=overwrite)
+        if decision.action == "resume" and config is not None:
+            check_checkpoint_settings(decision.checkpoint, stage=stage, config=config)
         return decision.error
 
     start_together(decide, dist=dist, lock=lock, what=f"{stage} in {directory}")
@@ -389,8 +409,11 @@ def guarded_fit(fit):
     def wrapper(self, *args, **kwargs):
         dist = self.dist
         lock = OutputDirLock(self.output_dir) if dist.is_main else None
+        from rlhf_fast.config import to_dict
+
         ensure_fresh_or_overwrite(self.output_dir, stage=self.stage, resume=self.resume,
-                                  overwrite=getattr(self, "overwrite", False), dist=dist, lock=lock)
+                                  overwrite=getattr(self, "overwrite", False), dist=dist, lock=lock,
+                                  config=to_dict(self.cfg))
         scope = _InterruptScope()
         try:
             with scope:
