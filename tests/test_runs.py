@@ -271,3 +271,16 @@ def test_config_docs_into_a_closed_pipe_ends_quietly():
                        capture_output=True, text=True, timeout=300)
     assert len(r.stdout.splitlines()) == 2
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
+def test_rm_command_reuses_its_sft_model_only_with_the_same_settings(tmp_path, capsys):
+    """`rlhf-fast rm` without rm.sft_model trains DIR/sft and reuses it on the next call; reused
+    silently under changed sft settings before."""
+    d = tmp_path / "rm"
+    assert main(["sft", "--output-dir", str(d / "sft"), *SFT, "--sft.max_steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["rm", "--output-dir", str(d), *SFT, "--sft.max_steps", "2", "--sft.optim.lr", "1e-5",
+                 "--rm.max_steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "(the SFT model this command trains and reuses) was made with other settings" in err
+    assert "sft.optim.lr: 0.002 in the checkpoint, 1e-05 now" in err and not (d / "metrics.jsonl").exists()
