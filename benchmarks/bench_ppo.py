@@ -17,7 +17,7 @@ Phases (the names of PPOTrainer's ``time/*_s`` metrics):
               "auto" as PPOTrainer: eager on a CPU, the compiled static-cache step on CUDA)
               trl_style: HF ``model.generate``
               (DynamicCache, do_sample, top_k=0, top_p=1, temperature + 1e-7 as TRL)
-  score       the same random-init RewardModel; rlhf_fast: ``RewardModel.forward`` (PPOTrainer._score);
+  score       the same random-init RewardModel; rlhf_fast: ``RewardModel.forward`` (the rollout stage's Scorer, trainers/rollout.py);
               trl_style: TRL ``get_reward`` (backbone with output_hidden_states, head on every position,
               read at the first pad - 1)
   logprobs    old log-probs + values (one policy forward) and reference log-probs.

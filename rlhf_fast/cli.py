@@ -70,7 +70,7 @@ def _summary(metrics: dict, output_dir: Path) -> None:
 def run_sft(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     from rlhf_fast.trainers.sft import train_sft
 
-    _summary(train_sft(cfg.sft, args.output_dir, resume=args.resume), args.output_dir)
+    _summary(train_sft(cfg.sft, args.output_dir, resume=args.resume, overwrite=args.overwrite), args.output_dir)
     return 0
 
 
@@ -88,10 +88,18 @@ def run_rm(cfg: C.RunConfig, args: argparse.Namespace) -> int:
         if not (sft_dir / "model" / "config.json").is_file():
             from rlhf_fast.trainers.sft import train_sft
 
-            train_sft(cfg.sft, sft_dir, resume=args.resume)
+            train_sft(cfg.sft, sft_dir, resume=args.resume, overwrite=args.overwrite)
+        else:  # reused: only when the sft section still describes it
+            from rlhf_fast.trainers.pipeline import check_finished_stage
+
+            try:
+                check_finished_stage(sft_dir, "sft", cfg.sft)
+            except ValueError as e:
+                raise ValueError(f"{sft_dir} (the SFT model this command trains and reuses) was made with other "
+                                 f"settings: {e}") from None
         cfg.rm.sft_model = str(sft_dir / "model")
-    _summary(train_rm(cfg.rm, args.output_dir, resume=args.resume, reference_data=cfg.sft.data,
-                      policy_temperature=cfg.ppo.generation.temperature), args.output_dir)
+    _summary(train_rm(cfg.rm, args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                      reference_data=cfg.sft.data, policy_temperature=cfg.ppo.generation.temperature), args.output_dir)
     return 0
 
 
@@ -105,7 +113,7 @@ def run_rm(cfg: C.RunConfig, args: argparse.Namespace) -> int:
 def run_ppo(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     from rlhf_fast.trainers.ppo import PPOTrainer
 
-    _summary(PPOTrainer(cfg.ppo, args.output_dir, resume=args.resume).fit(), args.output_dir)
+    _summary(PPOTrainer(cfg.ppo, args.output_dir, resume=args.resume, overwrite=args.overwrite).fit(), args.output_dir)
     return 0
 
 
@@ -114,12 +122,12 @@ def run_ppo(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     task when no data is given (nothing is downloaded). Writes DIR/sft, DIR/rm, DIR/ppo (each with
     metrics.jsonl, tensorboard/, checkpoints/, model/), DIR/ppo/plots/*.png (gold score, reward-model
     score and KL over PPO iterations) and DIR/summary.json (sft_gold_score, ppo_gold_score,
-    final_kl, seconds, ...), and prints a summary table. --resume skips finished stages and resumes
-    the interrupted one.""")
+    final_kl, seconds, ...), and prints a summary table. --resume skips finished stages (refusing
+    any whose settings changed) and resumes the interrupted one.""")
 def run_pipeline(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     from rlhf_fast.trainers.pipeline import run_pipeline as _run
 
-    _run(cfg, args.output_dir, resume=args.resume)
+    _run(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -172,15 +180,38 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output-dir", required=default is None, default=default, type=Path, metavar="DIR",
                            help="where metrics.jsonl, tensorboard/, checkpoints/ and model/ go"
                            + (f" (default: {default})" if default else ""))
-            p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the run in DIR from its newest checkpoint, with the same settings (a DIR "
+                           "without a run starts a new one, saying so)")
+            p.add_argument("--overwrite", action="store_true",
+                           help="delete the previous run in DIR (checkpoints, metrics, TensorBoard events, samples, "
+                           "model) and start a new one; without it a DIR holding a run is refused")
         if cmd.name == "config":
             p.add_argument("--docs", action="store_true", help="list every field with its default and doc")
     return parser
 
 
+def _misspelled_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--output_dir`` for ``--output-dir``: argparse would report the dashed option as missing (or
+    the config as having no field ``output_dir``); name the spelling instead (``parser.error``)."""
+    if not argv or argv[0] not in COMMANDS:
+        return
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    known = {opt for action in sub._actions for opt in action.option_strings}
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and "_" in name and "." not in name and name not in known:
+            dashed = name.replace("_", "-")
+            if dashed in known:
+                sub.error(f"unrecognized option {name}: did you mean {dashed}? (options are spelled with dashes; "
+                          "config fields, like --sft.max_steps, with underscores)")
+
+
 def parse(argv: Optional[list[str]] = None) -> tuple[Command, C.RunConfig, argparse.Namespace]:
     """(command, resolved config, arguments); ValueError on a bad config."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _misspelled_options(parser, argv)
     args, extra = parser.parse_known_args(argv)
     cmd = COMMANDS[args.command]
     overrides = C.parse_overrides(extra, default_section=cmd.section or None)
@@ -191,15 +222,36 @@ def parse(argv: Optional[list[str]] = None) -> tuple[Command, C.RunConfig, argpa
     return cmd, cfg, args
 
 
+def _quiet_broken_pipe() -> int:
+    """stdout's reader has gone (``rlhf-fast config --docs | head``): send what is still buffered
+    nowhere, so that neither this function nor the interpreter's exit prints a BrokenPipeError
+    traceback (the recipe of Python's signal module documentation); 141 = 128 + SIGPIPE, as a
+    command killed by the signal reports."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cmd, cfg, args = parse(argv)
-        return cmd.run(cfg, args)
+        rc = cmd.run(cfg, args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return rc
     except ValueError as e:  # bad config, missing data: a one-line message (RLHF_FAST_DEBUG=1: traceback)
         if os.environ.get("RLHF_FAST_DEBUG"):
             raise
         print(f"rlhf-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the trainers say where the run stands), exit 130
+        if os.environ.get("RLHF_FAST_DEBUG"):
+            raise
+        if rank0:
+            print(f"rlhf-fast: {e}" if str(e) else "rlhf-fast: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ def test_the_upward_import_check_catches_one():
 
 # ---- trainers compare no variant name ------------------------------------------------------------
 
-#: string comparisons in trainers/ that select no variant: metric keys, the device type, a
-#: metrics prefix, the reserved reward-function spec "task:gold"
-NOT_VARIANTS = {"k", "self.dist.device.type", "prefix", "spec"}
+#: string comparisons in trainers/ that select no config variant: metric keys, the device type, a
+#: metrics prefix, the reserved reward-function spec "task:gold", the start decision's internal state
+#: (trainers/runs.py), the launcher's RANK variable
+NOT_VARIANTS = {"k", "self.dist.device.type", "prefix", "spec", "decision.action", "os.environ.get('RANK', '0')"}
 
 
 def _string_comparisons(tree: ast.AST):

@@ -61,4 +61,12 @@ def test_two_ranks_zero2_match_one_rank(tmp_path):
     assert b[-1]["eval/loss"] == pytest.approx(a[-1]["eval/loss"], rel=1e-5)
     assert a[-1]["train/loss"] < a[0]["train/loss"]
     assert (two / "model" / "config.json").is_file()
-    assert len(list((two / "checkpoints").glob("step-*/deepspeed/state/*optim_states.pt"))) == 2  # ZeRO-2: one shard per rank
+    latest = two / "checkpoints" / (two / "checkpoints" / "latest").read_text().strip()
+    assert len(list(latest.glob("deepspeed/state/*optim_states.pt"))) == 2  # ZeRO-2: one shard per rank
+    # a second 2-rank run on the directory: refused on every rank (rank 0 takes the lock and decides,
+    # the ranks agree), promptly and with one line, not a hang of the rank that was not told
+    assert (two / ".rlhf_fast.lock").read_text() == ""  # released
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "rlhf_fast.cli", "sft", "--output-dir", str(two), *ARGS],
+                          env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "holds a previous sft run" in proc.stderr, proc.stderr[-2000:]

@@ -66,6 +66,8 @@ def test_outputs_written(run):
     out, _ = run
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    # periodic checkpoints by default: every tenth of the run's iterations (here each), the newest two kept
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
     assert (out / "plots" / "ppo_summary.png").stat().st_size > 1000
     assert (out / "config.yaml").is_file()
 
@@ -193,3 +195,70 @@ def test_static_decode_path_repeats_the_eager_run(run, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+def test_what_users_watch_and_ctrl_c(tmp_path, monkeypatch):
+    """Issue 16: a -1 missing-stop penalty on most rollouts showed as a bare "score -1.0" and no
+    response was ever shown. The bar now shows the share without a stop token and the reward's own
+    score; DIR/samples.jsonl and TensorBoard get a few rollouts per iteration (their rows after a
+    resumed iteration are dropped); Ctrl-C stops after the iteration with its checkpoint."""
+    import json
+    import os
+    import signal
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf_fast.trainers import common as loop_mod  # PPO runs the shared StageTrainer loop
+    from rlhf_fast.trainers.runs import Interrupted
+
+    postfixes = []
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def set_postfix(self, d=None, **kw):
+            postfixes.append(dict(d or {}, **kw))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop_mod, "make_progress", lambda *a, **k: Bar())
+    original, calls = PPOTrainer.run_step, []
+
+    def interrupted_in_the_second(self):
+        calls.append(self.step)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(PPOTrainer, "run_step", interrupted_in_the_second)
+    # an untrained policy almost never emits EOS: most rollouts get the -1 of missing_stop_penalty "replace"
+    extra = ["--ppo.iterations", "3", "--ppo.logging.eval_every", "0", "--ppo.logging.tensorboard", "true",
+             "--ppo.logging.samples_per_iteration", "3"]
+    with pytest.raises(Interrupted, match=r"ppo stopped by Ctrl-C; the newest checkpoint is .*step-000002: continue "
+                                          r"with --resume"):
+        PPOTrainer(_cfg(*extra), tmp_path).fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    rows = [r for r in read_metrics(tmp_path) if "objective/scores" in r]
+    assert [len(postfixes), len(rows)] == [2, 2]
+    for bar, row in zip(postfixes, rows):
+        assert bar["no_stop"] == f"{row['objective/missing_stop_frac']:.0%}" and bar["raw"] == f"{row['objective/raw_scores']:.3f}"
+        assert bar["score"] == f"{row['objective/scores']:.3f}"
+    assert rows[0]["objective/missing_stop_frac"] > 0.5
+    samples = [json.loads(ln) for ln in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in samples] == [1, 1, 1, 2, 2, 2]
+    for r in samples:
+        assert r.keys() == {"iteration", "prompt", "response", "score", "raw_score", "stopped"}
+        assert r["prompt"] and isinstance(r["response"], str)
+        assert r["score"] == (r["raw_score"] if r["stopped"] else -1.0)
+    # a run killed after writing iteration 3's samples but before its checkpoint: resume drops them
+    with (tmp_path / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({**samples[0], "iteration": 3}) + "\n")
+    monkeypatch.setattr(PPOTrainer, "run_step", original)
+    PPOTrainer(_cfg(*extra), tmp_path, resume=True).fit()
+    samples = [json.loads(ln) for ln in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    text = [t for t in events.Tags()["tensors"] if t.startswith("samples")]
+    assert text and [e.step for e in events.Tensors(text[0])] == [1, 2, 3]

@@ -142,7 +142,9 @@ def test_resume_refuses_another_config_stage_or_a_broken_checkpoint(tmp_path, ca
     d = tmp_path / "sft"
     assert main(["sft", "--output-dir", str(d), *run, "--sft.stop_after_steps", "2"]) == 0
     with pytest.raises(ValueError, match=r"sft\.optim\.lr: 0\.002 in the checkpoint, 1e-05 now"):
-        SFTTrainer(_cfg(*SMALL, "--sft.max_steps", "4", "--sft.optim.lr", "1e-5").sft, d, resume=True).fit()
+        changed = SFTTrainer(_cfg(*SMALL, "--sft.max_steps", "4", "--sft.optim.lr", "1e-5").sft, d, resume=True)
+        changed.build_model = lambda: pytest.fail("model built before the settings were checked")  # fails fast
+        changed.fit()
     # logging / stopping may change on resume
     assert main(["sft", "--output-dir", str(d), *run, "--sft.logging.log_every", "1", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(d)][-1] == 4
@@ -163,8 +165,11 @@ def test_resume_refuses_another_config_stage_or_a_broken_checkpoint(tmp_path, ca
     shutil.rmtree(latest / "deepspeed")
     with pytest.raises(ValueError, match=r"checkpoint .*step-000004 cannot be loaded .* Remove it"):
         SFTTrainer(cfg, d, resume=True).fit()
-    # a fresh run (no --resume) removes the earlier checkpoints
-    assert main(["sft", "--output-dir", str(d), *run, "--sft.stop_after_steps", "2"]) == 0
+    # a fresh run (no --resume) is refused while the earlier run is there (nothing deleted); with
+    # --overwrite it replaces it (an earlier run's checkpoints would mix into a later --resume)
+    assert main(["sft", "--output-dir", str(d), *run, "--sft.stop_after_steps", "2"]) == 2
+    assert (d / "checkpoints" / "step-000004").is_dir()
+    assert main(["sft", "--output-dir", str(d), *run, "--sft.stop_after_steps", "2", "--overwrite"]) == 0
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step-000002"]
     state = json.loads((d / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["stage"] == "sft" and state["config"]["optim"]["lr"] == 2e-3

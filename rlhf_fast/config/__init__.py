@@ -23,7 +23,7 @@ from rlhf_fast.config.core import (
     resolve_path, set_path, to_dict, update, validate,
 )
 from rlhf_fast.config.sections import (
-    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, SchedulerConfig,
+    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
 from rlhf_fast.config.stages import (
     PRESETS, GenerationConfig, PPOConfig, RewardConfig, RMConfig, RunConfig, SFTConfig,
@@ -31,7 +31,7 @@ from rlhf_fast.config.stages import (
 
 __all__ = [
     "BatchPlan", "DataConfig", "DeepSpeedConfig", "GenerationConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "PPOConfig", "PRESETS", "RMConfig", "RewardConfig", "RunConfig", "SFTConfig", "SchedulerConfig", "apply_preset",
+    "PPOConfig", "PPOLoggingConfig", "PRESETS", "RMConfig", "RewardConfig", "RunConfig", "SFTConfig", "SchedulerConfig", "apply_preset",
     "describe", "dump_yaml", "field_docs", "from_dict", "load_config", "load_yaml", "parse_overrides", "resolve_path",
     "set_path", "to_dict", "update", "validate",
 ]

@@ -136,8 +136,13 @@ class LoggingConfig:
     """Optimizer steps between lines of ``DIR/metrics.jsonl`` (the last step is always logged)."""
     eval_every: int = 0
     """Optimizer steps between evaluations; 0: only at the end."""
-    save_every: int = 0
-    """Optimizer steps between checkpoints; 0: only at the end."""
+    save_every: Optional[int] = None
+    """Optimizer steps between checkpoints (the last step is always saved); 0: only at the end. None
+    (the default): a tenth of the run, rounded up (every 20 steps of a 200-step run), so a job killed
+    anywhere loses at most a tenth of its steps, while a run pays about ten saves whatever its length
+    and ``keep_checkpoints`` bounds the disk used. A fixed count cannot do both: Hugging Face
+    Trainer's 500 steps leaves every shorter run unprotected (nothing saved at step 67 of 400), and
+    a small one makes long runs of large models spend their time saving."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept under ``DIR/checkpoints`` (older ones are deleted); 0 keeps all."""
     tensorboard: bool = True
@@ -145,3 +150,26 @@ class LoggingConfig:
     progress_bar: bool = True
     """tqdm bar with loss and throughput on rank 0 (also off when stderr is not a terminal and
     ``RLHF_FAST_NO_TQDM`` is set)."""
+
+
+@dataclass
+class PPOLoggingConfig(LoggingConfig):
+    """PPO's logging: counted in iterations (a rollout and its update) instead of optimizer steps,
+    plus sample completions."""
+
+    log_every: int = 1
+    """Unused by PPO, kept for configs shared with the other stages: PPO writes a line to
+    ``DIR/metrics.jsonl`` every iteration (an iteration is a whole rollout and its update)."""
+    eval_every: int = 5
+    """Iterations between evaluations on the held-out prompts (also before the first and after the
+    last); 0: only those two."""
+    save_every: Optional[int] = None
+    """Iterations between checkpoints (the last iteration is always saved); 0: only at the end.
+    None (the default): a tenth of ``iterations``, rounded up (4 of the default 40), for the reason
+    given for the other stages (a killed job loses at most a tenth of its work; about ten saves per
+    run). PPO checkpoints are per iteration, never inside one: an iteration's rollout and update are
+    one unit, and its RNG state is a function of (seed, rank, iteration)."""
+    samples_per_iteration: int = 4
+    """Rollouts (prompt, response, score) of each iteration written to ``DIR/samples.jsonl`` and as
+    a TensorBoard text table ("samples"): the first rows of rank 0's batch; 0 writes none. What the
+    scores mean shows there first (a response cut by the missing-stop penalty, a reward hack)."""

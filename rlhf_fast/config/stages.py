@@ -11,7 +11,7 @@ import dataclasses
 from rlhf_fast.algos.hparams import PRESETS as PPO_PRESETS
 from rlhf_fast.algos.hparams import PPOHyperParams
 from rlhf_fast.config.sections import (
-    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, SchedulerConfig,
+    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
 
 
@@ -212,7 +212,8 @@ class PPOConfig:
     / num_updates`` set once per update)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """``grad_clip`` is taken from ``algo.max_grad_norm``; ``grad_accum`` from the minibatch plan."""
-    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1, eval_every=5))
+    logging: PPOLoggingConfig = field(default_factory=PPOLoggingConfig)
+    """Counted in iterations; ``samples_per_iteration`` rollouts per iteration go to ``DIR/samples.jsonl``."""
     critic: Literal["separate", "value_head"] = "separate"
     """"separate": a critic initialised from the reward model (N+ TL;DR, PPO-max); "value_head": a
     zero-initialised value head on the policy backbone ("N details" #11)."""
@@ -279,11 +280,13 @@ _CHECKS: dict[tuple[type, str], tuple[typing.Callable[[Any], bool], str]] = {
     (DeepSpeedConfig, "grad_accum"): (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     (DeepSpeedConfig, "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     (DataConfig, "eval_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    (LoggingConfig, "log_every"): (lambda v: v >= 1, "an integer >= 1"),
-    (LoggingConfig, "eval_every"): (lambda v: v >= 0, "an integer >= 0"),
-    (LoggingConfig, "save_every"): (lambda v: v >= 0, "an integer >= 0"),
-    (LoggingConfig, "keep_checkpoints"): (lambda v: v >= 0, "an integer >= 0"),
 }
+for _cls in (LoggingConfig, PPOLoggingConfig):
+    _CHECKS[(_cls, "log_every")] = (lambda v: v >= 1, "an integer >= 1")
+    _CHECKS[(_cls, "eval_every")] = (lambda v: v >= 0, "an integer >= 0")
+    _CHECKS[(_cls, "save_every")] = (lambda v: v is None or v >= 0, "an integer >= 0 (0 = only at the end) or null")
+    _CHECKS[(_cls, "keep_checkpoints")] = (lambda v: v >= 0, "an integer >= 0")
+_CHECKS[(PPOLoggingConfig, "samples_per_iteration")] = (lambda v: v >= 0, "an integer >= 0")
 for _stage in (SFTConfig, RMConfig):
     for _name in ("batch_size", "micro_batch_size", "eval_batch_size"):
         _CHECKS[(_stage, _name)] = (lambda v: v >= 1, "an integer >= 1")

@@ -12,11 +12,13 @@ Output directory layout::
                                           trainer_state.json (written last)
     DIR/checkpoints/latest                name of the newest complete checkpoint
     DIR/model/                            the final model (HF format + tokenizer)
+    DIR/.rlhf_fast.lock                   the lock of the run using DIR (``rlhf_fast.trainers.runs``)
 
 Checkpoints are written to ``checkpoints/.tmp-step-N`` and renamed into place, and ``latest`` is
 replaced atomically after that: a run killed mid-save leaves the previous checkpoint as
 ``latest``, complete and loadable. Multi-node runs need ``DIR`` on a shared file system (as
-DeepSpeed's own checkpoints do).
+DeepSpeed's own checkpoints do). ``fit`` refuses a ``DIR`` that holds an earlier run unless it
+resumes or overwrites it, and locks ``DIR`` while it runs (``rlhf_fast.trainers.runs``).
 
 Exactness: a loss is a sum over units (tokens or pairs) divided by the number of units in the
 whole global batch, so 1 rank with 2 micro-batches and 2 ranks with 1 each compute the same
@@ -43,6 +45,7 @@ from rlhf_fast import config as config_mod
 from rlhf_fast.config import BatchPlan, LoggingConfig
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers import deepspeed_setup as dss
+from rlhf_fast.trainers.runs import guarded_fit, previous_run, resolve_save_every, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,13 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, step)
+            writer.flush()
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A TensorBoard text entry (markdown) at ``step``; nothing without TensorBoard."""
+        writer = self._tb() if self.enabled else None
+        if writer is not None:
+            writer.add_text(tag, text, step)
             writer.flush()
 
     def _tb(self):
@@ -206,11 +216,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _same_value(x, y) -> bool:
+    """Equal, or two spellings of one existing path (runs/sft/model vs /abs/runs/sft/model: the
+    pipeline fills model paths in from --output-dir as it was written)."""
+    if x == y:
+        return True
+    if isinstance(x, str) and isinstance(y, str) and x and y:
+        try:
+            return os.path.samefile(x, y)
+        except OSError:
+            return False
+    return False
+
+
 def check_resume_config(saved: dict, current: dict, stage: str, path) -> None:
     """Raises when ``current`` differs from the config a checkpoint was written with (outside
     ``RESUMABLE_CHANGES``), naming the fields."""
     a, b = _flatten(saved), _flatten(current)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    diff = [k for k in sorted(set(a) | set(b))
+            if not _same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)]
     if diff:
         shown = "; ".join(f"{stage}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:6])
         more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
@@ -237,13 +261,6 @@ class Checkpointer:
         log.warning("%s names %s, which is missing or incomplete (no %s): nothing to resume from, starting "
                     "from scratch", pointer, path, STATE_FILE)
         return None
-
-    def clear(self) -> None:
-        """A fresh (not resumed) run removes an earlier run's checkpoints, which a later ``--resume``
-        would otherwise mix with this run's (rank 0)."""
-        if self.is_main and self.root.exists():
-            log.warning("fresh run: removing the earlier checkpoints in %s (use --resume to continue a run)", self.root)
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
         name = f"step-{step:06d}"
@@ -299,12 +316,14 @@ class Checkpointer:
 
 
 def start_fresh(output_dir: Path, checkpointer: Checkpointer, *, is_main: bool) -> None:
-    """A run that does not resume replaces the earlier run's record in ``output_dir``: its metrics,
-    TensorBoard events and checkpoints (rank 0)."""
-    if is_main:
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
-    checkpointer.clear()
+    """A run that does not resume starts in a directory without an earlier run: ``fit``'s guard
+    (``rlhf_fast.trainers.runs.guarded_fit``) refused one, or deleted it under ``overwrite``, before
+    anything was built. Checked again here for a caller that set up a trainer without ``fit``;
+    nothing is ever deleted here (an earlier run's checkpoints would mix into a later ``--resume``)."""
+    found = previous_run(output_dir)
+    if found:
+        raise ValueError(f"{output_dir} holds a previous run ({', '.join(found)}): resume it, overwrite it "
+                         "(overwrite=True / --overwrite) or choose another output directory")
     dss.barrier()
 
 
@@ -346,10 +365,11 @@ class StageTrainer:
     """Log every step (PPO: an iteration is long and its row is the learning curve) instead of every
     ``logging.log_every`` steps."""
 
-    def __init__(self, cfg, output_dir, *, resume: bool = False, dist_info: Optional[dss.DistInfo] = None):
+    def __init__(self, cfg, output_dir, *, resume: bool = False, overwrite: bool = False,
+                 dist_info: Optional[dss.DistInfo] = None):
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
         self.is_main = self.dist.is_main
 
@@ -439,9 +459,9 @@ class StageTrainer:
             self.logger.log(0, row)
         return row
 
-    def _after_step(self, row: dict, stop_at: int, bar) -> bool:
+    def _after_step(self, row: dict, stop_at: int, bar, save_every: int) -> tuple[bool, bool]:
         """Evaluation, final metrics, progress, logging and checkpoint after step ``self.step``;
-        returns whether the row was logged."""
+        returns (whether the row was logged, whether Ctrl-C asks the run to stop here)."""
         log, final = self.cfg.logging, self.step == self.loop_length()
         if (log.eval_every and self.step % log.eval_every == 0) or final:
             row.update(self.evaluate())
@@ -453,24 +473,32 @@ class StageTrainer:
             or "eval/loss" in row
         if logged:
             self.logger.log(self.step, row)
-        if (log.save_every and self.step % log.save_every == 0) or final or self.step == stop_at:
+        stopping = not final and stop_requested(self.dist)  # Ctrl-C (rlhf_fast/trainers/runs.py)
+        if (save_every and self.step % save_every == 0) or final or self.step == stop_at or stopping:
             self._checkpoint()
-        return logged
+        return logged, stopping
 
+    @guarded_fit
     def fit(self) -> dict:
         """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;
-        returns the last logged metrics."""
+        returns the last logged metrics. The output directory is locked for the run; a directory
+        holding another run needs ``resume`` or ``overwrite``; Ctrl-C stops after the step with a
+        checkpoint (``rlhf_fast/trainers/runs.py``)."""
         self._setup()
         total = self.loop_length()
         stop_at = min(total, self.stop_after() or total)
+        save_every = resolve_save_every(self.cfg.logging.save_every, total)
         bar = make_progress(total, self.step, enabled=self.is_main and self.cfg.logging.progress_bar
                             and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
         last: dict = self._begin() if self.step == 0 else {}
         while self.step < stop_at:
             row = self.run_step()
             self.step += 1
-            if self._after_step(row, stop_at, bar):
+            logged, stopping = self._after_step(row, stop_at, bar, save_every)
+            if logged:
                 last = row
+            if stopping:
+                break
         bar.close()
         if self.step == total:
             self._write_final_model()
@@ -504,9 +532,10 @@ class DatasetStageTrainer(StageTrainer):
     ``metrics`` (from summed statistics) and ``write_model``.
     """
 
-    def __init__(self, cfg, output_dir, *, resume: bool = False, dist_info: Optional[dss.DistInfo] = None):
-        _build.check_data_files(cfg.data, self.stage)
-        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+    def __init__(self, cfg, output_dir, *, resume: bool = False, overwrite: bool = False,
+                 dist_info: Optional[dss.DistInfo] = None):
+        _build.check_data_files(cfg.data, self.stage)  # bad records fail before distributed set-up and models
+        super().__init__(cfg, output_dir, resume=resume, overwrite=overwrite, dist_info=dist_info)
         self.plan = BatchPlan.resolve(cfg, self.dist.world_size, path=f"{self.stage}.")
         dss.seed_everything(cfg.seed, self.dist.rank)
         self._t0, self._units = None, 0.0

@@ -17,7 +17,8 @@ each phase timed:
 Output directory (as the other stages): config.yaml, metrics.jsonl, tensorboard/, checkpoints/
 (policy, critic, optimizer and scheduler states, KL controller, iteration; every random choice
 is a function of (seed, rank, iteration), so a resumed run repeats the uninterrupted one),
-model/ (the final policy) and plots/*.png.
+model/ (the final policy), plots/*.png and samples.jsonl (a few rollouts per iteration, also
+as TensorBoard text).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
+from rlhf_fast.trainers.watch import SampleLogger, ppo_postfix
 from rlhf_fast.trainers.rollout import (  # noqa: F401  (re-exported: the trainer's public helpers)
     PromptSchedule,
     RewardFn,
@@ -134,11 +136,11 @@ class PPOTrainer(StageTrainer):
     stage = "ppo"
     log_every_step = True
 
-    def __init__(self, cfg: PPOConfig, output_dir, *, resume: bool = False, reward_fn: Optional[RewardFn] = None,
-                 dist_info: Optional[dss.DistInfo] = None):
+    def __init__(self, cfg: PPOConfig, output_dir, *, resume: bool = False, overwrite: bool = False,
+                 reward_fn: Optional[RewardFn] = None, dist_info: Optional[dss.DistInfo] = None):
         validate(cfg, "ppo")  # a config built in code skips load_config's checks
         _build.check_data_files(cfg.data, self.stage)  # bad records fail before distributed set-up and models
-        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+        super().__init__(cfg, output_dir, resume=resume, overwrite=overwrite, dist_info=dist_info)
         g = cfg.generation  # the log-probs are under the sampler's filter unless algo sets its own
         self.hp = cfg.algo.replace(top_k=g.top_k if cfg.algo.top_k is None else cfg.algo.top_k,
                                    top_p=g.top_p if cfg.algo.top_p is None else cfg.algo.top_p)
@@ -190,6 +192,12 @@ class PPOTrainer(StageTrainer):
                                      stop_token_ids=self.stop_token_ids, device=self.dist.device, rank=self.dist.rank)
         self.kl_ctl = self.hp.make_kl_controller()
         self.score_stats = algos.RunningMoments()  # PPO-max reward normalisation (algo.normalize_scores)
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.samples = SampleLogger(self.output_dir, rows=self.cfg.logging.samples_per_iteration, enabled=self.is_main,
+                                    metrics=self.logger)
+        self.samples.resume_from(self.step)  # a resumed run drops the rows after its checkpoint
 
     def _load_prompts(self) -> tuple[list, list]:
         """(train, eval) prompt records, checked before any model is built."""
@@ -286,6 +294,8 @@ class PPOTrainer(StageTrainer):
             responses = self.rollouts.respond(batch, seed)
         with timer("score"):
             local, extras = self.rollouts.score(responses, batch["prompts"])
+            self.samples.log(iteration + 1, self.tokenizer, batch["prompts"], responses.score_ids, responses.score_mask,
+                             local.scores, extras.raw_scores, extras.has_stop)
             if self.old_from_rollout:  # the engine's log-probs travel with the rollout: (b, R) -> (B, R)
                 local = local.replace(logprobs=torch.where(local.response_mask, extras.engine_logprobs, 0.0))
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)  # (B, ...) all ranks
@@ -374,14 +384,16 @@ class PPOTrainer(StageTrainer):
                                        **self.hp.logprob_filter(reference=True)).logprobs
         kl = torch.where(r.response_mask, lp - ref, 0.0).sum(-1)  # (b,)
         # length and gold score of the response as scored (truncated after the stop token)
-        sums = [float(scores.sum()), float(kl.sum()), float(r.score_mask.sum()), float(len(rows))]
+        sums = [float(scores.sum()), float(kl.sum()), float(r.score_mask.sum()), float(len(rows)),
+                float((~r.has_stop).sum())]
         gold = 0.0
         if self.task is not None:
             texts = self.tokenizer.batch_decode(torch.where(r.score_mask, r.score_ids, self.tokenizer.pad_token_id),
                                                 skip_special_tokens=True)
             gold = float(sum(self.task.gold_reward(texts, prompts)))
-        s, k, n_tok, n, g = dss.all_reduce_sum(sums + [gold], self.dist.device)
-        out = {"eval/score": s / n, "eval/kl": k / n, "eval/response_length": n_tok / n}
+        s, k, n_tok, n, miss, g = dss.all_reduce_sum(sums + [gold], self.dist.device)
+        out = {"eval/score": s / n, "eval/kl": k / n, "eval/response_length": n_tok / n,
+               "eval/missing_stop_frac": miss / n}
         if self.task is not None:
             out["eval/gold_score"] = g / n
         return out
@@ -407,8 +419,7 @@ class PPOTrainer(StageTrainer):
         self.score_stats.load_state_dict(state.get("score_stats", self.score_stats.state_dict()))
 
     def progress_postfix(self, row: dict) -> dict:
-        return dict(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
-                    tok_s=f"{row['perf/tokens_per_s']:.0f}")
+        return ppo_postfix(row)
 
     def write_model(self, module, directory: Path) -> None:
         module.save_pretrained(directory)

@@ -8,7 +8,7 @@ length, and none) and the same minibatch order:
   ``generation`` section, the missing-stop penalty, ``ppo_core.score_logprobs`` /
   ``finish_experience`` / ``ppo_update`` with the preset's ``algo``, the optimizer and scheduler
   the trainer builds (``deepspeed_setup.make_optimizer`` / ``make_scheduler`` /
-  ``ppo_schedule``) and the preset's KL controller — the steps of ``PPOTrainer.train_iteration``
+  ``ppo_schedule``) and the preset's KL controller — the steps of ``PPOTrainer.run_step``
   after generation;
 - the float64 re-derivation of upstream's update (``rlhf_fast.reference.lm_human_preferences``).
 

@@ -73,8 +73,9 @@ class RMTrainer(DatasetStageTrainer):
     stage = "rm"
     cfg: RMConfig
 
-    def __init__(self, cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
-                 dist_info: Optional[DistInfo] = None, policy_temperature: Optional[float] = None):
+    def __init__(self, cfg: RMConfig, output_dir, *, resume: bool = False, overwrite: bool = False,
+                 reference_data: Optional[DataConfig] = None, dist_info: Optional[DistInfo] = None,
+                 policy_temperature: Optional[float] = None):
         validate(cfg, "rm")  # a config built in code skips load_config's checks (normalize_before needs policy_samples)
         if policy_temperature is not None and not policy_temperature > 0:
             raise ValueError(f"policy_temperature must be > 0, got {policy_temperature}")
@@ -98,7 +99,7 @@ class RMTrainer(DatasetStageTrainer):
                 f"rm.normalization 'policy_samples' samples from the initial policy, but {init_path} holds a reward "
                 f"model ({describe_model_dir(init_path)}), which cannot generate: choose 'reference_mean', "
                 "'reference_std' or 'none', or start from an SFT model")
-        super().__init__(cfg, output_dir, resume=resume, dist_info=dist_info)
+        super().__init__(cfg, output_dir, resume=resume, overwrite=overwrite, dist_info=dist_info)
         self.sample_temperature = (cfg.sample_temperature if cfg.sample_temperature is not None
                                    else policy_temperature if policy_temperature is not None
                                    else GenerationConfig().temperature)
@@ -281,9 +282,9 @@ class RMTrainer(DatasetStageTrainer):
         return ids, mask
 
 
-def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, reference_data: Optional[DataConfig] = None,
-             policy_temperature: Optional[float] = None) -> dict:
-    """Runs the reward-model stage (``RMTrainer(cfg, output_dir, ...).fit()``); returns its last
-    logged metrics."""
-    return RMTrainer(cfg, output_dir, resume=resume, reference_data=reference_data,
+def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, overwrite: bool = False,
+             reference_data: Optional[DataConfig] = None, policy_temperature: Optional[float] = None) -> dict:
+    """Runs the reward-model stage; returns its last logged metrics. ``resume`` / ``overwrite``: what
+    to do with a previous run in ``output_dir`` (``rlhf_fast.trainers.runs``)."""
+    return RMTrainer(cfg, output_dir, resume=resume, overwrite=overwrite, reference_data=reference_data,
                      policy_temperature=policy_temperature).fit()

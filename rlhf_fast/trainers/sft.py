@@ -100,7 +100,7 @@ class SFTTrainer(DatasetStageTrainer):
         self.tokenizer.save_pretrained(directory)
 
 
-def train_sft(cfg: SFTConfig, output_dir, *, resume: bool = False) -> dict:
-    """Runs the SFT stage (``SFTTrainer(cfg, output_dir, resume=resume).fit()``); returns its last
-    logged metrics."""
-    return SFTTrainer(cfg, output_dir, resume=resume).fit()
+def train_sft(cfg: SFTConfig, output_dir, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Runs the SFT stage; returns its last logged metrics. ``resume`` / ``overwrite``: what to do
+    with a previous run in ``output_dir`` (``rlhf_fast.trainers.runs``)."""
+    return SFTTrainer(cfg, output_dir, resume=resume, overwrite=overwrite).fit()
