@@ -20,7 +20,9 @@ Phases (the names of PPOTrainer's ``time/*_s`` metrics):
   score       the same random-init RewardModel; rlhf_fast: ``RewardModel.forward`` (the rollout stage's Scorer, trainers/rollout.py);
               trl_style: TRL ``get_reward`` (backbone with output_hidden_states, head on every position,
               read at the first pad - 1)
-  logprobs    old log-probs + values (one policy forward) and reference log-probs.
+  logprobs    old log-probs + values (one policy forward) and reference log-probs;
+              rlhf_fast_rollout_lp: ``ppo.old_logprobs: rollout`` (the engine's log-probs are the
+              old ones: the policy's LM head is skipped, its backbone runs for the value head)
               rlhf_fast: ``ppo_core.score_logprobs`` (LM head on response positions only, fused
               log-prob op, float32 out); trl_style: full-logits HF forward (output_hidden_states),
               ``logits / (T + 1e-7)`` then ``selective_log_softmax`` (fp32: gather - per-row
@@ -80,7 +82,7 @@ from rlhf_fast.reference import peers  # noqa: E402
 from rlhf_fast.trainers import ppo_core  # noqa: E402
 
 PHASES = ("generate", "score", "logprobs", "advantages", "train")
-IMPLS = ("rlhf_fast", "trl_style")
+IMPLS = ("rlhf_fast", "rlhf_fast_rollout_lp", "trl_style")
 LR, ADAM_EPS = 1e-5, 1e-5
 
 SIZES = {
@@ -172,14 +174,18 @@ def _fresh(b: Bench, impl: str):
 # ---- (a) rlhf_fast: the PPOTrainer iteration without DeepSpeed ---------------------------------
 
 
-def fast_experience(b: Bench, policy, rollout: Rollout, generator):
+def fast_experience(b: Bench, policy, rollout: Rollout, generator, engine_logprobs=None):
+    """Old / reference log-probs and values; with ``engine_logprobs`` (``ppo.old_logprobs:
+    rollout``) the engine's are the old ones and the policy's LM head is skipped."""
     plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, b.hp, device=b.device)
-    lp, ref_lp, values = ppo_core.score_logprobs(policy, None, b.ref, rollout, b.hp, plan=plan)
+    lp, ref_lp, values = ppo_core.score_logprobs(policy, None, b.ref, rollout, b.hp, plan=plan,
+                                                 old_logprobs=engine_logprobs)
     return rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values)
 
 
-def fast_iteration(b: Bench, seed: int, clock: Clock):
-    policy, opt = _fresh(b, "rlhf_fast")
+def fast_iteration(b: Bench, seed: int, clock: Clock, *, old_from_rollout: bool = False):
+    """PPOTrainer's iteration; ``old_from_rollout``: ``ppo.old_logprobs: rollout``."""
+    policy, opt = _fresh(b, "rlhf_fast")  # the engine's policy: both rlhf_fast variants run on it
     hp = b.hp
     generator = torch.Generator().manual_seed(seed)
     with clock("generate"):
@@ -191,7 +197,8 @@ def fast_iteration(b: Bench, seed: int, clock: Clock):
         scores = b.reward_model(seq, att.long()).scores.float()
         rollout = Rollout(b.q_ids, b.q_mask, resp, rmask, scores)
     with clock("logprobs"):
-        rollout = fast_experience(b, policy, rollout, generator)
+        rollout = fast_experience(b, policy, rollout, generator,
+                                  torch.where(rmask, out.logprobs, 0.0) if old_from_rollout else None)
     with clock("advantages"):
         exp = ppo_core.finish_experience(rollout, hp, kl_coef=b.kl_coef)
     with clock("train"):
@@ -365,7 +372,8 @@ def trl_iteration(b: Bench, seed: int, clock: Clock):
     return x, stats
 
 
-ITERATIONS = {"rlhf_fast": fast_iteration, "trl_style": trl_iteration}
+ITERATIONS = {"rlhf_fast": fast_iteration, "trl_style": trl_iteration,
+              "rlhf_fast_rollout_lp": lambda b, seed, clock: fast_iteration(b, seed, clock, old_from_rollout=True)}
 
 
 # ---- the measurement ----------------------------------------------------------------------------
@@ -418,10 +426,12 @@ def run(size: str, device: torch.device, reps: int | None = None, vocab: int | N
         for ph in (*PHASES, "total"):
             t = _quantiles(samples[impl][ph])
             extra = {"seconds_p50": round(t["p50_ms"] / 1e3, 4)}
-            if impl == "trl_style":
-                mine, fast = samples["trl_style"][ph], samples["rlhf_fast"][ph]
-                extra["speedup"] = round(t["p50_ms"] / _quantiles(fast)["p50_ms"], 3)
-                extra["speedup_paired"] = round(statistics.median(x / y for x, y in zip(mine, fast)), 3)
+            if impl != "rlhf_fast":  # trl_style: the baseline's time / rlhf_fast's; the rollout-log-prob
+                # variant: rlhf_fast (recompute) / it, i.e. what taking the engine's log-probs saves
+                mine, fast = samples[impl][ph], samples["rlhf_fast"][ph]
+                base, new = (mine, fast) if impl == "trl_style" else (fast, mine)
+                extra["speedup"] = round(_quantiles(base)["p50_ms"] / _quantiles(new)["p50_ms"], 3)
+                extra["speedup_paired"] = round(statistics.median(x / y for x, y in zip(base, new)), 3)
             if ph in ("generate", "total"):
                 extra["tokens_per_s"] = round(B * b.R / (t["p50_ms"] / 1e3), 1)
             rows.append(_common.result_row(impl, case, ph, t, dev, flops=flops[ph], **extra))
@@ -513,7 +523,7 @@ def test_bench_ppo_record(tmp_path):
     rows, config = run("quick", torch.device("cpu"), reps=1)
     assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in IMPLS for p in (*PHASES, "total")}
     assert all(r["p50_ms"] > 0 for r in rows)
-    assert all(r["speedup"] > 0 for r in rows if r["impl"] == "trl_style")
+    assert all(r["speedup"] > 0 for r in rows if r["impl"] != "rlhf_fast")
     path = _common.write_record("ppo", torch.device("cpu"), config, rows, out_dir=tmp_path)
     assert path.exists()
 
