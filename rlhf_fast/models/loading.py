@@ -82,6 +82,17 @@ def _seeded(seed: int | None):
 
 
 def _load(auto_cls, source: Source, *, dtype, attn_implementation, disable_dropout_: bool, seed, trust_remote_code):
+    if not isinstance(source, PretrainedConfig):
+        from rlhf_fast.models import lora
+
+        if lora.is_adapter_dir(source):  # a LoRA-trained model: base/ + adapter, merged (models/lora.py)
+            def load_base(path, over):
+                cls = AutoModelForCausalLM if over == "causal_lm" else AutoModel
+                return _load(cls, path, dtype=dtype, attn_implementation=attn_implementation,
+                             disable_dropout_=disable_dropout_, seed=seed, trust_remote_code=trust_remote_code)
+
+            want = "causal_lm" if auto_cls is AutoModelForCausalLM else "backbone"
+            return lora.load_merged(source, want=want, load_base=load_base)
     kwargs = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
