@@ -25,7 +25,8 @@ from rlhf_fast.trainers.common import _atomic_write_text, read_metrics
 
 
 def _done(stage_dir: Path) -> bool:
-    return (stage_dir / "model" / "config.json").is_file()
+    model = stage_dir / "model"  # a full model, or a LoRA adapter with its base (models/lora.py)
+    return (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
 
 
 def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print) -> dict:

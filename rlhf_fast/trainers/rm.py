@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rlhf_fast.algos import Registry
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
-from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.models import RewardModel, load_causal_lm, lora, resize_embeddings_for_tokenizer
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
@@ -113,6 +113,9 @@ class RMTrainer(DatasetStageTrainer):
                                          seed=self.cfg.model.init_seed)
         if rm.backbone.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
             raise ValueError(f"{src}: the model's vocabulary is smaller than its tokenizer ({len(self.tokenizer)})")
+        if self.cfg.lora.rank:  # adapters on the backbone; the score head is trained fully unless lora.train_head is off
+            lora.add_lora(rm.backbone, self.cfg.lora, field="rm.lora")
+            rm.head.requires_grad_(self.cfg.lora.train_head)
         return rm
 
     def collate(self, items: list) -> dict:
@@ -150,7 +153,7 @@ class RMTrainer(DatasetStageTrainer):
         }
 
     def write_model(self, module, directory: Path) -> None:
-        module.save_pretrained(directory)
+        lora.save_model(module, directory, merged=self.cfg.lora.save_merged)
         self.tokenizer.save_pretrained(directory)
 
     # ---- normalisation ------------------------------------------------------------------------------
