@@ -158,6 +158,10 @@ class LoRAConfig:
     c_proj / c_fc, Llama / Qwen2 / Mistral q / k / v / o / gate / up / down_proj, GPT-NeoX
     query_key_value / dense / dense_h_to_4h / dense_4h_to_h; peft's "all-linear" otherwise). A name
     the model lacks is an error listing the linear modules it has."""
+    modules_to_save: list = field(default_factory=list)
+    """Modules trained fully beside the adapters and saved with them (peft's ``modules_to_save``),
+    e.g. ``[ln_f]`` or ``[embed_tokens, lm_head]`` after adding tokens. Empty (peft's default):
+    none. A name the model lacks is an error listing its modules."""
     train_head: bool = True
     """Also train the scalar value / score head fully (it is small and new: the reward head is
     random, the value head zero). False freezes it (e.g. a critic whose head comes from the RM)."""

@@ -96,10 +96,15 @@ def add_lora(module: nn.Module, cfg, *, field: str) -> nn.Module:
     if lora_handle(module) is not None:
         raise ValueError(f"{field}: the model already has LoRA adapters")
     targets = target_modules_for(module, cfg.target_modules, field=f"{field}.target_modules")
+    have = sorted({name.rsplit(".", 1)[-1] for name, _ in module.named_modules() if name})
+    missing = [m for m in cfg.modules_to_save if m not in have]
+    if missing:
+        raise ValueError(f"{field}.modules_to_save: {type(module).__name__} has no module named {', '.join(missing)}; "
+                         f"its modules are {', '.join(have)}")
     # GPT-2's Conv1D stores its weight transposed (in, out): peft needs fan_in_fan_out for it
     conv1d = any(isinstance(m, Conv1D) for m in module.modules())
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          fan_in_fan_out=conv1d, bias="none")
+                          fan_in_fan_out=conv1d, bias="none", modules_to_save=list(cfg.modules_to_save) or None)
     over = "causal_lm" if getattr(module, "get_output_embeddings", lambda: None)() is not None else "backbone"
     peft_model = get_peft_model(module, peft_cfg)
     object.__setattr__(module, "_rlhf_fast_lora", LoraHandle(peft_model, over))  # not a submodule
@@ -158,7 +163,7 @@ def trainable_parameter_names(module: nn.Module) -> list[str]:
 def _plain_state_dict(hf_module: nn.Module, *, merged: bool) -> dict[str, torch.Tensor]:
     """The state dict of the HF module as it was before adapters were injected (``merged``: with
     each adapter's ``scaling * B A`` added to its base weight, through peft's ``get_delta_weight``,
-    which handles Conv1D's transposed layout)."""
+    which handles Conv1D's transposed layout, and the trained copies of ``modules_to_save``)."""
     from peft.tuners.lora import LoraLayer
 
     layers = {name: m for name, m in hf_module.named_modules() if isinstance(m, LoraLayer)}
@@ -166,6 +171,16 @@ def _plain_state_dict(hf_module: nn.Module, *, merged: bool) -> dict[str, torch.
     for key, value in hf_module.state_dict().items():
         if "lora_" in key:
             continue
+        # modules_to_save: peft keeps the frozen original and the trained copy side by side
+        if ".original_module." in key:
+            if merged:
+                continue
+            key = key.replace(".original_module.", ".")
+        elif ".modules_to_save." in key:
+            if not merged:
+                continue
+            owner, rest = key.split(".modules_to_save.", 1)
+            key = f"{owner}.{rest.split('.', 1)[1]}"  # drop the adapter name
         if ".base_layer." in key:
             owner, pname = key.split(".base_layer.", 1)
             if merged and pname == "weight":
