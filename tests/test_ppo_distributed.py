@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,8 +32,7 @@ def _launch(out: Path, nproc: int, stage: int, linear: bool = False, lora_rank: 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter (a `torchrun` on PATH may be another venv's)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RLHF_FAST_NO_TQDM="1")
     proc = subprocess.run([*cmd, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER), str(out),
                            str(stage), str(linear).lower(), str(lora_rank)], capture_output=True, text=True, timeout=600,
