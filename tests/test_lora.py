@@ -254,6 +254,8 @@ def test_ppo_reference_is_the_policy_with_adapters_off(ppo_run):
     own = {p.untyped_storage().data_ptr() for p in policy.parameters()}
     both = own | {p.untyped_storage().data_ptr() for p in trainer.ref_policy.parameters()}
     assert both == own and len(list(trainer.ref_policy.parameters())) > 0
+    # the engine generates through the adapted module itself (no merged copy)
+    assert trainer.gen.lm is policy.model and lora.has_lora(trainer.gen.lm)
     critic = trainer.critic_engine.module
     assert lora.has_lora(critic) and all(("lora_" in n) or n.startswith("value_head.")
                                          for n in lora.trainable_parameter_names(critic))
