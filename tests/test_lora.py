@@ -198,9 +198,7 @@ def test_sft_trains_only_adapters_and_resumes(sft_dir, tmp_path):
     rows = read_metrics(sft_dir)
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     # the base in model/base is the untouched initial model (fresh config, init_seed 0, resized)
-    from rlhf_fast.trainers.sft import SFTTrainer as T
-
-    t = T(_cfg().sft, tmp_path / "unused")
+    t = SFTTrainer(_cfg().sft, tmp_path / "unused")
     t.build_datasets()
     init = t.build_model()
     saved = AutoModelForCausalLM.from_pretrained(model / "base", local_files_only=True).state_dict()
@@ -283,9 +281,9 @@ def test_ppo_saves_adapter_over_the_merged_sft_policy(ppo_run, sft_dir):
 
 
 def test_ppo_resume_with_adapters(ppo_run, tmp_path):
-    out, _, cfg = ppo_run
     import copy
 
+    out, _, cfg = ppo_run
     part = copy.deepcopy(cfg)
     part.stop_after_iterations = 1
     PPOTrainer(part, tmp_path).fit()
