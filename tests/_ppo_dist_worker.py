@@ -2,7 +2,7 @@
 (or a single process): greedy rollouts (deterministic per row, whatever the split over ranks),
 the task's gold reward, ZeRO stage from argv. Writes DIR/model and DIR/metrics.jsonl.
 
-    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE [USE_LINEAR_LOGPROBS]
+    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE [USE_LINEAR_LOGPROBS [LORA_RANK]]
 """
 
 import sys
@@ -22,8 +22,10 @@ OVERRIDES = [
 if __name__ == "__main__":
     out, stage = sys.argv[1], sys.argv[2]
     linear = sys.argv[3] if len(sys.argv) > 3 else "false"
+    rank = sys.argv[4] if len(sys.argv) > 4 else "0"
     cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage,
-                                   "--ppo.use_linear_logprobs", linear]).ppo
+                                   "--ppo.use_linear_logprobs", linear, "--ppo.lora.rank", rank,
+                                   "--ppo.critic_lora.rank", rank]).ppo
     trainer = PPOTrainer(cfg, out)
     trainer.fit()
     # how much of the frozen reference this rank holds (ZeRO-3 inference partitions it)
@@ -33,4 +35,8 @@ if __name__ == "__main__":
     held = sum(p.numel() for p in trainer.ref_policy.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.ref_policy.parameters())
     with open(os.path.join(out, f"ref_params_rank{os.environ.get('RANK', '0')}.json"), "w") as f:
-        json.dump({"held": held, "full": full}, f)
+        policy = trainer.policy_engine.module
+        own = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+        ref_own = {p.untyped_storage().data_ptr() for p in trainer.ref_policy.parameters()} - own
+        json.dump({"held": held, "full": full, "ref_own_storages": len(ref_own),
+                   "frozen_engines": len(trainer.frozen_engines)}, f)

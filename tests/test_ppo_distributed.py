@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf_fast.models import Policy
 from rlhf_fast.trainers.common import read_metrics
@@ -28,16 +28,17 @@ WORKER = Path(__file__).with_name("_ppo_dist_worker.py")
 LR, STEPS = 1e-3, 2 * 2 * 2  # iterations x epochs x minibatches
 
 
-def _launch(out: Path, nproc: int, stage: int, linear: bool = False) -> None:
+def _launch(out: Path, nproc: int, stage: int, linear: bool = False, lora_rank: int = 0) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter (a `torchrun` on PATH may be another venv's)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RLHF_FAST_NO_TQDM="1")
     proc = subprocess.run([*cmd, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER), str(out),
-                           str(stage), str(linear).lower()], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0 and (out / "model" / "config.json").is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
+                           str(stage), str(linear).lower(), str(lora_rank)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    done = (out / "model" / ("adapter_config.json" if lora_rank else "config.json")).is_file()
+    assert proc.returncode == 0 and done, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def _train_rows(out: Path):
@@ -71,6 +72,41 @@ def test_two_ranks_match_one(single, tmp_path, stage, linear):
             assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) + 1e-5, (stage, a["step"], k, a[k], b[k])
     p1 = Policy.from_pretrained(single / "model").state_dict()
     p2 = Policy.from_pretrained(tmp_path / "model").state_dict()
+    for name, t1 in p1.items():
+        diff = (p2[name].float() - t1.float()).abs()
+        assert float(diff.max()) <= 2 * LR * STEPS + 1e-5, (name, float(diff.max()))
+        assert float((diff > 1e-5).float().mean()) <= 0.05, (name, float((diff > 1e-5).float().mean()))
+
+
+@pytest.fixture(scope="module")
+def single_lora(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo1_lora")
+    _launch(out, 1, 0, lora_rank=4)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,linear", [(0, False), (1, False), (2, True), (3, True)])
+def test_two_ranks_match_one_with_lora(single_lora, tmp_path, stage, linear):
+    """LoRA policy and critic (docs/architecture.md "LoRA") under ZeRO 0-3: the reference is the
+    policy with its adapters disabled at every stage (no storage of its own, no ZeRO-3 inference
+    engine for it: only the reward model would get one, and this run scores with a function), and
+    two ranks train what one does. With ``use_linear_logprobs`` at stages 2 and 3."""
+    _launch(tmp_path, 2, stage, linear, lora_rank=4)
+    held = [json.loads((tmp_path / f"ref_params_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(h["ref_own_storages"] == 0 and h["frozen_engines"] == 0 for h in held), held
+    if stage == 3:  # the policy's own engine partitions the weights the reference reads
+        assert all(h["held"] < h["full"] for h in held), held
+    one, two = _train_rows(single_lora), _train_rows(tmp_path)
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) + 1e-5, (stage, a["step"], k, a[k], b[k])
+    assert one[0]["objective/kl"] == 0.0
+    p1 = Policy.from_pretrained(single_lora / "model").state_dict()
+    p2 = Policy.from_pretrained(tmp_path / "model").state_dict()
+    base = Policy.from_pretrained(single_lora / "model" / "base").state_dict()
+    assert any(not torch.equal(p1[k], base[k]) for k in p1)  # the adapters moved
     for name, t1 in p1.items():
         diff = (p2[name].float() - t1.float()).abs()
         assert float(diff.max()) <= 2 * LR * STEPS + 1e-5, (name, float(diff.max()))

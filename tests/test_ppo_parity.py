@@ -21,7 +21,8 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from rlhf_fast.algos import PRESETS, PPOHyperParams, Rollout, RunningMoments, objective_stats
-from rlhf_fast.models import Critic, Policy
+from rlhf_fast.config import LoRAConfig
+from rlhf_fast.models import Critic, Policy, lora
 from rlhf_fast.trainers.ppo_reference import ppo_iteration
 from rlhf_fast.tasks import tiny_config
 from rlhf_fast.trainers import ppo_core
@@ -68,14 +69,25 @@ def make_rollout(B, Q, R, seed, *, holes=False, group_size=1):
     return Rollout(q, qm, r, rm, scores, group_ids=groups)
 
 
+def lora_policy(rank=4):
+    """A copy of the base policy with LoRA adapters (B zero-initialised, as peft does)."""
+    policy = copy.deepcopy(base_models()[0])
+    lora.add_lora(policy.model, LoRAConfig(rank=rank), field="ppo.lora")
+    return policy
+
+
 def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_coef=0.05, lr=1e-2, seed=0,
-             optim="sgd"):
-    policy0, critic0 = base_models()
+             optim="sgd", policy0=None):
+    """``policy0``: the initial policy (default the base one); a LoRA policy's reference is each
+    side's own policy with its adapters disabled (``lora.AdaptersOff``), as in the trainer."""
+    base_policy, critic0 = base_models()
+    policy0 = policy0 if policy0 is not None else base_policy
     make_opt = (lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9)) if optim == "sgd" else (
         lambda ps: torch.optim.Adam(ps, lr=lr))
-    ref_policy = copy.deepcopy(policy0).eval()
+    reference_of = lora.AdaptersOff if lora.has_lora(policy0) else (lambda p: copy.deepcopy(policy0).eval())
 
     p_ref = copy.deepcopy(policy0)
+    ref_policy = reference_of(p_ref)
     c_ref = copy.deepcopy(critic0) if separate_critic else None
     # PPO-max score normalisation is trainer state across iterations: the reference gets scores
     # normalised the same way (update with the batch, then normalise), the fast path the stats object
@@ -89,6 +101,7 @@ def run_both(hp: PPOHyperParams, rollout: Rollout, *, separate_critic: bool, kl_
 
     # fast: experience with the fused ops, the Stepper loop
     p_fast = copy.deepcopy(policy0)
+    ref_policy = reference_of(p_fast)
     c_fast = copy.deepcopy(critic0) if separate_critic else None
     gen = torch.Generator().manual_seed(seed)
     plan = ppo_core.first_epoch_plan(gen, rollout.batch_size, hp)
@@ -256,3 +269,37 @@ def _check_new_critic_based_estimator(name):
     assert all(float(s.value_loss) > 0 for s in new_stats)
     for a, b in zip(p_new.parameters(), p_fast.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- a LoRA policy (docs/architecture.md "LoRA") ---------------------------------------------------
+
+
+def test_zero_init_lora_reproduces_the_base_policy_exactly():
+    """peft initialises B to 0: the adapted policy, and the policy with its adapters disabled,
+    compute bit-identical log-probs and values to the base model."""
+    base, adapted = base_models()[0], lora_policy()
+    r = make_rollout(6, 4, 5, seed=11)
+    kw = dict(temperature=0.7, response_start=r.response_start, return_entropy=True)
+    want = base.logprobs(r.sequences, r.attention_mask, **kw)
+    for model in (adapted, lora.AdaptersOff(adapted)):
+        got = model.logprobs(r.sequences, r.attention_mask, **kw)
+        assert torch.equal(got.logprobs, want.logprobs) and torch.equal(got.entropy, want.entropy)
+        assert torch.equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_lora_policy_matches_reference_and_only_adapters_move(separate_critic):
+    """The fast loop and the reference PPO agree on a LoRA policy whose reference is the policy with
+    its adapters disabled; the base weights stay bit-identical, the adapters (and the value head) move,
+    and KL starts at exactly 0 (zero-initialised B)."""
+    hp = PRESETS["tldr"].replace(num_epochs=2, num_minibatches=2, micro_batch_size=2)
+    policy0 = lora_policy()
+    res, exp, stats, ref_models, fast_models = run_both(hp, make_rollout(8, 5, 6, seed=12),
+                                                        separate_critic=separate_critic, policy0=policy0)
+    assert_parity(res, exp, stats, ref_models, fast_models)
+    assert torch.equal(exp.kl, torch.zeros_like(exp.kl)) and torch.equal(exp.logprobs, exp.ref_logprobs)
+    before = dict(policy0.named_parameters())
+    for name, p in fast_models[0].named_parameters():
+        trained = "lora_" in name or (name.startswith("value_head.") and not separate_critic)
+        assert p.requires_grad == ("lora_" in name or name.startswith("value_head.")), name
+        assert torch.equal(p, before[name]) != trained, name

@@ -23,15 +23,16 @@ from rlhf_fast.config.core import (
     resolve_path, set_path, to_dict, update, validate,
 )
 from rlhf_fast.config.sections import (
-    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
+    DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
 from rlhf_fast.config.stages import (
     PRESETS, GenerationConfig, PPOConfig, RewardConfig, RMConfig, RunConfig, SFTConfig,
 )
 
 __all__ = [
-    "BatchPlan", "DataConfig", "DeepSpeedConfig", "GenerationConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "PPOConfig", "PPOLoggingConfig", "PRESETS", "RMConfig", "RewardConfig", "RunConfig", "SFTConfig", "SchedulerConfig", "apply_preset",
+    "BatchPlan", "DataConfig", "DeepSpeedConfig", "GenerationConfig", "LoggingConfig", "LoRAConfig", "ModelConfig",
+    "OptimConfig", "PPOConfig", "PPOLoggingConfig", "PRESETS", "RMConfig", "RewardConfig", "RunConfig", "SFTConfig",
+    "SchedulerConfig", "apply_preset",
     "describe", "dump_yaml", "field_docs", "from_dict", "load_config", "load_yaml", "parse_overrides", "resolve_path",
     "set_path", "to_dict", "update", "validate",
 ]

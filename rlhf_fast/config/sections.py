@@ -173,3 +173,36 @@ class PPOLoggingConfig(LoggingConfig):
     """Rollouts (prompt, response, score) of each iteration written to ``DIR/samples.jsonl`` and as
     a TensorBoard text table ("samples"): the first rows of rank 0's batch; 0 writes none. What the
     scores mean shows there first (a response cut by the missing-stop penalty, a reward hack)."""
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) through ``peft`` on a stage's model
+    (``rlhf_fast.models.lora``; docs/architecture.md "LoRA"). The base weights stay frozen; only
+    the adapters (and the scalar head, with ``train_head``) are trained and saved."""
+
+    rank: int = 0
+    """Adapter rank r; 0 = off (full fine-tuning), the default. 8-64 is the usual range (peft and
+    TRL examples use 8-16)."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / rank) * B A. 16 as in the QLoRA / TRL examples
+    (alpha = 2 r at r 8); peft's own default is 8."""
+    dropout: float = 0.0
+    """Dropout on the adapter input. 0 as every other dropout here ("N details" #13: with dropout
+    the PPO ratio of the first minibatch is not 1); PPO refuses any other value."""
+    target_modules: list = field(default_factory=list)
+    """Module names (the last part of the module path) that get adapters. Empty: every linear layer
+    of the architecture family (``rlhf_fast.models.lora.DEFAULT_TARGET_MODULES``: GPT-2 c_attn /
+    c_proj / c_fc, Llama / Qwen2 / Mistral q / k / v / o / gate / up / down_proj, GPT-NeoX
+    query_key_value / dense / dense_h_to_4h / dense_4h_to_h; peft's "all-linear" otherwise). A name
+    the model lacks is an error listing the linear modules it has."""
+    modules_to_save: list = field(default_factory=list)
+    """Modules trained fully beside the adapters and saved with them (peft's ``modules_to_save``),
+    e.g. ``[ln_f]`` or ``[embed_tokens, lm_head]`` after adding tokens. Empty (peft's default):
+    none. A name the model lacks is an error listing its modules."""
+    train_head: bool = True
+    """Also train the scalar value / score head fully (it is small and new: the reward head is
+    random, the value head zero). False freezes it (e.g. a critic whose head comes from the RM)."""
+    save_merged: bool = False
+    """Besides the adapter (peft format) and its base, also write ``model/merged``: the adapter
+    merged into the base weights, a plain Hugging Face model loadable without peft."""

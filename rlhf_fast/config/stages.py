@@ -11,7 +11,7 @@ import dataclasses
 from rlhf_fast.algos.hparams import PRESETS as PPO_PRESETS
 from rlhf_fast.algos.hparams import PPOHyperParams
 from rlhf_fast.config.sections import (
-    DataConfig, DeepSpeedConfig, LoggingConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
+    DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
 
 
@@ -25,6 +25,8 @@ class SFTConfig:
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(decay="cosine", warmup_ratio=0.05))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Train LoRA adapters instead of every weight (rank 0: off); ``model/`` then holds the adapter."""
     loss_on: Literal["response", "all"] = "response"
     """Tokens in the loss: "response" (prompt tokens masked; TRL / DeepSpeed-Chat default) or "all"
     (query + response: N+ SFT). Padding never counts."""
@@ -55,6 +57,8 @@ class RMConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA on the reward model's backbone (rank 0: off); ``lora.train_head`` trains the score head fully."""
     sft_model: Optional[str] = None
     """SFT checkpoint (a directory written by ``rlhf-fast sft``) the RM is initialised from (N+: RM
     from the SFT model). None and no ``model.path``: ``rlhf-fast rm`` first runs the ``sft``
@@ -222,12 +226,21 @@ class PPOConfig:
     folded into its value head (initial values = normalised per-token rewards), as N+ TL;DR's
     critic (summarize_from_feedback_details ``ScalarModel``: head minus the reward model's
     reference-mean bias). False: the raw reward head (MOSS-RLHF's critic, the default)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA on the policy (rank 0: off). With adapters the reference policy is the policy itself with
+    its adapters disabled (peft's ``disable_adapter``): no copy of the weights exists, so
+    ``ref_on_cpu`` has nothing to move and ``frozen_zero3`` shards the reward model only.
+    ``lora.train_head``: the value head (``critic`` "value_head") is trained fully."""
+    critic_lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA on the separate critic's backbone (rank 0: off); ``train_head`` trains its value head fully."""
     ref_on_cpu: bool = False
-    """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B)."""
+    """Keep the frozen reference policy on the CPU (N+ offloads reference and reward models at 6.9B).
+    Refused with ``lora.rank`` > 0: there is no reference copy to move."""
     frozen_zero3: Optional[bool] = None
     """Shard the frozen reference policy and reward model with DeepSpeed ZeRO-3 inference, so each
     rank holds 1/world of their weights (DeepSpeed-Chat and OpenRLHF do this when the actor is
-    ZeRO-3). None: on when ``deepspeed.zero_stage`` is 3 and ``ref_on_cpu`` is off."""
+    ZeRO-3). None: on when ``deepspeed.zero_stage`` is 3 and ``ref_on_cpu`` is off. With
+    ``lora.rank`` > 0 only the reward model is sharded: the reference is the policy's own weights."""
     use_linear_logprobs: bool = False
     """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
@@ -321,6 +334,9 @@ _CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, 
 # stay inside torch's and the sampler's int64 range
 for _stage in (SFTConfig, RMConfig, PPOConfig):
     _CHECKS[(_stage, "seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
+_CHECKS[(LoRAConfig, "rank")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
+_CHECKS[(LoRAConfig, "alpha")] = (lambda v: v > 0, _POSITIVE)
+_CHECKS[(LoRAConfig, "dropout")] = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 _CHECKS[(ModelConfig, "init_seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 
 
@@ -382,6 +398,12 @@ def _cross_checks(cfg, path: str) -> None:
     if isinstance(cfg, PPOConfig) and cfg.frozen_zero3 and cfg.ref_on_cpu:
         raise ValueError(f"{path}.frozen_zero3 and {path}.ref_on_cpu exclude each other: shard the frozen "
                          "reference over the ranks or keep it whole on the CPU")
+    if isinstance(cfg, PPOConfig) and cfg.lora.rank and cfg.ref_on_cpu:
+        raise ValueError(f"{path}.ref_on_cpu has nothing to move with {path}.lora.rank {cfg.lora.rank}: the reference "
+                         f"is the policy with its adapters disabled, no copy exists; set {path}.ref_on_cpu false")
+    if isinstance(cfg, PPOConfig) and cfg.lora.rank and cfg.lora.dropout:
+        raise ValueError(f"{path}.lora.dropout must be 0 in PPO (got {cfg.lora.dropout}): with dropout the first "
+                         "minibatch's ratio is not 1 (N details #13, TRL #454)")
     if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(
             f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"

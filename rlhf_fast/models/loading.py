@@ -66,8 +66,11 @@ def architectures_of(path) -> list[str]:
     e.g. ``["Qwen2ForSequenceClassification"]``); [] when it has none."""
     import json
 
+    from rlhf_fast.models import lora
+
+    config = Path(path) / ("base/config.json" if lora.is_adapter_dir(path) else "config.json")  # LoRA: base/ + adapter
     try:
-        archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+        archs = json.loads(config.read_text()).get("architectures") or []
     except (OSError, ValueError) as e:
         raise ValueError(f"{Path(path) / 'config.json'} cannot be read ({e})") from None
     return [a for a in archs if isinstance(a, str)]
@@ -85,8 +88,10 @@ def _local_dir(source: Union[str, os.PathLike]) -> Path:
             f"model source {str(source)!r} is not a local directory; rlhf_fast never downloads "
             "weights: pass a directory written by save_pretrained, or a transformers config"
         )
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model directory {str(path)!r} has no config.json")
+    from rlhf_fast.models import lora
+
+    if not (path / "config.json").is_file() and not lora.is_adapter_dir(path):
+        raise ValueError(f"model directory {str(path)!r} has no config.json (nor a LoRA adapter with its base/)")
     return path
 
 
@@ -102,6 +107,17 @@ def _seeded(seed: int | None):
 
 
 def _load(auto_cls, source: Source, *, dtype, attn_implementation, disable_dropout_: bool, seed, trust_remote_code):
+    if not isinstance(source, PretrainedConfig):
+        from rlhf_fast.models import lora
+
+        if lora.is_adapter_dir(source):  # a LoRA-trained model: base/ + adapter, merged (models/lora.py)
+            def load_base(path, over):
+                cls = AutoModelForCausalLM if over == "causal_lm" else AutoModel
+                return _load(cls, path, dtype=dtype, attn_implementation=attn_implementation,
+                             disable_dropout_=disable_dropout_, seed=seed, trust_remote_code=trust_remote_code)
+
+            want = "causal_lm" if auto_cls is AutoModelForCausalLM else "backbone"
+            return lora.load_merged(source, want=want, load_base=load_base)
     kwargs = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -33,7 +33,8 @@ STAGES = ("sft", "rm", "ppo")
 
 
 def _done(stage_dir: Path) -> bool:
-    return (stage_dir / "model" / "config.json").is_file()
+    model = stage_dir / "model"  # a full model, or a LoRA adapter with its base (models/lora.py)
+    return (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
 
 
 def check_finished_stage(stage_dir: Path, stage: str, cfg) -> None:

@@ -37,7 +37,7 @@ from rlhf_fast.algos import Registry, Rollout
 from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import make_generator
-from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model
+from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model, lora
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
@@ -231,19 +231,34 @@ class PPOTrainer(StageTrainer):
         if policy.config.vocab_size < len(self.tokenizer):
             raise ValueError(f"policy vocabulary {policy.config.vocab_size} < tokenizer size {len(self.tokenizer)}: "
                              "start PPO from an SFT checkpoint (rlhf-fast sft) made with this tokenizer")
-        ref = Policy(copy.deepcopy(policy.model), use_linear_logprobs=cfg.use_linear_logprobs).eval().requires_grad_(False)
         frozen_dtype = dss.PRECISIONS[cfg.deepspeed.dtype].frozen_dtype
-        if frozen_dtype is not None:  # the frozen models compute in the training precision
-            ref.to(frozen_dtype)
-        # The frozen reference can live on the CPU (it only runs forwards): N+ offloads it for 6.9B.
-        self.ref_policy = _OnDevice(ref.to("cpu"), "cpu") if cfg.ref_on_cpu else ref.to(self.dist.device)
         self.reward_model = self._load_reward(frozen_dtype)
         critic = None
         if layout.separate and self.hp.estimator.needs_values:
             # N+ TL;DR / PPO-max: the critic starts from the reward model; else from the policy (zero head).
             critic = Critic.from_pretrained(cfg.reward.model_path, with_normalization=cfg.critic_with_rm_normalization) \
                 if cfg.reward.model_path else Critic(copy.deepcopy(policy.backbone))
+            if cfg.critic_lora.rank:
+                lora.add_lora(critic.backbone, cfg.critic_lora, field="ppo.critic_lora")
+                critic.value_head.requires_grad_(cfg.critic_lora.train_head)
+        if cfg.lora.rank:
+            # docs/architecture.md "LoRA": the reference is the policy with its adapters disabled; no copy
+            lora.add_lora(policy.model, cfg.lora, field="ppo.lora")
+            if policy.value_head is not None:
+                policy.value_head.requires_grad_(cfg.lora.train_head)
+            self.ref_policy = lora.AdaptersOff(policy)
+        else:
+            self.ref_policy = self._reference_copy(policy, frozen_dtype)
         return policy.to(self.dist.device), critic.to(self.dist.device) if critic is not None else None
+
+    def _reference_copy(self, policy: Policy, frozen_dtype):
+        """The frozen reference policy of full fine-tuning: a copy of the initial policy."""
+        ref = Policy(copy.deepcopy(policy.model), use_linear_logprobs=self.cfg.use_linear_logprobs)
+        ref.eval().requires_grad_(False)
+        if frozen_dtype is not None:  # the frozen models compute in the training precision
+            ref.to(frozen_dtype)
+        # The frozen reference can live on the CPU (it only runs forwards): N+ offloads it for 6.9B.
+        return _OnDevice(ref.to("cpu"), "cpu") if self.cfg.ref_on_cpu else ref.to(self.dist.device)
 
     def _load_reward(self, frozen_dtype) -> Optional[RewardModel]:
         """The frozen reward model, or None when a reward function scores (``self._reward_fn``)."""
@@ -277,7 +292,8 @@ class PPOTrainer(StageTrainer):
         self.frozen_engines = []
         if frozen_zero3:
             mb = self.plan.micro_batch_size
-            self.frozen_engines.append(dss.build_zero3_inference(self.ref_policy, ds=ds, micro_batch_size=mb))
+            if not cfg.lora.rank:  # a LoRA reference is the policy itself, partitioned by the policy's engine
+                self.frozen_engines.append(dss.build_zero3_inference(self.ref_policy, ds=ds, micro_batch_size=mb))
             if self.reward_model is not None:
                 self.frozen_engines.append(dss.build_zero3_inference(self.reward_model, ds=ds, micro_batch_size=mb))
 
@@ -422,7 +438,7 @@ class PPOTrainer(StageTrainer):
         return ppo_postfix(row)
 
     def write_model(self, module, directory: Path) -> None:
-        module.save_pretrained(directory)
+        lora.save_model(module, directory, merged=self.cfg.lora.save_merged)
         self.tokenizer.save_pretrained(directory)
 
     def on_complete(self) -> None:

@@ -376,7 +376,9 @@ def ppo_iteration(
     grpo / rloo), leaving ``policy`` (and ``critic``) updated.
 
     policy: ``rlhf_fast.models.Policy`` (with a value head unless ``critic`` is given or the
-        estimator needs no values). ref_policy: the frozen reference ``Policy``.
+        estimator needs no values). ref_policy: the frozen reference ``Policy``; for a policy with
+        LoRA adapters, ``rlhf_fast.models.lora.AdaptersOff(policy)``, the policy itself with its
+        adapters disabled (read before the first update, as the trainer does).
     optimizer: a plain ``torch.optim`` optimizer over the trained parameters (policy and critic
         together, as TRL's PolicyAndValueWrapper, clipped by one global norm). critic_optimizer:
         the critic's own optimizer instead (OpenRLHF, DeepSpeed-Chat and rlhf_fast's trainer: one

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rlhf_fast.algos import Registry
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
-from rlhf_fast.models import RewardModel, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.models import RewardModel, load_causal_lm, lora, resize_embeddings_for_tokenizer
 from rlhf_fast.models.hf_classifier import describe_model_dir, holds_reward_model
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
@@ -133,6 +133,9 @@ class RMTrainer(DatasetStageTrainer):
         rm = RewardModel.from_pretrained(src, new_head=True, attn_implementation=self.cfg.model.attn_implementation,
                                          seed=self.cfg.model.init_seed)
         resize_embeddings_for_tokenizer(rm.backbone, self.tokenizer, what=f"rm model {src}")
+        if self.cfg.lora.rank:  # adapters on the backbone; the score head is trained fully unless lora.train_head is off
+            lora.add_lora(rm.backbone, self.cfg.lora, field="rm.lora")
+            rm.head.requires_grad_(self.cfg.lora.train_head)
         return rm
 
     def collate(self, items: list) -> dict:
@@ -170,7 +173,7 @@ class RMTrainer(DatasetStageTrainer):
         }
 
     def write_model(self, module, directory: Path) -> None:
-        module.save_pretrained(directory)
+        lora.save_model(module, directory, merged=self.cfg.lora.save_merged)
         self.tokenizer.save_pretrained(directory)
 
     # ---- normalisation ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.config import SFTConfig
 from rlhf_fast.data import IGNORE_INDEX, SFTDataset
-from rlhf_fast.models import Policy, load_causal_lm, resize_embeddings_for_tokenizer
+from rlhf_fast.models import Policy, load_causal_lm, lora, resize_embeddings_for_tokenizer
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 
@@ -63,6 +63,8 @@ class SFTTrainer(DatasetStageTrainer):
         model = load_causal_lm(src, attn_implementation=self.cfg.model.attn_implementation, seed=self.cfg.model.init_seed)
         resize_embeddings_for_tokenizer(model, self.tokenizer, what=f"sft model {src}" if isinstance(src, str) else
                                         "sft model")
+        if self.cfg.lora.rank:  # adapters on the (resized) model; the engine trains only them
+            lora.add_lora(model, self.cfg.lora, field="sft.lora")
         return model
 
     def collate(self, items: list) -> dict:
@@ -96,7 +98,7 @@ class SFTTrainer(DatasetStageTrainer):
         return out
 
     def write_model(self, module, directory: Path) -> None:
-        Policy(module).save_pretrained(directory)
+        lora.save_model(Policy(module), directory, merged=self.cfg.lora.save_merged)
         self.tokenizer.save_pretrained(directory)
 
 
