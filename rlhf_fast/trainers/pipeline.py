@@ -1,6 +1,10 @@
 """The main job: SFT -> reward model -> PPO on one config, then a summary.
 
     rlhf-fast pipeline --output-dir runs/demo          # the built-in task, nothing downloaded
+    rlhf-fast pipeline --task tiny_arithmetic --preset grpo   # a checked reward: SFT -> GRPO, no reward model
+
+With ``ppo.reward.function`` set (a verifiable task's checker, ``task:gold``, or a user's
+function) the reward-model stage is skipped.
 
 Layout: DIR/sft, DIR/rm, DIR/ppo (each a stage directory: metrics.jsonl, tensorboard/,
 checkpoints/, model/), DIR/ppo/plots/*.png, and DIR/summary.json with at least
@@ -48,7 +52,9 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print
 
     t = time.perf_counter()
     cfg.rm.sft_model = cfg.rm.sft_model or str(sft_dir / "model")
-    if not (resume and _done(rm_dir)):
+    if cfg.ppo.reward.function is not None:  # a checked (verifiable) reward or a user's function: no reward model
+        echo(f"[pipeline] 2/3 no reward model: PPO is scored by {cfg.ppo.reward.function}")
+    elif not (resume and _done(rm_dir)):
         echo(f"[pipeline] 2/3 reward model from {cfg.rm.sft_model} -> {rm_dir}")
         RMTrainer(cfg.rm, rm_dir, resume=resume, reference_data=cfg.sft.data, dist_info=dist,
                   policy_temperature=cfg.ppo.generation.temperature).fit()
@@ -65,11 +71,22 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print
 
     summary = summarize(out, seconds=time.perf_counter() - t0, stage_seconds=seconds,
                         planned_iterations=cfg.ppo.iterations)
+    summary["gold_metric"] = _gold_metric(cfg)
     if dist.is_main:
         _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         echo(format_summary(summary))
     dss.barrier()
     return summary
+
+
+def _gold_metric(cfg: RunConfig) -> str:
+    """What the gold score is: the built-in task's ``gold_metric`` ("exact-match accuracy" for
+    tiny_arithmetic), or "gold score"."""
+    if cfg.ppo.data.train_file is not None:
+        return "gold score"
+    from rlhf_fast.tasks import TASKS
+
+    return getattr(TASKS.get(cfg.ppo.data.task), "gold_metric", "gold score")
 
 
 def summarize(out: Path, *, seconds: float, stage_seconds: dict, planned_iterations: Optional[int] = None) -> dict:
@@ -103,7 +120,7 @@ def format_summary(s: dict) -> str:
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
     rows = [
-        ("gold score (held-out prompts)", f(s["sft_gold_score"]), f(s["ppo_gold_score"])),
+        (f"{s.get('gold_metric', 'gold score')} (held-out prompts)", f(s["sft_gold_score"]), f(s["ppo_gold_score"])),
         ("reward-model score", f(s["sft_rm_score"]), f(s["ppo_rm_score"])),
         ("KL to the SFT policy (nats/seq)", "0", f(s["final_kl"])),
     ]

@@ -167,7 +167,8 @@ class PPOTrainer(StageTrainer):
                         tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size)
         schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
                                   samples_per_prompt=cfg.samples_per_prompt, rank=self.dist.rank,
-                                  world_size=self.dist.world_size)
+                                  world_size=self.dist.world_size,
+                                  draws_per_iteration=self.hp.max_sampling_rounds if self.hp.dynamic_sampling else 1)
         self.rollouts = RolloutStage(cfg, generator=self.gen, schedule=schedule, scorer=scorer, tokenizer=self.tokenizer,
                                      stop_token_ids=self.stop_token_ids, device=self.dist.device, rank=self.dist.rank)
         self.kl_ctl = self.hp.make_kl_controller()
@@ -262,11 +263,8 @@ class PPOTrainer(StageTrainer):
         seed = cfg.seed * 1_000_003 + iteration * 7919 + self.dist.rank * dss.SEED_STRIDE
         kl_coef = float(self.kl_ctl.value)
         t_start = time.perf_counter()
-        with timer("generate"):
-            batch = self.rollouts.schedule.batch(iteration)
-            responses = self.rollouts.respond(batch, seed)
+        local, extras = self.rollouts.collect(iteration, seed, timer)  # generate, score (more rounds: dynamic sampling)
         with timer("score"):
-            local, extras = self.rollouts.score(responses, batch["prompts"])
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)  # (B, ...) all ranks
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)  # minibatch permutations
         with timer("logprobs"):
@@ -306,7 +304,8 @@ class PPOTrainer(StageTrainer):
         raw_sum, missing, n_rows = dss.all_reduce_sum(
             [float(raw.sum()), float((~extras.has_stop).sum()), float(raw.numel())], self.dist.device)
         return {"objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows,
-                "generation/logprob_gap_max": float(gap)}
+                "generation/logprob_gap_max": float(gap), "objective/sampling_rounds": float(extras.sampling_rounds),
+                "objective/informative_frac": extras.informative_frac}
 
     def _critic_module(self):
         return self.critic_engine.module if self.critic_engine is not None else None
