@@ -89,7 +89,9 @@ def reinforce_pp_baseline_advantages(inp: AdvantageInput, params: AdvantageParam
     seq = sequence_rewards(inp.rewards, inp.mask)
     sums, n = _group_sums(seq, inp.group_ids)
     m = inp.mask.bool()
-    last = m & ~torch.nn.functional.pad(m[..., 1:], (0, 1), value=False)  # (B, T) the last valid token
+    pos = torch.arange(m.shape[-1], device=m.device)
+    last_idx = torch.where(m, pos, -1).max(-1, keepdim=True).values  # (B, 1) the last valid token (-1: none)
+    last = m & (pos == last_idx)  # (B, T): one token per row, whatever holes the mask has
     rewards = inp.rewards - torch.where(last, (sums / n).unsqueeze(-1).to(inp.rewards.dtype), 0.0)
     ret = _discounted_returns(rewards, m, params.gamma)
     adv = _whiten_tokens(ret, m, params, backend) if params.whiten_advantages else ret
