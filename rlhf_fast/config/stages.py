@@ -410,14 +410,15 @@ PRESETS.update({
     # ``--task tiny_sentiment`` (the default task) and ``--task tiny_arithmetic``: the built-in
     # tasks, applied before every other preset. tiny_arithmetic's reward is checked, not learned:
     # PPO is scored by the task's checker and the pipeline trains no reward model. Its model is
-    # the narrow 2-layer one of "ci" (SFT to about half of the held-out sums in a minute on 2 cores).
+    # the narrow 2-layer one of "ci"; 800 SFT steps (~2 min on 2 loaded cores) reach about half of the
+    # held-out sums sampled at temperature 1 (0.52; 0.69 greedy), so RL has both signal and room.
     "tiny_sentiment": {"sft.data.task": "tiny_sentiment", "rm.data.task": "tiny_sentiment",
                        "ppo.data.task": "tiny_sentiment"},
     "tiny_arithmetic": {
         "sft.data.task": "tiny_arithmetic", "rm.data.task": "tiny_arithmetic", "ppo.data.task": "tiny_arithmetic",
         "ppo.reward.function": "task:gold", "ppo.reward.model_path": None,
         "sft.model.config_overrides": {"n_embd": 128, "n_layer": 2, "n_inner": 384},
-        "sft.epochs": 1.0, "sft.max_steps": 150, "sft.batch_size": 64, "sft.micro_batch_size": 64,
+        "sft.epochs": 1.0, "sft.max_steps": 800, "sft.batch_size": 64, "sft.micro_batch_size": 64,
         "sft.optim.lr": 2e-3, "sft.logging.log_every": 10, "sft.data.max_eval_examples": 256,
         "ppo.generation.max_new_tokens": 6, "ppo.generation.missing_stop_penalty": None,
         "ppo.iterations": 30, "ppo.rollout_batch_size": 32, "ppo.eval_prompts": 512, "ppo.logging.eval_every": 5,
