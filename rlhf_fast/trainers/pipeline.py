@@ -72,6 +72,7 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, echo=print
     summary = summarize(out, seconds=time.perf_counter() - t0, stage_seconds=seconds,
                         planned_iterations=cfg.ppo.iterations)
     summary["gold_metric"] = _gold_metric(cfg)
+    summary["reward"] = cfg.ppo.reward.function  # None: the reward model
     if dist.is_main:
         _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         echo(format_summary(summary))
@@ -121,7 +122,8 @@ def format_summary(s: dict) -> str:
 
     rows = [
         (f"{s.get('gold_metric', 'gold score')} (held-out prompts)", f(s["sft_gold_score"]), f(s["ppo_gold_score"])),
-        ("reward-model score", f(s["sft_rm_score"]), f(s["ppo_rm_score"])),
+        (f"score ({s['reward']})" if s.get("reward") else "reward-model score",
+         f(s["sft_rm_score"]), f(s["ppo_rm_score"])),
         ("KL to the SFT policy (nats/seq)", "0", f(s["final_kl"])),
     ]
     w = max(len(r[0]) for r in rows)
