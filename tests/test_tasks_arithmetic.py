@@ -33,7 +33,11 @@ def test_checker_is_exact():
 def test_records_and_held_out_split(task):
     sft, train, evals = task.sft_records(), task.prompt_records("train"), task.prompt_records("eval")
     assert len(sft) == 500 and len(train) == 200 and len(evals) == 100
-    assert all(r["response"] == str(ar.answer(r["prompt"])) for r in sft)
+    wrong = [r for r in sft if r["response"] != str(ar.answer(r["prompt"]))]
+    assert all(abs(int(r["response"]) - ar.answer(r["prompt"])) == 1 for r in wrong)  # slips are off by one
+    assert 0.2 < len(wrong) / len(sft) < 0.4  # sft_noise 0.3
+    clean = get_task("tiny_arithmetic", cache_dir=task.cache_dir, num_sft=200, sft_noise=0.0).sft_records()
+    assert all(r["response"] == str(ar.answer(r["prompt"])) for r in clean)
     held = {r["prompt"] for r in evals}
     assert not held & {r["prompt"] for r in sft} and not held & {r["prompt"] for r in train}
     assert task.sft_records() == sft  # deterministic

@@ -7,7 +7,8 @@ Everything is generated locally from ``config.seed``: a character-level tokenize
 BPE trained with no merges, so every digit is one token), the SFT corpus, the RL prompts and the
 held-out evaluation prompts. The held-out prompts are operand pairs that appear nowhere in the
 SFT corpus or the RL prompts, so the gold metric — exact-match accuracy on them — measures
-arithmetic, not recall.
+arithmetic, not recall. A fraction of the SFT answers are off by one (``sft_noise``): the SFT
+model learns the slips along with the arithmetic, and the checked reward is what removes them.
 
 The reward (``gold_score``): 1.0 when the response, stripped of surrounding whitespace, is exactly
 the decimal result; 0.0 otherwise (a wrong number, extra text, an empty response).
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 from rlhf_fast.tasks.tiny_models import tiny_config
 from rlhf_fast.tasks.tokenizer import default_cache_dir, load_or_train_tokenizer
 
-TASK_VERSION = 1  # bump when the format, the reward or the generators change (cache key)
+TASK_VERSION = 2  # bump when the format, the reward or the generators change (cache key)
 _PROMPT = re.compile(r"^\s*(\d+)\s*([+\-])\s*(\d+)\s*=\s*$")
 
 
@@ -78,6 +79,11 @@ class ArithmeticTaskConfig:
     """Prompts for RL rollouts (non-held-out pairs)."""
     num_eval_prompts: int = 512
     """Held-out prompts for evaluation (at most the held-out pairs)."""
+    sft_noise: float = 0.3
+    """Fraction of SFT answers that are off by one (answer - 1 or answer + 1, drawn uniformly): the
+    demonstrations are imperfect, as human- or model-written ones are, so the SFT model imitates the
+    slips too and samples a near-miss about as often. A checked reward removes what imitation
+    copied, which is the gain RL with a verifiable reward is for; 0 gives clean demonstrations."""
     vocab_size: int = 258
     """256 byte tokens + EOS + PAD: a character-level tokenizer (no BPE merges), one token per digit."""
 
@@ -88,6 +94,8 @@ class ArithmeticTaskConfig:
             raise ValueError(f"ops must be a non-empty subset of ('+', '-'), got {self.ops!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}")
+        if not 0 <= self.sft_noise < 1:
+            raise ValueError(f"sft_noise must lie in [0, 1), got {self.sft_noise}")
         for name in ("num_sft", "num_train_prompts", "num_eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,7 +129,10 @@ def make_sft_records(config: ArithmeticTaskConfig) -> list[dict]:
     out = []
     for _ in range(config.num_sft):
         p = format_prompt(*rng.choice(train))
-        out.append({"prompt": p, "response": str(answer(p))})
+        a = answer(p)
+        if rng.random() < config.sft_noise:  # a slip in the demonstration (ArithmeticTaskConfig.sft_noise)
+            a += rng.choice((-1, 1))
+        out.append({"prompt": p, "response": str(a)})
     return out
 
 
