@@ -303,9 +303,12 @@ class PPOTrainer(StageTrainer):
         raw = extras.raw_scores
         raw_sum, missing, n_rows = dss.all_reduce_sum(
             [float(raw.sum()), float((~extras.has_stop).sum()), float(raw.numel())], self.dist.device)
-        return {"objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows,
-                "generation/logprob_gap_max": float(gap), "objective/sampling_rounds": float(extras.sampling_rounds),
-                "objective/informative_frac": extras.informative_frac}
+        row = {"objective/raw_scores": raw_sum / n_rows, "objective/missing_stop_frac": missing / n_rows,
+               "generation/logprob_gap_max": float(gap)}
+        if self.hp.dynamic_sampling:  # DAPO: rounds this iteration took, informative share of the first (this rank)
+            row.update({"objective/sampling_rounds": float(extras.sampling_rounds),
+                        "objective/informative_frac": extras.informative_frac})
+        return row
 
     def _critic_module(self):
         return self.critic_engine.module if self.critic_engine is not None else None
