@@ -422,8 +422,8 @@ PRESETS.update({
         "sft.optim.lr": 2e-3, "sft.logging.log_every": 10, "sft.data.max_eval_examples": 256,
         "ppo.generation.max_new_tokens": 6, "ppo.generation.missing_stop_penalty": None,
         # RL: 64 prompts per iteration (x samples_per_prompt), lr 2e-4 after 10 warm-up steps (5e-4 and
-        # more without warm-up wrecked the SFT policy in a few steps; 3e-5 hardly moved it), 120 iterations
-        "ppo.iterations": 120, "ppo.rollout_batch_size": 64, "ppo.eval_prompts": 512, "ppo.logging.eval_every": 20,
+        # more without warm-up wrecked the SFT policy in a few steps; 3e-5 hardly moved it), 180 iterations
+        "ppo.iterations": 180, "ppo.rollout_batch_size": 64, "ppo.eval_prompts": 512, "ppo.logging.eval_every": 20,
         "ppo.optim.lr": 2e-4, "ppo.scheduler.warmup_steps": 10,
     },
 })
