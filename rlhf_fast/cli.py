@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 -m rlhf_fast.cli sft --config run.yaml --output-dir runs/sft
     rlhf-fast ppo --output-dir runs/ppo --ppo.policy.path runs/sft/model --ppo.reward.model_path runs/rm/model
     rlhf-fast pipeline --output-dir runs/demo                 # SFT -> RM -> PPO on the built-in task
+    rlhf-fast pipeline --task tiny_arithmetic --preset grpo   # SFT -> GRPO on a checked reward (no RM)
     rlhf-fast config --preset n_plus --docs                   # the resolved config, with every field's doc
 
 Subcommands live in ``COMMANDS`` (name -> ``Command``); a new stage registers itself with
