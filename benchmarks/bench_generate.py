@@ -16,7 +16,16 @@ Implementations (same model, batch, prompts, response length; greedy, so outputs
   hf_static        model.generate(cache_implementation="static"); on CUDA Hugging Face compiles
                    its decode forward itself (reduce-overhead), on CPU it runs eagerly
 Cases: "fixed" ignores EOS (every row decodes R tokens, "N Implementation Details" #4); "eos"
-picks an EOS that rows emit at different steps (the engine drops finished rows, HF keeps them).
+picks an EOS that rows emit at different steps (the engine drops finished rows, HF keeps them);
+"groups" is group sampling (GRPO / DAPO rollouts): B / GROUP prompts, each repeated GROUP times
+next to each other, sampled (seed 0), timed for
+  engine                      one prefill per prompt, its KV broadcast to the group's rows
+                              (engine/prefix_share.py)
+  engine_no_shared_prefill    HybridEngine(share_prefill=False): every row prefilled
+  hf_dynamic                  model.generate(num_return_sequences=GROUP) on the B / GROUP prompts
+                              (HF expands the prompts before its prefill)
+the engine's two rows must be token-identical (same_as_engine); "prefill_rows" is the rows the
+engine's prefill ran.
 
 tokens/s counts generated (valid) tokens over prefill + decode wall time. Roofline: a decode
 step must read every weight once and the KV cache of every live row,
@@ -44,6 +53,7 @@ from rlhf_fast.models import load_causal_lm  # noqa: E402
 from rlhf_fast.tasks import tiny_config  # noqa: E402
 
 PAD = 0
+GROUP = 8  # samples per prompt in the "groups" case (TRL num_generations 8)
 
 SIZES = {
     # name: (arch, config overrides, batch, prompt, new tokens)
@@ -103,7 +113,9 @@ def run(size: str, device: torch.device, dtype=torch.float32, reps: int = 5, war
         engines["engine_compiled_kv"] = HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R,
                                                      decode="compiled", kv_bucket=64 if device.type == "cuda" else 16)
     rows = []
-    for case in cases:
+    if "groups" in cases:
+        rows += _groups_case(model, ids, mask, R, size, device, dtype, dev, ideal, reps=reps, warmup=warmup)
+    for case in [c for c in cases if c != "groups"]:
         eos = pick_eos(model, ids, mask, R) if case == "eos" else None
         hf_kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=R, do_sample=False, pad_token_id=PAD,
                      eos_token_id=eos)
@@ -141,6 +153,42 @@ def run(size: str, device: torch.device, dtype=torch.float32, reps: int = 5, war
               "roofline_tokens_per_s": round(ideal, 1), "reps": reps,
               "torch_threads": torch.get_num_threads()}
     return rows, config
+
+
+def _groups_case(model, ids, mask, R, size, device, dtype, dev, ideal, *, reps, warmup):
+    """Group sampling: B / GROUP prompts x GROUP samples, with and without the shared prefill."""
+    B, P = ids.shape
+    k = min(GROUP, B)
+    gi, gm = ids[: B // k].repeat_interleave(k, 0), mask[: B // k].repeat_interleave(k, 0)  # (B, P) runs of k
+    params = SamplingParams(max_new_tokens=R, do_sample=True, temperature=1.0, seed=0)
+    engines = {name: HybridEngine(model, pad_token_id=PAD, max_batch_size=B, max_seq_len=P + R, decode="eager",
+                                  share_prefill=share)
+               for name, share in (("engine", True), ("engine_no_shared_prefill", False))}
+    impls = {name: (lambda e=e: e.generate(gi, gm, params).sequences) for name, e in engines.items()}
+    impls["hf_dynamic"] = lambda: model.generate(input_ids=ids[: B // k], attention_mask=mask[: B // k],
+                                                 max_new_tokens=R, do_sample=True, num_return_sequences=k,
+                                                 pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        seqs, first_s = {}, {}
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            seqs[name] = fn()
+            first_s[name] = round(time.perf_counter() - t0, 2)
+        prefill = {name: e.stats.prefill_rows for name, e in engines.items()}  # after one call each
+        times = _interleaved_times(impls, device, reps=reps, warmup=warmup)
+    rows = []
+    for name in impls:
+        same = (bool(torch.equal(seqs[name], seqs["engine"])) if name.startswith("engine") else None)
+        n_tokens = int(seqs[name][:, P:].numel())
+        tps = n_tokens / (times[name]["p50_ms"] / 1e3)
+        rows.append(_common.result_row(
+            name, {"size": size, "case": "groups", "B": B, "P": P, "R": R, "group": k,
+                   "dtype": str(dtype).replace("torch.", "")},
+            "generate", times[name], dev, tokens=n_tokens, tokens_per_s=round(tps, 1),
+            pct_roofline=round(100 * tps / ideal, 1) if ideal else None, same_as_engine=same,
+            first_call_s=first_s[name], prefill_rows=prefill.get(name),
+        ))
+    return rows
 
 
 def _interleaved_times(impls, device, *, reps, warmup):
@@ -184,6 +232,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-save", action="store_true", help="do not write a JSON record")
     p.add_argument("--no-compile", action="store_true", help="leave out engine_compiled (saves the compile time)")
+    p.add_argument("--cases", default="fixed,eos,groups", help="comma-separated: fixed, eos, groups")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,8 +241,11 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reps = args.reps or (3 if args.quick else 5)
     # CUDA graphs are recorded on the second or third call of a shape: two more warm-ups there
+    cases = tuple(c for c in args.cases.split(",") if c)
+    if not cases or set(cases) - {"fixed", "eos", "groups"}:
+        raise SystemExit(f"--cases: a comma-separated subset of fixed, eos, groups, got {args.cases!r}")
     rows, config = run(size, device, dtype, reps=reps, warmup=2 if device.type == "cuda" else 0,
-                       compiled=not args.no_compile)
+                       compiled=not args.no_compile, cases=cases)
     flat = [{**r, **r["case"]} for r in rows if "error" not in r]
     _common.print_table(flat, ["impl", "case", "B", "P", "R", "p50_ms", "tokens_per_s", "pct_roofline", "same_as_engine",
                                "first_call_s"])
@@ -210,9 +262,19 @@ def main(argv=None):
 
 def test_bench_generate_quick():
     # engine_compiled is left out here (compile time); tests/test_engine_static.py covers it
-    rows = main(["--quick", "--no-save", "--reps", "1", "--no-compile"])
+    rows = main(["--quick", "--no-save", "--reps", "1", "--no-compile", "--cases", "fixed,eos"])
     assert {r["impl"] for r in rows} == {"engine", "hf_dynamic", "hf_static"}
     assert all("error" not in r and r["same_as_engine"] and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_generate_groups_quick():
+    """The groups case: the shared prefill runs one row per prompt and samples the same tokens."""
+    rows = main(["--quick", "--no-save", "--reps", "1", "--no-compile", "--cases", "groups"])
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"engine", "engine_no_shared_prefill", "hf_dynamic"}
+    B, k = by["engine"]["case"]["B"], by["engine"]["case"]["group"]
+    assert by["engine"]["prefill_rows"] == B // k and by["engine_no_shared_prefill"]["prefill_rows"] == B
+    assert by["engine_no_shared_prefill"]["same_as_engine"] and all(r["tokens_per_s"] > 0 for r in rows)
 
 
 if __name__ == "__main__":

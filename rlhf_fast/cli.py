@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 -m rlhf_fast.cli sft --config run.yaml --output-dir runs/sft
     rlhf-fast ppo --output-dir runs/ppo --ppo.policy.path runs/sft/model --ppo.reward.model_path runs/rm/model
     rlhf-fast pipeline --output-dir runs/demo                 # SFT -> RM -> PPO on the built-in task
+    rlhf-fast pipeline --task tiny_arithmetic --preset grpo   # SFT -> GRPO on a checked reward (no RM)
     rlhf-fast config --preset n_plus --docs                   # the resolved config, with every field's doc
 
 Subcommands live in ``COMMANDS`` (name -> ``Command``); a new stage registers itself with
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", help="YAML file with sections (sft:, rm:, ...)")
         p.add_argument("--preset", action="append", default=[], metavar="NAME",
                        help=f"named set of overrides, repeatable ({', '.join(sorted(C.PRESETS))})")
+        p.add_argument("--task", default=None, metavar="NAME",
+                       help="a built-in task (tiny_sentiment, tiny_arithmetic): its preset, applied before --preset")
         if cmd.trains:
             default = Path("runs/pipeline") if cmd.name == "pipeline" else None  # the main job needs no argument
             p.add_argument("--output-dir", required=default is None, default=default, type=Path, metavar="DIR",
@@ -215,7 +218,12 @@ def parse(argv: Optional[list[str]] = None) -> tuple[Command, C.RunConfig, argpa
     args, extra = parser.parse_known_args(argv)
     cmd = COMMANDS[args.command]
     overrides = C.parse_overrides(extra, default_section=cmd.section or None)
-    cfg = C.load_config(args.config, presets=args.preset, overrides=overrides)
+    if args.task is not None:
+        from rlhf_fast.tasks import TASKS
+
+        if args.task not in TASKS:
+            raise ValueError(f"--task {args.task!r}: built-in tasks are {sorted(TASKS)}")
+    cfg = C.load_config(args.config, presets=([args.task] if args.task else []) + args.preset, overrides=overrides)
     out = getattr(args, "output_dir", None)
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {str(out)!r} exists and is not a directory")

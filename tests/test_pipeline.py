@@ -65,3 +65,21 @@ def test_pipeline_ci_preset_with_lora_in_every_stage(tmp_path):
     for stage in ("sft", "rm", "ppo"):
         model = out / stage / "model"
         assert (model / "adapter_config.json").is_file() and (model / "base" / "config.json").is_file(), stage
+
+def test_pipeline_verifiable_task_skips_the_reward_model(tmp_path, capsys):
+    """`rlhf-fast pipeline --task tiny_arithmetic --preset grpo`, shortened: SFT -> GRPO scored by the
+    task's checker, no reward-model stage, exact-match accuracy in the summary. (The figures of the
+    full run are in the README; this checks the wiring.)"""
+    out = tmp_path / "run"
+    rc = main(["pipeline", "--task", "tiny_arithmetic", "--preset", "grpo", "--output-dir", str(out),
+               "--sft.max_steps", "40", "--ppo.iterations", "2", "--ppo.rollout_batch_size", "8",
+               "--ppo.eval_prompts", "32", "--ppo.logging.eval_every", "2", "--sft.logging.progress_bar", "false",
+               "--ppo.logging.progress_bar", "false"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    printed = capsys.readouterr().out
+    assert "exact-match accuracy (held-out prompts)" in printed and "no reward model" in printed
+    assert summary["gold_metric"] == "exact-match accuracy" and summary["reward"] == "task:gold"
+    assert 0.0 <= summary["sft_gold_score"] <= 1.0 and 0.0 <= summary["ppo_gold_score"] <= 1.0
+    assert summary["ppo_iterations"] == 2 and not (out / "rm").exists()
+    assert (out / "ppo" / "plots" / "ppo_summary.png").is_file()

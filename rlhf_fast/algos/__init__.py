@@ -19,6 +19,15 @@ from rlhf_fast.algos.advantages import (
     rloo_advantages,
     sequence_rewards,
 )
+from rlhf_fast.algos.critic_free import (
+    dr_grpo_advantages,
+    gspo_loss,
+    informative_groups,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    seq_mean_token_sum_norm,
+)
 from rlhf_fast.algos.hparams import PRESETS, PPOHyperParams
 from rlhf_fast.algos.kl import KL_PLACEMENTS, KLPlacement, compute_rewards
 from rlhf_fast.algos.kl_control import KL_CONTROLLERS, AdaptiveKLController, FixedKLController, make_kl_controller
@@ -74,4 +83,6 @@ __all__ = [
     "last_true_index", "make_kl_controller", "objective_stats", "policy_loss", "postprocess_responses", "ppo_clip_loss",
     "register_estimator", "rloo_advantages", "sequence_rewards",
     "truncate_at_stop", "vanilla_pg_loss",
+    "dr_grpo_advantages", "gspo_loss", "informative_groups", "overlong_penalty", "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages", "seq_mean_token_sum_norm",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlhf_fast._rlmath_checks import KL_ESTIMATORS
+from rlhf_fast.algos import critic_free  # noqa: F401  (registers dr_grpo, reinforce_pp*, gspo, seq-mean-token-sum-norm)
 from rlhf_fast.algos.advantages import ESTIMATORS, AdvantageEstimator, AdvantageParams
 from rlhf_fast.algos.kl import KL_PLACEMENTS, KLPlacement
 from rlhf_fast.algos.kl_control import KL_CONTROLLERS, make_kl_controller
@@ -120,6 +121,23 @@ class PPOHyperParams:
     token, whereas a token outside the reference's own top-k / top-p set has reference log-prob
     -inf (an infinite KL; the trainer stops with an error naming this field)."""
 
+    # -- critic-free rollout shaping (DAPO; ``algos/critic_free.py``) --
+    dynamic_sampling: bool = False
+    """drop the groups whose scores are all equal and sample more prompts until the batch is
+    full again (DAPO dynamic sampling, Yu et al. 2025 eq. 11; verl ``filter_groups.enable``).
+    Needs groups (``ppo.samples_per_prompt`` > 1)."""
+    max_sampling_rounds: int = 4
+    """rollout rounds per iteration under ``dynamic_sampling`` (verl ``max_num_gen_batches``: 10);
+    when they are spent the batch is completed with filtered-out groups of the last round (they
+    carry zero advantage) and ``objective/sampling_rounds`` shows it."""
+    overlong_buffer_fraction: Optional[float] = None
+    """DAPO soft overlong punishment (Yu et al. 2025 eq. 13; verl ``overlong_buffer.len``): a
+    response longer than max_new_tokens - buffer tokens, buffer = max(1, round(fraction x
+    max_new_tokens)), loses up to ``overlong_penalty_factor`` linearly. A fraction so that one
+    preset fits every response length: DAPO's 4096 of 20480 tokens is 0.2. None = off."""
+    overlong_penalty_factor: float = 1.0
+    """the punishment at max_new_tokens (DAPO: 1.0; verl ``overlong_buffer.penalty_factor``)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -146,6 +164,13 @@ class PPOHyperParams:
             raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        if self.overlong_buffer_fraction is not None and not 0 < self.overlong_buffer_fraction <= 1:
+            raise ValueError(f"overlong_buffer_fraction must be None or in (0, 1], got {self.overlong_buffer_fraction}")
+        if self.dynamic_sampling and not self.estimator.needs_groups:
+            raise ValueError(f"dynamic_sampling filters groups: it needs a group estimator (grpo, dr_grpo, rloo, ...), "
+                             f"not {self.advantage_estimator!r}")
         self.policy_loss_params()  # validates the clip ranges
 
     # -- derived views: components receive only what they need (docs/architecture.md) --
@@ -236,3 +261,61 @@ PRESETS: dict[str, PPOHyperParams] = {
         num_epochs=1, num_minibatches=1, max_grad_norm=1.0, temperature=1.0,
     ),
 }
+
+# ---- the critic-free family (no value model; ``samples_per_prompt`` > 1 makes the groups) --------
+# Each follows its source's defaults for the PPO math; generation and batch sizes are in the
+# config presets (``rlhf_fast/config/stages.py``).
+# max_grad_norm 1.0: TRL GRPOConfig / RLOOConfig (TrainingArguments), verl actor grad_clip and OpenRLHF max_norm.
+_CRITIC_FREE = dict(vf_coef=0.0, value_clip_range=None, gamma=1.0, lam=1.0, temperature=1.0, num_minibatches=1,
+                    max_grad_norm=1.0)
+PRESETS.update({
+    # GRPO (Shao et al. 2024, DeepSeekMath §4.1): group-normalised outcome advantages, ratio clip 0.2,
+    # KL to the reference in the loss with the k3 estimator and beta 0.04, per-sequence token means
+    # (the 1/|o_i| of eq. 3); one policy update per batch (mu = 1, TRL num_iterations = 1).
+    "grpo": PPOHyperParams(
+        advantage_estimator="grpo", whiten_advantages=False, kl_placement="in_loss", kl_estimator="k3",
+        kl_controller="fixed", kl_init=0.04, clip_range=0.2, loss_aggregation="seq-mean", num_epochs=1, **_CRITIC_FREE,
+    ),
+    # Dr. GRPO (Liu et al. 2025 §3.2): no std division, the constant normaliser rows x max length,
+    # no KL (beta 0: "RL-tuning with rule-based verifiers"), ratio clip 0.2.
+    "dr_grpo": PPOHyperParams(
+        advantage_estimator="dr_grpo", whiten_advantages=False, kl_placement="in_loss", kl_estimator="k3",
+        kl_controller="fixed", kl_init=0.0, clip_range=0.2, loss_aggregation="seq-mean-token-sum-norm", num_epochs=1,
+        **_CRITIC_FREE,
+    ),
+    # DAPO (Yu et al. 2025, Algorithm 1): clip-higher (eps_low 0.2, eps_high 0.28), token-level
+    # loss, no KL, dynamic sampling, soft overlong punishment (buffer 4096 of 20480 tokens: 0.2).
+    "dapo": PPOHyperParams(
+        advantage_estimator="grpo", whiten_advantages=False, kl_placement="in_loss", kl_estimator="k3",
+        kl_controller="fixed", kl_init=0.0, clip_range=0.2, clip_range_high=0.28, loss_aggregation="token-mean",
+        num_epochs=1, dynamic_sampling=True, overlong_buffer_fraction=0.2, **_CRITIC_FREE,
+    ),
+    # RLOO (Ahmadian et al. 2024; TRL RLOOConfig defaults): leave-one-out baseline, KL in the
+    # reward (k1, beta 0.05), PPO clip 0.2, 4 epochs, no advantage whitening.
+    "rloo": PPOHyperParams(
+        advantage_estimator="rloo", whiten_advantages=False, kl_placement="in_reward", kl_estimator="k1",
+        kl_controller="fixed", kl_init=0.05, clip_range=0.2, loss_aggregation="token-mean", num_epochs=4,
+        **_CRITIC_FREE,
+    ),
+    # REINFORCE++ (Hu 2025; OpenRLHF --advantage_estimator reinforce): token KL in the reward (k1,
+    # init_kl_coef 0.01), returns, global advantage whitening, PPO clip 0.2, token-level loss.
+    "reinforce_pp": PPOHyperParams(
+        advantage_estimator="reinforce_pp", whiten_advantages=True, kl_placement="in_reward", kl_estimator="k1",
+        kl_controller="fixed", kl_init=0.01, clip_range=0.2, loss_aggregation="token-mean", num_epochs=1,
+        **_CRITIC_FREE,
+    ),
+    # REINFORCE++-baseline (OpenRLHF --advantage_estimator reinforce_baseline --use_kl_loss
+    # --kl_estimator k2): group-mean baseline, KL in the loss (k2, beta 0.01), global whitening.
+    "reinforce_pp_baseline": PPOHyperParams(
+        advantage_estimator="reinforce_pp_baseline", whiten_advantages=True, kl_placement="in_loss",
+        kl_estimator="k2", kl_controller="fixed", kl_init=0.01, clip_range=0.2, loss_aggregation="token-mean",
+        num_epochs=1, **_CRITIC_FREE,
+    ),
+    # GSPO (Zheng et al. 2025 §5.1; verl recipe): sequence-level ratio clipped at 3e-4 / 4e-4,
+    # group-normalised advantages, per-sequence means, no KL.
+    "gspo": PPOHyperParams(
+        advantage_estimator="grpo", whiten_advantages=False, kl_placement="in_loss", kl_estimator="k3",
+        kl_controller="fixed", kl_init=0.0, policy_loss="gspo", clip_range=3e-4, clip_range_high=4e-4,
+        loss_aggregation="seq-mean", num_epochs=1, **_CRITIC_FREE,
+    ),
+})

@@ -6,7 +6,8 @@ Implementation Details" #3), then one token per step from the engine-owned KV bu
 device; the only host syncs are the all-finished check every ``sync_every`` steps, where finished
 rows are also compacted away (their rows of the KV cache dropped) so they stop costing compute.
 Works with any Hugging Face causal LM, sliding-window and ZeRO-3 models included; the fallback
-of the compiled path (``compiled.py``).
+of the compiled path (``compiled.py``). Identical consecutive prompts (a group of samples) share
+one prefill (``prefix_share.py``; ``HybridEngine(share_prefill=False)`` turns it off).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from rlhf_fast.engine import cache as kv
+from rlhf_fast.engine import prefix_share
 from rlhf_fast.engine.generator import DECODERS, DecoderContext
 from rlhf_fast.engine.sampling import SamplingParams, sample_next
 
@@ -76,7 +78,7 @@ class EagerDecoder:
                      next_pos=m.sum(-1, keepdim=True),  # position of the first generated token
                      noise_rows=torch.arange(B, device=dev) + row_offset)  # a row's draws follow its index in the call
         cache = kv.make_cache(self.ctx.config, self.ctx.kv_pool)
-        logits = self._forward(ids, attn[:, :P], m.cumsum(-1) - m, cache)  # pads get position 0; their keys are masked
+        logits = self._prefill(ids, attn[:, :P], m.cumsum(-1) - m, cache)  # pads get position 0; their keys are masked
         for t in range(R):
             tok, lp = sample_next(logits, params, step=t, stop_ids=stop, seed=seed, rows=live.noise_rows)
             if stop is not None:
@@ -98,6 +100,21 @@ class EagerDecoder:
             live.next_pos = live.next_pos + 1
         cache.reset()  # drop the views; the pool keeps the buffers for the next call
         return tokens, valid, logps
+
+    def _prefill(self, ids, attn, pos, cache) -> torch.Tensor:
+        """The prompts' forward, (B, V) last-token logits. Runs of identical rows (a group's
+        samples of one prompt) share it: one row per run goes through the model and its KV and
+        logits are broadcast to the run (``engine/prefix_share.py``)."""
+        share = prefix_share.plan(ids, attn) if self.ctx.share_prefill else None
+        if share is None:
+            self.ctx.stats.prefill_rows += ids.shape[0]
+            return self._forward(ids, attn, pos, cache)
+        f = share.first
+        logits = self._forward(ids[f], attn[f], pos[f], cache)  # (U, V)
+        kv.select_rows(cache, share.expand)  # (U, ...) -> (B, ...): each row gets its run's keys / values
+        self.ctx.stats.prefill_rows += f.numel()
+        self.ctx.stats.prefill_rows_shared += share.saved_rows
+        return logits[share.expand]
 
     def _sync(self, live: _Live, tok: torch.Tensor, cache, remaining: int) -> Optional[torch.Tensor]:
         """The all-finished check; compacts finished rows away when it pays. Returns the tokens to

@@ -62,6 +62,10 @@ class EngineStats:
     forwards: int = 0
     compactions: int = 0
     syncs: int = 0
+    prefill_rows: int = 0
+    """prompt rows run through a prefill forward (the eager path's shared prefill counts one per group)."""
+    prefill_rows_shared: int = 0
+    """rows whose prefill was a copy of an identical row's (group sampling, ``engine/prefix_share.py``)."""
     decode: str = ""
     compile_error: Optional[str] = None
 
@@ -118,6 +122,8 @@ class DecoderContext:
     sync_every: Optional[int] = None
     compact_finished: bool = True
     compile_mode: Optional[str] = None
+    share_prefill: bool = True
+    """identical consecutive prompts share one prefill (eager path; ``engine/prefix_share.py``)."""
     kv_bucket: Optional[int] = None
     zero3: bool = False
 

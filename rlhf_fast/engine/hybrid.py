@@ -104,6 +104,7 @@ class HybridEngine:
         decode: str = "auto",
         compile_mode: Optional[str] = None,
         kv_bucket: Optional[int] = None,
+        share_prefill: bool = True,
     ):
         self.module, self.lm, self.ds_engine = unwrap(model)
         _checks.check_int("max_batch_size", max_batch_size, 1)
@@ -123,6 +124,7 @@ class HybridEngine:
             lm=self.lm, config=self.config, pad_token_id=pad_token_id, max_seq_len=max_seq_len, kv_pool=self.kv_pool,
             stats=EngineStats(), sync_every=sync_every, compact_finished=compact_finished, compile_mode=compile_mode,
             kv_bucket=kv_bucket, zero3=bool(zero3_params(self.module)),  # fixed for the engine's life
+            share_prefill=share_prefill,
         )
         self.decode = decode
         self._decoders = build_decoders(decode, self._ctx)  # name -> decoder, the paths this engine may take

@@ -2,6 +2,7 @@
 gold reward, Bradley-Terry preference labels) and the tiny model configs used in tests."""
 
 from rlhf_fast.tasks.sentiment import SentimentTaskConfig, gold_reward, gold_score
+from rlhf_fast.tasks.arithmetic import ArithmeticTaskConfig, TinyArithmeticTask
 from rlhf_fast.tasks.task import TASKS, TinySentimentTask, get_task
 from rlhf_fast.tasks.tiny_models import (
     ARCHITECTURES,
@@ -13,6 +14,6 @@ from rlhf_fast.tasks.tiny_models import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "SentimentTaskConfig", "TASKS", "TinySentimentTask", "get_task", "gold_reward", "gold_score",
+    "ARCHITECTURES", "ArithmeticTaskConfig", "SentimentTaskConfig", "TinyArithmeticTask", "TASKS", "TinySentimentTask", "get_task", "gold_reward", "gold_score",
     "tiny_config", "tiny_gpt2_config", "tiny_llama_config", "tiny_neox_config", "tiny_qwen2_config",
 ]

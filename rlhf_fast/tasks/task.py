@@ -27,6 +27,9 @@ class TinySentimentTask:
     """
 
     name = "tiny_sentiment"
+    verifiable = False
+    """The reward is learned from preference pairs (a reward model), not checked."""
+    gold_metric = "gold score"
     max_prompt_length = 8
     """Tokens; every generated prompt fits (prompts are 2-4 words)."""
     max_response_length = 32
@@ -80,7 +83,9 @@ class TinySentimentTask:
         }
 
 
-TASKS = {TinySentimentTask.name: TinySentimentTask}
+from rlhf_fast.tasks.arithmetic import TinyArithmeticTask  # noqa: E402  (after TinySentimentTask: no cycle)
+
+TASKS = {TinySentimentTask.name: TinySentimentTask, TinyArithmeticTask.name: TinyArithmeticTask}
 
 
 def get_task(name: str = "tiny_sentiment", **kwargs):

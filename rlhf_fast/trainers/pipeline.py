@@ -1,6 +1,10 @@
 """The main job: SFT -> reward model -> PPO on one config, then a summary.
 
     rlhf-fast pipeline --output-dir runs/demo          # the built-in task, nothing downloaded
+    rlhf-fast pipeline --task tiny_arithmetic --preset grpo   # a checked reward: SFT -> GRPO, no reward model
+
+With ``ppo.reward.function`` set (a verifiable task's checker, ``task:gold``, or a user's
+function) the reward-model stage is skipped.
 
 Layout: DIR/sft, DIR/rm, DIR/ppo (each a stage directory: metrics.jsonl, tensorboard/,
 checkpoints/, model/), DIR/ppo/plots/*.png, and DIR/summary.json with at least
@@ -123,7 +127,9 @@ def _run_stages(cfg: RunConfig, out: Path, dist, *, resume: bool, overwrite: boo
     seconds["sft"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if not (resume and _done(rm_dir)):
+    if cfg.ppo.reward.function is not None:  # a checked (verifiable) reward or a user's function: no reward model
+        echo(f"[pipeline] 2/3 no reward model: PPO is scored by {cfg.ppo.reward.function}")
+    elif not (resume and _done(rm_dir)):
         echo(f"[pipeline] 2/3 reward model from {cfg.rm.sft_model} -> {rm_dir}")
         RMTrainer(cfg.rm, rm_dir, overwrite=overwrite, reference_data=cfg.sft.data,
                   policy_temperature=cfg.ppo.generation.temperature, **again).fit()
@@ -137,11 +143,23 @@ def _run_stages(cfg: RunConfig, out: Path, dist, *, resume: bool, overwrite: boo
 
     summary = summarize(out, seconds=time.perf_counter() - t0, stage_seconds=seconds,
                         planned_iterations=cfg.ppo.iterations)
+    summary["gold_metric"] = _gold_metric(cfg)
+    summary["reward"] = cfg.ppo.reward.function  # None: the reward model
     if dist.is_main:
         _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         echo(format_summary(summary))
     dss.barrier()
     return summary
+
+
+def _gold_metric(cfg: RunConfig) -> str:
+    """What the gold score is: the built-in task's ``gold_metric`` ("exact-match accuracy" for
+    tiny_arithmetic), or "gold score"."""
+    if cfg.ppo.data.train_file is not None:
+        return "gold score"
+    from rlhf_fast.tasks import TASKS
+
+    return getattr(TASKS.get(cfg.ppo.data.task), "gold_metric", "gold score")
 
 
 def summarize(out: Path, *, seconds: float, stage_seconds: dict, planned_iterations: Optional[int] = None) -> dict:
@@ -186,8 +204,9 @@ def format_summary(s: dict) -> str:
         return "-" if v is None else f"{v:.0%}"
 
     rows = [
-        ("gold score (held-out prompts)", f(s["sft_gold_score"]), f(s["ppo_gold_score"])),
-        ("reward-model score", f(s["sft_rm_score"]), f(s["ppo_rm_score"])),
+        (f"{s.get('gold_metric', 'gold score')} (held-out prompts)", f(s["sft_gold_score"]), f(s["ppo_gold_score"])),
+        (f"score ({s['reward']})" if s.get("reward") else "reward-model score",
+         f(s["sft_rm_score"]), f(s["ppo_rm_score"])),
         ("responses without a stop token", pct(s.get("sft_missing_stop_frac")), pct(s.get("ppo_missing_stop_frac"))),
         ("KL to the SFT policy (nats/seq)", "0", f(s["final_kl"])),
     ]

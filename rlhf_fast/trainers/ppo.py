@@ -187,7 +187,8 @@ class PPOTrainer(StageTrainer):
                         tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size)
         schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
                                   samples_per_prompt=cfg.samples_per_prompt, rank=self.dist.rank,
-                                  world_size=self.dist.world_size)
+                                  world_size=self.dist.world_size,
+                                  draws_per_iteration=self.hp.max_sampling_rounds if self.hp.dynamic_sampling else 1)
         self.rollouts = RolloutStage(cfg, generator=self.gen, schedule=schedule, scorer=scorer, tokenizer=self.tokenizer,
                                      stop_token_ids=self.stop_token_ids, device=self.dist.device, rank=self.dist.rank)
         self.kl_ctl = self.hp.make_kl_controller()
@@ -305,12 +306,9 @@ class PPOTrainer(StageTrainer):
         seed = cfg.seed * 1_000_003 + iteration * 7919 + self.dist.rank * dss.SEED_STRIDE
         kl_coef = float(self.kl_ctl.value)
         t_start = time.perf_counter()
-        with timer("generate"):
-            batch = self.rollouts.schedule.batch(iteration)
-            responses = self.rollouts.respond(batch, seed)
+        local, extras = self.rollouts.collect(iteration, seed, timer)  # generate, score (more rounds: dynamic sampling)
         with timer("score"):
-            local, extras = self.rollouts.score(responses, batch["prompts"])
-            self.samples.log(iteration + 1, self.tokenizer, batch["prompts"], responses.score_ids, responses.score_mask,
+            self.samples.log(iteration + 1, self.tokenizer, extras.prompts, extras.score_ids, extras.score_mask,
                              local.scores, extras.raw_scores, extras.has_stop)
             if self.old_from_rollout:  # the engine's log-probs travel with the rollout: (b, R) -> (B, R)
                 local = local.replace(logprobs=torch.where(local.response_mask, extras.engine_logprobs, 0.0))
@@ -371,6 +369,9 @@ class PPOTrainer(StageTrainer):
             mine = lp[start : start + local.batch_size]  # (b, R)
             out["generation/logprob_gap_max"] = float(
                 torch.where(local.response_mask, (mine - extras.engine_logprobs).abs(), 0.0).max())
+        if self.hp.dynamic_sampling:  # DAPO: rounds this iteration took, informative share of the first (this rank)
+            out.update({"objective/sampling_rounds": float(extras.sampling_rounds),
+                        "objective/informative_frac": extras.informative_frac})
         return out
 
     def _critic_module(self):

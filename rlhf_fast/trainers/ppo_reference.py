@@ -181,7 +181,56 @@ def _group_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
     return advantages, advantages
 
 
-_ADVANTAGE_ORACLES = {"gae": _gae_oracle, "grpo": _group_oracle, "rloo": _group_oracle}
+def _dr_grpo_seq(r: torch.Tensor, group_eps: float) -> torch.Tensor:
+    """One group's Dr. GRPO advantages: r - mean (no std division)."""
+    return r - r.mean()
+
+
+_GROUP_ORACLES["dr_grpo"] = _dr_grpo_seq
+_WHITENS_SEQUENCES["dr_grpo"] = False
+
+
+def _returns_loop(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over each row's valid tokens, one Python loop per row."""
+    out = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        running = torch.zeros((), dtype=rewards.dtype)
+        for t in reversed(range(rewards.shape[1])):
+            if bool(mask[i, t]):
+                running = rewards[i, t] + gamma * running
+                out[i, t] = running
+    return out
+
+
+#: reinforce_pp_baseline subtracts the group's mean sequence reward; reinforce_pp does not
+_SUBTRACTS_GROUP_MEAN = {"reinforce_pp": False, "reinforce_pp_baseline": True}
+
+
+def _reinforce_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
+    """REINFORCE++ (OpenRLHF ``reinforce``) and its group-mean baseline (``reinforce_baseline``):
+    rewards (minus the group's mean sequence reward at each row's last token for the baseline)
+    -> returns -> whitening over every valid token of the batch."""
+    mask = batch.response_mask
+    rewards = (batch.rewards.to(dtype) * mask).clone()
+    if _SUBTRACTS_GROUP_MEAN[hp.advantage_estimator]:
+        means = group_baseline_advantages(rewards.sum(-1), batch.group_ids, "dr_grpo")  # r - mean per group
+        for i in range(rewards.shape[0]):
+            valid = mask[i].nonzero().flatten()
+            if valid.numel():
+                last = int(valid[-1])
+                rewards[i, last] = rewards[i, last] - (rewards[i].sum() - means[i])
+    returns = _returns_loop(rewards, mask, hp.gamma)
+    advantages = returns
+    if hp.whiten_advantages:
+        advantages = ref.masked_whiten(returns, mask, shift_mean=True, unbiased=hp.whiten_unbiased, eps=hp.whiten_eps,
+                                       compute_dtype=dtype) * mask
+    return advantages, returns
+
+
+_ADVANTAGE_ORACLES = {
+    "gae": _gae_oracle, "grpo": _group_oracle, "rloo": _group_oracle, "dr_grpo": _group_oracle,
+    "reinforce_pp": _reinforce_oracle, "reinforce_pp_baseline": _reinforce_oracle,
+}
 
 
 def compute_advantages(batch: Rollout, hp: PPOHyperParams, dtype: torch.dtype = torch.float32):
@@ -215,11 +264,13 @@ def group_baseline_advantages(
 _AGGREGATE_ORACLES = {
     "token-mean": lambda x, mask: (x * mask).sum(),
     "seq-mean": lambda x, mask: ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum(),
+    "seq-mean-token-sum-norm": lambda x, mask: (x * mask).sum(),  # Dr. GRPO: / (rows x R), a constant
 }
-#: the minibatch normaliser: its token count or its row count
+#: the minibatch normaliser: its token count, its row count, or rows x the padded length (Dr. GRPO)
 _NORMALIZER_ORACLES = {
     "token-mean": lambda mask, dtype: mask.sum().clamp(min=1).to(dtype),
     "seq-mean": lambda mask, dtype: torch.tensor(float(mask.shape[0]), dtype=dtype),
+    "seq-mean-token-sum-norm": lambda mask, dtype: torch.tensor(float(mask.shape[0] * mask.shape[1]), dtype=dtype),
 }
 
 
@@ -230,11 +281,13 @@ def _aggregate(x, mask, mode: str, normalizer):
     return _AGGREGATE_ORACLES[mode](x, mask) / normalizer
 
 
-def policy_loss_per_token(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
+def policy_loss_per_token(logprobs, old_logprobs, advantages, hp: PPOHyperParams, mask=None):
     """(per-token clipped surrogate, ratio, where the clipped term is active, where the dual clip
-    capped the loss)."""
+    capped the loss). ``mask``: the response mask (needed by sequence-level losses: gspo)."""
     if hp.policy_loss not in _POLICY_LOSS_ORACLES:
         raise NotImplementedError(f"the reference PPO has no policy loss {hp.policy_loss!r}")
+    if hp.policy_loss in _NEEDS_MASK:
+        return _POLICY_LOSS_ORACLES[hp.policy_loss](logprobs, old_logprobs, advantages, hp, mask=mask)
     return _POLICY_LOSS_ORACLES[hp.policy_loss](logprobs, old_logprobs, advantages, hp)
 
 
@@ -258,7 +311,28 @@ def _ppo_clip_oracle(logprobs, old_logprobs, advantages, hp: PPOHyperParams):
     return pg, ratio, pg_losses2 > pg_losses, dual
 
 
-_POLICY_LOSS_ORACLES = {"ppo_clip": _ppo_clip_oracle, "vanilla_pg": _vanilla_pg_oracle}
+def _gspo_oracle(logprobs, old_logprobs, advantages, hp: PPOHyperParams, mask=None):
+    """GSPO: the clipped surrogate on the sequence ratio exp(mean of the valid log-ratios), with
+    the GSPO-token gradient (each token's logp carries the sequence ratio)."""
+    if mask is None:
+        raise ValueError("gspo needs the response mask (the sequence ratio is a mean over valid tokens)")
+    rows = []
+    for i in range(logprobs.shape[0]):
+        valid = mask[i].bool()
+        d = logprobs[i] - old_logprobs[i]
+        seq = d[valid].mean() if bool(valid.any()) else torch.zeros((), dtype=d.dtype)
+        rows.append(torch.exp(seq.detach() + logprobs[i] - logprobs[i].detach()))
+    ratio = torch.stack(rows)
+    high = hp.clip_range if hp.clip_range_high is None else hp.clip_range_high
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - hp.clip_range, 1.0 + high)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
+    return torch.max(pg_losses, pg_losses2), ratio, pg_losses2 > pg_losses, never
+
+
+_POLICY_LOSS_ORACLES = {"ppo_clip": _ppo_clip_oracle, "vanilla_pg": _vanilla_pg_oracle, "gspo": _gspo_oracle}
+#: the losses whose per-token value depends on the whole row's mask
+_NEEDS_MASK = {"gspo"}
 
 
 def value_loss_per_token(values, old_values, returns, hp: PPOHyperParams):
@@ -285,10 +359,12 @@ def _minibatch_loss(policy, critic, micro: Rollout, hp: PPOHyperParams, kl_coef:
     logprobs, entropy, values = _forward(policy, critic, micro, hp.temperature)
     logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
 
-    pg, ratio, clipped, dual = policy_loss_per_token(logprobs, micro.logprobs, micro.advantages, hp)
+    pg, ratio, clipped, dual = policy_loss_per_token(logprobs, micro.logprobs, micro.advantages, hp, mask=mask)
     pg_loss = _aggregate(pg, fmask, hp.loss_aggregation, normalizer)
     loss = pg_loss
-    pieces = dict(mask=mask, logr=(logprobs - micro.logprobs).detach(), ratio=ratio.detach(), clipped=clipped,
+    # the log of the ratio the loss used: per token, or the sequence's for sequence-level losses (gspo)
+    logr = torch.log(ratio).detach() if hp.policy_loss in _NEEDS_MASK else (logprobs - micro.logprobs).detach()
+    pieces = dict(mask=mask, logr=logr, ratio=ratio.detach(), clipped=clipped,
                   dual_clipped=dual, entropy=entropy.detach())
 
     vf_loss = torch.zeros((), dtype=dtype)

@@ -16,6 +16,7 @@ One call of ``RolloutStage.collect`` (docs/architecture.md, "One PPO iteration")
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_fast import algos
 from rlhf_fast.algos import Rollout
@@ -152,11 +154,19 @@ class Responses:
 class RolloutExtras:
     """Per-row facts of this rank's rollout that the update does not use but the metrics do:
     has_stop (b,) bool, engine_logprobs (b, R) float32, raw_scores (b,) float32 (before the
-    missing-stop penalty)."""
+    missing-stop penalty); prompts (b texts), score_ids / score_mask (b, R): the responses as
+    scored (the sample log shows them)."""
 
     has_stop: torch.Tensor
     engine_logprobs: torch.Tensor
     raw_scores: torch.Tensor
+    prompts: Optional[list] = None
+    score_ids: Optional[torch.Tensor] = None
+    score_mask: Optional[torch.Tensor] = None
+    sampling_rounds: int = 1
+    """rollout rounds this iteration took (dynamic sampling; 1 without it)."""
+    informative_frac: float = 1.0
+    """fraction of the first round's rows whose group's scores differ (dynamic sampling's filter)."""
 
 
 # ---- the parts -------------------------------------------------------------------------------------
@@ -168,16 +178,21 @@ class PromptSchedule:
     taking the r-th slice, each prompt repeated ``samples_per_prompt`` times (a group)."""
 
     def __init__(self, prompts, collate, *, seed: int, global_prompts: int, samples_per_prompt: int, rank: int,
-                 world_size: int):
+                 world_size: int, draws_per_iteration: int = 1):
         self.prompts, self.collate, self.seed = prompts, collate, seed
         self.global_prompts, self.samples_per_prompt = global_prompts, samples_per_prompt
         self.local_prompts = global_prompts // world_size
         self.rank = rank
+        self.draws_per_iteration = draws_per_iteration
 
-    def batch(self, iteration: int) -> dict:
-        """This rank's prompts of ``iteration``: the collated batch and their ``prompts`` texts."""
+    def batch(self, iteration: int, draw: int = 0) -> dict:
+        """This rank's prompts of ``iteration``: the collated batch and their ``prompts`` texts.
+        ``draw``: the rollout round inside the iteration (dynamic sampling draws up to
+        ``draws_per_iteration`` batches per iteration, each from the next prompts of the order)."""
+        if not 0 <= draw < self.draws_per_iteration:
+            raise ValueError(f"draw {draw} outside [0, {self.draws_per_iteration})")
         n, G = len(self.prompts), self.global_prompts
-        start = iteration * G
+        start = (iteration * self.draws_per_iteration + draw) * G
         idx: list[int] = []
         while len(idx) < G:
             epoch, k = divmod(start + len(idx), n)
@@ -262,20 +277,90 @@ class RolloutStage:
         return Responses(ids, mask.bool(), post.response_ids, post.train_mask, post.has_stop, gen_lp,
                          score_ids=post.score_ids, score_mask=post.score_mask)
 
-    def collect(self, iteration: int, seed: int) -> tuple[Rollout, RolloutExtras]:
-        """This rank's rollout of ``iteration``: (b,) rows, b = local prompts x samples_per_prompt."""
-        batch = self.schedule.batch(iteration)
-        r = self.respond(batch, seed)
-        return self.score(r, batch["prompts"])
+    def collect(self, iteration: int, seed: int, timer=None) -> tuple[Rollout, RolloutExtras]:
+        """This rank's rollout of ``iteration``: (b,) rows, b = local prompts x samples_per_prompt.
+        With ``algo.dynamic_sampling`` (DAPO) the groups whose scores are all equal are dropped and
+        further rounds (fresh prompts, seed + round) refill the batch, whole groups only; after
+        ``algo.max_sampling_rounds`` rounds the rest is filled with dropped groups of the last
+        round. ``timer``: a context-manager factory timing "generate" and "score"."""
+        timer = timer or (lambda name: contextlib.nullcontext())
+        hp, b = self.cfg.algo, self.schedule.local_prompts * self.cfg.samples_per_prompt
+        kept: list[tuple[Rollout, RolloutExtras]] = []
+        have, rounds, first_frac = 0, 0, 1.0
+        while rounds < (hp.max_sampling_rounds if hp.dynamic_sampling else 1):
+            with timer("generate"):
+                batch = self.schedule.batch(iteration, rounds)
+                r = self.respond(batch, seed + rounds * 104729)  # a fresh seed per round
+            with timer("score"):
+                rollout, extras = self.score(r, batch["prompts"])
+            rounds += 1
+            if not hp.dynamic_sampling:
+                return rollout, extras
+            keep = algos.informative_groups(rollout.scores, rollout.group_ids)  # (b,) bool, whole groups
+            first_frac = float(keep.float().mean()) if rounds == 1 else first_frac
+            take = keep.nonzero().flatten()[: b - have]
+            if have + int(keep.sum()) >= b or rounds == hp.max_sampling_rounds:  # fill up with dropped groups
+                take = torch.cat([take, (~keep).nonzero().flatten()])[: b - have]
+            kept.append(_select_rows(rollout, extras, take))
+            have += take.numel()
+            if _all_ranks_done(have >= b, rollout.scores.device):
+                break
+        return self._join(kept, rounds, first_frac)
+
+    def _join(self, parts, rounds: int, first_frac: float) -> tuple[Rollout, RolloutExtras]:
+        """One rollout of whole groups from several rounds, with fresh contiguous group ids."""
+        Q = max(p[0].query_ids.shape[1] for p in parts)
+        pad_id = self.tokenizer.pad_token_id
+        rolls = [p[0].replace(query_ids=F.pad(p[0].query_ids, (Q - p[0].query_ids.shape[1], 0), value=pad_id),
+                              query_mask=F.pad(p[0].query_mask, (Q - p[0].query_mask.shape[1], 0), value=False))
+                 for p in parts]
+        cat = {k: torch.cat([getattr(r, k) for r in rolls]) for k in ("query_ids", "query_mask", "response_ids",
+                                                                    "response_mask", "scores")}
+        spp, n = self.cfg.samples_per_prompt, cat["scores"].shape[0]
+        groups = algos.contiguous_group_ids(n, spp, cat["scores"].device) + self.rank * self.schedule.local_prompts
+        rollout = Rollout(cat["query_ids"], cat["query_mask"], cat["response_ids"], cat["response_mask"], cat["scores"],
+                          group_ids=groups)
+        extras = RolloutExtras(has_stop=torch.cat([p[1].has_stop for p in parts]),
+                               engine_logprobs=torch.cat([p[1].engine_logprobs for p in parts]),
+                               raw_scores=torch.cat([p[1].raw_scores for p in parts]), sampling_rounds=rounds,
+                               informative_frac=first_frac, prompts=[t for p in parts for t in p[1].prompts],
+                               score_ids=torch.cat([p[1].score_ids for p in parts]),
+                               score_mask=torch.cat([p[1].score_mask for p in parts]))
+        return rollout, extras
 
     def score(self, r: Responses, prompts: Sequence[str]) -> tuple[Rollout, RolloutExtras]:
         cfg, spp = self.cfg, self.cfg.samples_per_prompt
         raw = self.scorer(r, prompts, index_offset=self.rank * self.schedule.local_prompts * spp)  # (b,)
         scores = algos.apply_missing_stop_penalty(raw.clone(), r.has_stop, mode=cfg.generation.missing_stop_penalty,
                                                   value=cfg.generation.missing_stop_value)
+        if cfg.algo.overlong_buffer_fraction is not None:  # DAPO soft overlong punishment (algos/critic_free.py)
+            R = cfg.generation.max_new_tokens
+            buffer = max(1, round(cfg.algo.overlong_buffer_fraction * R))
+            scores = scores + algos.overlong_penalty(r.response_mask.sum(-1), max_length=R, buffer=buffer,
+                                                     factor=cfg.algo.overlong_penalty_factor).to(scores.device)
         groups = None
         if spp > 1:
             groups = algos.contiguous_group_ids(r.response_ids.shape[0], spp, r.response_ids.device)
             groups = groups + self.rank * self.schedule.local_prompts
         rollout = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores, group_ids=groups)
-        return rollout, RolloutExtras(has_stop=r.has_stop, engine_logprobs=r.logprobs, raw_scores=raw)
+        return rollout, RolloutExtras(has_stop=r.has_stop, engine_logprobs=r.logprobs, raw_scores=raw,
+                                      prompts=list(prompts), score_ids=r.score_ids, score_mask=r.score_mask)
+
+
+def _select_rows(rollout: Rollout, extras: RolloutExtras, rows: torch.Tensor) -> tuple[Rollout, RolloutExtras]:
+    rows = rows.sort().values  # keep the groups contiguous, in their order
+    r = Rollout(rollout.query_ids[rows], rollout.query_mask[rows], rollout.response_ids[rows],
+                rollout.response_mask[rows], rollout.scores[rows])
+    return r, RolloutExtras(has_stop=extras.has_stop[rows], engine_logprobs=extras.engine_logprobs[rows],
+                            raw_scores=extras.raw_scores[rows], prompts=[extras.prompts[i] for i in rows.tolist()],
+                            score_ids=extras.score_ids[rows], score_mask=extras.score_mask[rows])
+
+
+def _all_ranks_done(done: bool, device) -> bool:
+    """Every rank has filled its batch (all ranks run the same number of rounds: generation under
+    ZeRO-3 gathers parameters collectively)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return done
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    torch.distributed.all_reduce(flag)  # host sync: the loop's exit condition
+    return float(flag) == 0.0
