@@ -13,6 +13,8 @@ Record (one JSON file per run under benchmarks/results/):
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime as _dt
 import json
 import os
@@ -219,3 +221,14 @@ def print_table(rows: list[dict], keys: list[str]) -> None:
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for r in rows:
         print("  ".join(str(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

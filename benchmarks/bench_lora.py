@@ -86,7 +86,7 @@ def build(size: str, device: torch.device, *, rank: int = 16, seed: int = 0) -> 
     task = get_task("tiny_sentiment")
     tok = task.tokenizer
     cfg = tiny_config(arch, tokenizer=tok, size=cfg_size, **overrides)
-    rm = RewardModel.from_pretrained(cfg, seed=seed + 1, dtype=dtype).to(device).eval().requires_grad_(False)
+    rm = RewardModel.from_pretrained(cfg, new_head=True, seed=seed + 1, dtype=dtype).to(device).eval().requires_grad_(False)
     texts = [r["prompt"] for r in task.prompt_records("train")[:B]]
     enc = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
     P = max(map(len, enc))
@@ -219,10 +219,8 @@ def main(argv=None):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _common.torch_threads(1):
+        yield
 
 
 def test_bench_lora_record(tmp_path):

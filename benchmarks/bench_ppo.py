@@ -473,10 +473,8 @@ def main(argv=None):
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One torch thread, as main() on a CPU: two stall on a shared 2-core machine (docstring)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _common.torch_threads(1):
+        yield
 
 
 def _rollout(b: Bench, seed=0) -> Rollout:

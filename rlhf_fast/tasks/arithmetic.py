@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from rlhf_fast.tasks.tiny_models import tiny_config
+from rlhf_fast.tasks.base import BuiltinTask
 from rlhf_fast.tasks.tokenizer import default_cache_dir, load_or_train_tokenizer
 
 TASK_VERSION = 2  # bump when the format, the reward or the generators change (cache key)
@@ -154,7 +154,7 @@ def tokenizer_corpus(config: ArithmeticTaskConfig) -> list[str]:
 # ---- the task object --------------------------------------------------------------------------
 
 
-class TinyArithmeticTask:
+class TinyArithmeticTask(BuiltinTask):
     """The built-in ``tiny_arithmetic`` task (same interface as ``TinySentimentTask``):
     ``tokenizer``, ``sft_records()``, ``prompt_records(split)``, ``gold_reward(responses,
     prompts)`` (exact match), ``model_config(arch, size)``, ``write_jsonl(directory)``.
@@ -194,20 +194,6 @@ class TinyArithmeticTask:
 
     def gold_reward(self, responses: Sequence[str], prompts: Optional[Sequence[str]] = None) -> list[float]:
         return gold_reward(responses, prompts)
-
-    def model_config(self, arch: str = "gpt2", *, size: str = "task", **overrides):
-        return tiny_config(arch, tokenizer=self.tokenizer, size=size, **overrides)
-
-    def write_jsonl(self, directory) -> dict[str, Path]:
-        """Writes sft.jsonl, prompts_train.jsonl and prompts_eval.jsonl."""
-        from rlhf_fast.data.records import write_jsonl
-
-        directory = Path(directory)
-        return {
-            "sft": write_jsonl(directory / "sft.jsonl", self.sft_records()),
-            "prompts_train": write_jsonl(directory / "prompts_train.jsonl", self.prompt_records("train")),
-            "prompts_eval": write_jsonl(directory / "prompts_eval.jsonl", self.prompt_records("eval")),
-        }
 
 
 def config_dict(config: ArithmeticTaskConfig) -> dict:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from rlhf_fast.tasks import sentiment
-from rlhf_fast.tasks.tiny_models import tiny_config
+from rlhf_fast.tasks.base import BuiltinTask
 from rlhf_fast.tasks.tokenizer import default_cache_dir, load_or_train_tokenizer
 
 
-class TinySentimentTask:
+class TinySentimentTask(BuiltinTask):
     """The built-in ``tiny_sentiment`` task: everything generated locally from ``config.seed``.
 
     - ``tokenizer``: byte-level BPE trained on the corpus, cached under ``cache_dir``
@@ -66,21 +66,6 @@ class TinySentimentTask:
         """Gold scores of token-id responses (special tokens such as EOS / pad are dropped)."""
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         return sentiment.gold_reward(texts)
-
-    def model_config(self, arch: str = "gpt2", *, size: str = "task", **overrides):
-        return tiny_config(arch, tokenizer=self.tokenizer, size=size, **overrides)
-
-    def write_jsonl(self, directory) -> dict[str, Path]:
-        """Writes sft.jsonl, prompts_train.jsonl, prompts_eval.jsonl and preferences.jsonl."""
-        from rlhf_fast.data.records import write_jsonl
-
-        directory = Path(directory)
-        return {
-            "sft": write_jsonl(directory / "sft.jsonl", self.sft_records()),
-            "prompts_train": write_jsonl(directory / "prompts_train.jsonl", self.prompt_records("train")),
-            "prompts_eval": write_jsonl(directory / "prompts_eval.jsonl", self.prompt_records("eval")),
-            "preferences": write_jsonl(directory / "preferences.jsonl", self.preference_records()),
-        }
 
 
 from rlhf_fast.tasks.arithmetic import TinyArithmeticTask  # noqa: E402  (after TinySentimentTask: no cycle)
