@@ -183,7 +183,7 @@ class PPOTrainer(StageTrainer):
                                   max_batch_size=cfg.generation.max_batch_size,
                                   max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
                                   decode=cfg.generation.decode)
-        scorer = Scorer(reward_model=self.reward_model, reward_fn=None if self.reward_model else self._reward_fn,
+        scorer = Scorer(reward_model=self.reward_model, reward_fn=self._reward_fn if self.reward_model is None else None,
                         tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size)
         schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
                                   samples_per_prompt=cfg.samples_per_prompt, rank=self.dist.rank,
