@@ -16,17 +16,14 @@ the decimal result; 0.0 otherwise (a wrong number, extra text, an empty response
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from rlhf_fast.tasks.base import BuiltinTask
-from rlhf_fast.tasks.tokenizer import default_cache_dir, load_or_train_tokenizer
 
 TASK_VERSION = 2  # bump when the format, the reward or the generators change (cache key)
 _PROMPT = re.compile(r"^\s*(\d+)\s*([+\-])\s*(\d+)\s*=\s*$")
@@ -169,18 +166,10 @@ class TinyArithmeticTask(BuiltinTask):
     max_response_length = 5
     """Tokens, EOS included."""
 
-    def __init__(self, config: Optional[ArithmeticTaskConfig] = None, *, cache_dir=None, **overrides):
-        config = config or ArithmeticTaskConfig()
-        self.config = replace(config, **overrides) if overrides else config
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    config_class = ArithmeticTaskConfig
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.cache_dir / "tasks" / f"{self.name}-{self.config.cache_key()}" / "tokenizer"
-
-    @functools.cached_property
-    def tokenizer(self):
-        return load_or_train_tokenizer(self.tokenizer_dir, lambda: tokenizer_corpus(self.config), self.config.vocab_size)
+    def tokenizer_corpus(self) -> list[str]:
+        return tokenizer_corpus(self.config)
 
     def sft_records(self) -> list[dict]:
         return make_sft_records(self.config)

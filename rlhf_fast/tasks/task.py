@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import replace
-from pathlib import Path
 from typing import Optional, Sequence
 
 from rlhf_fast.tasks import sentiment
 from rlhf_fast.tasks.base import BuiltinTask
-from rlhf_fast.tasks.tokenizer import default_cache_dir, load_or_train_tokenizer
 
 
 class TinySentimentTask(BuiltinTask):
@@ -35,20 +31,10 @@ class TinySentimentTask(BuiltinTask):
     max_response_length = 32
     """Tokens, EOS included; every generated response fits."""
 
-    def __init__(self, config: Optional[sentiment.SentimentTaskConfig] = None, *, cache_dir=None, **overrides):
-        config = config or sentiment.SentimentTaskConfig()
-        self.config = replace(config, **overrides) if overrides else config
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    config_class = sentiment.SentimentTaskConfig
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.cache_dir / "tasks" / f"{self.name}-{self.config.cache_key()}" / "tokenizer"
-
-    @functools.cached_property
-    def tokenizer(self):
-        return load_or_train_tokenizer(
-            self.tokenizer_dir, lambda: sentiment.tokenizer_corpus(self.config), self.config.vocab_size
-        )
+    def tokenizer_corpus(self) -> list[str]:
+        return sentiment.tokenizer_corpus(self.config)
 
     def sft_records(self) -> list[dict]:
         return sentiment.make_sft_records(self.config)
