@@ -98,16 +98,44 @@ def device_info(device: torch.device) -> dict:
         bw, tf = next(((b, t) for k, (b, t) in _GPU_PEAKS.items() if k in name), (None, None))
         return {"name": name, "kind": "cuda", "peak_bandwidth_gbps": bw, "peak_bandwidth_source": "datasheet",
                 "peak_tflops_bf16": tf, "capability": list(torch.cuda.get_device_capability(device))}
-    cpu = platform.processor() or platform.machine()
+    facts = cpu_facts()
+    allocator = steady_cpu_allocator()  # before any timing: every benchmark asks for device_info first
+    return {"name": f"{facts['model']} [{facts['isa']}] ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+            "kind": "cpu", "peak_bandwidth_gbps": round(measured_cpu_bandwidth_gbps(), 1),
+            "peak_bandwidth_source": "measured copy bandwidth", "peak_tflops_bf16": None, "allocator": allocator,
+            "cpu": facts}
+
+
+# The CPU flags that decide which kernels run (x86: vector width, FMA, bf16 / AMX matmuls; aarch64:
+# NEON = asimd, SVE).
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16", "asimd", "sve", "sve2", "bf16")
+
+
+def cpu_facts() -> dict:
+    """What a CPU record must name (issue 23): the CPU model, its ISA flags that matter, the ISA
+    torch dispatches its kernels to (``ATEN_CPU_CAPABILITY`` lowers it) and the ISA build of
+    rlhf_fast's C++ kernels in this process."""
+    from rlhf_fast.ops import _library
+
+    model, flags, ident = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
+            for ln in f:
+                key, _, val = ln.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.processor(), platform.machine()):
+                    model = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(val.split())
+                elif key in ("vendor_id", "cpu family", "model", "CPU implementer", "CPU part") and key not in ident:
+                    ident[key] = val.strip()  # "AMD EPYC" alone hides the generation: family 26 is Zen 5
+    except OSError:
         pass
-    allocator = steady_cpu_allocator()  # before any timing: every benchmark asks for device_info first
-    return {"name": f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)", "kind": "cpu",
-            "peak_bandwidth_gbps": round(measured_cpu_bandwidth_gbps(), 1),
-            "peak_bandwidth_source": "measured copy bandwidth", "peak_tflops_bf16": None, "allocator": allocator}
+    _library.load_extension()
+    return {"model": model, "id": ident, "machine": platform.machine(), "isa": _library.torch_cpu_capability(),
+            "kernels_isa": _library.loaded_isa(), "flags": [f for f in _ISA_FLAGS if f in flags],
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY")}
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, reps: int = 20, warmup: int = 3,
@@ -209,7 +237,8 @@ def write_record(benchmark: str, device: torch.device, config: dict, results: li
     record = make_record(benchmark, device, config, results)
     dev = record["device"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in dev["name"].split("(")[0].strip())[:40].strip("-")
+    tag = "".join(c if c.isalnum() else "-" for c in dev["name"].split("(")[0].strip())
+    tag = "-".join(part for part in tag.split("-") if part)[:48]  # e.g. AMD-EPYC-AVX512: one file set per ISA
     stamp = _dt.datetime.fromisoformat(record["date"]).strftime("%Y%m%dT%H%M%S")
     path = out_dir / f"{benchmark}_{dev['kind']}_{tag}_{stamp}.json"
     path.write_text(json.dumps(record, indent=1))

@@ -18,6 +18,8 @@ import importlib
 import json
 import sys
 import time
+
+import torch
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -112,6 +114,22 @@ def test_render_table(tmp_path):
     table = render_table(tmp_path)
     assert table.count("## x — cpu") == 2 and "| a | N=1 | fwd | 2.0 |" in table and "| a | N=2 | fwd | 3.0 |" in table
     assert "| a | N=1 | fwd | 1.0 |" not in table and table.index("z.json") < table.index("y.json")
+
+
+def test_records_kept_per_isa(tmp_path):
+    """A CPU's AVX2 and AVX-512 records of the same benchmark and cases are two tables, not one
+    replacing the other (issue 23): the ISA is part of the device name."""
+    from _common import device_info
+
+    dev = device_info(torch.device("cpu"))
+    assert f"[{dev['cpu']['isa']}]" in dev["name"] and dev["cpu"]["kernels_isa"] is not None
+    base = {"benchmark": "x", "versions": {"torch": "2"},
+            "results": [{"impl": "a", "case": {"N": 1}, "pass": "fwd", "p50_ms": 1.0}]}
+    for i, isa in enumerate(("AVX2", "AVX512")):
+        rec = {**base, "date": f"2026-01-0{i + 1}T00:00:00", "device": {"name": f"cpu [{isa}] (2 cores)"}}
+        (tmp_path / f"{isa}.json").write_text(json.dumps(rec))
+    table = render_table(tmp_path)
+    assert "## x — cpu [AVX2] (2 cores)" in table and "## x — cpu [AVX512] (2 cores)" in table
 
 
 if __name__ == "__main__":
