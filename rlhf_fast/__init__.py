@@ -7,4 +7,6 @@ overrides), ``rlhf_fast.trainers.pipeline.run_pipeline`` for all three, and the 
 ``rlhf_fast.models``, ``rlhf_fast.data``, ``rlhf_fast.algos``, ``rlhf_fast.engine`` and ``rlhf_fast.ops``.
 """
 
+from rlhf_fast import _threads  # noqa: F401  (first: OpenMP's wait policy is fixed when torch loads)
+
 __version__ = "0.1.0"
