@@ -4,11 +4,13 @@
     python benchmarks/run_all.py --quick         # small sizes (a smoke run, records still written)
     python benchmarks/run_all.py --only logprob rlmath
     python benchmarks/run_all.py --table-only    # just rebuild benchmarks/README.md
+    python benchmarks/run_all.py --isa avx2      # as on an AVX2 machine (torch, oneDNN, MKL, our kernels)
 
 Each bench_<name>.py exposes main(argv) and writes one JSON record under benchmarks/results/
 (format in _common.py). The README table shows the newest record per benchmark, device and set of
 cases (so a run at another size or setting, e.g. bench_ppo --vocab 32000 --decode compiled, gets
-its own table instead of hiding the default one).
+its own table instead of hiding the default one). A CPU's device name carries the ISA its kernels
+ran at (benchmarks/_common.py), so AVX2 and AVX-512 records of one machine are separate tables.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -29,7 +33,16 @@ from _common import RESULTS_DIR  # noqa: E402
 
 COLUMNS = ["impl", "kernel", "case", "arch", "pass", "p50_ms", "gbps", "pct_peak_bandwidth", "tflops",
            "pct_peak_tflops", "tokens_per_s", "peak_extra_mb",
-           "status", "n_regs", "n_spills", "shared_bytes", "compile_s"]  # kernel, arch, the last five: triton_aot.py
+           "status", "n_regs", "n_spills", "shared_bytes", "compile_s",  # kernel, arch, these five: triton_aot.py
+           "alone_s", "contended_s", "slowdown", "over_fair_share"]  # bench_contention.py
+
+# --isa: what limits torch's kernels, oneDNN's and MKL's to a lower x86 level than the host's (the
+# process's C++ kernels follow torch's level, rlhf_fast/ops/_library.py). Fixed at process start,
+# so each benchmark then runs in a child process.
+ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
 
 
 def bench_names() -> list[str]:
@@ -85,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="*", default=None, help=f"some of: {', '.join(bench_names())}")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), default=None,
+                   help="run at a lower x86 ISA level than the host's (each benchmark in a child process)")
     args = p.parse_args(argv)
     failed = []
     if not args.table_only:
@@ -92,7 +107,11 @@ def main(argv=None) -> int:
             print(f"== bench_{name} ==", flush=True)
             t0 = time.time()
             try:
-                importlib.import_module(f"bench_{name}").main(["--quick"] if args.quick else [])
+                if args.isa:
+                    subprocess.run([sys.executable, str(HERE / f"bench_{name}.py"), *(["--quick"] if args.quick else [])],
+                                   env={**os.environ, **ISA_ENV[args.isa]}, check=True)
+                else:
+                    importlib.import_module(f"bench_{name}").main(["--quick"] if args.quick else [])
             except Exception as exc:  # keep going: one broken benchmark must not hide the others
                 print(f"bench_{name} failed: {type(exc).__name__}: {exc}", flush=True)
                 failed.append(name)
@@ -130,6 +149,18 @@ def test_records_kept_per_isa(tmp_path):
         (tmp_path / f"{isa}.json").write_text(json.dumps(rec))
     table = render_table(tmp_path)
     assert "## x — cpu [AVX2] (2 cores)" in table and "## x — cpu [AVX512] (2 cores)" in table
+
+
+
+def test_isa_runs_each_benchmark_in_a_child_at_that_level(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env, check: calls.append((cmd, env)))
+    monkeypatch.setattr(sys.modules[__name__], "HERE", tmp_path)  # README.md written there
+    monkeypatch.setattr(sys.modules[__name__], "render_table", lambda: "")
+    assert main(["--isa", "avx2", "--quick", "--only", "rlmath"]) == 0
+    (cmd, env), = calls
+    assert cmd[1:] == [str(tmp_path / "bench_rlmath.py"), "--quick"]
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
 
 
 if __name__ == "__main__":
