@@ -82,8 +82,11 @@ DEVIATIONS = [
     "Old log-probs: TRL takes them from the generation logits (output_scores); rlhf_fast recomputes them with a "
     "policy forward (its default ppo.old_logprobs: recompute; --ours-old-logprobs rollout takes the engine's, as TRL).",
     "Response tensors: TRL trims to the longest response in the batch (HF generate stops when all rows hit EOS) and "
-    "trains on the padded (B, longest) tensors; rlhf_fast's engine drops finished rows while decoding and trains on "
-    "(B, longest) too.",
+    "scores / trains on (B, P + longest); rlhf_fast's engine also stops at the longest (finished rows leave the "
+    "batch), but PPOTrainer pads the rollout back to max_new_tokens (rlhf_fast/trainers/rollout.py, "
+    "RolloutStage.respond: the same R on every rank), so its score, log-prob and update forwards run on (B, P + R). "
+    "With responses much shorter than R this is most of the difference (the record has TRL's longest response per "
+    "iteration and rlhf_fast's mean response length).",
     "Score position: TRL adds the score one token after the EOS (sequence_lengths_p1) and trains values there; "
     "rlhf_fast on the EOS (README, tldr preset). Missing EOS: TRL subtracts missing_eos_penalty (set to 1.0 here); "
     "rlhf_fast replaces the score with -1 (its default missing_stop_penalty 'replace').",
@@ -346,7 +349,7 @@ def main(argv=None):
     p.add_argument("--rm-steps", type=int, default=30)
     p.add_argument("--ours-old-logprobs", default="recompute", choices=("recompute", "rollout"),
                    help="rlhf_fast's ppo.old_logprobs (rollout: from the engine, as TRL)")
-    p.add_argument("--replica-reps", type=int, default=5, help="bench_ppo.py repetitions (0: skip the replica)")
+    p.add_argument("--replica-reps", type=int, default=3, help="bench_ppo.py repetitions (0: skip the replica)")
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
                                                          "rlhf_fast", "peer_trl_inputs"))
     p.add_argument("--rebuild-inputs", action="store_true")
@@ -453,6 +456,8 @@ def main(argv=None):
         "runs": {impl: [{k: v for k, v in r.items() if k not in ("log_history", "last_metrics")} for r in rs]
                  for impl, rs in runs.items()},
         "rlhf_fast_last_metrics": runs["rlhf_fast"][-1].get("last_metrics"),
+        "rlhf_fast_mean_response_length_last_iteration": [r.get("last_metrics", {}).get("objective/response_length")
+                                                          for r in runs["rlhf_fast"]],
         "trl_last_log": (runs["trl"][-1].get("log_history") or [None])[-1],
         "replica": ({"config": replica["config"], "results": replica["results"],
                      "peak_rss_mb_process": replica["peak_rss_mb_process"]} if replica else None),

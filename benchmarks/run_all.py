@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 from _common import RESULTS_DIR  # noqa: E402
 
 COLUMNS = ["impl", "kernel", "case", "arch", "pass", "p50_ms", "gbps", "pct_peak_bandwidth", "tflops",
-           "pct_peak_tflops", "tokens_per_s", "peak_extra_mb",
+           "pct_peak_tflops", "tokens_per_s", "peak_extra_mb", "trl_over_rlhf_fast", "peak_rss_mb",
            "status", "n_regs", "n_spills", "shared_bytes", "compile_s"]  # kernel, arch, the last five: triton_aot.py
 
 

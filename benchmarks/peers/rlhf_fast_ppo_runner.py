@@ -61,7 +61,7 @@ def main(spec_path: str, out_path: str) -> None:
         rollout = sum(ph.get(k, 0.0) for k in ("generate", "score", "logprobs", "advantages"))
         iters.append({"iteration_s": row["_end"] - prev, "core_s": float(row["perf/iteration_s"]),
                       "rollout_s": rollout, "update_s": ph.get("train", 0.0), "generate_s": ph.get("generate", 0.0),
-                      "phases": ph})
+                      "resp_len_mean": row.get("objective/response_length"), "phases": ph})
         prev = row["_end"]
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"impl": "rlhf_fast", "iterations": iters, "load_s": load_s, "train_s": train_s,

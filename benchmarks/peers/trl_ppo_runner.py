@@ -161,6 +161,7 @@ def main(spec_path: str, out_path: str) -> None:
     train_s = time.perf_counter() - t0
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"impl": "trl", "iterations": marks, "load_s": load_s, "train_s": train_s,
+           "gc_tracked_objects": len(__import__("gc").get_objects()),  # what each gc.collect() walks
            "peak_rss_mb_self": rss_kb / 1024, "torch_threads": torch.get_num_threads(),
            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "trl": trl.__version__,
                         "transformers": transformers.__version__,
