@@ -66,7 +66,8 @@ SETTINGS = {
     "reward_model": "AutoModelForSequenceClassification (num_labels 1) exported from rlhf-fast rm's model",
     "critic": "a second copy of the reward model: TRL value_model = the RM directory; rlhf_fast ppo.critic "
               "'separate' (initialised from the RM's raw head, critic_with_rm_normalization false)",
-    "prompts": "the task's training prompts (JSONL, 'prompt' field), tokenized without special tokens by both",
+    "prompts": "the task's 4000 training prompts (JSONL, 'prompt' field), tokenized with add_special_tokens (this "
+               "tokenizer adds no BOS) by both (rlhf_fast/data/datasets.py PromptDataset; TRL: tok(prompt))",
     "sampling": "temperature 0.7 (TRL: 0.7 + 1e-7), top_k 0, top_p 1, stop at EOS during generation",
     "kl": "k1 estimator in the reward, fixed coefficient 0.05",
     "ppo": "gamma 1, lam 0.95, clip 0.2, value clip 0.2, vf_coef 0.1, advantages whitened, rewards not whitened, "
