@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -114,12 +115,16 @@ class Bench:
     device: torch.device
 
 
-def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None = None, decode: str = "auto") -> Bench:
+def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None = None, decode: str = "auto",
+          batch: int | None = None, resp_len: int | None = None, minibatches: int | None = None) -> Bench:
     """``vocab`` overrides the vocabulary size (special ids stay the task tokenizer's; the
     responses are never decoded, so ids past the tokenizer are fine). ``decode``: the engine's
     decode path (``HybridEngine(decode=...)``, ``ppo.generation.decode``; "auto" is what
-    PPOTrainer uses by default: eager on a CPU, compiled on CUDA)."""
+    PPOTrainer uses by default: eager on a CPU, compiled on CUDA). ``batch`` / ``resp_len`` /
+    ``minibatches`` override the size's B, R and the preset's minibatch count (the task has 4000
+    training prompts, so B <= 4000; benchmarks/peer_trl_ppo.py runs this at its own sizes)."""
     arch, cfg_size, overrides, B, R, dtype, _ = SIZES[size]
+    B, R = batch or B, resp_len or R
     task = get_task("tiny_sentiment")
     tok = task.tokenizer
     cfg = tiny_config(arch, tokenizer=tok, size=cfg_size, **{**overrides, **({"vocab_size": vocab} if vocab else {})})
@@ -133,6 +138,8 @@ def build(size: str, device: torch.device, *, seed: int = 0, vocab: int | None =
     q_ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc], device=device)
     q_mask = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in enc], device=device).bool()
     hp = PRESETS["tldr"].replace()
+    if minibatches:
+        hp.num_minibatches = minibatches
     policies = {name: copy.deepcopy(policy) for name in IMPLS}
     engine = HybridEngine(policies["rlhf_fast"], pad_token_id=tok.pad_token_id, max_batch_size=B, max_seq_len=P + R,
                           decode=decode)
@@ -400,8 +407,9 @@ def _flops(b: Bench) -> dict:
             "advantages": None, "train": b.hp.num_epochs * 3 * fwd}
 
 
-def run(size: str, device: torch.device, reps: int | None = None, vocab: int | None = None, decode: str = "auto"):
-    b = build(size, device, vocab=vocab, decode=decode)
+def run(size: str, device: torch.device, reps: int | None = None, vocab: int | None = None, decode: str = "auto",
+        batch: int | None = None, resp_len: int | None = None, minibatches: int | None = None):
+    b = build(size, device, vocab=vocab, decode=decode, batch=batch, resp_len=resp_len, minibatches=minibatches)
     dev = _common.device_info(device)
     reps = reps or SIZES[size][6]
     for impl in IMPLS:  # untimed warm-up (a compiled decode step compiles here)
@@ -438,6 +446,7 @@ def run(size: str, device: torch.device, reps: int | None = None, vocab: int | N
     params = sum(p.numel() for p in b.ref.parameters())
     config = {"size": size, "arch": SIZES[size][0], "vocab": b.ref.config.vocab_size,
               "params_m": round(params / 1e6, 2), "B": B, "P": P, "R": b.R, "reps": reps, "hp": "PRESETS['tldr']",
+              "num_minibatches": b.hp.num_minibatches,
               "optimizer": f"AdamW(lr={LR}, eps={ADAM_EPS})", "torch_threads": torch.get_num_threads(),
               "order": "alternating within each repetition"}
     return rows, config
@@ -452,16 +461,22 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (where the logits dominate)")
     p.add_argument("--decode", default="auto", choices=("auto", "eager", "static", "compiled"),
                    help="rlhf_fast's decode path (ppo.generation.decode; auto: eager on a CPU, compiled on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="override the size's rollout batch B")
+    p.add_argument("--resp-len", type=int, default=None, help="override the size's response length R")
+    p.add_argument("--minibatches", type=int, default=None, help="override the preset's minibatches per epoch (1)")
+    p.add_argument("--json-out", default=None, help="also write the record to this path")
     p.add_argument("--no-save", action="store_true", help="do not write a JSON record")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     size = "quick" if args.quick else ("gpu" if device.type == "cuda" else "cpu")
-    rows, config = run(size, device, args.reps, args.vocab, args.decode)
+    rows, config = run(size, device, args.reps, args.vocab, args.decode, args.batch, args.resp_len, args.minibatches)
     print(f"one PPO iteration, {config}")
     _common.print_table(rows, ["impl", "pass", "p20_ms", "p50_ms", "p80_ms", "speedup", "speedup_paired", "tflops",
                                "tokens_per_s"])
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(_common.make_record("ppo", device, config, rows), indent=1))
     if not args.no_save:
         print("record:", _common.write_record("ppo", device, config, rows))
     return rows
