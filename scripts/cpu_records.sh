@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue 23's CPU records in one go, on a quiet machine: the kernels at the host's ISA and at AVX2,
+# a stage under contention, and one PPO iteration against the real TRL PPOTrainer (needs the TRL
+# venv of benchmarks/PEERS.md; skipped with a message otherwise). Records land in
+# benchmarks/results/ (one table per ISA in benchmarks/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python benchmarks/run_all.py --only logprob rlmath
+python benchmarks/run_all.py --isa avx2 --only logprob rlmath
+python benchmarks/bench_contention.py
+if [ -x "${TRL_PYTHON:-/work/trlvenv/bin/python}" ]; then
+  python benchmarks/peer_trl_ppo.py --batch 64 --resp-len 48 --minibatches 2 --epochs 4 --threads 1
+else
+  echo "cpu_records.sh: no TRL venv (benchmarks/PEERS.md says how to make one): peer_trl_ppo skipped"
+fi
+python benchmarks/run_all.py --table-only
