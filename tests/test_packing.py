@@ -1,0 +1,208 @@
+"""Packed sequences (rlhf_fast/models/packing.py): the packed forward equals the padded one.
+
+Every check follows docs/architecture.md "Numerical contract": the oracle is the padded forward in
+float64, the baseline the padded forward in float32 (what runs without packing), the candidate the
+packed float32 forward; only positions the RL math reads (valid tokens) are compared.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import strategies as st
+
+from rlhf_fast.models import Critic, Policy, RewardModel
+from rlhf_fast.models.loading import backbone_of
+from rlhf_fast.models.packing import (
+    PACKING_LAYOUTS,
+    check_packable,
+    packed_backbone,
+    packing_unsupported,
+    plan_packing,
+    resolve_packing,
+)
+from rlhf_fast.models.policy import run_backbone
+from rlhf_fast.tasks import tiny_config
+from rlhf_fast.testing import assert_no_worse_than_baseline
+
+V = 61
+FAMILIES = ("llama", "gpt2", "qwen2")
+
+
+def _lm(arch: str, impl: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+def _batch(q_lens, r_lens, seed=0):
+    """Left-padded prompts + right-padded responses, as a PPO rollout lays them out."""
+    g = torch.Generator().manual_seed(seed)
+    Q, R = max(q_lens), max(max(r_lens), 1)
+    ids = torch.randint(3, V, (len(q_lens), Q + R), generator=g)
+    ql, rl = torch.tensor(q_lens), torch.tensor(r_lens)
+    mask = torch.cat([torch.arange(Q)[None] >= (Q - ql)[:, None], torch.arange(R)[None] < rl[:, None]], 1)
+    return ids.masked_fill(~mask, 0), mask, Q
+
+
+def _close(name, cand, orac, base, mask, atol=1e-5):
+    m = mask.bool()
+    assert_no_worse_than_baseline(name, cand[m].double(), orac[m].double(), base[m].double(), atol=atol)
+
+
+def _alone(backbone, ids, mask):
+    """The oracle: each sequence run by itself, unpadded; (B, T, H) with zeros at pads."""
+    out = None
+    for b in range(ids.shape[0]):
+        keep = mask[b]
+        if not keep.any():
+            continue
+        h = backbone(input_ids=ids[b, keep][None], use_cache=False).last_hidden_state[0]
+        out = h.new_zeros(*ids.shape, h.shape[-1]) if out is None else out
+        out[b, keep] = h
+    return out
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+
+def test_plan_round_trip_and_bins():
+    ids, mask, _ = _batch([5, 1, 3, 2], [4, 0, 1, 3])
+    plan = plan_packing(mask)
+    lengths = mask.sum(-1)
+    assert plan.width == int(lengths.max()) and plan.tokens == int(lengths.sum())
+    assert plan.rows * plan.width < mask.numel()  # fewer slots than the padded batch
+    packed = plan.pack(ids, fill=-1)
+    assert torch.equal(plan.unpack(packed, fill=0), ids.masked_fill(~mask, 0))
+    # each sequence keeps its tokens in order, contiguous, positions restarting at 0
+    pos = plan.pack(mask.long().cumsum(-1) - 1)
+    assert int((pos == 0).sum()) >= int((lengths > 0).sum())
+    one = plan_packing(mask, one_stream=True)
+    assert one.rows == 1 and one.width == int(lengths.sum())
+    assert torch.equal(one.unpack(one.pack(ids)), ids.masked_fill(~mask, 0))
+
+
+def test_plan_is_a_function_of_the_mask():
+    _, mask, _ = _batch([3, 3, 1, 2, 2], [2, 2, 4, 0, 1])
+    a, b = plan_packing(mask), plan_packing(mask.clone())
+    assert torch.equal(a.dst, b.dst) and (a.rows, a.width) == (b.rows, b.width)
+
+
+def test_pack_unpack_gradients():
+    _, mask, _ = _batch([4, 2, 1], [2, 3, 0])
+    plan = plan_packing(mask)
+    x = torch.randn(*mask.shape, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: plan.unpack(plan.pack(t) * 2.0), (x,))
+
+
+# ---- which models can pack -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", FAMILIES + ("gpt_neox",))
+def test_families_can_pack(arch):
+    for impl in ("sdpa", "eager"):
+        assert packing_unsupported(backbone_of(_lm(arch, impl))) is None
+
+
+def test_unpackable_is_a_clear_error():
+    lm = _lm("llama")
+    lm.config._attn_implementation = "made_up_attention"
+    with pytest.raises(ValueError, match="ppo.packing.*made_up_attention.*set ppo.packing false"):
+        check_packable(lm, field="ppo.packing")
+    assert resolve_packing(None, lm, field="ppo.packing") is False  # the default falls back to padding
+    assert resolve_packing(False, lm, field="ppo.packing") is False
+    with pytest.raises(ValueError, match="sft.packing"):
+        resolve_packing(True, lm, field="sft.packing")
+
+    class NotHF(torch.nn.Module):
+        config = lm.config
+
+    NotHF.config = copy.copy(lm.config)
+    NotHF.config._attn_implementation = "sdpa"
+    assert "create_causal_mask" in packing_unsupported(NotHF())
+    assert set(PACKING_LAYOUTS) >= {"sdpa", "eager", "flash_attention_2"}
+
+
+# ---- the packed forward --------------------------------------------------------------------------
+
+lengths = st.integers(1, 6).flatmap(
+    lambda b: st.tuples(st.lists(st.integers(1, 9), min_size=b, max_size=b),
+                        st.lists(st.integers(0, 7), min_size=b, max_size=b)))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", FAMILIES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lens=lengths)
+@example(lens=([1], [0]))
+@example(lens=([9, 1, 1, 1], [7, 0, 0, 1]))
+def test_backbone_packed_equals_padded(arch, impl, lens):
+    q, r = lens
+    note(f"q={q} r={r}")
+    lm = _lm(arch, impl)
+    ids, mask, _ = _batch(q, r)
+    bb = backbone_of(lm)
+    with torch.no_grad():
+        base = run_backbone(bb, ids, mask)
+        cand = packed_backbone(bb, ids, mask)
+        orac = _alone(copy.deepcopy(bb).double(), ids, mask)
+    _close("hidden", cand, orac, base, mask.unsqueeze(-1).expand_as(base))
+    assert torch.all(cand[~mask] == 0)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@settings(max_examples=6, deadline=None)
+@given(lens=lengths, temperature=st.sampled_from([1.0, 0.7]), linear=st.booleans())
+@example(lens=([3, 1], [0, 2]), temperature=1.0, linear=False)
+def test_policy_logprobs_and_grads_packed_equal_padded(arch, lens, temperature, linear):
+    """Log-probs, entropy, values (b, R) and the gradients of a loss over them."""
+    q, r = lens
+    note(f"q={q} r={r}")
+    ids, mask, Q = _batch(q, r)
+    pol = Policy(_lm(arch), value_head=True, use_linear_logprobs=linear)
+    torch.nn.init.normal_(pol.value_head.linear.weight, std=0.1)
+    packed = copy.deepcopy(pol)
+    packed.packing = True
+    oracle = copy.deepcopy(pol).double()
+    resp = mask[:, Q:]
+    w = torch.randn(resp.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(p):
+        p.zero_grad()
+        out = p.logprobs(ids, mask, temperature=temperature, return_entropy=True, response_start=Q)
+        loss = ((out.logprobs.double() + out.entropy.double() + out.values.double()) * w * resp).sum()
+        loss.backward()
+        grads = torch.cat([t.grad.double().flatten() for t in p.parameters() if t.grad is not None])
+        return out, grads
+
+    (b, gb), (c, gc), (o, go) = run(pol), run(packed), run(oracle)
+    for name in ("logprobs", "entropy", "values"):
+        _close(name, getattr(c, name), getattr(o, name), getattr(b, name), resp)
+    assert torch.all(c.logprobs[~resp] == 0)
+    assert_no_worse_than_baseline("grads", gc, go, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@settings(max_examples=5, deadline=None)
+@given(lens=lengths)
+def test_reward_model_and_critic_packed_equal_padded(arch, lens):
+    q, r = lens
+    ids, mask, Q = _batch(q, r)
+    rm = RewardModel(backbone_of(_lm(arch)), seed=3)
+    prm = copy.deepcopy(rm)
+    prm.packing = True
+    orm = copy.deepcopy(rm).double()
+    with torch.no_grad():
+        b, c, o = rm(ids, mask), prm(ids, mask), orm(ids, mask)
+    _close("scores", c.scores, o.scores, b.scores, torch.ones_like(b.scores, dtype=torch.bool))
+    crit = Critic.from_reward_model(rm)
+    pcrit = copy.deepcopy(crit)
+    pcrit.packing = True
+    with torch.no_grad():
+        b, c = crit(ids, mask, response_start=Q), pcrit(ids, mask, response_start=Q)
+        o = copy.deepcopy(crit).double()(ids, mask, response_start=Q)
+    _close("critic values", c.values, o.values, b.values, mask[:, Q:])
