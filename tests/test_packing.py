@@ -15,6 +15,7 @@ import transformers
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
+from rlhf_fast.algos import PRESETS, Rollout, RunningMoments
 from rlhf_fast.models import Critic, Policy, RewardModel
 from rlhf_fast.models.loading import backbone_of
 from rlhf_fast.models.packing import (
@@ -24,10 +25,12 @@ from rlhf_fast.models.packing import (
     packing_unsupported,
     plan_packing,
     resolve_packing,
+    set_packing,
 )
 from rlhf_fast.models.policy import run_backbone
 from rlhf_fast.tasks import tiny_config
 from rlhf_fast.testing import assert_no_worse_than_baseline
+from rlhf_fast.trainers import ppo_core
 
 V = 61
 FAMILIES = ("llama", "gpt2", "qwen2")
@@ -206,3 +209,87 @@ def test_reward_model_and_critic_packed_equal_padded(arch, lens):
         b, c = crit(ids, mask, response_start=Q), pcrit(ids, mask, response_start=Q)
         o = copy.deepcopy(crit).double()(ids, mask, response_start=Q)
     _close("critic values", c.values, o.values, b.values, mask[:, Q:])
+
+
+# ---- one PPO iteration ---------------------------------------------------------------------------
+
+
+def _ppo_models(arch, seed=0):
+    cfg = tiny_config(arch, vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    policy = Policy.from_pretrained(cfg, seed=seed, value_head=True)
+    critic = Critic(Policy.from_pretrained(cfg, seed=seed + 7).backbone)
+    with torch.no_grad():  # non-zero value heads so value clipping does something
+        policy.value_head.linear.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
+        critic.value_head.linear.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 2))
+    return policy, critic
+
+
+def _rollout(q_lens, r_lens, seed):
+    ids, mask, Q = _batch(q_lens, r_lens, seed)
+    scores = torch.randn(len(q_lens), generator=torch.Generator().manual_seed(seed + 5))
+    groups = torch.arange(len(q_lens)) // 2
+    return Rollout(ids[:, :Q], mask[:, :Q], ids[:, Q:], mask[:, Q:], scores, group_ids=groups)
+
+
+def _fast_iteration(policy0, critic0, rollout, hp, *, packing, kl_coef=0.05, lr=1e-2, seed=0):
+    policy, critic = copy.deepcopy(policy0), copy.deepcopy(critic0) if critic0 is not None else None
+    ref = copy.deepcopy(policy0).eval()
+    assert set(set_packing(packing, "ppo.packing", policy, critic, ref)) == {packing}
+    gen = torch.Generator().manual_seed(seed)
+    plan = ppo_core.first_epoch_plan(gen, rollout.batch_size, hp)
+    lp, ref_lp, values = ppo_core.score_logprobs(policy, critic, ref, rollout, hp, plan=plan)
+    exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
+                                     kl_coef=kl_coef, score_stats=RunningMoments())
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)  # noqa: E731
+    pst = ppo_core.TorchStepper(policy, sgd(policy), max_grad_norm=hp.max_grad_norm)
+    cst = ppo_core.TorchStepper(critic, sgd(critic), max_grad_norm=hp.max_grad_norm) if critic is not None else None
+    stats = ppo_core.ppo_update(pst, exp, hp, kl_coef=kl_coef, generator=gen, critic_st=cst)
+    return exp, stats, (policy, critic)
+
+
+def _assert_iteration_equal(padded, packed, oracle):
+    """Experience (B, R), minibatch statistics and updated parameters: packed against the float64
+    oracle no worse than twice the padded float32 run's error (docs/architecture.md "Numerical
+    contract"); statistics / parameters are compared as vectors."""
+    (ea, sa, ma), (eb, sb, mb), (eo, so, mo) = padded, packed, oracle
+    m = ea.response_mask
+    for name in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns"):
+        if getattr(ea, name) is None:
+            continue
+        _close(name, getattr(eb, name), getattr(eo, name), getattr(ea, name), m, atol=1e-5)
+    vec = lambda stats: torch.tensor([v for s in stats for v in s.to_dict().values()], dtype=torch.float64)  # noqa
+    assert_no_worse_than_baseline("minibatch stats", vec(sb), vec(so), vec(sa), atol=1e-5)
+    for part_a, part_b, part_o in zip(ma, mb, mo):
+        if part_a is None:
+            continue
+        flat = lambda mod: torch.cat([p.detach().double().flatten() for p in mod.parameters()])  # noqa
+        assert_no_worse_than_baseline("parameters", flat(part_b), flat(part_o), flat(part_a), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,preset,separate", [("llama", "tldr", True), ("gpt2", "ppo_max", False),
+                                                  ("qwen2", "tldr", False)])
+def test_ppo_iteration_packed_equals_padded(arch, preset, separate):
+    # micro-batches of 4 rows with one long sequence: the short ones share packed rows
+    hp = PRESETS[preset].replace(num_epochs=2, num_minibatches=2, micro_batch_size=4)
+    policy, critic = _ppo_models(arch)
+    critic = critic if separate else None
+    rollout = _rollout([7, 1, 3, 2, 6, 2, 1, 2], [6, 1, 3, 0, 6, 2, 2, 1], seed=1)
+    padded = _fast_iteration(policy, critic, rollout, hp, packing=False)
+    packed = _fast_iteration(policy, critic, rollout, hp, packing=True)
+    d = lambda m: copy.deepcopy(m).double() if m is not None else None  # noqa: E731
+    oracle = _fast_iteration(d(policy), d(critic), rollout.map(lambda t: t.double() if t.is_floating_point() else t),
+                             hp, packing=False)
+    _assert_iteration_equal(padded, packed, oracle)
+    first = packed[1][0]  # exactness promise: the first minibatch's ratio is exactly 1
+    assert first.ratio_mean.item() == 1.0 and first.ratio_max.item() == 1.0 and first.approxkl.item() == 0.0
+
+
+def test_ppo_iteration_grpo_packed_equals_padded():
+    hp = PRESETS["tldr"].replace(advantage_estimator="grpo", num_epochs=1, num_minibatches=1, micro_batch_size=None)
+    policy, _ = _ppo_models("llama", seed=3)
+    rollout = _rollout([2, 2, 7, 7, 1, 1], [3, 0, 5, 5, 2, 1], seed=2)
+    padded = _fast_iteration(policy, None, rollout, hp, packing=False)
+    packed = _fast_iteration(policy, None, rollout, hp, packing=True)
+    oracle = _fast_iteration(copy.deepcopy(policy).double(), None,
+                             rollout.map(lambda t: t.double() if t.is_floating_point() else t), hp, packing=False)
+    _assert_iteration_equal(padded, packed, oracle)

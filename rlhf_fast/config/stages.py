@@ -43,6 +43,12 @@ class SFTConfig:
     """Sequences per forward pass on one rank."""
     eval_batch_size: int = 128
     """Sequences per forward pass in evaluation, per rank."""
+    packing: Optional[bool] = None
+    """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
+    the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed
+    sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
+    eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
+    false: the padded [B, T] batches."""
     seed: int = 1
     """Seeds data order (same on every rank) and per-rank RNGs (seed + rank * 100003, N details #6)."""
 
@@ -109,6 +115,12 @@ class RMConfig:
     """Pairs per forward pass on one rank (each forward scores 2x that many sequences)."""
     eval_batch_size: int = 128
     """Pairs per forward pass in evaluation, per rank."""
+    packing: Optional[bool] = None
+    """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
+    the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed
+    sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
+    eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
+    false: the padded [B, T] batches."""
     seed: int = 1
     """Seeds data order and per-rank RNGs (seed + rank * 100003, N details #6)."""
 
@@ -243,6 +255,12 @@ class PPOConfig:
     ``lora.rank`` > 0 only the reward model is sharded: the reference is the policy's own weights."""
     use_linear_logprobs: bool = False
     """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
+    packing: Optional[bool] = None
+    """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
+    the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed
+    sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
+    eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
+    false: the padded [B, T] batches."""
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Where the PPO ratio's old log-probs come from: "recompute" — a policy forward over the
     rollout in the first epoch's micro-batches (the first minibatch's ratio is then exactly 1; the

@@ -145,7 +145,17 @@ def plan_packing(attention_mask: torch.Tensor, *, one_stream: bool = False, widt
     or one row holding every token with ``one_stream``. A host sync (the row lengths)."""
     mask = attention_mask.bool()
     B, T = mask.shape
-    lengths = mask.sum(-1).tolist()  # host sync: the layout is decided on the host
+    idx = torch.arange(T, device=mask.device)
+    first = torch.where(mask, idx, T).amin(-1) if T else mask.sum(-1)
+    last = torch.where(mask, idx, -1).amax(-1) if T else mask.sum(-1)
+    stats = torch.stack([mask.sum(-1), last - first + 1]).tolist()  # host sync: the layout is decided on the host
+    lengths = stats[0]
+    holes = [b for b, (n, span) in enumerate(zip(*stats)) if n and span != n]
+    if holes:
+        # a target after a hole is predicted, in the padded layout, from the hole's hidden state:
+        # packing drops that state, so it would not be the padded computation
+        raise ValueError(f"packing needs each row's attended tokens to be contiguous; row {holes[0]} of the "
+                         "attention_mask has a hole: set the stage's packing false for such batches")
     total = int(sum(lengths))
     longest = max(lengths) if lengths else 0
     cap = max(total, 1) if one_stream else max(width or longest, longest, 1)
@@ -171,3 +181,16 @@ def packed_backbone(backbone: nn.Module, input_ids: torch.Tensor, attention_mask
     out = backbone(input_ids=plan.pack(input_ids), attention_mask=None, position_ids=positions, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (rows, width, H)
     return plan.unpack(hidden)
+
+
+def set_packing(setting: Optional[bool], field: str, *models) -> list[bool]:
+    """Sets ``.packing`` on each model wrapper (``Policy``, ``RewardModel``, ``Critic``; None and
+    objects without the attribute are skipped) from a stage's ``packing`` setting
+    (``resolve_packing`` on its backbone). Returns what each one got."""
+    out = []
+    for m in models:
+        if m is None or not hasattr(m, "packing"):
+            continue
+        m.packing = resolve_packing(setting, m.backbone, field=field)
+        out.append(m.packing)
+    return out
