@@ -172,11 +172,7 @@ def packed_backbone(backbone: nn.Module, input_ids: torch.Tensor, attention_mask
                     plan: Optional[PackPlan] = None) -> torch.Tensor:
     """Final hidden state (B, T, H) of ``backbone`` for a padded batch, computed on its packed
     layout (see the module docstring); pad positions hold zeros."""
-    if plan is None:
-        layout = PACKING_LAYOUTS.get(attn_implementation_of(backbone))
-        if layout is None:
-            check_packable(backbone, field="packing")
-        plan = plan_packing(attention_mask, one_stream=layout.one_stream)
+    plan = plan_for(backbone, attention_mask) if plan is None else plan
     positions = plan.pack(position_ids_from_mask(attention_mask))  # (rows, width) restarting at 0
     out = backbone(input_ids=plan.pack(input_ids), attention_mask=None, position_ids=positions, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (rows, width, H)
@@ -194,3 +190,25 @@ def set_packing(setting: Optional[bool], field: str, *models) -> list[bool]:
         m.packing = resolve_packing(setting, m.backbone, field=field)
         out.append(m.packing)
     return out
+
+
+def plan_for(model: nn.Module, attention_mask: torch.Tensor, *, width: Optional[int] = None) -> PackPlan:
+    """``plan_packing`` with the layout ``model``'s attention implementation takes."""
+    layout = PACKING_LAYOUTS.get(attn_implementation_of(model))
+    if layout is None:
+        check_packable(model, field="packing")
+    return plan_packing(attention_mask, one_stream=layout.one_stream, width=width)
+
+
+def packed_lm_batch(plan: PackPlan, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                    *, ignore_index: int = -100) -> tuple[dict, torch.Tensor]:
+    """A causal LM's packed inputs and next-token targets for a padded (B, T) batch with ``labels``
+    (B, T) (``ignore_index`` where not a target): ``(model kwargs, targets (rows, width))``; entry
+    ``targets[r, j]`` is the label the logits at packed slot (r, j) predict (``labels[b, t + 1]``
+    for the token at (b, t)), ``ignore_index`` at the end of each sequence and in empty slots.
+    ``sum(log p(targets))`` then equals the padded ``logits[:, :-1]`` / ``labels[:, 1:]`` sum."""
+    nxt = torch.full_like(labels, ignore_index)
+    nxt[:, :-1] = labels[:, 1:].masked_fill(~attention_mask[:, 1:].bool(), ignore_index)
+    kwargs = dict(input_ids=plan.pack(input_ids), attention_mask=None,
+                  position_ids=plan.pack(position_ids_from_mask(attention_mask)), use_cache=False)
+    return kwargs, plan.pack(nxt, fill=ignore_index)
