@@ -236,7 +236,7 @@ def _fast_iteration(policy0, critic0, rollout, hp, *, packing, kl_coef=0.05, lr=
     ref = copy.deepcopy(policy0).eval()
     assert set(set_packing(packing, "ppo.packing", policy, critic, ref)) == {packing}
     gen = torch.Generator().manual_seed(seed)
-    plan = ppo_core.first_epoch_plan(gen, rollout.batch_size, hp)
+    plan = ppo_core.first_epoch_plan(gen, rollout.batch_size, hp, tokens=ppo_core.row_tokens(rollout))
     lp, ref_lp, values = ppo_core.score_logprobs(policy, critic, ref, rollout, hp, plan=plan)
     exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
                                      kl_coef=kl_coef, score_stats=RunningMoments())
@@ -369,3 +369,39 @@ def test_rm_step_packed_equals_padded(arch, lens):
     assert packed[1]["correct"] == pad[1]["correct"] or abs(packed[1]["chosen_sum"] - packed[1]["rejected_sum"]) < 1e-5
     assert_no_worse_than_baseline("rm loss", packed[0], orac[0], pad[0], atol=1e-5)
     assert_no_worse_than_baseline("rm grads", packed[2], orac[2], pad[2], atol=1e-6)
+
+
+# ---- micro-batches by token budget ---------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(1, 40), min_size=4, max_size=24), budget=st.integers(1, 80),
+       world=st.sampled_from([1, 2, 4]))
+def test_token_budget_plan(tokens, budget, world):
+    from rlhf_fast.trainers.packing import token_budget_micro
+
+    mb = len(tokens) - len(tokens) % world
+    rows = torch.randperm(mb, generator=torch.Generator().manual_seed(len(tokens)))
+    plans = [token_budget_micro(rows, tokens, budget, r, world) for r in range(world)]
+    assert len({len(p) for p in plans}) == 1  # every rank runs the same number of micro-batches
+    for r, plan in enumerate(plans):
+        pos = torch.cat(plan).tolist()
+        assert pos == list(range(r, mb, world))  # this rank's rows, in order, each once
+    if world == 1:  # alone, every micro-batch fits the budget or is one row
+        for chunk in plans[0]:
+            assert len(chunk) == 1 or sum(tokens[rows[i]] for i in chunk.tolist()) <= budget
+
+
+def test_ppo_iteration_token_budget_equals_rows():
+    """Micro-batches by tokens change neither the losses nor the update (the minibatch normaliser)."""
+    hp = PRESETS["tldr"].replace(num_epochs=2, num_minibatches=2, micro_batch_size=None)
+    policy, critic = _ppo_models("llama")
+    rollout = _rollout([7, 1, 3, 2, 6, 2, 1, 2], [6, 1, 3, 0, 6, 2, 2, 1], seed=1)
+    rows = _fast_iteration(policy, critic, rollout, hp, packing=False)
+    by_tokens = _fast_iteration(policy, critic, rollout, hp.replace(max_tokens_per_micro_batch=9), packing=True)
+    d = lambda m: copy.deepcopy(m).double()  # noqa: E731
+    oracle = _fast_iteration(d(policy), d(critic), rollout.map(lambda t: t.double() if t.is_floating_point() else t),
+                             hp, packing=False)
+    _assert_iteration_equal(rows, by_tokens, oracle)
+    first = by_tokens[1][0]
+    assert first.ratio_mean.item() == 1.0 and first.approxkl.item() == 0.0

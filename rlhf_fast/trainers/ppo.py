@@ -345,7 +345,8 @@ class PPOTrainer(StageTrainer):
         """(old log-probs, reference log-probs, values, the trainer's own old log-probs or None),
         (B, R) each: the old ones recomputed, or the engine's (``ppo.old_logprobs: rollout``, which
         recomputes them only every ``logprob_gap_every`` iterations, for the gap metric)."""
-        plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, self.hp, device=rollout.response_ids.device)
+        plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, self.hp, device=rollout.response_ids.device,
+                                         tokens=ppo_core.row_tokens(rollout))
         models = (self.policy_engine.module, self._critic_module(), self.ref_policy)
         if not self.old_from_rollout:
             lp, ref_lp, values = ppo_core.score_logprobs(*models, rollout, self.hp, plan=plan)
