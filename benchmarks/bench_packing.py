@@ -51,7 +51,7 @@ IMPLS = ("padded", "packed", "packed_tokens")
 PHASES = ("logprobs", "train")
 SIZES = {  # arch size, rows, length range, rows per micro-batch, vocabulary
     "quick": dict(size="test", B=8, lo=2, hi=16, micro=4, vocab=97, reps=2),
-    "cpu": dict(size="task", B=16, lo=8, hi=512, micro=4, vocab=631, reps=3),
+    "cpu": dict(size="task", B=16, lo=8, hi=512, micro=8, vocab=631, reps=2),
     "gpu": dict(size="task", B=64, lo=8, hi=512, micro=16, vocab=32000, reps=5),
 }
 
