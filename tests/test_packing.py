@@ -405,3 +405,19 @@ def test_ppo_iteration_token_budget_equals_rows():
     _assert_iteration_equal(rows, by_tokens, oracle)
     first = by_tokens[1][0]
     assert first.ratio_mean.item() == 1.0 and first.approxkl.item() == 0.0
+
+
+def test_a_mask_with_a_hole_runs_padded():
+    """The token after a hole is predicted from the hole's state in the padded layout: such a
+    batch is not packed (plan None) and the packed models give the padded outputs exactly."""
+    ids, mask, Q = _batch([3, 2], [4, 3])
+    mask[0, Q + 1] = False
+    assert plan_packing(mask) is None
+    pol = Policy(_lm("llama"), value_head=True)
+    packed = copy.deepcopy(pol)
+    packed.packing = True
+    with torch.no_grad():
+        a = pol.logprobs(ids, mask, response_start=Q, return_entropy=True)
+        b = packed.logprobs(ids, mask, response_start=Q, return_entropy=True)
+    resp = mask[:, Q:]
+    assert torch.equal(a.logprobs[resp], b.logprobs[resp]) and torch.equal(a.values, b.values)

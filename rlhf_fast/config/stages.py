@@ -49,6 +49,11 @@ class SFTConfig:
     sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
     eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
     false: the padded [B, T] batches."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Cut each rank's share of a global batch into micro-batches of at most this many tokens
+    (a longer sequence goes alone) instead of ``micro_batch_size`` sequences, the same count on
+    every rank (rlhf_fast/trainers/packing.py); the loss is still the global batch's sum over its
+    unit count. None: by ``micro_batch_size``."""
     seed: int = 1
     """Seeds data order (same on every rank) and per-rank RNGs (seed + rank * 100003, N details #6)."""
 
@@ -121,6 +126,11 @@ class RMConfig:
     sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
     eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
     false: the padded [B, T] batches."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Cut each rank's share of a global batch into micro-batches of at most this many tokens
+    (chosen + rejected; a longer pair goes alone) instead of ``micro_batch_size`` pairs, the same count on
+    every rank (rlhf_fast/trainers/packing.py); the loss is still the global batch's sum over its
+    unit count. None: by ``micro_batch_size``."""
     seed: int = 1
     """Seeds data order and per-rank RNGs (seed + rank * 100003, N details #6)."""
 
@@ -426,6 +436,9 @@ def _cross_checks(cfg, path: str) -> None:
     if isinstance(cfg, PPOConfig) and cfg.lora.rank and cfg.lora.dropout:
         raise ValueError(f"{path}.lora.dropout must be 0 in PPO (got {cfg.lora.dropout}): with dropout the first "
                          "minibatch's ratio is not 1 (N details #13, TRL #454)")
+    if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.max_tokens_per_micro_batch is not None \
+            and cfg.max_tokens_per_micro_batch < 1:
+        raise ValueError(f"{path}.max_tokens_per_micro_batch must be None or >= 1, got {cfg.max_tokens_per_micro_batch}")
     if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(
             f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"

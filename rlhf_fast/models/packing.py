@@ -140,9 +140,11 @@ def _first_fit(lengths: list[int], capacity: int) -> tuple[list[int], list[int],
     return where, offset, len(fill)
 
 
-def plan_packing(attention_mask: torch.Tensor, *, one_stream: bool = False, width: Optional[int] = None) -> PackPlan:
+def plan_packing(attention_mask: torch.Tensor, *, one_stream: bool = False, width: Optional[int] = None
+                 ) -> Optional[PackPlan]:
     """The packed layout of a (B, T) mask: bins as wide as ``width`` (default: the longest row),
-    or one row holding every token with ``one_stream``. A host sync (the row lengths)."""
+    or one row holding every token with ``one_stream``; None when a row's attended tokens are not
+    contiguous (a hole): the caller then runs the padded batch. A host sync (the row lengths)."""
     mask = attention_mask.bool()
     B, T = mask.shape
     idx = torch.arange(T, device=mask.device)
@@ -150,12 +152,10 @@ def plan_packing(attention_mask: torch.Tensor, *, one_stream: bool = False, widt
     last = torch.where(mask, idx, -1).amax(-1) if T else mask.sum(-1)
     stats = torch.stack([mask.sum(-1), last - first + 1]).tolist()  # host sync: the layout is decided on the host
     lengths = stats[0]
-    holes = [b for b, (n, span) in enumerate(zip(*stats)) if n and span != n]
-    if holes:
-        # a target after a hole is predicted, in the padded layout, from the hole's hidden state:
-        # packing drops that state, so it would not be the padded computation
-        raise ValueError(f"packing needs each row's attended tokens to be contiguous; row {holes[0]} of the "
-                         "attention_mask has a hole: set the stage's packing false for such batches")
+    if any(n and span != n for n, span in zip(*stats)):
+        # a token after a hole is predicted, in the padded layout, from the hole's hidden state,
+        # which packing drops: such a batch runs padded (the callers' fallback), so packed == padded
+        return None
     total = int(sum(lengths))
     longest = max(lengths) if lengths else 0
     cap = max(total, 1) if one_stream else max(width or longest, longest, 1)
@@ -169,10 +169,13 @@ def plan_packing(attention_mask: torch.Tensor, *, one_stream: bool = False, widt
 
 
 def packed_backbone(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    plan: Optional[PackPlan] = None) -> torch.Tensor:
+                    plan: Optional[PackPlan] = None) -> Optional[torch.Tensor]:
     """Final hidden state (B, T, H) of ``backbone`` for a padded batch, computed on its packed
-    layout (see the module docstring); pad positions hold zeros."""
+    layout (see the module docstring); pad positions hold zeros. None for a mask with a hole
+    (``plan_packing``): the caller runs the padded batch."""
     plan = plan_for(backbone, attention_mask) if plan is None else plan
+    if plan is None:
+        return None
     positions = plan.pack(position_ids_from_mask(attention_mask))  # (rows, width) restarting at 0
     out = backbone(input_ids=plan.pack(input_ids), attention_mask=None, position_ids=positions, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (rows, width, H)
@@ -192,7 +195,7 @@ def set_packing(setting: Optional[bool], field: str, *models) -> list[bool]:
     return out
 
 
-def plan_for(model: nn.Module, attention_mask: torch.Tensor, *, width: Optional[int] = None) -> PackPlan:
+def plan_for(model: nn.Module, attention_mask: torch.Tensor, *, width: Optional[int] = None) -> Optional[PackPlan]:
     """``plan_packing`` with the layout ``model``'s attention implementation takes."""
     layout = PACKING_LAYOUTS.get(attn_implementation_of(model))
     if layout is None:

@@ -47,8 +47,9 @@ def run_backbone(backbone: nn.Module, input_ids, attention_mask, position_ids=No
     runs on the valid tokens only (``models/packing.py``; positions are then always
     ``cumsum(mask) - mask``, what every collator passes) and pad positions hold zeros."""
     check_input_ids(input_ids, attention_mask)
-    if packing:
-        return packed_backbone(backbone, input_ids, attention_mask)
+    hidden = packed_backbone(backbone, input_ids, attention_mask) if packing else None
+    if hidden is not None:  # None: not packing, or a mask with a hole (run padded)
+        return hidden
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False)

@@ -60,3 +60,17 @@ def token_budget_micro(rows: torch.Tensor, tokens: list[int], budget: int, rank:
     mine = per_rank[rank]
     chunks = split_to(cuts[rank], [tokens[idx[p]] for p in mine], count)
     return [torch.tensor([mine[i] for i in c], dtype=torch.long, device=rows.device) for c in chunks]
+
+
+def contiguous_token_micro(global_batch: list[int], tokens: list[int], budget: int, rank: int,
+                           world: int) -> list[list[int]]:
+    """A dataset stage's micro-batches (``trainers/common.py``: rank r takes the r-th contiguous
+    slice of the global batch) cut by ``budget`` tokens (``tokens``: of each item of
+    ``global_batch``), equal in number on every rank."""
+    per_rank = len(global_batch) // world
+    slices = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world)]
+    cuts = [budget_chunks([tokens[i] for i in sl], budget) for sl in slices]
+    count = max(len(c) for c in cuts)
+    mine = slices[rank]
+    chunks = split_to(cuts[rank], [tokens[i] for i in mine], count)
+    return [[global_batch[mine[i]] for i in c] for c in chunks]

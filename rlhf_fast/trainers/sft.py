@@ -93,8 +93,8 @@ class SFTTrainer(DatasetStageTrainer):
     def _logits_and_targets(self, batch: dict):
         """Logits and the labels they predict: padded, ``logits[:, :-1]`` / ``labels[:, 1:]``;
         with ``sft.packing`` the packed rows and their next-token targets (models/packing.py)."""
-        if self.packing:
-            plan = plan_for(self.engine.module, batch["attention_mask"])
+        plan = plan_for(self.engine.module, batch["attention_mask"]) if self.packing else None
+        if plan is not None:  # None: padded (packing off, or a mask with a hole)
             kwargs, labels = packed_lm_batch(plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                              ignore_index=IGNORE_INDEX)
             out = self.engine(**kwargs)
