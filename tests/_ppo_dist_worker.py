@@ -2,7 +2,10 @@
 (or a single process): greedy rollouts (deterministic per row, whatever the split over ranks),
 the task's gold reward, ZeRO stage from argv. Writes DIR/model and DIR/metrics.jsonl.
 
-    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE [USE_LINEAR_LOGPROBS [LORA_RANK]]
+    torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE [USE_LINEAR_LOGPROBS [LORA_RANK [PACKING]]]
+
+PACKING: "true" / "false" sets ppo.packing (default: the config's default); MAX_TOKENS (after it):
+ppo.algo.max_tokens_per_micro_batch.
 """
 
 import sys
@@ -23,9 +26,12 @@ if __name__ == "__main__":
     out, stage = sys.argv[1], sys.argv[2]
     linear = sys.argv[3] if len(sys.argv) > 3 else "false"
     rank = sys.argv[4] if len(sys.argv) > 4 else "0"
+    packing = ["--ppo.packing", sys.argv[5]] if len(sys.argv) > 5 else []
+    if len(sys.argv) > 6:
+        packing += ["--ppo.algo.max_tokens_per_micro_batch", sys.argv[6]]
     cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage,
                                    "--ppo.use_linear_logprobs", linear, "--ppo.lora.rank", rank,
-                                   "--ppo.critic_lora.rank", rank]).ppo
+                                   "--ppo.critic_lora.rank", rank, *packing]).ppo
     trainer = PPOTrainer(cfg, out)
     trainer.fit()
     # how much of the frozen reference this rank holds (ZeRO-3 inference partitions it)

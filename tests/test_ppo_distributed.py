@@ -28,14 +28,17 @@ WORKER = Path(__file__).with_name("_ppo_dist_worker.py")
 LR, STEPS = 1e-3, 2 * 2 * 2  # iterations x epochs x minibatches
 
 
-def _launch(out: Path, nproc: int, stage: int, linear: bool = False, lora_rank: int = 0) -> None:
+def _launch(out: Path, nproc: int, stage: int, linear: bool = False, lora_rank: int = 0, packing=None,
+            max_tokens=None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter (a `torchrun` on PATH may be another venv's)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RLHF_FAST_NO_TQDM="1")
     proc = subprocess.run([*cmd, "--nproc_per_node", str(nproc), "--master_port", str(port), str(WORKER), str(out),
-                           str(stage), str(linear).lower(), str(lora_rank)], capture_output=True, text=True, timeout=600,
+                           str(stage), str(linear).lower(), str(lora_rank),
+                           *([] if packing is None else [str(packing).lower()]),
+                           *([] if max_tokens is None else [str(max_tokens)])], capture_output=True, text=True, timeout=600,
                           env=env)
     done = (out / "model" / ("adapter_config.json" if lora_rank else "config.json")).is_file()
     assert proc.returncode == 0 and done, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -60,6 +63,28 @@ def test_two_ranks_match_one(single, tmp_path, stage, linear):
     outside lm_head's forward, so it runs as ``Policy.fused_head``, with the weight registered
     as that module's external parameter (before this, the weight was an empty shard)."""
     _launch(tmp_path, 2, stage, linear)
+    _assert_two_match_one(single, tmp_path, stage)
+
+
+@pytest.fixture(scope="module")
+def single_padded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo1_padded")
+    _launch(out, 1, 0, packing=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,linear,max_tokens", [(2, False, None), (3, True, None), (2, False, 20), (3, False, 20)])
+def test_two_ranks_packed_match_one_padded(single_padded, tmp_path, stage, linear, max_tokens):
+    """ppo.packing (models/packing.py) under 2-rank ZeRO against the padded single process: the
+    same iterations within the same tolerance; with ``algo.max_tokens_per_micro_batch`` the
+    micro-batches are cut by tokens (trainers/packing.py: DeepSpeed's accumulation boundary set
+    by hand)."""
+    _launch(tmp_path, 2, stage, linear, packing=True, max_tokens=max_tokens)
+    _assert_two_match_one(single_padded, tmp_path, stage)
+
+
+def _assert_two_match_one(single, tmp_path, stage):
     held = [json.loads((tmp_path / f"ref_params_rank{r}.json").read_text()) for r in (0, 1)]
     if stage == 3:  # ZeRO-3 inference for the frozen reference (ppo.frozen_zero3 defaults on at stage 3)
         assert all(h["held"] < h["full"] for h in held), held

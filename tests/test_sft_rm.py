@@ -194,3 +194,31 @@ def test_data_errors(tmp_path):
         train_sft(_cfg(*SMALL, "--sft.data.train_file", str(empty)).sft, tmp_path / "sft2")
     with pytest.raises(ValueError, match=r"rm\.sft_model '/no/such/sft' is not a directory"):
         RMTrainer(_cfg("--rm.sft_model", "/no/such/sft").rm, tmp_path / "rm3")
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_token_budget_micro_batches_train_what_rows_train(tmp_path, stage):
+    """``<stage>.max_tokens_per_micro_batch`` (rlhf_fast/trainers/packing.py) cuts the micro-batches
+    by tokens: the losses and the model match the row-cut run (the loss is the global batch's sum
+    over its unit count either way), packed in both."""
+    if stage == "sft":
+        common = [*SMALL, "--sft.max_steps", "3", "--sft.logging.log_every", "1", "--sft.logging.eval_every", "0"]
+        runs = {}
+        for name, extra in (("rows", []), ("tokens", ["--sft.max_tokens_per_micro_batch", "150"])):
+            runs[name] = tmp_path / name
+            train_sft(_cfg(*common, *extra).sft, runs[name])
+    else:
+        sft = tmp_path / "sft"
+        train_sft(_cfg(*SMALL, "--sft.max_steps", "1").sft, sft)
+        common = ["--rm.model.path", str(sft / "model"), "--rm.max_steps", "3", "--rm.batch_size", "16",
+                  "--rm.micro_batch_size", "8", "--rm.logging.log_every", "1", "--rm.logging.eval_every", "0",
+                  "--rm.data.max_train_examples", "200", "--rm.data.max_eval_examples", "32"]
+        runs = {}
+        for name, extra in (("rows", []), ("tokens", ["--rm.max_tokens_per_micro_batch", "300"])):
+            runs[name] = tmp_path / name
+            train_rm(_cfg(*common, *extra).rm, runs[name])
+    a, b = _comparable(read_metrics(runs["rows"])), _comparable(read_metrics(runs["tokens"]))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])

@@ -101,6 +101,11 @@ class PPOHyperParams:
     """rows per forward/backward inside a minibatch (gradient accumulation); None = the whole
     minibatch. The loss is normalised by the minibatch's token (or row) count, so this does not
     change the math, only memory."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """cut each rank's share of a minibatch into micro-batches of at most this many valid tokens
+    (query + response; a longer row goes alone) instead of ``micro_batch_size`` rows: with packed
+    sequences (``ppo.packing``) a forward costs its tokens. Every rank runs the same number of
+    micro-batches (rlhf_fast/trainers/packing.py); the loss normalisation is unchanged. None = by rows."""
     max_grad_norm: Optional[float] = None
     """clip the global gradient norm before each optimizer step (TRL / OpenRLHF 1.0; the N-details
     and N+ runs: none). With a separate critic the policy's and the critic's norms are clipped
@@ -158,6 +163,8 @@ class PPOHyperParams:
             raise ValueError(f"num_epochs and num_minibatches must be >= 1, got {self.num_epochs}, {self.num_minibatches}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None or >= 1, got {self.micro_batch_size}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"max_tokens_per_micro_batch must be None or >= 1, got {self.max_tokens_per_micro_batch}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):

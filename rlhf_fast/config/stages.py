@@ -43,6 +43,17 @@ class SFTConfig:
     """Sequences per forward pass on one rank."""
     eval_batch_size: int = 128
     """Sequences per forward pass in evaluation, per rank."""
+    packing: Optional[bool] = None
+    """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
+    the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed
+    sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
+    eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
+    false: the padded [B, T] batches."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Cut each rank's share of a global batch into micro-batches of at most this many tokens
+    (a longer sequence goes alone) instead of ``micro_batch_size`` sequences, the same count on
+    every rank (rlhf_fast/trainers/packing.py); the loss is still the global batch's sum over its
+    unit count. None: by ``micro_batch_size``."""
     seed: int = 1
     """Seeds data order (same on every rank) and per-rank RNGs (seed + rank * 100003, N details #6)."""
 
@@ -109,6 +120,17 @@ class RMConfig:
     """Pairs per forward pass on one rank (each forward scores 2x that many sequences)."""
     eval_batch_size: int = 128
     """Pairs per forward pass in evaluation, per rank."""
+    packing: Optional[bool] = None
+    """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
+    the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed
+    sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
+    eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
+    false: the padded [B, T] batches."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Cut each rank's share of a global batch into micro-batches of at most this many tokens
+    (chosen + rejected; a longer pair goes alone) instead of ``micro_batch_size`` pairs, the same count on
+    every rank (rlhf_fast/trainers/packing.py); the loss is still the global batch's sum over its
+    unit count. None: by ``micro_batch_size``."""
     seed: int = 1
     """Seeds data order and per-rank RNGs (seed + rank * 100003, N details #6)."""
 
@@ -243,6 +265,12 @@ class PPOConfig:
     ``lora.rank`` > 0 only the reward model is sharded: the reference is the policy's own weights."""
     use_linear_logprobs: bool = False
     """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
+    packing: Optional[bool] = None
+    """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
+    the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed
+    sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
+    eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
+    false: the padded [B, T] batches."""
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Where the PPO ratio's old log-probs come from: "recompute" — a policy forward over the
     rollout in the first epoch's micro-batches (the first minibatch's ratio is then exactly 1; the
@@ -408,6 +436,9 @@ def _cross_checks(cfg, path: str) -> None:
     if isinstance(cfg, PPOConfig) and cfg.lora.rank and cfg.lora.dropout:
         raise ValueError(f"{path}.lora.dropout must be 0 in PPO (got {cfg.lora.dropout}): with dropout the first "
                          "minibatch's ratio is not 1 (N details #13, TRL #454)")
+    if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.max_tokens_per_micro_batch is not None \
+            and cfg.max_tokens_per_micro_batch < 1:
+        raise ValueError(f"{path}.max_tokens_per_micro_batch must be None or >= 1, got {cfg.max_tokens_per_micro_batch}")
     if isinstance(cfg, (SFTConfig, RMConfig)) and cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(
             f"{path}.batch_size ({cfg.batch_size}) must be a multiple of {path}.micro_batch_size ({cfg.micro_batch_size})"

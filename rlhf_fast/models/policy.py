@@ -21,6 +21,7 @@ from rlhf_fast.models.heads import (
     shifted_labels,
 )
 from rlhf_fast.models.loading import Source, backbone_of, hidden_size_of, load_causal_lm
+from rlhf_fast.models.packing import packed_backbone
 
 # Config attributes of architectures whose logits are not just lm_head(hidden) (Gemma-2
 # soft-capping, Cohere's logit scale): the hidden-state path would give wrong log-probs.
@@ -39,10 +40,16 @@ def check_input_ids(input_ids, attention_mask) -> None:
     _checks.check_same_device(input_ids=input_ids, attention_mask=attention_mask)
 
 
-def run_backbone(backbone: nn.Module, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+def run_backbone(backbone: nn.Module, input_ids, attention_mask, position_ids=None, *, packing: bool = False
+                 ) -> torch.Tensor:
     """Final hidden state (B, T, H) of a HF backbone, with ``position_ids = cumsum(mask) - mask``
-    unless given (left padding then reproduces the unpadded outputs)."""
+    unless given (left padding then reproduces the unpadded outputs). With ``packing`` the backbone
+    runs on the valid tokens only (``models/packing.py``; positions are then always
+    ``cumsum(mask) - mask``, what every collator passes) and pad positions hold zeros."""
     check_input_ids(input_ids, attention_mask)
+    hidden = packed_backbone(backbone, input_ids, attention_mask) if packing else None
+    if hidden is not None:  # None: not packing, or a mask with a hole (run padded)
+        return hidden
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False)
@@ -111,6 +118,8 @@ class Policy(nn.Module):
         self.model = model
         self.value_head = init_value_head(ScalarHead(hidden_size_of(model.config))) if value_head else None
         self.use_linear_logprobs = use_linear_logprobs
+        # run the backbone on packed sequences (models/packing.py); the trainer sets it from <stage>.packing
+        self.packing = False
         # the fused path as a module call, so ZeRO-3 gathers lm_head.weight around it (no parameters of its own)
         self.fused_head = FusedHeadLogprobs(model)
 
@@ -170,7 +179,7 @@ class Policy(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids=None) -> PolicyOutput:
         """Final hidden state (and values) for (B, T) ``input_ids`` / ``attention_mask``; position
         ids default to ``cumsum(mask) - mask``. The LM head is not applied."""
-        hidden = run_backbone(self.backbone, input_ids, attention_mask, position_ids)
+        hidden = run_backbone(self.backbone, input_ids, attention_mask, position_ids, packing=self.packing)
         values = self.value_head(hidden) if self.value_head is not None else None
         return PolicyOutput(hidden=hidden, values=values)
 
@@ -201,13 +210,29 @@ class Policy(nn.Module):
         hidden = response_slice(out.hidden, response_start)
         start = 1 if response_start is None else int(response_start)
         labels = shifted_labels(input_ids, attention_mask)[:, start - 1 :]
-        if self.use_linear_logprobs:
-            self.fused_head.register_zero3_weight()
-            res = self.fused_head(hidden, labels, temperature=temperature, return_entropy=return_entropy,
-                                  top_k=top_k, top_p=top_p)
+        head_kw = dict(temperature=temperature, return_entropy=return_entropy, top_k=top_k, top_p=top_p)
+        if self.packing:  # the LM head only on the states whose target is a real token; pads read 0
+            logprobs, entropy = _head_on_targets(self._head_logprobs, hidden, labels, **head_kw)
         else:
-            res = logprobs_from_hidden(hidden, self.lm_head, labels, temperature=temperature,
-                                       return_entropy=return_entropy, top_k=top_k, top_p=top_p)
-        logprobs, entropy = res if return_entropy else (res, None)
+            res = self._head_logprobs(hidden, labels, **head_kw)
+            logprobs, entropy = res if return_entropy else (res, None)
         values = response_slice(out.values, response_start) if out.values is not None else None
         return PolicyLogProbs(logprobs=logprobs, entropy=entropy, values=values, hidden=hidden)
+
+    def _head_logprobs(self, hidden, labels, **kw):
+        if self.use_linear_logprobs:
+            self.fused_head.register_zero3_weight()
+            return self.fused_head(hidden, labels, **kw)
+        return logprobs_from_hidden(hidden, self.lm_head, labels, **kw)
+
+
+def _head_on_targets(head, hidden, labels, **kw):
+    """``head`` (hidden (M, H), labels (M,) -> log-probs [, entropy]) on the (B, N) positions whose
+    label is a real token, scattered back to (B, N) float32 with 0 elsewhere."""
+    keep = labels.reshape(-1) != -100  # (B * N,)
+    idx = keep.nonzero().squeeze(-1)
+    res = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx), labels.reshape(-1)[idx], **kw)
+    return_entropy = kw.get("return_entropy", False)
+    parts = res if return_entropy else (res,)
+    full = [p.new_zeros(labels.numel()).index_copy(0, idx, p).view(labels.shape) for p in parts]
+    return (full[0], full[1]) if return_entropy else (full[0], None)

@@ -110,6 +110,7 @@ class RewardModel(nn.Module):
         self.register_buffer("bias", torch.zeros((), dtype=torch.float32))
         self.normalization: dict = {"mode": None}
         self.score_skip_token_id = score_skip_token_id
+        self.packing = False  # the backbone on packed sequences (models/packing.py); set from <stage>.packing
 
     @classmethod
     def from_pretrained(
@@ -195,7 +196,7 @@ class RewardModel(nn.Module):
         # has no row for (a "[PAD]" added to a policy's tokenizer, unknown to an HF reward model)
         # cannot index past it.
         safe_ids = input_ids.masked_fill(~attention_mask.bool(), 0)
-        hidden = run_backbone(self.backbone, safe_ids, attention_mask, position_ids)
+        hidden = run_backbone(self.backbone, safe_ids, attention_mask, position_ids, packing=self.packing)
         rewards = self.head(hidden)
         raw = gather_last_valid(rewards, self.read_mask(input_ids, attention_mask))
         return RewardOutput(scores=self.normalize(raw), raw_scores=raw, rewards=rewards, hidden=hidden)
@@ -272,6 +273,7 @@ class Critic(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.value_head = init_value_head(ScalarHead(hidden_size_of(backbone.config)))
+        self.packing = False  # the backbone on packed sequences (models/packing.py); set from ppo.packing
 
     @classmethod
     def from_reward_model(cls, reward_model: RewardModel) -> "Critic":
@@ -328,7 +330,7 @@ class Critic(nn.Module):
         check_input_ids(input_ids, attention_mask)
         # as RewardModel.forward: a critic started from an HF reward model may lack the pad id's row
         hidden = run_backbone(self.backbone, input_ids.masked_fill(~attention_mask.bool(), 0), attention_mask,
-                              position_ids)
+                              position_ids, packing=self.packing)
         values = self.value_head(hidden)
         if response_start is not None:
             values = response_slice(values, response_start)

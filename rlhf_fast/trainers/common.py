@@ -45,6 +45,7 @@ from rlhf_fast import config as config_mod
 from rlhf_fast.config import BatchPlan, LoggingConfig
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers import deepspeed_setup as dss
+from rlhf_fast.trainers.packing import contiguous_token_micro
 from rlhf_fast.trainers.runs import guarded_fit, previous_run, resolve_save_every, stop_requested
 
 log = logging.getLogger(__name__)
@@ -609,7 +610,10 @@ class DatasetStageTrainer(StageTrainer):
         scale = self.plan.grad_accum * self.plan.world_size / max(denom, 1)  # undo DeepSpeed's averaging
         sums: dict[str, float] = {"lr": self.engine.get_lr()[0] / self.dist.world_size}  # the lr this step uses
         self.engine.train()
-        for micro in rank_micro_batches(global_batch, self.plan, self.dist.rank):
+        micros = self.micro_batches(global_batch)
+        for j, micro in enumerate(micros):
+            if self.cfg.max_tokens_per_micro_batch:  # a varying count: the optimizer steps after the last
+                self.engine.set_gradient_accumulation_boundary(j + 1 == len(micros))
             batch = self.to_device(self.collate([self.train_items[i] for i in micro]))
             loss_sum, stats = self.micro_step(batch)
             self.engine.backward(loss_sum * scale)
@@ -618,6 +622,20 @@ class DatasetStageTrainer(StageTrainer):
                 sums[k] = sums.get(k, 0.0) + float(v)
         keys = sorted(sums)
         return dict(zip(keys, dss.all_reduce_sum([sums[k] for k in keys], self.dist.device)))
+
+    def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
+        """This rank's micro-batches: ``micro_batch_size`` items, or with
+        ``max_tokens_per_micro_batch`` cut by tokens (trainers/packing.py, the same count on every
+        rank; DeepSpeed still divides by its accumulation steps, which ``scale`` undoes)."""
+        budget = self.cfg.max_tokens_per_micro_batch
+        if not budget:
+            return rank_micro_batches(global_batch, self.plan, self.dist.rank)
+        tokens = [self.item_tokens(self.train_items[i]) for i in global_batch]
+        return contiguous_token_micro(global_batch, tokens, budget, self.dist.rank, self.dist.world_size)
+
+    def item_tokens(self, item: dict) -> int:
+        """Tokens of one dataset item: its ``*input_ids`` tensors (a pair: chosen + rejected)."""
+        return sum(int(v.numel()) for k, v in item.items() if k.endswith("input_ids"))
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -38,6 +38,7 @@ from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import make_generator
 from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model, lora
+from rlhf_fast.models.packing import set_packing
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
@@ -171,6 +172,7 @@ class PPOTrainer(StageTrainer):
         self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path, section="ppo.policy")
         self.stop_token_ids = resolve_stop_tokens(self.tokenizer, cfg.generation.stop_tokens)  # before any model
         policy, critic = self._models()
+        self._set_packing(policy, critic)
         kw = dict(prompt_field=cfg.data.prompt_field, messages_field=cfg.data.messages_field,
                   max_prompt_length=cfg.data.max_prompt_length)
         self.prompts = PromptDataset(train, self.tokenizer, **kw)
@@ -251,6 +253,12 @@ class PPOTrainer(StageTrainer):
         else:
             self.ref_policy = self._reference_copy(policy, frozen_dtype)
         return policy.to(self.dist.device), critic.to(self.dist.device) if critic is not None else None
+
+    def _set_packing(self, policy, critic) -> None:
+        """``ppo.packing`` on every model forward of the iteration (models/packing.py): policy,
+        critic, reference and reward model; the RL math sees the padded (b, R) layout either way."""
+        ref = self.ref_policy.policy if isinstance(self.ref_policy, _OnDevice) else self.ref_policy
+        set_packing(self.cfg.packing, "ppo.packing", policy, critic, ref, self.reward_model)
 
     def _reference_copy(self, policy: Policy, frozen_dtype):
         """The frozen reference policy of full fine-tuning: a copy of the initial policy."""
@@ -337,7 +345,8 @@ class PPOTrainer(StageTrainer):
         """(old log-probs, reference log-probs, values, the trainer's own old log-probs or None),
         (B, R) each: the old ones recomputed, or the engine's (``ppo.old_logprobs: rollout``, which
         recomputes them only every ``logprob_gap_every`` iterations, for the gap metric)."""
-        plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, self.hp, device=rollout.response_ids.device)
+        plan = ppo_core.first_epoch_plan(generator, rollout.batch_size, self.hp, device=rollout.response_ids.device,
+                                         tokens=ppo_core.row_tokens(rollout))
         models = (self.policy_engine.module, self._critic_module(), self.ref_policy)
         if not self.old_from_rollout:
             lp, ref_lp, values = ppo_core.score_logprobs(*models, rollout, self.hp, plan=plan)

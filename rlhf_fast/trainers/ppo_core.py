@@ -26,6 +26,7 @@ import torch.distributed as dist
 from rlhf_fast import algos
 from rlhf_fast.algos import MinibatchStats, PPOHyperParams, Rollout
 from rlhf_fast.models.policy import response_slice
+from rlhf_fast.trainers.packing import token_budget_micro
 
 
 class Stepper(Protocol):
@@ -40,6 +41,9 @@ class Stepper(Protocol):
     def step(self) -> None:
         """Called after every micro-batch; the optimizer steps at the minibatch boundary."""
 
+    def set_micro_batches(self, n: int) -> None:
+        """The next minibatch has ``n`` micro-batches (token-budget plans: trainers/packing.py)."""
+
 
 class TorchStepper:
     """A module and a plain optimizer; the optimizer steps after ``micro_batches`` backward calls
@@ -53,6 +57,9 @@ class TorchStepper:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self._seen = 0
+
+    def set_micro_batches(self, n: int) -> None:
+        self.micro_batches = n
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -78,14 +85,23 @@ class DeepSpeedStepper:
         self.engine = engine
         self.module = engine.module
         self.micro_batches = engine.gradient_accumulation_steps()
+        self._manual, self._seen = False, 0
 
     def zero_grad(self) -> None:
-        pass  # DeepSpeed zeroes gradients after each optimizer step
+        self._seen = 0  # DeepSpeed zeroes gradients after each optimizer step
+
+    def set_micro_batches(self, n: int) -> None:
+        """A count other than the engine's accumulation steps: the boundary is set by hand before
+        each backward (DeepSpeed's ``set_gradient_accumulation_boundary``)."""
+        self.micro_batches, self._manual = n, True
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._manual:
+            self.engine.set_gradient_accumulation_boundary(self._seen + 1 == self.micro_batches)
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> None:
+        self._seen += 1
         self.engine.step()
 
 
@@ -161,19 +177,34 @@ class MinibatchLayout:
         return cls(minibatch=mb, per_rank=per_rank, micro=micro, micro_batches=-(-per_rank // micro))
 
 
-def epoch_plan(perm: torch.Tensor, hp: PPOHyperParams, world: "_World") -> list[MinibatchPlan]:
-    """The minibatches and this rank's micro-batches of one epoch, from its permutation."""
+def epoch_plan(perm: torch.Tensor, hp: PPOHyperParams, world: "_World", tokens=None) -> list[MinibatchPlan]:
+    """The minibatches and this rank's micro-batches of one epoch, from its permutation.
+    ``tokens`` (B,): each row's valid tokens, for ``hp.max_tokens_per_micro_batch`` plans."""
     layout = MinibatchLayout.of(perm.numel(), hp, world.size)
     mine = torch.arange(world.rank, layout.minibatch, world.size, device=perm.device)  # (per_rank,)
     chunks = list(mine.split(layout.micro))
-    return [MinibatchPlan(perm[s : s + layout.minibatch], chunks) for s in range(0, perm.numel(), layout.minibatch)]
+    plans = [MinibatchPlan(perm[s : s + layout.minibatch], chunks) for s in range(0, perm.numel(), layout.minibatch)]
+    if hp.max_tokens_per_micro_batch:  # cut by tokens (trainers/packing.py); a host sync per epoch
+        if tokens is None:
+            raise ValueError("algo.max_tokens_per_micro_batch: the plan needs each row's token count "
+                             "(tokens=row_tokens(rollout))")
+        counts = tokens.tolist()
+        for p in plans:
+            p.micro = token_budget_micro(p.rows, counts, hp.max_tokens_per_micro_batch, world.rank, world.size)
+    return plans
 
 
-def first_epoch_plan(generator: torch.Generator, B: int, hp: PPOHyperParams, device=None) -> list[MinibatchPlan]:
+def row_tokens(batch: Rollout) -> torch.Tensor:
+    """(B,) valid tokens (query + response) of each row: what a token-budget plan cuts by."""
+    return batch.query_mask.sum(-1) + batch.response_mask.sum(-1)
+
+
+def first_epoch_plan(generator: torch.Generator, B: int, hp: PPOHyperParams, device=None,
+                     tokens=None) -> list[MinibatchPlan]:
     """The plan ``ppo_update`` will draw for its first epoch, without advancing ``generator``."""
     g = torch.Generator()
     g.set_state(generator.get_state())
-    return epoch_plan(torch.randperm(B, generator=g).to(device), hp, _World.current())
+    return epoch_plan(torch.randperm(B, generator=g).to(device), hp, _World.current(), tokens)
 
 
 @torch.no_grad()
@@ -399,6 +430,8 @@ def _train_minibatch(policy_st: Stepper, critic_st: Optional[Stepper], minibatch
     for st in (policy_st, critic_st):
         if st is not None:
             st.zero_grad()
+            if hp.max_tokens_per_micro_batch:
+                st.set_micro_batches(len(plan.micro))
     parts, pieces = [], []
     for pos in plan.micro:
         p, pc = _micro_loss(policy_st, critic_st, minibatch.select(pos), hp, kl_coef, normalizer, float(world.size))
@@ -418,9 +451,13 @@ def ppo_update(policy_st: Stepper, experience: Rollout, hp: PPOHyperParams, *, k
     world = _World.current()
     B = experience.batch_size
     dev = experience.response_ids.device
-    _check_accumulation((policy_st, critic_st), MinibatchLayout.of(B, hp, world.size).micro_batches)
+    tokens = None
+    if hp.max_tokens_per_micro_batch:  # the count varies by minibatch: set in _train_minibatch
+        tokens = row_tokens(experience)
+    else:
+        _check_accumulation((policy_st, critic_st), MinibatchLayout.of(B, hp, world.size).micro_batches)
     stats = []
     for _ in range(hp.num_epochs):
-        for plan in epoch_plan(torch.randperm(B, generator=generator).to(dev), hp, world):
+        for plan in epoch_plan(torch.randperm(B, generator=generator).to(dev), hp, world, tokens):
             stats.append(_train_minibatch(policy_st, critic_st, experience.select(plan.rows), plan, hp, kl_coef, world))
     return stats

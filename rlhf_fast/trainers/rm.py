@@ -22,6 +22,7 @@ from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, lora, resize_embeddings_for_tokenizer
 from rlhf_fast.models.hf_classifier import describe_model_dir, holds_reward_model
+from rlhf_fast.models.packing import set_packing
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
@@ -136,6 +137,7 @@ class RMTrainer(DatasetStageTrainer):
         if self.cfg.lora.rank:  # adapters on the backbone; the score head is trained fully unless lora.train_head is off
             lora.add_lora(rm.backbone, self.cfg.lora, field="rm.lora")
             rm.head.requires_grad_(self.cfg.lora.train_head)
+        set_packing(self.cfg.packing, "rm.packing", rm)
         return rm
 
     def collate(self, items: list) -> dict:

@@ -18,6 +18,8 @@ from rlhf_fast import ops
 from rlhf_fast.config import SFTConfig
 from rlhf_fast.data import IGNORE_INDEX, SFTDataset
 from rlhf_fast.models import Policy, load_causal_lm, lora, resize_embeddings_for_tokenizer
+from rlhf_fast.models.loading import backbone_of
+from rlhf_fast.models.packing import packed_lm_batch, plan_for, resolve_packing
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 
@@ -65,6 +67,7 @@ class SFTTrainer(DatasetStageTrainer):
                                         "sft model")
         if self.cfg.lora.rank:  # adapters on the (resized) model; the engine trains only them
             lora.add_lora(model, self.cfg.lora, field="sft.lora")
+        self.packing = resolve_packing(self.cfg.packing, backbone_of(model), field="sft.packing")
         return model
 
     def collate(self, items: list) -> dict:
@@ -78,17 +81,31 @@ class SFTTrainer(DatasetStageTrainer):
         return ("nll", "targets", "tokens", "sequences")
 
     def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          position_ids=batch["position_ids"], use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        labels = batch["labels"][:, 1:]
-        logprobs = ops.gather_logprobs(logits[:, :-1], labels, ignore_index=IGNORE_INDEX)
+        logits, labels = self._logits_and_targets(batch)
+        logprobs = ops.gather_logprobs(logits, labels, ignore_index=IGNORE_INDEX)
         nll = -logprobs.sum()
         stats = {
             "nll": nll.detach().item(), "targets": int((labels != IGNORE_INDEX).sum()),
             "tokens": int(batch["attention_mask"].sum()), "sequences": int(batch["input_ids"].shape[0]),
         }
         return nll, stats
+
+    def _logits_and_targets(self, batch: dict):
+        """Logits and the labels they predict: padded, ``logits[:, :-1]`` / ``labels[:, 1:]``;
+        with ``sft.packing`` the packed rows and their next-token targets (models/packing.py)."""
+        plan = plan_for(self.engine.module, batch["attention_mask"]) if self.packing else None
+        if plan is not None:  # None: padded (packing off, or a mask with a hole)
+            kwargs, labels = packed_lm_batch(plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                             ignore_index=IGNORE_INDEX)
+            out = self.engine(**kwargs)
+            return (out.logits if hasattr(out, "logits") else out[0]), labels
+        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"], use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        # the first token of a left-padded sequence is predicted by a pad state: not a target
+        # (``units`` does not count it either; with loss_on "all" its label is set)
+        labels = batch["labels"][:, 1:].masked_fill(~batch["attention_mask"][:, :-1].bool(), IGNORE_INDEX)
+        return logits[:, :-1], labels
 
     def metrics(self, sums: dict, prefix: str) -> dict:
         loss = sums.get("nll", 0.0) / max(sums.get("targets", 0.0), 1.0)
