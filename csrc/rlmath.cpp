@@ -229,20 +229,19 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
 // selected, not branched, on the mask: the value at a masked position may be anything (NaN
 // padding) and is never used. Rows past B (the last group) and steps past the block's end are
 // staged as masked zeros, which leave the carries alone, so every row gets the same arithmetic.
-constexpr int64_t kTB = 1024 / W;  // staging: 5 arrays of W x kTB floats = 20 KiB, L1-resident
+constexpr int64_t kTB = 1024 / W;  // staging: 4 arrays of W x kTB floats = 16 KiB, L1-resident
 // Staging rows kTB + W floats apart and the arrays an odd number of lines apart: at a 4 KiB stride
 // the rows (and the arrays) all fell into the same L1 sets (and 4 KiB-aliased the source rows).
 constexpr int64_t kLd = kTB + W;
 constexpr int64_t kArr = W * kLd + 16;
 
 struct GaeStaging {
-  __at_align__ float buf[5 * kArr];
+  __at_align__ float buf[4 * kArr];
   float* r = buf;
   float* v = buf + kArr;
   float* m = buf + 2 * kArr;
   float* a = buf + 3 * kArr;
-  float* q = buf + 4 * kArr;
-  __at_align__ float tr[W * W + 16], tv[W * W + 16], tm[W * W + 16], ta[W * W + 16], tq[W * W];  // [time][lane] tiles
+  __at_align__ float tr[W * W + 16], tv[W * W + 16], tm[W * W + 16], ta[W * W];  // [time][lane] tiles
 };
 
 // dst[0, n) = src[0, n) as float, zeros in [n, len) (len a multiple of W).
@@ -267,10 +266,19 @@ static inline void stage_mask(const uint8_t* src, int64_t n, float* dst, int64_t
   for (; j < len; j += W) fVec(0.f).store(dst + j);
 }
 
-static inline void copy_out(const float* src, int64_t n, float* dst) {
+static inline void write_row(const float* a, const float* v, const float* m, int64_t n, float* adv, float* ret) {
+  const fVec zero(0.f);
   int64_t j = 0;
-  for (; j + W <= n; j += W) fVec::loadu(src + j).store(dst + j);
-  if (j < n) fVec::loadu(src + j, n - j).store(dst + j, n - j);
+  for (; j + W <= n; j += W) {
+    const fVec av = fVec::loadu(a + j);
+    av.store(adv + j);
+    rlvec::select(fVec::loadu(m + j), av + fVec::loadu(v + j), zero).store(ret + j);
+  }
+  if (j < n) {
+    const fVec av = fVec::loadu(a + j);
+    av.store(adv + j, n - j);
+    rlvec::select(fVec::loadu(m + j), av + fVec::loadu(v + j), zero).store(ret + j, n - j);
+  }
 }
 
 template <typename scalar_t>
@@ -296,9 +304,9 @@ static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, fl
       }
     }
     for (int64_t j0 = len - W; j0 >= 0; j0 -= W) {
-      at::vec::transpose_mxn<float, W, W>(st.r + j0, kLd, st.tr, W);
-      at::vec::transpose_mxn<float, W, W>(st.v + j0, kLd, st.tv, W);
-      at::vec::transpose_mxn<float, W, W>(st.m + j0, kLd, st.tm, W);
+      rlvec::transpose_tile(st.r + j0, kLd, st.tr, W);
+      rlvec::transpose_tile(st.v + j0, kLd, st.tv, W);
+      rlvec::transpose_tile(st.m + j0, kLd, st.tm, W);
       for (int64_t j = W - 1; j >= 0; --j) {
         const fVec valid = fVec::loadu(st.tm + j * W);
         const fVec value = fVec::loadu(st.tv + j * W);
@@ -306,15 +314,13 @@ static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, fl
         running = rlvec::select(valid, a, running);  // a hole: the carries pass across it
         next_value = rlvec::select(valid, value, next_value);
         rlvec::select(valid, a, zero).store(st.ta + j * W);
-        rlvec::select(valid, a + value, zero).store(st.tq + j * W);
       }
-      at::vec::transpose_mxn<float, W, W>(st.ta, W, st.a + j0, kLd);
-      at::vec::transpose_mxn<float, W, W>(st.tq, W, st.q + j0, kLd);
+      rlvec::transpose_tile(st.ta, W, st.a + j0, kLd);
     }
-    for (int64_t l = 0; l < rows; ++l) {  // vector copies: gcc inlined memcpy here as `rep movsq`, 40% of the time
-      copy_out(st.a + l * kLd, n, adv + l * T + t0);
-      copy_out(st.q + l * kLd, n, ret + l * T + t0);
-    }
+    // Back in row order: advantages, and returns = advantage + value on valid tokens (the same
+    // float addition as in the lanes, one transpose fewer). Vector copies: gcc inlined a memcpy
+    // here as `rep movsq`, 40% of the time.
+    for (int64_t l = 0; l < rows; ++l) write_row(st.a + l * kLd, st.v + l * kLd, st.m + l * kLd, n, adv + l * T + t0, ret + l * T + t0);
     t1 = t0;
   }
 }
