@@ -23,10 +23,11 @@
 // runs the work (an `omp parallel` of our own ignored torch's setting where our library and torch
 // resolve different OpenMP runtimes).
 //
-// Bit-for-bit across ISA builds: every lane does the same float operations in the same order as
-// the scalar formula (no FMA contraction: the extension builds in ISO C++ mode, -ffp-contract=off),
-// and the whitening sums use a fixed 32-lane accumulator layout and a fixed reduction tree, so the
-// AVX-512, AVX2 and portable builds return identical bits (tests/test_cpu_isa_rlmath.py).
+// Bit-for-bit across the AVX-512 and AVX2 builds: every lane does the same float operations in the
+// same order whatever the vector width, and the whitening sums use a fixed 32-lane accumulator
+// layout and a fixed reduction tree (tests/test_cpu_isa_rlmath.py). The portable x86-64 build has
+// no FMA: gcc contracts a * b + c into one FMA in C++ wherever the ISA has it (and vexp in
+// csrc/vec_math.h uses fmadd), so that build differs in the last bits, within the float64 contract.
 //
 // Mask arguments are bool tensors (the Python layer converts 0/1 masks). Everything accumulates in
 // float32 except the whitening statistics, which are double (they are a handful of scalars).
