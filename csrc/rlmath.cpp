@@ -9,9 +9,10 @@
 //   kl_penalty       one pass, elementwise (vexp for k3).
 //   shape_rewards    one pass per row: reads logprobs, ref, mask; writes rewards and kl; finds the
 //                    row's last valid token (a word scan of the mask from the end) for the score.
-//                    It also checks, for free, that kl is finite on valid tokens and the scores are
-//                    finite (a ValueError the Python layer turns into the row-naming message):
-//                    the separate reductions it replaces cost more than the kernel at [64, 512].
+//                    It also checks, for free, the finiteness the Python layer used to check with
+//                    extra reductions (scores; log-probs where kl is not finite on a valid token):
+//                    a ValueError the Python layer turns into the row-naming message. Those
+//                    reductions cost more than the kernel itself at [64, 512].
 //   gae              one backward pass: the recurrence is a dependency chain along T, so W rows
 //                    (W = the vector width: 16 on AVX-512, 8 on AVX2) step back through time
 //                    together, one lane per row, staged through W x W transposes in registers.
@@ -140,29 +141,31 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
 // One row of shape_rewards: kl and -coef * kl on valid tokens, 0 on masked ones. Selects, not
 // multiplies: masked positions may hold inf / NaN padding (e.g. k3 of INVALID_LOGPROB pads) and
 // must still give exactly 0. Returns the row's non-finite probe (NaN iff a valid kl is not finite).
+// probe_kl / probe_in gain a NaN iff a valid kl / a valid log-prob (either input) is not finite.
 template <Estimator E, typename scalar_t>
-static fVec shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, float* k_p, float* r_p, int64_t T,
-                      float coef, const fVec& lo, const fVec& hi) {
+static void shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, float* k_p, float* r_p, int64_t T,
+                      float coef, const fVec& lo, const fVec& hi, fVec& probe_kl, fVec& probe_in) {
   const fVec zero(0.f), ncoef(-coef);
-  fVec probe(0.f);
+  auto step = [&](const fVec& m, const fVec& av, const fVec& bv) {
+    const fVec k = rlvec::select(m, clamp_kl(kl_value<E>(av, bv), lo, hi), zero);
+    probe_kl = probe_kl + rlvec::nonfinite_probe(k);
+    probe_in = probe_in + rlvec::select(m, rlvec::nonfinite_probe(av) + rlvec::nonfinite_probe(bv), zero);
+    return k;
+  };
   int64_t t = 0;
   for (; t + W <= T; t += W) {
     const fVec m = rlvec::load_mask(mr + t);
-    const fVec k = rlvec::select(m, clamp_kl(kl_value<E>(rlvec::load(a + t), rlvec::load(b + t)), lo, hi), zero);
-    probe = probe + rlvec::nonfinite_probe(k);
+    const fVec k = step(m, rlvec::load(a + t), rlvec::load(b + t));
     k.store(k_p + t);
     rlvec::select(m, ncoef * k, zero).store(r_p + t);
   }
   if (t < T) {
     const int64_t n = T - t;
     const fVec m = rlvec::load_mask(mr + t, n);
-    const fVec k =
-        rlvec::select(m, clamp_kl(kl_value<E>(rlvec::load(a + t, n), rlvec::load(b + t, n)), lo, hi), zero);
-    probe = probe + rlvec::nonfinite_probe(k);
+    const fVec k = step(m, rlvec::load(a + t, n), rlvec::load(b + t, n));
     k.store(k_p + t, n);
     rlvec::select(m, ncoef * k, zero).store(r_p + t, n);
   }
-  return probe;
 }
 
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
@@ -189,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
   for (int64_t row = 0; row < B; ++row) scores_finite &= std::isfinite(s_p[row]);
   const float coef = static_cast<float>(kl_coef);
   const auto [lo, hi] = clamp_bounds(clamp);
-  std::atomic<bool> kl_finite{true};
+  std::atomic<bool> kl_finite{true}, inputs_finite{true};
   dispatch_floating(lp.scalar_type(), "shape_rewards", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* a = lp.data_ptr<scalar_t>();
@@ -198,21 +201,25 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
       constexpr Estimator E = decltype(e)::value;
       const fVec lov(lo), hiv(hi);
       at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1)), [&](int64_t r0, int64_t r1) {
-        fVec probe(0.f);
+        fVec probe_kl(0.f), probe_in(0.f);
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t off = row * T;
-          probe = probe + shape_row<E>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv);
+          shape_row<E>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv, probe_kl, probe_in);
           const int64_t last = rlvec::last_set(m_p + off, T);
           if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
         }
-        if (rlvec::any_nan(probe)) kl_finite.store(false, std::memory_order_relaxed);
+        if (rlvec::any_nan(probe_kl)) kl_finite.store(false, std::memory_order_relaxed);
+        if (rlvec::any_nan(probe_in)) inputs_finite.store(false, std::memory_order_relaxed);
       });
     });
   });
   // ValueError (TORCH_CHECK_VALUE): rlhf_fast/ops/rlmath.py catches it and names the row.
   TORCH_CHECK_VALUE(scores_finite, "shape_rewards: scores has a non-finite value");
-  TORCH_CHECK_VALUE(kl_finite.load(), "shape_rewards: kl is not finite on a valid token "
-                    "(a non-finite logprobs or ref_logprobs value there)");
+  // The former Python check's rule (rlhf_fast/_rlmath_checks.py, check_shape_rewards_outputs): an
+  // error when kl is not finite on a valid token *because* a log-prob is not finite; a clamp that
+  // bounds an inf difference, or k3 overflowing from finite log-probs, is not an input error.
+  TORCH_CHECK_VALUE(kl_finite.load() || inputs_finite.load(),
+                    "shape_rewards: a non-finite logprobs or ref_logprobs value on a valid token");
   return {rewards, kl};
 }
 
@@ -284,7 +291,7 @@ static inline void write_row(const float* a, const float* v, const float* m, int
 
 template <typename scalar_t>
 static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T,
-                      int64_t rows, float g, float gl, GaeStaging& st) {
+                      int64_t rows, float g, float gl, GaeStaging& st, fVec& probe) {
   const fVec gv(g), glv(gl), zero(0.f);
   fVec next_value(0.f);  // the value after the last valid token is 0
   fVec running(0.f);     // the advantage of the next valid token
@@ -311,7 +318,9 @@ static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, fl
       for (int64_t j = W - 1; j >= 0; --j) {
         const fVec valid = fVec::loadu(st.tm + j * W);
         const fVec value = fVec::loadu(st.tv + j * W);
-        const fVec a = fVec::loadu(st.tr + j * W) + gv * next_value - value + glv * running;
+        const fVec reward = fVec::loadu(st.tr + j * W);
+        probe = probe + rlvec::select(valid, rlvec::nonfinite_probe(reward) + rlvec::nonfinite_probe(value), zero);
+        const fVec a = reward + gv * next_value - value + glv * running;
         running = rlvec::select(valid, a, running);  // a hole: the carries pass across it
         next_value = rlvec::select(valid, value, next_value);
         rlvec::select(valid, a, zero).store(st.ta + j * W);
@@ -343,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   const float g = static_cast<float>(gamma);
   const float gl = static_cast<float>(gamma * lam);
   const int64_t groups = (B + W - 1) / W;
+  std::atomic<bool> inputs_finite{true};
   dispatch_floating(r.scalar_type(), "gae", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* r_p = r.data_ptr<scalar_t>();
@@ -350,13 +360,19 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(W * T, 1));
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
       GaeStaging st;  // per thread, on its stack
+      fVec probe(0.f);
       for (int64_t grp = g0; grp < g1; ++grp) {
         const int64_t off = grp * W * T;
         gae_group<scalar_t>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T,
-                            std::min<int64_t>(W, B - grp * W), g, gl, st);
+                            std::min<int64_t>(W, B - grp * W), g, gl, st, probe);
       }
+      if (rlvec::any_nan(probe)) inputs_finite.store(false, std::memory_order_relaxed);
     });
   });
+  // Finite rewards and values on valid tokens (rlhf_fast/_rlmath_checks.py, check_gae_inputs'
+  // rule), checked while they are in registers instead of by a reduction over the returns
+  // afterwards (an 8 MiB read at [256, 8192]); ValueError: rlhf_fast/ops/rlmath.py names the row.
+  TORCH_CHECK_VALUE(inputs_finite.load(), "gae: a non-finite rewards or values value on a valid token");
   return {adv, ret};
 }
 

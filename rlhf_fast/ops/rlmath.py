@@ -238,8 +238,8 @@ def shape_rewards(
     except ValueError:
         if not kernel_checks:
             raise
-        # The kernel found a non-finite score, or a non-finite kl on a valid token: the same scans
-        # as the checks below name the argument, the row and the token.
+        # The kernel found a non-finite score, or a non-finite log-prob on a valid token where kl
+        # is not finite: the same scans as the checks below name the argument, the row and the token.
         C.check_finite_rows("scores", scores)
         C.check_finite_rows("logprobs", logprobs, mask)
         C.check_finite_rows("ref_logprobs", ref_logprobs, mask)
@@ -271,9 +271,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     """
     mask, gamma, lam = C.check_gae_inputs(rewards, values, mask, gamma, lam, check_finite=False)
     shape = rewards.shape
-    adv, ret = torch.ops.rlhf_fast.gae(_rows(rewards.detach()), _rows(values.detach()), _rows(mask), gamma, lam)
-    C.check_gae_outputs(ret, rewards, values, mask)
-    return adv.reshape(shape), ret.reshape(shape)
+    # As in shape_rewards: the C++ CPU kernel checks rewards and values on valid tokens while it
+    # runs (ValueError); elsewhere one reduction over the returns does (check_gae_outputs).
+    kernel_checks = rewards.device.type == "cpu" and _library.extension_loaded()
+    try:
+        adv, ret = torch.ops.rlhf_fast.gae(_rows(rewards.detach()), _rows(values.detach()), _rows(mask), gamma, lam)
+    except ValueError:
+        if not kernel_checks:
+            raise
+        C.check_finite_rows("rewards", rewards, mask)  # names the argument, the row and the token
+        C.check_finite_rows("values", values, mask)
+        raise
+    if not kernel_checks:
+        C.check_gae_outputs(ret, rewards, values, mask)
+    if adv.shape != shape:
+        adv, ret = adv.reshape(shape), ret.reshape(shape)
+    return adv, ret
 
 
 def _global_moments(x: torch.Tensor, mask: torch.Tensor, group) -> torch.Tensor:
