@@ -155,3 +155,28 @@ def test_lower_isa_build_matches_native(capability, native, tmp_path):
         assert torch.equal(_bits(want), _bits(have)), (
             f"{key}: {capability} build differs from {native['isa']}: max |diff| "
             f"{float((want.double() - have.double()).abs().nan_to_num().max()):.3e}")
+
+
+def test_two_threads_match_one():
+    """Above the kernels' threading threshold (2^20 elements per thread, csrc/rlmath.cpp) the work
+    is split across torch's threads (at::parallel_for): rows, GAE lane groups, whitening chunks.
+    Each element's arithmetic does not depend on the split, so 2 threads give 1 thread's bits."""
+    if not _library.extension_loaded():
+        pytest.skip(f"C++ library not built: {_library._STATE['error']}")
+    gen = torch.Generator().manual_seed(7)
+    B, T = 83, 1 << 15  # 2.7 M elements; B and T off the lane multiples
+    T -= 3
+    m = torch.rand(B, T, generator=gen) < 0.8
+    lp, rf = -torch.rand(B, T, generator=gen) * 3, -torch.rand(B, T, generator=gen) * 3
+    cs = [dict(s=torch.randn(B, generator=gen), lp=lp, rf=rf, m=m, r=torch.randn(B, T, generator=gen),
+               v=torch.randn(B, T, generator=gen), x=torch.randn(B, T, generator=gen) + 50.0)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_ops(cs)
+        torch.set_num_threads(2)
+        two = run_ops(cs)
+    finally:
+        torch.set_num_threads(before)
+    for key, want in one.items():
+        assert torch.equal(_bits(want), _bits(two[key])), key
