@@ -21,13 +21,13 @@
 //                    across chunks with Chan's formula in double.
 //   whiten_apply     one read of x and mask, one write.
 // Threads: at::parallel_for, so the count follows torch.get_num_threads() and torch's own pool
-// runs the work (no OpenMP region of our own beside torch's), and only from kMinPerThread
-// elements per thread: one pass over memory gains little from a second thread below a few MiB,
-// and every fork / join waits for a worker the OS may not have scheduled. Measured on a 2-core
-// machine shared with other jobs, 2 threads, at 64 Ki elements per thread (torch's own grain):
-// shape_rewards [512, 1024] 20 ms and gae 42 ms p50 against 0.12 / 0.6 ms on one thread, while
-// the peers' per-token GAE loop works on (B,) slices below torch's grain, never forks, and does
-// not pay it (issue 23: a GAE only 4x the torch loop).
+// runs the work (no OpenMP region of our own beside torch's), and only from kMinPerThread (4 Mi)
+// elements per thread: one pass over memory gains little from a second thread, and every fork /
+// join waits for a worker the OS may not have scheduled. Measured on a 2-core machine shared with
+// other jobs, 2 threads, p50: at 64 Ki elements per thread (torch's own grain) shape_rewards
+// [512, 1024] 20 ms and gae 42 ms against 0.12 / 0.6 ms on one thread; at 1 Mi, [256, 8192]
+// shape_rewards 14-16 ms and gae 16 ms against 1.2 / 10 ms. The peers' per-token GAE loop works
+// on (B,) slices below torch's grain and never forks (issue 23: a GAE only 4x the torch loop).
 //
 // Bit-for-bit across the AVX-512 and AVX2 builds: every lane does the same float operations in the
 // same order whatever the vector width, and the whitening sums use a fixed 32-lane accumulator
@@ -65,7 +65,7 @@ Estimator parse_estimator(c10::string_view name) {
 
 using rlvec::W;
 
-constexpr int64_t kMinPerThread = int64_t{1} << 20;  // elements; see the header comment
+constexpr int64_t kMinPerThread = int64_t{1} << 22;  // elements; see the header comment
 
 template <Estimator E>
 static inline fVec kl_value(const fVec& lp, const fVec& ref) {
@@ -148,15 +148,17 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
 // One row of shape_rewards: kl and -coef * kl on valid tokens, 0 on masked ones. Selects, not
 // multiplies: masked positions may hold inf / NaN padding (e.g. k3 of INVALID_LOGPROB pads) and
 // must still give exactly 0. Returns the row's non-finite probe (NaN iff a valid kl is not finite).
-// probe_kl / probe_in gain a NaN iff a valid kl / a valid log-prob (either input) is not finite.
-template <Estimator E, typename scalar_t>
+// probe gains a NaN iff a valid kl is not finite. kClamp false: no clamp requested, the compares
+// skipped (they were a quarter of the loop at [64, 512]).
+template <Estimator E, bool kClamp, typename scalar_t>
 static void shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, float* k_p, float* r_p, int64_t T,
-                      float coef, const fVec& lo, const fVec& hi, fVec& probe_kl, fVec& probe_in) {
+                      float coef, const fVec& lo, const fVec& hi, fVec& probe) {
   const fVec zero(0.f), ncoef(-coef);
   auto step = [&](const fVec& m, const fVec& av, const fVec& bv) {
-    const fVec k = rlvec::select(m, clamp_kl(kl_value<E>(av, bv), lo, hi), zero);
-    probe_kl = probe_kl + rlvec::nonfinite_probe(k);
-    probe_in = probe_in + rlvec::select(m, rlvec::nonfinite_probe(av) + rlvec::nonfinite_probe(bv), zero);
+    fVec k = kl_value<E>(av, bv);
+    if constexpr (kClamp) k = clamp_kl(k, lo, hi);
+    k = rlvec::select(m, k, zero);
+    probe = probe + rlvec::nonfinite_probe(k);
     return k;
   };
   int64_t t = 0;
@@ -173,6 +175,14 @@ static void shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, f
     k.store(k_p + t, n);
     rlvec::select(m, ncoef * k, zero).store(r_p + t, n);
   }
+}
+
+// Whether a valid entry of a or b is not finite: the error path only (a kl that is not finite).
+template <typename scalar_t>
+static bool any_nonfinite_valid(const scalar_t* a, const scalar_t* b, const uint8_t* m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (m[i] && !(std::isfinite(to_float(a[i])) && std::isfinite(to_float(b[i])))) return true;
+  return false;
 }
 
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
@@ -199,34 +209,43 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
   for (int64_t row = 0; row < B; ++row) scores_finite &= std::isfinite(s_p[row]);
   const float coef = static_cast<float>(kl_coef);
   const auto [lo, hi] = clamp_bounds(clamp);
-  std::atomic<bool> kl_finite{true}, inputs_finite{true};
+  std::atomic<bool> kl_finite{true};
+  bool inputs_finite = true;
   dispatch_floating(lp.scalar_type(), "shape_rewards", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* a = lp.data_ptr<scalar_t>();
     const scalar_t* b = ref.data_ptr<scalar_t>();
     dispatch_estimator(est, [&](auto e) {
       constexpr Estimator E = decltype(e)::value;
-      const fVec lov(lo), hiv(hi);
-      const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(T, 1));
-      at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
-        fVec probe_kl(0.f), probe_in(0.f);
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t off = row * T;
-          shape_row<E>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv, probe_kl, probe_in);
-          const int64_t last = rlvec::last_set(m_p + off, T);
-          if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
-        }
-        if (rlvec::any_nan(probe_kl)) kl_finite.store(false, std::memory_order_relaxed);
-        if (rlvec::any_nan(probe_in)) inputs_finite.store(false, std::memory_order_relaxed);
-      });
+      auto run = [&](auto clamp_tag) {
+        constexpr bool kClamp = decltype(clamp_tag)::value;
+        const fVec lov(lo), hiv(hi);
+        const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(T, 1));
+        at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+          fVec probe(0.f);
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * T;
+            shape_row<E, kClamp>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv, probe);
+            const int64_t last = rlvec::last_set(m_p + off, T);
+            if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
+          }
+          if (rlvec::any_nan(probe)) kl_finite.store(false, std::memory_order_relaxed);
+        });
+      };
+      if (clamp.has_value()) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
     });
+    if (!kl_finite.load()) inputs_finite = !any_nonfinite_valid(a, b, m_p, B * T);
   });
   // ValueError (TORCH_CHECK_VALUE): rlhf_fast/ops/rlmath.py catches it and names the row.
   TORCH_CHECK_VALUE(scores_finite, "shape_rewards: scores has a non-finite value");
   // The former Python check's rule (rlhf_fast/_rlmath_checks.py, check_shape_rewards_outputs): an
   // error when kl is not finite on a valid token *because* a log-prob is not finite; a clamp that
   // bounds an inf difference, or k3 overflowing from finite log-probs, is not an input error.
-  TORCH_CHECK_VALUE(kl_finite.load() || inputs_finite.load(),
+  TORCH_CHECK_VALUE(kl_finite.load() || inputs_finite,
                     "shape_rewards: a non-finite logprobs or ref_logprobs value on a valid token");
   return {rewards, kl};
 }
@@ -282,13 +301,20 @@ static inline void stage_mask(const uint8_t* src, int64_t n, float* dst, int64_t
   for (; j < len; j += W) fVec(0.f).store(dst + j);
 }
 
+template <bool kStream>
 static inline void write_row(const float* a, const float* v, const float* m, int64_t n, float* adv, float* ret) {
   const fVec zero(0.f);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
     const fVec av = fVec::loadu(a + j);
-    av.store(adv + j);
-    rlvec::select(fVec::loadu(m + j), av + fVec::loadu(v + j), zero).store(ret + j);
+    const fVec rv = rlvec::select(fVec::loadu(m + j), av + fVec::loadu(v + j), zero);
+    if constexpr (kStream) {
+      rlvec::store_stream(av, adv + j);
+      rlvec::store_stream(rv, ret + j);
+    } else {
+      av.store(adv + j);
+      rv.store(ret + j);
+    }
   }
   if (j < n) {
     const fVec av = fVec::loadu(a + j);
@@ -297,7 +323,7 @@ static inline void write_row(const float* a, const float* v, const float* m, int
   }
 }
 
-template <typename scalar_t>
+template <bool kStream, typename scalar_t>
 static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T,
                       int64_t rows, float g, float gl, GaeStaging& st, fVec& probe) {
   const fVec gv(g), glv(gl), zero(0.f);
@@ -338,7 +364,7 @@ static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, fl
     // Back in row order: advantages, and returns = advantage + value on valid tokens (the same
     // float addition as in the lanes, one transpose fewer). Vector copies: gcc inlined a memcpy
     // here as `rep movsq`, 40% of the time.
-    for (int64_t l = 0; l < rows; ++l) write_row(st.a + l * kLd, st.v + l * kLd, st.m + l * kLd, n, adv + l * T + t0, ret + l * T + t0);
+    for (int64_t l = 0; l < rows; ++l) write_row<kStream>(st.a + l * kLd, st.v + l * kLd, st.m + l * kLd, n, adv + l * T + t0, ret + l * T + t0);
     t1 = t0;
   }
 }
@@ -366,14 +392,23 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const scalar_t* r_p = r.data_ptr<scalar_t>();
     const scalar_t* v_p = v.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(W * T, 1));
+    // Outputs of 8 MiB and up (2 x 4 B x 1 Mi elements) are streamed past the caches: they would
+    // not stay there anyway, and a plain store first reads every line it writes (a third of the
+    // traffic): gae at [256, 8192], one thread, 5.4 -> 2.6 ms of CPU time (issue 23).
+    const bool stream = B * T >= (int64_t{1} << 20);
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
       GaeStaging st;  // per thread, on its stack
       fVec probe(0.f);
       for (int64_t grp = g0; grp < g1; ++grp) {
         const int64_t off = grp * W * T;
-        gae_group<scalar_t>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T,
-                            std::min<int64_t>(W, B - grp * W), g, gl, st, probe);
+        const int64_t rows = std::min<int64_t>(W, B - grp * W);
+        if (stream) {
+          gae_group<true>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
+        } else {
+          gae_group<false>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
+        }
       }
+      if (stream) rlvec::stream_fence();
       if (rlvec::any_nan(probe)) inputs_finite.store(false, std::memory_order_relaxed);
     });
   });

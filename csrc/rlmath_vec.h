@@ -99,6 +99,24 @@ inline int64_t last_set(const uint8_t* m, int64_t n) {
   return t - 1;
 }
 
+// A full-vector store that bypasses the caches (no read-for-ownership of the line) where the ISA
+// has one and p is vector-aligned; a plain store otherwise. For outputs too large to stay in
+// cache; stream_fence() orders them before the kernel returns.
+inline void store_stream(const fVec& v, float* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, v);
+#endif
+  v.store(p);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // dst[j * ldd + i] = src[i * lds + j] for a W x W tile. AVX-512: the unpack / shuffle network of
 // at::vec's transpose_block (FBGEMM's), with the sizes fixed at 16 so it is inlined branch-free
 // (at::vec's entry point takes runtime M, N and measured a quarter of GAE's time); AVX2: at::vec's
