@@ -150,7 +150,7 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
 // must still give exactly 0. Returns the row's non-finite probe (NaN iff a valid kl is not finite).
 // probe gains a NaN iff a valid kl is not finite. kClamp false: no clamp requested, the compares
 // skipped (they were a quarter of the loop at [64, 512]).
-template <Estimator E, bool kClamp, typename scalar_t>
+template <Estimator E, bool kClamp, bool kStream, typename scalar_t>
 static void shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, float* k_p, float* r_p, int64_t T,
                       float coef, const fVec& lo, const fVec& hi, fVec& probe) {
   const fVec zero(0.f), ncoef(-coef);
@@ -165,8 +165,14 @@ static void shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, f
   for (; t + W <= T; t += W) {
     const fVec m = rlvec::load_mask(mr + t);
     const fVec k = step(m, rlvec::load(a + t), rlvec::load(b + t));
-    k.store(k_p + t);
-    rlvec::select(m, ncoef * k, zero).store(r_p + t);
+    const fVec rw = rlvec::select(m, ncoef * k, zero);
+    if constexpr (kStream) {
+      rlvec::store_stream(k, k_p + t);
+      rlvec::store_stream(rw, r_p + t);
+    } else {
+      k.store(k_p + t);
+      rw.store(r_p + t);
+    }
   }
   if (t < T) {
     const int64_t n = T - t;
@@ -217,25 +223,30 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
     const scalar_t* b = ref.data_ptr<scalar_t>();
     dispatch_estimator(est, [&](auto e) {
       constexpr Estimator E = decltype(e)::value;
-      auto run = [&](auto clamp_tag) {
+      auto run = [&](auto clamp_tag, auto stream_tag) {
         constexpr bool kClamp = decltype(clamp_tag)::value;
+        constexpr bool kStream = decltype(stream_tag)::value;
         const fVec lov(lo), hiv(hi);
         const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(T, 1));
         at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
           fVec probe(0.f);
           for (int64_t row = r0; row < r1; ++row) {
             const int64_t off = row * T;
-            shape_row<E, kClamp>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv, probe);
+            shape_row<E, kClamp, kStream>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv,
+                                          probe);
             const int64_t last = rlvec::last_set(m_p + off, T);
             if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
           }
+          if (kStream) rlvec::stream_fence();
           if (rlvec::any_nan(probe)) kl_finite.store(false, std::memory_order_relaxed);
         });
       };
+      // Outputs of 8 MiB and up bypass the caches, as in gae (below).
+      const bool stream = B * T >= (int64_t{1} << 20);
       if (clamp.has_value()) {
-        run(std::true_type{});
+        stream ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
       } else {
-        run(std::false_type{});
+        stream ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
       }
     });
     if (!kl_finite.load()) inputs_finite = !any_nonfinite_valid(a, b, m_p, B * T);
@@ -334,6 +345,19 @@ static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, fl
     const int64_t n = (t1 == T && rem != 0) ? rem : kTB;  // the first block taken holds the T % kTB tail
     const int64_t t0 = t1 - n;
     const int64_t len = (n + W - 1) / W * W;
+    // The next block taken is the kTB steps before this one, in every row: prefetch it now, so its
+    // loads overlap this block's arithmetic (the blocks walk the rows backwards, a pattern the
+    // hardware prefetchers follow poorly across W rows).
+    if (t0 >= kTB) {
+      for (int64_t l = 0; l < rows; ++l) {
+        for (int64_t j = 0; j < kTB; j += 64 / static_cast<int64_t>(sizeof(scalar_t))) {
+          __builtin_prefetch(r + l * T + t0 - kTB + j);
+          __builtin_prefetch(v + l * T + t0 - kTB + j);
+        }
+        __builtin_prefetch(m + l * T + t0 - kTB);
+        __builtin_prefetch(m + l * T + t0 - 1);
+      }
+    }
     for (int64_t l = 0; l < W; ++l) {
       if (l < rows) {
         stage_segment(r + l * T + t0, n, st.r + l * kLd, len);
