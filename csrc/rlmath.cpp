@@ -2,24 +2,49 @@
 // passes of masked whitening (masked_moments, masked_whiten_apply).
 //
 // The peers do this with a Python `for t in reversed(range(T))` loop (GAE: ~10 tiny torch ops per
-// token) and chains of elementwise torch ops (KL + shaping: ~8 passes over [B, T]). Here:
-//   kl_penalty       one pass, elementwise (vectorised exp for k3).
-//   shape_rewards    one pass per row: reads logprobs, ref, mask; writes rewards and kl. The row is
-//                    walked once to find its last valid token (a byte scan of the mask, from the end).
-//   gae              one backward pass per row: reads rewards, values, mask; writes advantages and
-//                    returns. The recurrence is a scalar dependency chain (one FMA per valid
-//                    token), so rows, not tokens, are the parallel axis (OpenMP over rows).
+// token) and chains of elementwise torch ops (KL + shaping: ~8 passes over [B, T]). Here, written
+// on at::vec::Vectorized<float> (csrc/vec_math.h, csrc/rlmath_vec.h) so that every ISA build
+// (AVX-512, AVX2, portable, NEON: rlhf_fast/ops/_library.py) runs vector code; gcc's
+// auto-vectorisation of `#pragma omp simd` loops left much of it scalar on AVX2 (issue 23):
+//   kl_penalty       one pass, elementwise (vexp for k3).
+//   shape_rewards    one pass per row: reads logprobs, ref, mask; writes rewards and kl; finds the
+//                    row's last valid token (a word scan of the mask from the end) for the score.
+//                    It also checks, for free, the finiteness the Python layer used to check with
+//                    extra reductions (scores; log-probs where kl is not finite on a valid token):
+//                    a ValueError the Python layer turns into the row-naming message. Those
+//                    reductions cost more than the kernel itself at [64, 512].
+//   gae              one backward pass: the recurrence is a dependency chain along T, so W rows
+//                    (W = the vector width: 16 on AVX-512, 8 on AVX2) step back through time
+//                    together, one lane per row, staged through W x W transposes in registers.
 //   masked_moments   one read of x and mask: per 2048-element chunk (L1-resident) an exact
 //                    two-pass (count, mean, M2) of x shifted by a valid entry of the chunk, merged
 //                    across chunks with Chan's formula in double.
 //   whiten_apply     one read of x and mask, one write.
+// Threads: at::parallel_for, so the count follows torch.get_num_threads() and torch's own pool
+// runs the work (no OpenMP region of our own beside torch's), and only from kMinPerThread (4 Mi)
+// elements per thread: one pass over memory gains little from a second thread, and every fork /
+// join waits for a worker the OS may not have scheduled. Measured on a 2-core machine shared with
+// other jobs, 2 threads, p50: at 64 Ki elements per thread (torch's own grain) shape_rewards
+// [512, 1024] 20 ms and gae 42 ms against 0.12 / 0.6 ms on one thread; at 1 Mi, [256, 8192]
+// shape_rewards 14-16 ms and gae 16 ms against 1.2 / 10 ms. The peers' per-token GAE loop works
+// on (B,) slices below torch's grain and never forks (issue 23: a GAE only 4x the torch loop).
+//
+// Bit-for-bit across the AVX-512 and AVX2 builds: every lane does the same float operations in the
+// same order whatever the vector width, and the whitening sums use a fixed 32-lane accumulator
+// layout and a fixed reduction tree (tests/test_cpu_isa_rlmath.py). The portable x86-64 build has
+// no FMA: gcc contracts a * b + c into one FMA in C++ wherever the ISA has it (and vexp in
+// csrc/vec_math.h uses fmadd), so that build differs in the last bits, within the float64 contract.
+//
 // Mask arguments are bool tensors (the Python layer converts 0/1 masks). Everything accumulates in
 // float32 except the whitening statistics, which are double (they are a handful of scalars).
 #include "common.h"
+#include "rlmath_vec.h"
+#include "vec_math.h"
 
-#include <omp.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -38,20 +63,24 @@ Estimator parse_estimator(c10::string_view name) {
   TORCH_CHECK(false, "unknown KL estimator '", std::string(name), "' (expected k1, k2 or k3)");
 }
 
+using rlvec::W;
+
+constexpr int64_t kMinPerThread = int64_t{1} << 22;  // elements; see the header comment
+
 template <Estimator E>
-static inline float kl_value(float lp, float ref) {
-  const float d = lp - ref;
+static inline fVec kl_value(const fVec& lp, const fVec& ref) {
+  const fVec d = lp - ref;
   if constexpr (E == Estimator::K1) {
     return d;
   } else if constexpr (E == Estimator::K2) {
-    return 0.5f * d * d;
+    return fVec(0.5f) * d * d;
   } else {
-    return fast_expf(-d) + d - 1.0f;
+    return vexp(d.neg()) + d - fVec(1.0f);
   }
 }
 
 // Calls f(std::integral_constant<Estimator, E>) so the estimator is a compile-time constant inside
-// the vectorised loops.
+// the vector loops.
 template <typename F>
 static inline void dispatch_estimator(Estimator e, F&& f) {
   switch (e) {
@@ -61,11 +90,11 @@ static inline void dispatch_estimator(Estimator e, F&& f) {
   }
 }
 
-// Branch-free so the loops vectorise (an early return for "no clamp" kept gcc from it): without a
-// clamp the bounds are -inf / inf, which change nothing (NaN stays NaN either way).
-static inline float clamp_kl(float k, float lo, float hi) {
-  k = k < lo ? lo : k;
-  return k > hi ? hi : k;
+// Compares and selects (NaN compares false, so NaN stays NaN); without a clamp the bounds are
+// -inf / inf, which change nothing.
+static inline fVec clamp_kl(const fVec& k, const fVec& lo, const fVec& hi) {
+  const fVec a = fVec::blendv(k, lo, k < lo);
+  return fVec::blendv(a, hi, a > hi);
 }
 
 static inline std::pair<float, float> clamp_bounds(const std::optional<double>& clamp) {
@@ -82,10 +111,11 @@ std::pair<at::Tensor, at::Tensor> same_dtype(const at::Tensor& a, const at::Tens
 }
 
 template <Estimator E, typename scalar_t>
-static void kl_chunk(const scalar_t* __restrict a, const scalar_t* __restrict b, float* __restrict o, int64_t n,
-                     float lo, float hi) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) o[i] = clamp_kl(kl_value<E>(to_float(a[i]), to_float(b[i])), lo, hi);
+static void kl_range(const scalar_t* a, const scalar_t* b, float* o, int64_t n, float lo, float hi) {
+  const fVec lov(lo), hiv(hi);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) clamp_kl(kl_value<E>(rlvec::load(a + i), rlvec::load(b + i)), lov, hiv).store(o + i);
+  if (i < n) clamp_kl(kl_value<E>(rlvec::load(a + i, n - i), rlvec::load(b + i, n - i)), lov, hiv).store(o + i, n - i);
 }
 
 at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
@@ -103,34 +133,62 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
     const scalar_t* b = ref.data_ptr<scalar_t>();
     dispatch_estimator(est, [&](auto e) {
       constexpr Estimator E = decltype(e)::value;
-      // Chunks over threads, each a vectorised function call (a `parallel for simd` over the
-      // flat range measured 25x slower than torch's elementwise sub on this CPU).
+      // Threads take whole 16384-element chunks (a multiple of every vector width).
       constexpr int64_t kChunk = 16384;
       const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (chunks > 2)
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t i0 = ch * kChunk, len = std::min(kChunk, n - i0);
-        kl_chunk<E>(a + i0, b + i0, o + i0, len, lo, hi);
-      }
+      at::parallel_for(0, chunks, kMinPerThread / kChunk, [&](int64_t c0, int64_t c1) {
+        const int64_t i0 = c0 * kChunk, i1 = std::min(n, c1 * kChunk);
+        kl_range<E>(a + i0, b + i0, o + i0, i1 - i0, lo, hi);
+      });
     });
   });
   return out;
 }
 
-// One row of shape_rewards, a function of its own with restrict pointers: inlined into the
-// OpenMP row loop, gcc did not vectorise it (measured 3x slower than three torch passes).
-template <Estimator E, typename scalar_t>
-static void shape_row(const scalar_t* __restrict a, const scalar_t* __restrict b, const uint8_t* __restrict mr,
-                      float* __restrict k_p, float* __restrict r_p, int64_t T, float coef, float lo, float hi) {
-#pragma omp simd
-  for (int64_t t = 0; t < T; ++t) {
-    // A select, not a multiply: masked positions may hold inf / NaN padding (e.g. k3 of
-    // INVALID_LOGPROB pads) and must still give exactly 0.
-    float k = clamp_kl(kl_value<E>(to_float(a[t]), to_float(b[t])), lo, hi);
-    k = mr[t] ? k : 0.f;
-    k_p[t] = k;
-    r_p[t] = mr[t] ? -coef * k : 0.f;
+// One row of shape_rewards: kl and -coef * kl on valid tokens, 0 on masked ones. Selects, not
+// multiplies: masked positions may hold inf / NaN padding (e.g. k3 of INVALID_LOGPROB pads) and
+// must still give exactly 0. Returns the row's non-finite probe (NaN iff a valid kl is not finite).
+// probe gains a NaN iff a valid kl is not finite. kClamp false: no clamp requested, the compares
+// skipped (they were a quarter of the loop at [64, 512]).
+template <Estimator E, bool kClamp, bool kStream, typename scalar_t>
+static void shape_row(const scalar_t* a, const scalar_t* b, const uint8_t* mr, float* k_p, float* r_p, int64_t T,
+                      float coef, const fVec& lo, const fVec& hi, fVec& probe) {
+  const fVec zero(0.f), ncoef(-coef);
+  auto step = [&](const fVec& m, const fVec& av, const fVec& bv) {
+    fVec k = kl_value<E>(av, bv);
+    if constexpr (kClamp) k = clamp_kl(k, lo, hi);
+    k = rlvec::select(m, k, zero);
+    probe = probe + rlvec::nonfinite_probe(k);
+    return k;
+  };
+  int64_t t = 0;
+  for (; t + W <= T; t += W) {
+    const fVec m = rlvec::load_mask(mr + t);
+    const fVec k = step(m, rlvec::load(a + t), rlvec::load(b + t));
+    const fVec rw = rlvec::select(m, ncoef * k, zero);
+    if constexpr (kStream) {
+      rlvec::store_stream(k, k_p + t);
+      rlvec::store_stream(rw, r_p + t);
+    } else {
+      k.store(k_p + t);
+      rw.store(r_p + t);
+    }
   }
+  if (t < T) {
+    const int64_t n = T - t;
+    const fVec m = rlvec::load_mask(mr + t, n);
+    const fVec k = step(m, rlvec::load(a + t, n), rlvec::load(b + t, n));
+    k.store(k_p + t, n);
+    rlvec::select(m, ncoef * k, zero).store(r_p + t, n);
+  }
+}
+
+// Whether a valid entry of a or b is not finite: the error path only (a kl that is not finite).
+template <typename scalar_t>
+static bool any_nonfinite_valid(const scalar_t* a, const scalar_t* b, const uint8_t* m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (m[i] && !(std::isfinite(to_float(a[i])) && std::isfinite(to_float(b[i])))) return true;
+  return false;
 }
 
 std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, const at::Tensor& logprobs,
@@ -145,81 +203,193 @@ std::tuple<at::Tensor, at::Tensor> shape_rewards_cpu(const at::Tensor& scores, c
   const Estimator est = parse_estimator(estimator);
   auto [lp, ref] = same_dtype(logprobs, ref_logprobs);
   at::Tensor m = mask.contiguous();
-  at::Tensor s = scores.to(at::kFloat).contiguous();
+  at::Tensor s = scores.scalar_type() == at::kFloat ? scores.contiguous() : scores.to(at::kFloat).contiguous();
   const int64_t B = lp.size(0), T = lp.size(1);
   auto opts = lp.options().dtype(at::kFloat);
   at::Tensor rewards = at::empty({B, T}, opts), kl = at::empty({B, T}, opts);
   float* r_p = rewards.data_ptr<float>();
   float* k_p = kl.data_ptr<float>();
-  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   const float* s_p = s.data_ptr<float>();
+  bool scores_finite = true;
+  for (int64_t row = 0; row < B; ++row) scores_finite &= std::isfinite(s_p[row]);
   const float coef = static_cast<float>(kl_coef);
   const auto [lo, hi] = clamp_bounds(clamp);
+  std::atomic<bool> kl_finite{true};
+  bool inputs_finite = true;
   dispatch_floating(lp.scalar_type(), "shape_rewards", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* a = lp.data_ptr<scalar_t>();
     const scalar_t* b = ref.data_ptr<scalar_t>();
     dispatch_estimator(est, [&](auto e) {
       constexpr Estimator E = decltype(e)::value;
-#pragma omp parallel for schedule(static) if (B * T > 32768)
-      for (int64_t row = 0; row < B; ++row) {
-        const int64_t off = row * T;
-        const uint8_t* mr = m_p + off;
-        shape_row<E>(a + off, b + off, mr, k_p + off, r_p + off, T, coef, lo, hi);
-        int64_t last = T - 1;
-        while (last >= 0 && !mr[last]) --last;
-        if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
+      auto run = [&](auto clamp_tag, auto stream_tag) {
+        constexpr bool kClamp = decltype(clamp_tag)::value;
+        constexpr bool kStream = decltype(stream_tag)::value;
+        const fVec lov(lo), hiv(hi);
+        const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(T, 1));
+        at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+          fVec probe(0.f);
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * T;
+            shape_row<E, kClamp, kStream>(a + off, b + off, m_p + off, k_p + off, r_p + off, T, coef, lov, hiv,
+                                          probe);
+            const int64_t last = rlvec::last_set(m_p + off, T);
+            if (last >= 0) r_p[off + last] += s_p[row];  // empty row: the score lands nowhere
+          }
+          if (kStream) rlvec::stream_fence();
+          if (rlvec::any_nan(probe)) kl_finite.store(false, std::memory_order_relaxed);
+        });
+      };
+      // Outputs of 8 MiB and up bypass the caches, as in gae (below).
+      const bool stream = B * T >= (int64_t{1} << 20);
+      if (clamp.has_value()) {
+        stream ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+      } else {
+        stream ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
       }
     });
+    if (!kl_finite.load()) inputs_finite = !any_nonfinite_valid(a, b, m_p, B * T);
   });
+  // ValueError (TORCH_CHECK_VALUE): rlhf_fast/ops/rlmath.py catches it and names the row.
+  TORCH_CHECK_VALUE(scores_finite, "shape_rewards: scores has a non-finite value");
+  // The former Python check's rule (rlhf_fast/_rlmath_checks.py, check_shape_rewards_outputs): an
+  // error when kl is not finite on a valid token *because* a log-prob is not finite; a clamp that
+  // bounds an inf difference, or k3 overflowing from finite log-probs, is not an input error.
+  TORCH_CHECK_VALUE(kl_finite.load() || inputs_finite,
+                    "shape_rewards: a non-finite logprobs or ref_logprobs value on a valid token");
   return {rewards, kl};
 }
 
-// One row, scalar: the tail rows that do not fill a lane group.
+// ---- GAE: W rows per lane group ----------------------------------------------------------------
+//
+// Lane l of every vector is row r0 + l. Per block of kTB time steps (from the end of the rows):
+// the W row segments are copied (converted to float, the mask to lane masks) into row-major
+// staging, each W x W tile of it is transposed to [time][lane] (at::vec::transpose_mxn: register
+// transposes on AVX-512 / AVX2), the recurrence steps back through the tile one vector per time
+// step, and the outputs go back the same way. The staging is what makes long rows fast: the W rows
+// are T floats apart (32 KiB at T = 8192, a multiple of 4 KiB from T = 1024), so tiles read straight
+// from the tensors hit one L1 set from every row and wrote partial lines; per-row copies of kTB
+// steps stream. The recurrence is the scalar one lane for lane:
+//   a = ((r + g * next_value) - value) + gl * running   (the order of the former scalar loop)
+// selected, not branched, on the mask: the value at a masked position may be anything (NaN
+// padding) and is never used. Rows past B (the last group) and steps past the block's end are
+// staged as masked zeros, which leave the carries alone, so every row gets the same arithmetic.
+constexpr int64_t kTB = 1024 / W;  // staging: 4 arrays of W x kTB floats = 16 KiB, L1-resident
+// Staging rows kTB + W floats apart and the arrays an odd number of lines apart: at a 4 KiB stride
+// the rows (and the arrays) all fell into the same L1 sets (and 4 KiB-aliased the source rows).
+constexpr int64_t kLd = kTB + W;
+constexpr int64_t kArr = W * kLd + 16;
+
+struct GaeStaging {
+  __at_align__ float buf[4 * kArr];
+  float* r = buf;
+  float* v = buf + kArr;
+  float* m = buf + 2 * kArr;
+  float* a = buf + 3 * kArr;
+  __at_align__ float tr[W * W + 16], tv[W * W + 16], tm[W * W + 16], ta[W * W];  // [time][lane] tiles
+};
+
+// dst[0, n) = src[0, n) as float, zeros in [n, len) (len a multiple of W).
 template <typename scalar_t>
-void gae_row(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
-             float gl) {
-  float next_value = 0.f;  // the value after the last valid token is 0
-  float running = 0.f;     // the advantage of the next valid token
-  for (int64_t t = T - 1; t >= 0; --t) {
-    if (m[t]) {
-      const float value = to_float(v[t]);
-      running = to_float(r[t]) + g * next_value - value + gl * running;
-      next_value = value;
-      adv[t] = running;
-      ret[t] = running + value;
-    } else {  // a hole: the next value and the running advantage carry across it
-      adv[t] = 0.f;
-      ret[t] = 0.f;
+static inline void stage_segment(const scalar_t* src, int64_t n, float* dst, int64_t len) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) rlvec::load(src + j).store(dst + j);
+  if (j < n) {
+    rlvec::load(src + j, n - j).store(dst + j);
+    j += W;
+  }
+  for (; j < len; j += W) fVec(0.f).store(dst + j);
+}
+
+static inline void stage_mask(const uint8_t* src, int64_t n, float* dst, int64_t len) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) rlvec::load_mask(src + j).store(dst + j);
+  if (j < n) {
+    rlvec::load_mask(src + j, n - j).store(dst + j);
+    j += W;
+  }
+  for (; j < len; j += W) fVec(0.f).store(dst + j);
+}
+
+template <bool kStream>
+static inline void write_row(const float* a, const float* v, const float* m, int64_t n, float* adv, float* ret) {
+  const fVec zero(0.f);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const fVec av = fVec::loadu(a + j);
+    const fVec rv = rlvec::select(fVec::loadu(m + j), av + fVec::loadu(v + j), zero);
+    if constexpr (kStream) {
+      rlvec::store_stream(av, adv + j);
+      rlvec::store_stream(rv, ret + j);
+    } else {
+      av.store(adv + j);
+      rv.store(ret + j);
     }
+  }
+  if (j < n) {
+    const fVec av = fVec::loadu(a + j);
+    av.store(adv + j, n - j);
+    rlvec::select(fVec::loadu(m + j), av + fVec::loadu(v + j), zero).store(ret + j, n - j);
   }
 }
 
-// kLanes rows at once, stepping back through time together. One row alone is a dependency chain
-// (one FMA latency per token); kLanes independent rows interleaved keep the FP units busy. Measured
-// on a 2-core AMD EPYC (Zen 4), one thread, [512, 1024]: 1 row 0.55 ms, 4 rows 0.34 ms, 8 rows
-// 0.81 ms and 16 rows 2.6 ms (at T = 1024 the rows are 4 KiB apart: 8 x 5 streams alias in the same
-// L1 sets), and staging rows through [chunk][lane] buffers for SIMD was slower still (the scalar
-// transposes cost more than the recurrence). Selects, not branches: the value at a masked position
-// may be anything (NaN padding) and is never used.
-constexpr int64_t kLanes = 4;
-
-template <typename scalar_t>
-void gae_lanes(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret, int64_t T, float g,
-               float gl) {
-  float next_value[kLanes] = {0.f}, running[kLanes] = {0.f};
-  for (int64_t t = T - 1; t >= 0; --t) {
-#pragma GCC unroll 4
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const int64_t i = l * T + t;
-      const bool valid = m[i];
-      const float value = to_float(v[i]);
-      const float a = to_float(r[i]) + g * next_value[l] - value + gl * running[l];
-      running[l] = valid ? a : running[l];
-      next_value[l] = valid ? value : next_value[l];
-      adv[i] = valid ? a : 0.f;
-      ret[i] = valid ? a + value : 0.f;
+template <bool kStream, typename scalar_t>
+static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T,
+                      int64_t rows, float g, float gl, GaeStaging& st, fVec& probe) {
+  const fVec gv(g), glv(gl), zero(0.f);
+  fVec next_value(0.f);  // the value after the last valid token is 0
+  fVec running(0.f);     // the advantage of the next valid token
+  for (int64_t t1 = T; t1 > 0;) {
+    const int64_t rem = t1 % kTB;
+    const int64_t n = (t1 == T && rem != 0) ? rem : kTB;  // the first block taken holds the T % kTB tail
+    const int64_t t0 = t1 - n;
+    const int64_t len = (n + W - 1) / W * W;
+    // The next block taken is the kTB steps before this one, in every row: prefetch it now, so its
+    // loads overlap this block's arithmetic (the blocks walk the rows backwards, a pattern the
+    // hardware prefetchers follow poorly across W rows).
+    if (t0 >= kTB) {
+      for (int64_t l = 0; l < rows; ++l) {
+        for (int64_t j = 0; j < kTB; j += 64 / static_cast<int64_t>(sizeof(scalar_t))) {
+          __builtin_prefetch(r + l * T + t0 - kTB + j);
+          __builtin_prefetch(v + l * T + t0 - kTB + j);
+        }
+        __builtin_prefetch(m + l * T + t0 - kTB);
+        __builtin_prefetch(m + l * T + t0 - 1);
+      }
     }
+    for (int64_t l = 0; l < W; ++l) {
+      if (l < rows) {
+        stage_segment(r + l * T + t0, n, st.r + l * kLd, len);
+        stage_segment(v + l * T + t0, n, st.v + l * kLd, len);
+        stage_mask(m + l * T + t0, n, st.m + l * kLd, len);
+      } else {
+        std::fill(st.m + l * kLd, st.m + l * kLd + len, 0.f);
+        std::fill(st.r + l * kLd, st.r + l * kLd + len, 0.f);
+        std::fill(st.v + l * kLd, st.v + l * kLd + len, 0.f);
+      }
+    }
+    for (int64_t j0 = len - W; j0 >= 0; j0 -= W) {
+      rlvec::transpose_tile(st.r + j0, kLd, st.tr, W);
+      rlvec::transpose_tile(st.v + j0, kLd, st.tv, W);
+      rlvec::transpose_tile(st.m + j0, kLd, st.tm, W);
+      for (int64_t j = W - 1; j >= 0; --j) {
+        const fVec valid = fVec::loadu(st.tm + j * W);
+        const fVec value = fVec::loadu(st.tv + j * W);
+        const fVec reward = fVec::loadu(st.tr + j * W);
+        probe = probe + rlvec::select(valid, rlvec::nonfinite_probe(reward) + rlvec::nonfinite_probe(value), zero);
+        const fVec a = reward + gv * next_value - value + glv * running;
+        running = rlvec::select(valid, a, running);  // a hole: the carries pass across it
+        next_value = rlvec::select(valid, value, next_value);
+        rlvec::select(valid, a, zero).store(st.ta + j * W);
+      }
+      rlvec::transpose_tile(st.ta, W, st.a + j0, kLd);
+    }
+    // Back in row order: advantages, and returns = advantage + value on valid tokens (the same
+    // float addition as in the lanes, one transpose fewer). Vector copies: gcc inlined a memcpy
+    // here as `rep movsq`, 40% of the time.
+    for (int64_t l = 0; l < rows; ++l) write_row<kStream>(st.a + l * kLd, st.v + l * kLd, st.m + l * kLd, n, adv + l * T + t0, ret + l * T + t0);
+    t1 = t0;
   }
 }
 
@@ -236,41 +406,89 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   at::Tensor adv = at::empty({B, T}, opts), ret = at::empty({B, T}, opts);
   float* a_p = adv.data_ptr<float>();
   float* q_p = ret.data_ptr<float>();
-  const bool* m_p = m.data_ptr<bool>();
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   const float g = static_cast<float>(gamma);
   const float gl = static_cast<float>(gamma * lam);
-  const int64_t groups = B / kLanes;
+  const int64_t groups = (B + W - 1) / W;
+  std::atomic<bool> inputs_finite{true};
   dispatch_floating(r.scalar_type(), "gae", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* r_p = r.data_ptr<scalar_t>();
     const scalar_t* v_p = v.data_ptr<scalar_t>();
-    const int64_t work = groups + (B - groups * kLanes);  // lane groups, then the tail rows one by one
-#pragma omp parallel for schedule(static) if (B * T > 65536)
-    for (int64_t w = 0; w < work; ++w) {
-      if (w < groups) {
-        const int64_t off = w * kLanes * T;
-        gae_lanes<scalar_t>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, g, gl);
-      } else {
-        const int64_t off = (groups * kLanes + (w - groups)) * T;
-        gae_row<scalar_t>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, g, gl);
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(W * T, 1));
+    // Outputs of 8 MiB and up (2 x 4 B x 1 Mi elements) are streamed past the caches: they would
+    // not stay there anyway, and a plain store first reads every line it writes (a third of the
+    // traffic): gae at [256, 8192], one thread, 5.4 -> 2.6 ms of CPU time (issue 23).
+    const bool stream = B * T >= (int64_t{1} << 20);
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      GaeStaging st;  // per thread, on its stack
+      fVec probe(0.f);
+      for (int64_t grp = g0; grp < g1; ++grp) {
+        const int64_t off = grp * W * T;
+        const int64_t rows = std::min<int64_t>(W, B - grp * W);
+        if (stream) {
+          gae_group<true>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
+        } else {
+          gae_group<false>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
+        }
       }
-    }
+      if (stream) rlvec::stream_fence();
+      if (rlvec::any_nan(probe)) inputs_finite.store(false, std::memory_order_relaxed);
+    });
   });
+  // Finite rewards and values on valid tokens (rlhf_fast/_rlmath_checks.py, check_gae_inputs'
+  // rule), checked while they are in registers instead of by a reduction over the returns
+  // afterwards (an 8 MiB read at [256, 8192]); ValueError: rlhf_fast/ops/rlmath.py names the row.
+  TORCH_CHECK_VALUE(inputs_finite.load(), "gae: a non-finite rewards or values value on a valid token");
   return {adv, ret};
 }
 
-// (count, mean, M2) of the valid entries of one chunk x[0, len). A function of its own, on
-// __restrict pointers: written inline in the OpenMP loop body, the loops below read x, the mask
-// and the pivot through OpenMP's shared-variable block and GCC emitted them scalar (~2 ns per
-// element, 15x the vector loop's time; perf showed vaddss / vsubss).
+// ---- masked whitening ----------------------------------------------------------------------------
+
+// The whitening sums accumulate element e of a chunk into lane e % kAccLanes, kAccLanes / W vectors
+// wide on every ISA, and reduce the lanes with one fixed tree: the same float additions in the same
+// order on AVX-512 (2 vectors), AVX2 and portable (4 vectors), so the builds agree bit for bit.
+constexpr int64_t kAccLanes = 32;
+constexpr int64_t kAccVecs = kAccLanes / W;
+static_assert(kAccLanes % W == 0, "the accumulator layout needs W to divide 32");
+
+struct Acc {
+  fVec v[kAccVecs];
+  Acc() {
+    for (auto& x : v) x = fVec(0.f);
+  }
+  float sum() const {
+    __at_align__ float b[kAccLanes];
+    for (int64_t u = 0; u < kAccVecs; ++u) v[u].store(b + u * W);
+    for (int64_t width = kAccLanes / 2; width >= 1; width /= 2)
+      for (int64_t i = 0; i < width; ++i) b[i] += b[i + width];
+    return b[0];
+  }
+};
+
+// Calls f(u, x, valid) for each accumulator vector u of each kAccLanes-element step over [0, len);
+// elements past len load as 0 with their mask off.
+template <typename scalar_t, typename F>
+static inline void for_acc_steps(const scalar_t* x, const uint8_t* m, int64_t len, F&& f) {
+  int64_t i = 0;
+  for (; i + kAccLanes <= len; i += kAccLanes)
+    for (int64_t u = 0; u < kAccVecs; ++u) f(u, rlvec::load(x + i + u * W), rlvec::load_mask(m + i + u * W));
+  if (i < len) {
+    for (int64_t u = 0; u < kAccVecs; ++u) {
+      const int64_t o = i + u * W, n = std::max<int64_t>(0, std::min<int64_t>(W, len - o));
+      f(u, rlvec::load(x + o, n), rlvec::load_mask(m + o, n));
+    }
+  }
+}
+
+// (count, mean, M2) of the valid entries of one chunk x[0, len).
 //
 // Shifted data: sums of x - pivot, with the pivot a valid entry of the chunk, so a large offset
 // (mean >> std) does not swamp the float32 sums: x - pivot is exact for entries within a factor 2
 // of the pivot (Sterbenz), and the chunk mean is pivot + mean(x - pivot) in double. Plain float
 // sums of x drifted the chunk mean by ~86 at an offset of 1e7.
 template <typename scalar_t>
-void chunk_moments(const scalar_t* __restrict x, const uint8_t* __restrict m, int64_t len, double* cnt,
-                   double* mean, double* m2) {
+void chunk_moments(const scalar_t* x, const uint8_t* m, int64_t len, double* cnt, double* mean, double* m2) {
   int64_t first = 0;
   while (first < len && !m[first]) ++first;
   if (first == len) {  // no valid entry in this chunk
@@ -278,23 +496,23 @@ void chunk_moments(const scalar_t* __restrict x, const uint8_t* __restrict m, in
     return;
   }
   const float pivot = to_float(x[first]);
-  float s = 0.f, k = 0.f;  // a float count is exact up to 2^24 > the chunk, and keeps the loop one SIMD type
-#pragma omp simd reduction(+ : s, k)
-  for (int64_t i = 0; i < len; ++i) {
-    const bool valid = m[i];
-    s += valid ? to_float(x[i]) - pivot : 0.f;
-    k += valid ? 1.f : 0.f;
-  }
-  const float mu = s / k;  // mean of x - pivot
-  float q = 0.f;
-#pragma omp simd reduction(+ : q)
-  for (int64_t i = 0; i < len; ++i) {
-    const float d = (to_float(x[i]) - pivot) - mu;
-    q += m[i] ? d * d : 0.f;
-  }
-  *cnt = static_cast<double>(k);
+  const fVec pv(pivot), zero(0.f), one(1.f);
+  Acc s, k;  // a float count is exact up to 2^24 > the chunk
+  for_acc_steps(x, m, len, [&](int64_t u, const fVec& xv, const fVec& valid) {
+    s.v[u] = s.v[u] + rlvec::select(valid, xv - pv, zero);
+    k.v[u] = k.v[u] + rlvec::select(valid, one, zero);
+  });
+  const float kf = k.sum();
+  const float mu = s.sum() / kf;  // mean of x - pivot
+  const fVec muv(mu);
+  Acc q;
+  for_acc_steps(x, m, len, [&](int64_t u, const fVec& xv, const fVec& valid) {
+    const fVec d = (xv - pv) - muv;
+    q.v[u] = q.v[u] + rlvec::select(valid, d * d, zero);
+  });
+  *cnt = static_cast<double>(kf);
   *mean = static_cast<double>(pivot) + static_cast<double>(mu);
-  *m2 = static_cast<double>(q);
+  *m2 = static_cast<double>(q.sum());
 }
 
 // (count, mean, M2) over the valid entries of x, as a float64 tensor of 3 elements.
@@ -306,15 +524,16 @@ at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask) {
   constexpr int64_t kChunk = 2048;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> cnt(chunks), mean(chunks), m2(chunks);
-  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   dispatch_floating(xc.scalar_type(), "masked_moments", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* x_p = xc.data_ptr<scalar_t>();
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
-      chunk_moments<scalar_t>(x_p + lo, m_p + lo, len, &cnt[c], &mean[c], &m2[c]);
-    }
+    at::parallel_for(0, chunks, kMinPerThread / kChunk, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
+        chunk_moments<scalar_t>(x_p + lo, m_p + lo, len, &cnt[c], &mean[c], &m2[c]);
+      }
+    });
   });
   // Chan et al.'s pairwise merge, in chunk order (a few hundred scalars: serial is fine).
   double N = 0.0, mu = 0.0, M2 = 0.0;
@@ -334,15 +553,17 @@ at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask) {
   return out;
 }
 
-// out[i] = ((x - mu_hi) - mu_lo) * rstd + add_lo + add_hi on valid entries, 0 elsewhere; its own
-// function on __restrict pointers for the same reason as chunk_moments.
+// out[i] = ((x - mu_hi) - mu_lo) * rstd + add_lo + add_hi on valid entries, 0 elsewhere.
 template <typename scalar_t>
-void whiten_apply_range(const scalar_t* __restrict x, const uint8_t* __restrict m, float* __restrict o, int64_t len,
-                        float mu_hi, float mu_lo, float rstd, float add_hi, float add_lo) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    const float y = ((to_float(x[i]) - mu_hi) - mu_lo) * rstd + add_lo + add_hi;
-    o[i] = m[i] ? y : 0.f;
+void whiten_apply_range(const scalar_t* x, const uint8_t* m, float* o, int64_t len, float mu_hi, float mu_lo,
+                        float rstd, float add_hi, float add_lo) {
+  const fVec hi(mu_hi), lo(mu_lo), rs(rstd), ahi(add_hi), alo(add_lo), zero(0.f);
+  auto y = [&](const fVec& xv) { return ((xv - hi) - lo) * rs + alo + ahi; };
+  int64_t i = 0;
+  for (; i + W <= len; i += W) rlvec::select(rlvec::load_mask(m + i), y(rlvec::load(x + i)), zero).store(o + i);
+  if (i < len) {
+    const int64_t n = len - i;
+    rlvec::select(rlvec::load_mask(m + i, n), y(rlvec::load(x + i, n)), zero).store(o + i, n);
   }
 }
 
@@ -354,7 +575,7 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
   TORCH_CHECK(mask.scalar_type() == at::kBool, "masked_whiten_apply: mask must be bool");
   TORCH_CHECK(stats.numel() == 3, "masked_whiten_apply: stats must hold (count, mean, M2)");
   at::Tensor xc = x.contiguous(), m = mask.contiguous();
-  at::Tensor st = stats.to(at::kDouble).contiguous();
+  at::Tensor st = stats.scalar_type() == at::kDouble ? stats.contiguous() : stats.to(at::kDouble).contiguous();
   const double* sp = st.data_ptr<double>();
   const double count = sp[0];
   const double denom = std::max(count - (unbiased ? 1.0 : 0.0), 1.0);
@@ -369,19 +590,17 @@ at::Tensor masked_whiten_apply_cpu(const at::Tensor& x, const at::Tensor& mask, 
   const float add_back_lo = shift_mean ? 0.f : mu_lo;
   at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());  // bytes: bool loads do not vectorise
+  const uint8_t* m_p = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   const int64_t n = xc.numel();
   dispatch_floating(xc.scalar_type(), "masked_whiten_apply", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* x_p = xc.data_ptr<scalar_t>();
     constexpr int64_t kBlock = 16384;
     const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t lo = b * kBlock;
-      whiten_apply_range<scalar_t>(x_p + lo, m_p + lo, o + lo, std::min(n, lo + kBlock) - lo, mu_hi, mu_lo, rstd,
-                                   add_back, add_back_lo);
-    }
+    at::parallel_for(0, blocks, kMinPerThread / kBlock, [&](int64_t b0, int64_t b1) {
+      const int64_t lo = b0 * kBlock, hi = std::min(n, b1 * kBlock);
+      whiten_apply_range<scalar_t>(x_p + lo, m_p + lo, o + lo, hi - lo, mu_hi, mu_lo, rstd, add_back, add_back_lo);
+    });
   });
   return out;
 }

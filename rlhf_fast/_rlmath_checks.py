@@ -103,8 +103,10 @@ def check_kl_inputs(logprobs, ref_logprobs, estimator, clamp):
     return check_estimator(estimator), check_clamp(clamp)
 
 
-def check_shape_rewards_inputs(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, clamp):
-    """Returns (bool mask, kl_coef, estimator, clamp)."""
+def check_shape_rewards_inputs(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, clamp, *,
+                               check_finite: bool = True):
+    """Returns (bool mask, kl_coef, estimator, clamp). ``check_finite=False`` leaves the finiteness
+    of the scores to the caller (the C++ CPU kernel checks it while it runs: ops/rlmath.py)."""
     estimator, clamp = check_kl_inputs(logprobs, ref_logprobs, estimator, clamp)
     if logprobs.dim() < 1:
         raise ValueError(f"logprobs must have at least 1 dimension (..., T), got shape {tuple(logprobs.shape)}")
@@ -116,7 +118,8 @@ def check_shape_rewards_inputs(scores, logprobs, ref_logprobs, mask, kl_coef, es
     check_same_device(logprobs=logprobs, scores=scores)
     mask = check_mask(mask, logprobs, "logprobs")
     kl_coef = check_finite_scalar("kl_coef", kl_coef)
-    check_finite_rows("scores", scores)
+    if check_finite:
+        check_finite_rows("scores", scores)
     return mask, kl_coef, estimator, clamp
 
 

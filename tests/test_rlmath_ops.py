@@ -322,6 +322,34 @@ def test_bad_input_raises_value_error_naming_argument(name, fn, match):
         fn()
 
 
+def test_nonfinite_results_from_finite_inputs_are_not_input_errors():
+    """The CPU kernels check finiteness while they run (csrc/rlmath.cpp, issue 23) with the rule of
+    the Python checks they replaced: only a non-finite input on a valid token is an error. k3
+    overflowing from finite log-probs, a clamp bounding an inf log-prob, a GAE recurrence that
+    overflows, and NaN padding on masked tokens all pass, on the vector body and the tail (T = 37)."""
+    B, T = 3, 37
+    m = torch.ones(B, T, dtype=torch.bool)
+    z, s = torch.zeros(B, T), torch.zeros(B)
+    lp = z.clone()
+    lp[1, 3] = lp[2, 36] = -100.0  # d = -100: exp(100) overflows float32
+    rewards, kl = ops.shape_rewards(s, lp, z, m, kl_coef=0.1, estimator="k3")
+    assert torch.isinf(kl[1, 3]) and torch.isinf(kl[2, 36]) and torch.isinf(rewards[1, 3])
+    inf_lp = z.clone()
+    inf_lp[1, 5] = inf_lp[2, 36] = float("inf")
+    _, kl = ops.shape_rewards(s, inf_lp, z, m, kl_coef=0.1, clamp=10.0)
+    assert kl[1, 5] == 10.0 and kl[2, 36] == 10.0
+    adv, _ = ops.gae(torch.full((B, T), 3e38), z, m, gamma=1.0, lam=1.0)
+    assert torch.isinf(adv[:, 0]).all()
+    nan_pad = torch.full((B, T), float("nan"))
+    held = m.clone()
+    held[:, 20:] = False
+    nan_pad[:, :20] = 0.5
+    adv, ret = ops.gae(nan_pad, nan_pad, held, gamma=1.0, lam=0.9)
+    rewards, kl = ops.shape_rewards(s, nan_pad, nan_pad, held, kl_coef=0.1, estimator="k3")
+    for out in (adv, ret, rewards, kl):
+        assert torch.isfinite(out).all() and (out[:, 20:] == 0).all()
+
+
 def test_reference_validates_the_same_way():
     with pytest.raises(ValueError, match="gamma"):
         ref.gae(torch.randn(1, 2), torch.randn(1, 2), torch.ones(1, 2), gamma=2.0, lam=1.0)

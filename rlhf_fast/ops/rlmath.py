@@ -177,6 +177,8 @@ _register()
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(..., T) -> (B, T) (a view when the leading dims allow it; works for empty tensors too)."""
+    if x.dim() == 2:
+        return x  # already (B, T): no reshape call on the fast path
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
@@ -220,16 +222,34 @@ def shape_rewards(
     Returns:
         ``(rewards, kl)``, both (..., T) float32, 0 at masked positions. Not differentiable.
     """
+    # The C++ CPU kernel checks the scores and kl for finiteness while it runs (a ValueError), which
+    # at [64, 512] costs less than the two separate reductions it replaces (issue 23); the Triton
+    # kernels and the reference fallback leave it to the checks here.
+    kernel_checks = logprobs.device.type == "cpu" and _library.extension_loaded()
     mask, kl_coef, estimator, clamp = C.check_shape_rewards_inputs(
-        scores, logprobs, ref_logprobs, mask, kl_coef, estimator, clamp
+        scores, logprobs, ref_logprobs, mask, kl_coef, estimator, clamp, check_finite=not kernel_checks
     )
     shape = logprobs.shape
-    rewards, kl = torch.ops.rlhf_fast.shape_rewards(
-        scores.detach().reshape(-1), _rows(logprobs.detach()), _rows(ref_logprobs.detach()), _rows(mask),
-        kl_coef, estimator, clamp,
-    )
-    C.check_shape_rewards_outputs(kl, logprobs, ref_logprobs, mask)
-    return rewards.reshape(shape), kl.reshape(shape)
+    try:
+        rewards, kl = torch.ops.rlhf_fast.shape_rewards(
+            scores.detach().reshape(-1), _rows(logprobs.detach()), _rows(ref_logprobs.detach()), _rows(mask),
+            kl_coef, estimator, clamp,
+        )
+    except ValueError:
+        if not kernel_checks:
+            raise
+        # The kernel found a non-finite score, or a non-finite log-prob on a valid token where kl
+        # is not finite: the same scans as the checks below name the argument, the row and the token.
+        C.check_finite_rows("scores", scores)
+        C.check_finite_rows("logprobs", logprobs, mask)
+        C.check_finite_rows("ref_logprobs", ref_logprobs, mask)
+        raise
+    if not kernel_checks:
+        C.check_finite_rows("scores", scores)
+        C.check_shape_rewards_outputs(kl, logprobs, ref_logprobs, mask)
+    if rewards.shape != shape:
+        rewards, kl = rewards.reshape(shape), kl.reshape(shape)
+    return rewards, kl
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float):
@@ -251,9 +271,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     """
     mask, gamma, lam = C.check_gae_inputs(rewards, values, mask, gamma, lam, check_finite=False)
     shape = rewards.shape
-    adv, ret = torch.ops.rlhf_fast.gae(_rows(rewards.detach()), _rows(values.detach()), _rows(mask), gamma, lam)
-    C.check_gae_outputs(ret, rewards, values, mask)
-    return adv.reshape(shape), ret.reshape(shape)
+    # As in shape_rewards: the C++ CPU kernel checks rewards and values on valid tokens while it
+    # runs (ValueError); elsewhere one reduction over the returns does (check_gae_outputs).
+    kernel_checks = rewards.device.type == "cpu" and _library.extension_loaded()
+    try:
+        adv, ret = torch.ops.rlhf_fast.gae(_rows(rewards.detach()), _rows(values.detach()), _rows(mask), gamma, lam)
+    except ValueError:
+        if not kernel_checks:
+            raise
+        C.check_finite_rows("rewards", rewards, mask)  # names the argument, the row and the token
+        C.check_finite_rows("values", values, mask)
+        raise
+    if not kernel_checks:
+        C.check_gae_outputs(ret, rewards, values, mask)
+    if adv.shape != shape:
+        adv, ret = adv.reshape(shape), ret.reshape(shape)
+    return adv, ret
 
 
 def _global_moments(x: torch.Tensor, mask: torch.Tensor, group) -> torch.Tensor:
