@@ -123,3 +123,28 @@ def test_update_with_trimming_stays_within_the_numerical_contract():
     assert float(first.ratio_max) == 1.0 and float(first.approxkl) == 0.0 and float(first.clipfrac) == 0.0
     for a, b in zip(s_trim, s_base):
         assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-5, abs=1e-7)
+
+
+def test_reward_model_scores_on_the_attended_columns():
+    """``Scorer(trim_padding=True)`` runs each reward-model batch without its all-padding columns:
+    the reward model sees fewer columns and the scores are the untrimmed ones to the contract
+    (float64 untrimmed oracle, float32 untrimmed baseline)."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.models import RewardModel
+    from rlhf_fast.trainers.rollout import Scorer
+
+    cfg = tiny_config("llama", vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    rm = RewardModel.from_pretrained(cfg, new_head=True, seed=1).eval()
+    b = _rollout(10)
+    r = SimpleNamespace(query_ids=b.query_ids, query_mask=b.query_mask, score_ids=b.response_ids,
+                        score_mask=b.response_mask, response_ids=b.response_ids)
+    seen = []
+    hook = rm.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    trimmed = Scorer(reward_model=rm, tokenizer=None, batch_size=4, trim_padding=True)(r, [""] * 10)
+    base = Scorer(reward_model=rm, tokenizer=None, batch_size=4)(r, [""] * 10)
+    hook.remove()
+    assert max(seen[:3]) < Q + R and seen[3:] == [Q + R] * 3
+    oracle = Scorer(reward_model=copy.deepcopy(rm).double(), tokenizer=None, batch_size=4)(r, [""] * 10)
+    assert_no_worse_than_baseline("scores", trimmed, oracle, base, atol=1e-6)

@@ -104,8 +104,9 @@ class PPOHyperParams:
     trim_padding: bool = True
     """run each micro-batch's forwards (old, reference, values, update) on the columns its rows
     attend to: the response columns after every row's stop token and the prompt columns before
-    every row's first token are dropped (``trainers/ppo_trim.py``). Same math (those positions are
-    masked everywhere), float32 rounding aside; False: every forward spans max_new_tokens."""
+    every row's first token are dropped (``trainers/ppo_trim.py``); the reward model's batches too
+    (``trainers/rollout.py:Scorer``). Same math (those positions are masked everywhere), float32
+    rounding aside; False: every forward spans max_new_tokens."""
     max_grad_norm: Optional[float] = None
     """clip the global gradient norm before each optimizer step (TRL / OpenRLHF 1.0; the N-details
     and N+ runs: none). With a separate critic the policy's and the critic's norms are clipped

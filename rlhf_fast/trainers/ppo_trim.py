@@ -57,6 +57,21 @@ def _bounds(q_cols: torch.Tensor, r_cols: torch.Tensor) -> tuple[int, int]:
     return min(first, Q - 1) if Q else 0, last
 
 
+def trim_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, T) ids and mask without the leading and trailing columns that are padding in every row
+    (the reward model's forward in ``rollout.Scorer``: its score is read at each row's last valid
+    token, so those columns change nothing but the float32 rounding of attention). One host sync."""
+    cols = mask.bool().any(0)  # (T,)
+    T = cols.numel()
+    pos = torch.arange(T, device=cols.device)
+    first, last = torch.stack([torch.where(cols, pos, T).min(), torch.where(cols, pos, -1).max()]).tolist()
+    if last < first:  # no valid token at all: keep one column
+        first, last = 0, 0
+    if first == 0 and last == T - 1:
+        return ids, mask
+    return ids[:, first : last + 1], mask[:, first : last + 1]
+
+
 def pad_response(x: Optional[torch.Tensor], R: int) -> Optional[torch.Tensor]:
     """(b, L) -> (b, R), zeros appended (differentiable: its backward is the slice)."""
     if x is None or x.shape[-1] == R:
