@@ -106,6 +106,12 @@ class PPOHyperParams:
     (query + response; a longer row goes alone) instead of ``micro_batch_size`` rows: with packed
     sequences (``ppo.packing``) a forward costs its tokens. Every rank runs the same number of
     micro-batches (rlhf_fast/trainers/packing.py); the loss normalisation is unchanged. None = by rows."""
+    trim_padding: bool = True
+    """run each micro-batch's forwards (old, reference, values, update) on the columns its rows
+    attend to: the response columns after every row's stop token and the prompt columns before
+    every row's first token are dropped (``trainers/ppo_trim.py``); the reward model's batches too
+    (``trainers/rollout.py:Scorer``). Same math (those positions are masked everywhere), float32
+    rounding aside; False: every forward spans max_new_tokens."""
     max_grad_norm: Optional[float] = None
     """clip the global gradient norm before each optimizer step (TRL / OpenRLHF 1.0; the N-details
     and N+ runs: none). With a separate critic the policy's and the critic's norms are clipped

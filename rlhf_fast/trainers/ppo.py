@@ -186,7 +186,7 @@ class PPOTrainer(StageTrainer):
                                   max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
                                   decode=cfg.generation.decode)
         scorer = Scorer(reward_model=self.reward_model, reward_fn=self._reward_fn if self.reward_model is None else None,
-                        tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size)
+                        tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size, trim_padding=self.hp.trim_padding)
         schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
                                   samples_per_prompt=cfg.samples_per_prompt, rank=self.dist.rank,
                                   world_size=self.dist.world_size,

@@ -27,6 +27,7 @@ from rlhf_fast import algos
 from rlhf_fast.algos import MinibatchStats, PPOHyperParams, Rollout
 from rlhf_fast.models.policy import response_slice
 from rlhf_fast.trainers.packing import token_budget_micro
+from rlhf_fast.trainers.ppo_trim import pad_response, trim_padding
 
 
 class Stepper(Protocol):
@@ -110,24 +111,38 @@ class DeepSpeedStepper:
 
 def policy_forward(policy, critic, batch: Rollout, hp: PPOHyperParams, *, entropy: bool = False):
     """(logprobs, entropy or None, values or None), each (b, R), of the response tokens, under the
-    distribution the sampler draws from (``hp.temperature``, ``hp.logprob_filter()``)."""
+    distribution the sampler draws from (``hp.temperature``, ``hp.logprob_filter()``). With
+    ``hp.trim_padding`` the models run on the columns the rows attend to (trainers/ppo_trim.py)."""
+    R = batch.response_ids.shape[1]
+    batch = trim_padding(batch) if hp.trim_padding else batch
     out = policy.logprobs(batch.sequences, batch.attention_mask, temperature=hp.temperature, return_entropy=entropy,
                           response_start=batch.response_start, **hp.logprob_filter())
     values = out.values
     if critic is not None:
         values = critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values
-    return out.logprobs, out.entropy, values
+    return pad_response(out.logprobs, R), pad_response(out.entropy, R), pad_response(values, R)
 
 
-def values_only(policy, critic, batch: Rollout):
+def values_only(policy, critic, batch: Rollout, hp: PPOHyperParams):
     """(b, R) values (None without a value head or critic), skipping the LM head: what the
     experience needs when the old log-probs come from the rollout."""
+    R = batch.response_ids.shape[1]
+    batch = trim_padding(batch) if hp.trim_padding else batch
     if critic is not None:
-        return critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values
+        return pad_response(critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values, R)
     if getattr(policy, "value_head", None) is None:
         return None
     values = policy.forward(batch.sequences, batch.attention_mask).values  # (b, Q + R)
-    return response_slice(values, batch.response_start)
+    return pad_response(response_slice(values, batch.response_start), R)
+
+
+def ref_forward(ref_policy, batch: Rollout, hp: PPOHyperParams) -> torch.Tensor:
+    """(b, R) float32 reference log-probs (under its filter only with ``hp.ref_filter``)."""
+    R = batch.response_ids.shape[1]
+    batch = trim_padding(batch) if hp.trim_padding else batch
+    ref = ref_policy.logprobs(batch.sequences, batch.attention_mask, temperature=hp.temperature,
+                              response_start=batch.response_start, **hp.logprob_filter(reference=True)).logprobs
+    return pad_response(ref.float(), R)
 
 
 @dataclass
@@ -231,10 +246,8 @@ def score_logprobs(policy, critic, ref_policy, rollout: Rollout, hp: PPOHyperPar
                 l, _, v = policy_forward(policy, critic, part, hp)
                 lp[rows] = l.float()
             else:
-                v = values_only(policy, critic, part)
-            ref[rows] = ref_policy.logprobs(part.sequences, part.attention_mask, temperature=hp.temperature,
-                                            response_start=part.response_start,
-                                            **hp.logprob_filter(reference=True)).logprobs.float()
+                v = values_only(policy, critic, part, hp)
+            ref[rows] = ref_forward(ref_policy, part, hp)
             if v is not None:
                 values = torch.zeros(B, R, device=dev) if values is None else values
                 values[rows] = v.float()

@@ -31,6 +31,7 @@ from rlhf_fast.algos import Rollout
 from rlhf_fast.config import PPOConfig
 from rlhf_fast.engine import SamplingParams
 from rlhf_fast.trainers.common import epoch_order
+from rlhf_fast.trainers.ppo_trim import trim_columns
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -209,11 +210,13 @@ class Scorer:
     """(b,) float32 scores of responses: the reward model on query + response ids (in batches of
     ``batch_size``), or a reward function on the decoded texts."""
 
-    def __init__(self, *, reward_model=None, reward_fn: Optional[RewardFn] = None, tokenizer, batch_size: int):
+    def __init__(self, *, reward_model=None, reward_fn: Optional[RewardFn] = None, tokenizer, batch_size: int,
+                 trim_padding: bool = False):
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("Scorer needs exactly one of reward_model and reward_fn")
         self.reward_model, self.reward_fn = reward_model, reward_fn
         self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.trim_padding = trim_padding  # each reward-model batch on its attended columns (trainers/ppo_trim.py)
 
     @torch.no_grad()
     def __call__(self, r: Responses, prompts: Sequence[str], *, index_offset: int = 0,
@@ -224,8 +227,10 @@ class Scorer:
             seq = torch.cat([r.query_ids, r.score_ids], 1)  # (b, Q + R)
             att = torch.cat([r.query_mask, r.score_mask], 1).long()
             bs = self.batch_size
-            return torch.cat([self.reward_model(seq[s : s + bs], att[s : s + bs]).scores
-                              for s in range(0, seq.shape[0], bs)]).float()
+            chunks = [(seq[s : s + bs], att[s : s + bs]) for s in range(0, seq.shape[0], bs)]
+            if self.trim_padding:
+                chunks = [trim_columns(*c) for c in chunks]
+            return torch.cat([self.reward_model(*c).scores for c in chunks]).float()
         pad = self.tokenizer.pad_token_id
         texts = self.tokenizer.batch_decode(torch.where(r.score_mask, r.score_ids, pad), skip_special_tokens=True)
         dev = r.response_ids.device
