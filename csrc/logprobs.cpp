@@ -15,7 +15,8 @@
 //   - the sums keep kLanes = 16 logical lanes (one Vectorized on AVX-512, two on AVX2 / NEON-pairs,
 //     four on 128-bit NEON): element j of a 16-block always goes to lane j % 16, each lane is a
 //     Kahan sum, and the lanes are merged in double in lane order, then the < 16 tail in double;
-//   - vexp is bit-identical to the scalar fast_expf (csrc/vec_math.h), and the only multiply-adds
+//   - vexp (and vexp_nonpos on z - max <= 0) is bit-identical to the scalar fast_expf
+//     (csrc/vec_math.h; checked on 307M non-positive inputs per build), and the only multiply-adds
 //     are explicit (at::vec::fmadd / fnmadd, fnmadd_s below), so no result depends on where the
 //     compiler contracts a * b + c.
 // So the AVX2 and AVX-512 builds give bit-identical outputs and gradients (tests/test_cpu_isa.py).
@@ -160,7 +161,7 @@ void compensated_sums(const float* z, int64_t V, float m, const Cut& cut, double
       fVec d = x - mv;
       // A dropped token's d is -inf, its exp 0.
       if constexpr (kCut) d = fVec::blendv(neg_inf, d, kept_vec(cut, x, j0 + v * kW));
-      const fVec e = vexp(d);
+      const fVec e = vexp_nonpos(d);  // d <= 0: m is the max of these very values
       const fVec ys = e - sc[v], ts = s[v] + ys;
       sc[v] = (ts - s[v]) - ys;
       s[v] = ts;
