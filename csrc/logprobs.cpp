@@ -86,8 +86,10 @@ static inline fVec kept_vec(const Cut& c, const fVec& z, int64_t j0) {
   return (z > cv) | ((z == cv) & (lane <= fVec(r)));
 }
 
-// Pass 1: the row as float (x / T) into buf, and its max (a NaN is skipped, as `z > m ? z : m`
-// does; the sums below then carry it). Returns the max; *row points at the float row to read.
+// Pass 1: the row as float (x / T) into buf, and its max. The max is clamp_min(m, z), on x86
+// `z > m ? z : m` lane for lane (maxps(z, m); the portable build's loop is that ternary), so a NaN
+// is skipped and the sums below carry it; on aarch64 vmaxq may keep the NaN as the max instead:
+// the row's outputs are NaN either way. Returns the max; *row points at the float row to read.
 template <typename scalar_t>
 float load_row_max(const scalar_t* x, int64_t V, bool use_div, float temperature, float* buf,
                    const float** row) {
@@ -100,14 +102,14 @@ float load_row_max(const scalar_t* x, int64_t V, bool use_div, float temperature
       // float32 at temperature 1: read the row itself twice (it stays in L2) instead of copying it.
       for (; j + kW <= V; j += kW) {
         const fVec z = fVec::loadu(x + j);
-        mv = fVec::blendv(mv, z, z > mv);
+        mv = at::vec::clamp_min(mv, z);
       }
       *row = x;
     } else {
       for (; j + kW <= V; j += kW) {
         const fVec z = fVec::loadu(x + j) / tv;
         z.store(buf + j);
-        mv = fVec::blendv(mv, z, z > mv);
+        mv = at::vec::clamp_min(mv, z);
       }
       *row = buf;
     }
@@ -122,8 +124,8 @@ float load_row_max(const scalar_t* x, int64_t V, bool use_div, float temperature
       }
       a.store(buf + j);
       b.store(buf + j + kW);
-      mv = fVec::blendv(mv, a, a > mv);
-      mv = fVec::blendv(mv, b, b > mv);
+      mv = at::vec::clamp_min(mv, a);
+      mv = at::vec::clamp_min(mv, b);
     }
     *row = buf;
   } else {

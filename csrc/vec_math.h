@@ -56,7 +56,7 @@ namespace rlhf_fast {
 // for the forward sums of csrc/logprobs.cpp, whose arguments are z - max(z) <= 0 (issue 23: the
 // sums are bound by the exp's instruction count). Above 0 it is wrong (2^n overflows the exponent
 // field for n > 127): never call it there.
-//   - no upper clamp or inf blend: x <= 0 never reaches 88.7;
+//   - no upper clamp or inf blend: x <= 0 never reaches 88.7; the lower clamp is a max;
 //   - 2^n in one factor: n = round(x log2 e) is in [-126, 0] after the lower clamp, so
 //     (n + 127) << 23 is a normal float, and p * 2^n rounds the same exact product p * 2^n that
 //     vexp's (p * 2^(n >> 1)) * 2^(n - (n >> 1)) rounds (its first product is exact);
@@ -67,7 +67,9 @@ static inline fVec vexp_nonpos(const fVec& x) {
   const fVec kLog2e(1.44269504088896341f), kMagic(12582912.0f);
   const fVec kLn2Hi(0.693359375f), kLn2Lo(-2.12194440e-4f);
   const fVec under = x < lo;
-  const fVec xc = fVec::blendv(x, lo, under);
+  // x < lo ? lo : x (maxps(lo, x) on x86: one instruction where torch's AVX-512 blendv is three;
+  // a NaN x stays NaN on every level).
+  const fVec xc = at::vec::clamp_min(x, lo);
   const fVec n = at::vec::fmadd(xc, kLog2e, kMagic) - kMagic;  // round(x * log2 e)
   fVec r = at::vec::fnmadd(n, kLn2Hi, xc);
   r = at::vec::fnmadd(n, kLn2Lo, r);
