@@ -253,52 +253,56 @@ struct BackwardRow {
 // label's entry): dz = -g_lp * p - g_H * p * (log p + H), 0 outside the kept set; dx = dz / T.
 // The scalar tail is the vector body lane for lane (fast_expf == vexp, explicit fnmadd), so an
 // element's gradient does not depend on the vector width.
-template <bool kCut>
+// kDiv = false at temperature 1, where x / T and dz / T are x and dz exactly: two vector divisions
+// less per vector (the slowest instructions of the loop).
+template <bool kCut, bool kDiv>
 static inline fVec backward_vec(const fVec& x, int64_t j0, const BackwardRow& r, const fVec& tv) {
   const fVec zero(0.f);
-  const fVec z = x / tv;
+  const fVec z = kDiv ? x / tv : x;
   const fVec logp = (z - fVec(r.max)) - fVec(r.log_sum);
   fVec p = vexp(logp);
   if constexpr (kCut) p = fVec::blendv(zero, p, kept_vec(r.cut, z, j0));
   const fVec ent_term = fVec::blendv(zero, p * (logp + fVec(r.h)), p > zero);
   const fVec dz = at::vec::fnmadd(fVec(r.g_h), ent_term, at::vec::fnmadd(fVec(r.g_lp), p, zero));
-  return dz / tv;
+  return kDiv ? dz / tv : dz;
 }
 
-template <bool kCut>
+template <bool kCut, bool kDiv>
 static inline float backward_scalar(float x, int64_t j, const BackwardRow& r) {
-  const float z = x / r.temperature;
+  const float z = kDiv ? x / r.temperature : x;
   const float logp = (z - r.max) - r.log_sum;
   float p = fast_expf(logp);
   if (kCut) p = kept(r.cut, z, j) ? p : 0.f;
   const float ent_term = p > 0.f ? p * (logp + r.h) : 0.f;
-  return fnmadd_s(r.g_h, ent_term, fnmadd_s(r.g_lp, p, 0.f)) / r.temperature;
+  const float dz = fnmadd_s(r.g_h, ent_term, fnmadd_s(r.g_lp, p, 0.f));
+  return kDiv ? dz / r.temperature : dz;
 }
 
-template <bool kCut, typename scalar_t>
+template <bool kCut, bool kDiv, typename scalar_t>
 void backward_row_impl(const scalar_t* xr, scalar_t* dr, int64_t V, const BackwardRow& r) {
   const fVec tv(r.temperature);
   int64_t j = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; j + kW <= V; j += kW) backward_vec<kCut>(fVec::loadu(xr + j), j, r, tv).store(dr + j);
+    for (; j + kW <= V; j += kW) backward_vec<kCut, kDiv>(fVec::loadu(xr + j), j, r, tv).store(dr + j);
   } else if constexpr (kReduced<scalar_t>) {
     using rVec = at::vec::Vectorized<scalar_t>;
     for (; j + rVec::size() <= V; j += rVec::size()) {
       auto [a, b] = at::vec::convert_to_float<scalar_t>(rVec::loadu(xr + j));
-      at::vec::convert_from_float<scalar_t>(backward_vec<kCut>(a, j, r, tv),
-                                            backward_vec<kCut>(b, j + kW, r, tv))
+      at::vec::convert_from_float<scalar_t>(backward_vec<kCut, kDiv>(a, j, r, tv),
+                                            backward_vec<kCut, kDiv>(b, j + kW, r, tv))
           .store(dr + j);
     }
   }
-  for (; j < V; ++j) dr[j] = from_float<scalar_t>(backward_scalar<kCut>(to_float(xr[j]), j, r));
+  for (; j < V; ++j) dr[j] = from_float<scalar_t>(backward_scalar<kCut, kDiv>(to_float(xr[j]), j, r));
 }
 
 template <typename scalar_t>
 void backward_row(const scalar_t* xr, scalar_t* dr, int64_t V, const BackwardRow& r) {
+  const bool div = r.temperature != 1.f;
   if (r.cut.on) {
-    backward_row_impl<true>(xr, dr, V, r);
+    div ? backward_row_impl<true, true>(xr, dr, V, r) : backward_row_impl<true, false>(xr, dr, V, r);
   } else {
-    backward_row_impl<false>(xr, dr, V, r);
+    div ? backward_row_impl<false, true>(xr, dr, V, r) : backward_row_impl<false, false>(xr, dr, V, r);
   }
 }
 
