@@ -168,8 +168,9 @@ void compensated_sums(const float* z, int64_t V, float m, const Cut& cut, double
       sc[v] = (ts - s[v]) - ys;
       s[v] = ts;
       if constexpr (kEnt) {
-        // exp(-inf) * -inf would be NaN: a -inf logit adds nothing.
-        const fVec ed = fVec::blendv(zero, e * d, e > zero);
+        // exp(-inf) * -inf would be NaN: a -inf logit adds nothing. `& mask` is
+        // blendv(0, e * d, mask) bit for bit (+0 is all zero bits), one instruction on every level.
+        const fVec ed = (e * d) & (e > zero);
         const fVec yt = ed - tc[v], tt = t[v] + yt;
         tc[v] = (tt - t[v]) - yt;
         t[v] = tt;
@@ -261,8 +262,8 @@ static inline fVec backward_vec(const fVec& x, int64_t j0, const BackwardRow& r,
   const fVec z = kDiv ? x / tv : x;
   const fVec logp = (z - fVec(r.max)) - fVec(r.log_sum);
   fVec p = vexp(logp);
-  if constexpr (kCut) p = fVec::blendv(zero, p, kept_vec(r.cut, z, j0));
-  const fVec ent_term = fVec::blendv(zero, p * (logp + fVec(r.h)), p > zero);
+  if constexpr (kCut) p = p & kept_vec(r.cut, z, j0);      // blendv(0, p, kept), as above
+  const fVec ent_term = (p * (logp + fVec(r.h))) & (p > zero);
   const fVec dz = at::vec::fnmadd(fVec(r.g_h), ent_term, at::vec::fnmadd(fVec(r.g_lp), p, zero));
   return kDiv ? dz / tv : dz;
 }
