@@ -8,9 +8,23 @@
 // Backward, per row, one read of the logits and one write of d(logits), with
 // log p_k = (z_k - m) - log(s):
 //   dz_k = g_lp * (1[k = y] - p_k) - g_H * p_k * (log p_k + H),  dx = dz / T.
-// Rows are independent: OpenMP over rows (the same libgomp runtime torch uses, so
-// torch.set_num_threads applies). Each row is reduced by one thread in a fixed order, so a row's
-// results do not depend on the thread count or on the other rows of the batch.
+//
+// The loops are written on at::vec::Vectorized<float> (csrc/vec_math.h), compiled once per ISA
+// level (rlhf_fast/ops/_library.py): gcc left the branchy `#pragma omp simd` loops scalar on AVX2
+// (issue 23: 3.5-4x slower than torch there). Every result is computed the same way on every level:
+//   - the sums keep kLanes = 16 logical lanes (one Vectorized on AVX-512, two on AVX2 / NEON-pairs,
+//     four on 128-bit NEON): element j of a 16-block always goes to lane j % 16, each lane is a
+//     Kahan sum, and the lanes are merged in double in lane order, then the < 16 tail in double;
+//   - vexp (and vexp_nonpos on z - max <= 0) is bit-identical to the scalar fast_expf
+//     (csrc/vec_math.h; checked on 307M non-positive inputs per build), and the only multiply-adds
+//     are explicit (at::vec::fmadd / fnmadd, fnmadd_s below), so no result depends on where the
+//     compiler contracts a * b + c.
+// So the AVX2 and AVX-512 builds give bit-identical outputs and gradients (tests/test_cpu_isa.py).
+//
+// Rows are independent: at::parallel_for over rows, torch's own thread pool, so
+// torch.set_num_threads applies and the kernels do not oversubscribe a busy machine (issue 23).
+// Each row is reduced by one thread in a fixed order, so a row's results do not depend on the
+// thread count or on the other rows of the batch.
 //
 // Sampling filter (top-k / top-p, rlhf_fast/_filter.py): an optional cut per row (cut_value c,
 // cut_index i) keeps token j iff z_j > c or (z_j == c and j <= i); the sums run over kept tokens
@@ -18,13 +32,35 @@
 // it (the set is a constant of the forward). A label outside the set has log-prob -inf and no
 // gradient. Without a cut the loops are the unfiltered ones, unchanged.
 #include "common.h"
+#include "vec_math.h"
 
-#include <omp.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace rlhf_fast {
 namespace {
+
+constexpr int64_t kLanes = 16;                  // logical lanes of the compensated sums
+constexpr int64_t kW = fVec::size();            // floats per Vectorized on this ISA level
+constexpr int64_t kVecs = kLanes / kW;          // Vectorized per 16-block
+static_assert(kLanes % kW == 0, "16 logical lanes must be a whole number of Vectorized<float>");
+
+template <typename T>
+constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// c - a * b, rounded once where the build has FMA (what at::vec::fnmadd does on such a build),
+// twice where it has none (x86-64 baseline: at::vec::fnmadd is -(a * b) + c there): the scalar
+// tails then match the vector loops bit for bit.
+static inline float fnmadd_s(float a, float b, float c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(-a, b, c);
+#else
+  return -(a * b) + c;
+#endif
+}
 
 struct RowStats {
   float logprob, entropy, max, log_sum;  // lse = max + log_sum, kept in two parts (see below)
@@ -40,97 +76,147 @@ static inline bool kept(const Cut& c, float z, int64_t j) {
   return z > c.value || (z == c.value && j <= c.index);
 }
 
+// The kept mask of the kW tokens j0 .. j0 + kW - 1 (all-ones lanes where kept). The index test
+// j <= i is done as lane <= i - j0 on small floats (exact: clamped to [-1, kW]), so it holds for
+// any V.
+static inline fVec kept_vec(const Cut& c, const fVec& z, int64_t j0) {
+  const float r = static_cast<float>(std::clamp<int64_t>(c.index - j0, -1, kW));
+  const fVec cv(c.value);
+  const fVec lane = fVec::arange(0.f, 1.f);
+  return (z > cv) | ((z == cv) & (lane <= fVec(r)));
+}
+
+// Pass 1: the row as float (x / T) into buf, and its max. The max is clamp_min(m, z), on x86
+// `z > m ? z : m` lane for lane (maxps(z, m); the portable build's loop is that ternary), so a NaN
+// is skipped and the sums below carry it; on aarch64 vmaxq may keep the NaN as the max instead:
+// the row's outputs are NaN either way. Returns the max; *row points at the float row to read.
+template <typename scalar_t>
+float load_row_max(const scalar_t* x, int64_t V, bool use_div, float temperature, float* buf,
+                   const float** row) {
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  fVec mv(kNegInf);
+  const fVec tv(temperature);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!use_div) {
+      // float32 at temperature 1: read the row itself twice (it stays in L2) instead of copying it.
+      for (; j + kW <= V; j += kW) {
+        const fVec z = fVec::loadu(x + j);
+        mv = at::vec::clamp_min(mv, z);
+      }
+      *row = x;
+    } else {
+      for (; j + kW <= V; j += kW) {
+        const fVec z = fVec::loadu(x + j) / tv;
+        z.store(buf + j);
+        mv = at::vec::clamp_min(mv, z);
+      }
+      *row = buf;
+    }
+  } else if constexpr (kReduced<scalar_t>) {
+    using rVec = at::vec::Vectorized<scalar_t>;
+    static_assert(rVec::size() == 2 * kW, "a reduced-float Vectorized converts to two float ones");
+    for (; j + rVec::size() <= V; j += rVec::size()) {
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(rVec::loadu(x + j));
+      if (use_div) {
+        a = a / tv;
+        b = b / tv;
+      }
+      a.store(buf + j);
+      b.store(buf + j + kW);
+      mv = at::vec::clamp_min(mv, a);
+      mv = at::vec::clamp_min(mv, b);
+    }
+    *row = buf;
+  } else {
+    *row = buf;  // double logits: the scalar loop below converts them
+  }
+  float lanes[kW];
+  mv.store(lanes);
+  float m = kNegInf;
+  for (int64_t l = 0; l < kW; ++l) m = lanes[l] > m ? lanes[l] : m;
+  for (; j < V; ++j) {
+    const float z = use_div ? to_float(x[j]) / temperature : to_float(x[j]);
+    if (*row == buf) buf[j] = z;
+    m = z > m ? z : m;
+  }
+  return m;
+}
+
+// Pass 2: the compensated sums s = sum exp(d), t = sum exp(d) * d over the kept tokens, d = z - m.
+// Kahan in kLanes float lanes, then merged in double. Plain float lanes lost ~2 ulps of s at
+// V = 341 (the lane holding exp(0) = 1 rounds every small term it adds), which the gradient
+// (through p = exp(z - m - log s)) amplified past torch's float32 error (an @example in
+// tests/test_gather_logprobs.py). Widening every term to double fixes that too but vectorises
+// worse (~1.4x the time); Kahan keeps one float SIMD loop. -O3 without -ffast-math keeps the
+// compensation.
+template <bool kCut, bool kEnt>
+void compensated_sums(const float* z, int64_t V, float m, const Cut& cut, double* s_out,
+                      double* t_out) {
+  const fVec zero(0.f), mv(m), neg_inf(-std::numeric_limits<float>::infinity());
+  fVec s[kVecs], sc[kVecs], t[kVecs], tc[kVecs];
+  for (int64_t v = 0; v < kVecs; ++v) s[v] = sc[v] = t[v] = tc[v] = zero;
+  const int64_t V_main = V - V % kLanes;
+  for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const fVec x = fVec::loadu(z + j0 + v * kW);
+      fVec d = x - mv;
+      // A dropped token's d is -inf, its exp 0.
+      if constexpr (kCut) d = fVec::blendv(neg_inf, d, kept_vec(cut, x, j0 + v * kW));
+      const fVec e = vexp_nonpos(d);  // d <= 0: m is the max of these very values
+      const fVec ys = e - sc[v], ts = s[v] + ys;
+      sc[v] = (ts - s[v]) - ys;
+      s[v] = ts;
+      if constexpr (kEnt) {
+        // exp(-inf) * -inf would be NaN: a -inf logit adds nothing. `& mask` is
+        // blendv(0, e * d, mask) bit for bit (+0 is all zero bits), one instruction on every level.
+        const fVec ed = (e * d) & (e > zero);
+        const fVec yt = ed - tc[v], tt = t[v] + yt;
+        tc[v] = (tt - t[v]) - yt;
+        t[v] = tt;
+      }
+    }
+  }
+  float s_l[kLanes], sc_l[kLanes], t_l[kLanes], tc_l[kLanes];
+  for (int64_t v = 0; v < kVecs; ++v) {
+    s[v].store(s_l + v * kW);
+    sc[v].store(sc_l + v * kW);
+    t[v].store(t_l + v * kW);
+    tc[v].store(tc_l + v * kW);
+  }
+  double sd = 0.0, td = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sd += static_cast<double>(s_l[l]) - static_cast<double>(sc_l[l]);
+    td += static_cast<double>(t_l[l]) - static_cast<double>(tc_l[l]);
+  }
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = V_main; j < V; ++j) {
+    const float d = (!kCut || kept(cut, z[j], j)) ? z[j] - m : kNegInf;
+    const float e = fast_expf(d);
+    sd += static_cast<double>(e);
+    if (kEnt) td += e > 0.f ? static_cast<double>(e * d) : 0.0;
+  }
+  *s_out = sd;
+  *t_out = td;
+}
+
 template <typename scalar_t>
 RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
                      float temperature, int64_t ignore_index, bool want_entropy, float* buf,
                      Cut cut) {
-  float m = -std::numeric_limits<float>::infinity();
-  if (use_div) {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < V; ++j) {
-      float z = to_float(x[j]) / temperature;
-      buf[j] = z;
-      m = z > m ? z : m;
-    }
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    // float32 at temperature 1: read the row itself twice (it stays in L2) instead of copying it.
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
-    buf = const_cast<float*>(reinterpret_cast<const float*>(x));  // only read below
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < V; ++j) {
-      float z = to_float(x[j]);
-      buf[j] = z;
-      m = z > m ? z : m;
-    }
-  }
-  // The sums are compensated (Kahan) in kLanes float lanes, then merged in double. Plain float
-  // lanes lost ~2 ulps of s at V = 341 (the lane holding exp(0) = 1 rounds every small term it
-  // adds), which the gradient (through p = exp(z - m - log s)) amplified past torch's float32
-  // error (an @example in tests/test_gather_logprobs.py). Widening every term to double fixes
-  // that too but vectorises worse (~1.4x the time); Kahan keeps one float SIMD loop. -O3 without
-  // -ffast-math keeps the compensation.
-  constexpr int64_t kLanes = 16;
-  float s_l[kLanes] = {0.f}, sc_l[kLanes] = {0.f}, t_l[kLanes] = {0.f}, tc_l[kLanes] = {0.f};
-  const int64_t V_main = V - V % kLanes;
+  const float* z = nullptr;
+  const float m = load_row_max<scalar_t>(x, V, use_div, temperature, buf, &z);
   const float kNegInf = -std::numeric_limits<float>::infinity();
-  if (cut.on) {
-    // The same compensated sums over kept tokens: a dropped token's d is -inf, its exp 0.
-    for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
-#pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float z = buf[j0 + l];
-        const bool k = z > cut.value || (z == cut.value && j0 + l <= cut.index);
-        const float d = k ? z - m : kNegInf;
-        const float e = fast_expf(d);
-        const float ed = e > 0.f ? e * d : 0.f;
-        const float ys = e - sc_l[l], ts = s_l[l] + ys;
-        sc_l[l] = (ts - s_l[l]) - ys;
-        s_l[l] = ts;
-        const float yt = ed - tc_l[l], tt = t_l[l] + yt;
-        tc_l[l] = (tt - t_l[l]) - yt;
-        t_l[l] = tt;
-      }
-    }
-  } else if (want_entropy) {
-    for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
-#pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float d = buf[j0 + l] - m;
-        const float e = fast_expf(d);
-        const float ed = e > 0.f ? e * d : 0.f;  // exp(-inf) * -inf would be NaN: a -inf logit adds nothing
-        const float ys = e - sc_l[l], ts = s_l[l] + ys;
-        sc_l[l] = (ts - s_l[l]) - ys;
-        s_l[l] = ts;
-        const float yt = ed - tc_l[l], tt = t_l[l] + yt;
-        tc_l[l] = (tt - t_l[l]) - yt;
-        t_l[l] = tt;
-      }
-    }
-  } else {
-    for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
-#pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float e = fast_expf(buf[j0 + l] - m);
-        const float ys = e - sc_l[l], ts = s_l[l] + ys;
-        sc_l[l] = (ts - s_l[l]) - ys;
-        s_l[l] = ts;
-      }
-    }
-  }
   double s = 0.0, t = 0.0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    s += static_cast<double>(s_l[l]) - static_cast<double>(sc_l[l]);
-    t += static_cast<double>(t_l[l]) - static_cast<double>(tc_l[l]);
+  if (cut.on) {
+    // The entropy sum is kept whether or not it is asked for, as before (one loop per filter).
+    compensated_sums<true, true>(z, V, m, cut, &s, &t);
+  } else if (want_entropy) {
+    compensated_sums<false, true>(z, V, m, cut, &s, &t);
+  } else {
+    compensated_sums<false, false>(z, V, m, cut, &s, &t);
   }
-  for (int64_t j = V_main; j < V; ++j) {
-    const float d = (!cut.on || kept(cut, buf[j], j)) ? buf[j] - m : kNegInf;
-    const float e = fast_expf(d);
-    s += static_cast<double>(e);
-    t += e > 0.f ? static_cast<double>(e * d) : 0.0;
-  }
-  // A row with NaN: the max reduction may skip the NaN, the sum does not.
+  // A row with NaN: the max skips the NaN, the sum does not.
   const double log_s_d = std::log(s);
   const float log_s = static_cast<float>(log_s_d);
   RowStats r;
@@ -139,16 +225,86 @@ RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
   r.entropy = want_entropy ? static_cast<float>(log_s_d - t / s) : 0.f;
   if (label == ignore_index) {
     r.logprob = 0.f;
-  } else if (label >= 0 && label < V && cut.on && !kept(cut, buf[label], label)) {
+  } else if (label >= 0 && label < V && cut.on && !kept(cut, z[label], label)) {
     r.logprob = kNegInf;  // not in the kept set: the sampler could not have drawn it
   } else if (label >= 0 && label < V) {
     // (z - m) - log_s, not z - (m + log_s): a rounded lse of ~10 carries an absolute error of
     // ~5e-7, four times what torch's log_softmax has on log-probs of order 1.
-    r.logprob = (buf[label] - m) - log_s;
+    r.logprob = (z[label] - m) - log_s;
   } else {
     r.logprob = std::numeric_limits<float>::quiet_NaN();  // the Python layer rejects these first
   }
   return r;
+}
+
+// Rows per parallel_for task: at least ~32K logits, so a batch of short rows is not split into
+// tasks smaller than the pool's start-up cost.
+static inline int64_t row_grain(int64_t V) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+}
+
+struct BackwardRow {
+  float max, log_sum, h;  // the forward's row stats and entropy
+  float g_lp, g_h;        // upstream gradients (g_lp = 0 when the label is ignored / not kept)
+  float temperature;
+  Cut cut;
+};
+
+// d(logits) of one row for every token as if it were not the label (the caller rewrites the
+// label's entry): dz = -g_lp * p - g_H * p * (log p + H), 0 outside the kept set; dx = dz / T.
+// The scalar tail is the vector body lane for lane (fast_expf == vexp, explicit fnmadd), so an
+// element's gradient does not depend on the vector width.
+// kDiv = false at temperature 1, where x / T and dz / T are x and dz exactly: two vector divisions
+// less per vector (the slowest instructions of the loop).
+template <bool kCut, bool kDiv>
+static inline fVec backward_vec(const fVec& x, int64_t j0, const BackwardRow& r, const fVec& tv) {
+  const fVec zero(0.f);
+  const fVec z = kDiv ? x / tv : x;
+  const fVec logp = (z - fVec(r.max)) - fVec(r.log_sum);
+  fVec p = vexp(logp);
+  if constexpr (kCut) p = p & kept_vec(r.cut, z, j0);      // blendv(0, p, kept), as above
+  const fVec ent_term = (p * (logp + fVec(r.h))) & (p > zero);
+  const fVec dz = at::vec::fnmadd(fVec(r.g_h), ent_term, at::vec::fnmadd(fVec(r.g_lp), p, zero));
+  return kDiv ? dz / tv : dz;
+}
+
+template <bool kCut, bool kDiv>
+static inline float backward_scalar(float x, int64_t j, const BackwardRow& r) {
+  const float z = kDiv ? x / r.temperature : x;
+  const float logp = (z - r.max) - r.log_sum;
+  float p = fast_expf(logp);
+  if (kCut) p = kept(r.cut, z, j) ? p : 0.f;
+  const float ent_term = p > 0.f ? p * (logp + r.h) : 0.f;
+  const float dz = fnmadd_s(r.g_h, ent_term, fnmadd_s(r.g_lp, p, 0.f));
+  return kDiv ? dz / r.temperature : dz;
+}
+
+template <bool kCut, bool kDiv, typename scalar_t>
+void backward_row_impl(const scalar_t* xr, scalar_t* dr, int64_t V, const BackwardRow& r) {
+  const fVec tv(r.temperature);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; j + kW <= V; j += kW) backward_vec<kCut, kDiv>(fVec::loadu(xr + j), j, r, tv).store(dr + j);
+  } else if constexpr (kReduced<scalar_t>) {
+    using rVec = at::vec::Vectorized<scalar_t>;
+    for (; j + rVec::size() <= V; j += rVec::size()) {
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(rVec::loadu(xr + j));
+      at::vec::convert_from_float<scalar_t>(backward_vec<kCut, kDiv>(a, j, r, tv),
+                                            backward_vec<kCut, kDiv>(b, j + kW, r, tv))
+          .store(dr + j);
+    }
+  }
+  for (; j < V; ++j) dr[j] = from_float<scalar_t>(backward_scalar<kCut, kDiv>(to_float(xr[j]), j, r));
+}
+
+template <typename scalar_t>
+void backward_row(const scalar_t* xr, scalar_t* dr, int64_t V, const BackwardRow& r) {
+  const bool div = r.temperature != 1.f;
+  if (r.cut.on) {
+    div ? backward_row_impl<true, true>(xr, dr, V, r) : backward_row_impl<true, false>(xr, dr, V, r);
+  } else {
+    div ? backward_row_impl<false, true>(xr, dr, V, r) : backward_row_impl<false, false>(xr, dr, V, r);
+  }
 }
 
 // The optional (B, T) float32 cut values / int64 cut indices, both present or both absent.
@@ -195,11 +351,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_cpu(
   dispatch_floating(x.scalar_type(), "gather_logprobs", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* x_p = x.data_ptr<scalar_t>();
-#pragma omp parallel if (N > 1)
-    {
+    // Rows of at least ~32K elements per task: below that the pool's start-up outweighs the work.
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       std::vector<float> buf(static_cast<size_t>(V));
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < N; ++i) {
+      for (int64_t i = begin; i < end; ++i) {
         RowStats r = logprob_row<scalar_t>(x_p + (i / Tn) * sb + (i % Tn) * st, V, y_p[i], use_div,
                                            temp, ignore_index, return_entropy, buf.data(),
                                            Cut{cv_p != nullptr, cv_p ? cv_p[i] : 0.f, ci_p ? ci_p[i] : 0});
@@ -208,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_logprobs_cpu(
         stats_p[2 * i] = r.max;
         stats_p[2 * i + 1] = r.log_sum;
       }
-    }
+    });
   });
   return {lp, ent, stats};
 }
@@ -242,50 +397,29 @@ at::Tensor gather_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     scalar_t* dx_p = dx.data_ptr<scalar_t>();
-#pragma omp parallel for schedule(static) if (N > 1)
-    for (int64_t i = 0; i < N; ++i) {
-      const scalar_t* xr = x_p + (i / Tn) * sb + (i % Tn) * st;
-      scalar_t* dr = dx_p + i * V;
-      const int64_t label = y_p[i];
-      const float row_max = stats_p[2 * i], log_sum = stats_p[2 * i + 1];
-      const float h = ent_p[i];
-      if (cv_p != nullptr) {  // filtered: kept tokens only; a label outside the set is a constant -inf
-        const Cut cut{true, cv_p[i], ci_p[i]};
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* xr = x_p + (i / Tn) * sb + (i % Tn) * st;
+        const int64_t label = y_p[i];
+        const Cut cut{cv_p != nullptr, cv_p ? cv_p[i] : 0.f, ci_p ? ci_p[i] : 0};
         bool has_label = label != ignore_index && label >= 0 && label < V;
-        has_label = has_label && kept(cut, to_float(xr[label]) / temp, label);
-        const float g_lp = has_label ? glp_p[i] : 0.f;
-        const float g_h = has_gh ? gh_p[i] : 0.f;
-#pragma omp simd
-        for (int64_t j = 0; j < V; ++j) {
-          const float z = to_float(xr[j]) / temp;
-          const bool k = z > cut.value || (z == cut.value && j <= cut.index);
-          float logp = (z - row_max) - log_sum;
-          float p = k ? fast_expf(logp) : 0.f;
-          float ent_term = p > 0.f ? p * (logp + h) : 0.f;
-          float dz = (has_label && j == label ? g_lp : 0.f) - g_lp * p - g_h * ent_term;
-          dr[j] = from_float<scalar_t>(dz / temp);
+        // filtered: kept tokens only; a label outside the set is a constant -inf
+        if (cut.on) has_label = has_label && kept(cut, to_float(xr[label]) / temp, label);
+        BackwardRow row{stats_p[2 * i], stats_p[2 * i + 1], ent_p[i], has_label ? glp_p[i] : 0.f,
+                        has_gh ? gh_p[i] : 0.f, temp, cut};
+        backward_row<scalar_t>(xr, dx_p + i * V, V, row);
+        if (has_label) {
+          const float z = to_float(xr[label]) / temp;
+          const float logp = (z - row.max) - row.log_sum;
+          const float p = fast_expf(logp);
+          const float ent_term = p > 0.f ? p * (logp + row.h) : 0.f;
+          // Unfiltered g_lp * (1 - p), filtered g_lp - g_lp * p: the formulas of the two loops
+          // before issue 23, kept.
+          const float a = cut.on ? fnmadd_s(row.g_lp, p, row.g_lp) : row.g_lp * (1.f - p);
+          dx_p[i * V + label] = from_float<scalar_t>(fnmadd_s(row.g_h, ent_term, a) / temp);
         }
-        continue;
       }
-      const bool has_label = label != ignore_index && label >= 0 && label < V;
-      const float g_lp = has_label ? glp_p[i] : 0.f;
-      const float g_h = has_gh ? gh_p[i] : 0.f;
-#pragma omp simd
-      for (int64_t j = 0; j < V; ++j) {
-        float logp = (to_float(xr[j]) / temp - row_max) - log_sum;
-        float p = fast_expf(logp);
-        float ent_term = p > 0.f ? p * (logp + h) : 0.f;
-        float dz = -g_lp * p - g_h * ent_term;
-        dr[j] = from_float<scalar_t>(dz / temp);
-      }
-      if (has_label) {
-        float logp = (to_float(xr[label]) / temp - row_max) - log_sum;
-        float p = fast_expf(logp);
-        float ent_term = p > 0.f ? p * (logp + h) : 0.f;
-        float dz = g_lp * (1.f - p) - g_h * ent_term;
-        dr[label] = from_float<scalar_t>(dz / temp);
-      }
-    }
+    });
   });
   return dx;
 }

@@ -49,3 +49,40 @@ static inline fVec vexp(const fVec& x) {
 }
 
 }  // namespace rlhf_fast
+
+namespace rlhf_fast {
+
+// exp(x) for x <= 0 (and -inf, NaN): what vexp returns there, bit for bit, with fewer operations,
+// for the forward sums of csrc/logprobs.cpp, whose arguments are z - max(z) <= 0 (issue 23: the
+// sums are bound by the exp's instruction count). Above 0 it is wrong (2^n overflows the exponent
+// field for n > 127): never call it there.
+//   - no upper clamp or inf blend: x <= 0 never reaches 88.7; the lower clamp is a max;
+//   - 2^n in one factor: n = round(x log2 e) is in [-126, 0] after the lower clamp, so
+//     (n + 127) << 23 is a normal float, and p * 2^n rounds the same exact product p * 2^n that
+//     vexp's (p * 2^(n >> 1)) * 2^(n - (n >> 1)) rounds (its first product is exact);
+//   - no NaN blend: a NaN x propagates through the polynomial (NaN * 2^n is NaN) and fails the
+//     x < lo test, so the result is a NaN (its payload may differ from x's).
+static inline fVec vexp_nonpos(const fVec& x) {
+  const fVec lo(-87.33654475f);
+  const fVec kLog2e(1.44269504088896341f), kMagic(12582912.0f);
+  const fVec kLn2Hi(0.693359375f), kLn2Lo(-2.12194440e-4f);
+  const fVec under = x < lo;
+  // x < lo ? lo : x (maxps(lo, x) on x86: one instruction where torch's AVX-512 blendv is three;
+  // a NaN x stays NaN on every level).
+  const fVec xc = at::vec::clamp_min(x, lo);
+  const fVec n = at::vec::fmadd(xc, kLog2e, kMagic) - kMagic;  // round(x * log2 e)
+  fVec r = at::vec::fnmadd(n, kLn2Hi, xc);
+  r = at::vec::fnmadd(n, kLn2Lo, r);
+  fVec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, fVec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, fVec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, fVec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, fVec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, fVec(5.0000001201e-1f));
+  p = at::vec::fmadd(p * r, r, r) + fVec(1.0f);
+  const iVec ni = at::vec::convert_to_int_of_same_size(n);
+  const fVec s = at::vec::cast<float>((ni + iVec(127)) << iVec(23));
+  return fVec::blendv(p * s, fVec(0.0f), under);
+}
+
+}  // namespace rlhf_fast
