@@ -39,8 +39,14 @@ from _common import device_info, print_table, write_record  # noqa: E402
 POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
+# Inherited from a parent that joined a process group (e.g. pytest after a distributed test): the two
+# stages must each pick their own free port and be rank 0 of their own 1-rank group.
+_DROP = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+         "LOCAL_WORLD_SIZE")
+
+
 def _env(policy: str, threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in _DROP}
     return {**env, **POLICIES[policy], "OMP_NUM_THREADS": str(threads)}
 
 
