@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python benchmarks/run_all.py --only logprob rlmath
-python benchmarks/run_all.py --isa avx2 --only logprob rlmath
+python benchmarks/run_all.py --isa avx2 --only rlmath
+# torch.compile's bf16 kernel (the dschat_compile baseline) segfaults inside inductor's generated code
+# when ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host (torch 2.13, 2026-12-02): AVX2 runs skip it.
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_logprob.py --no-compile
 python benchmarks/bench_contention.py
 if [ -x "${TRL_PYTHON:-/work/trlvenv/bin/python}" ]; then
   python benchmarks/peer_trl_ppo.py --batch 64 --resp-len 48 --minibatches 2 --epochs 4 --threads 1
