@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_info, print_table, write_record  # noqa: E402
 
-POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "short": {"GOMP_SPINCOUNT": "10000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 # Inherited from a parent that joined a process group (e.g. pytest after a distributed test): the two
