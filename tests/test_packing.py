@@ -421,3 +421,20 @@ def test_a_mask_with_a_hole_runs_padded():
         b = packed.logprobs(ids, mask, response_start=Q, return_entropy=True)
     resp = mask[:, Q:]
     assert torch.equal(a.logprobs[resp], b.logprobs[resp]) and torch.equal(a.values, b.values)
+
+
+
+def test_default_packing_falls_back_to_padded_loudly():
+    """``packing: null`` packs where the model can; where it cannot, the padded fallback is a
+    warning naming the field and the reason, never silent (``true`` is an error)."""
+    import types
+
+    from rlhf_fast.models.packing import resolve_packing
+
+    model = torch.nn.Linear(2, 2)
+    model.config = types.SimpleNamespace(_attn_implementation="not_a_packing_impl")
+    with pytest.warns(RuntimeWarning, match=r"ppo\.packing: running padded.*not_a_packing_impl"):
+        assert resolve_packing(None, model, field="ppo.packing") is False
+    with pytest.raises(ValueError, match=r"ppo\.packing"):
+        resolve_packing(True, model, field="ppo.packing")
+    assert resolve_packing(False, model, field="ppo.packing") is False

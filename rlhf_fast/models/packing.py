@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,7 +84,11 @@ def resolve_packing(setting: Optional[bool], model: nn.Module, *, field: str) ->
     """A stage's ``packing`` setting -> whether it packs: None (the default) packs when the model
     can, True requires it (``check_packable``), False keeps the padded layout."""
     if setting is None:
-        return packing_unsupported(model) is None
+        why = packing_unsupported(model)
+        if why is not None:  # the default asked for packing where possible: say that it is not
+            warnings.warn(f"{field}: running padded batches, {type(model).__name__} cannot pack: {why} "
+                          f"(set {field} false to silence this)", RuntimeWarning, stacklevel=2)
+        return why is None
     if setting:
         check_packable(model, field=field)
     return bool(setting)

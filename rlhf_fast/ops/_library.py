@@ -67,11 +67,11 @@ def isa_build(capability: str | None = None, machine: str | None = None) -> tupl
     (both default to this process's). An unknown capability gets the portable build."""
     capability = (capability or torch_cpu_capability()).upper()
     machine = machine or platform.machine()
-    if machine in ("x86_64", "AMD64"):
-        return _X86_ISAS.get(capability, _X86_ISAS["DEFAULT"])
-    if machine in ("aarch64", "arm64"):
-        return _ARM_ISAS.get(capability, _ARM_ISAS["DEFAULT"])
-    return ("default", ["-DCPU_CAPABILITY=DEFAULT"])
+    table = _X86_ISAS if machine in ("x86_64", "AMD64") else _ARM_ISAS if machine in ("aarch64", "arm64") else {}
+    if capability not in table:
+        warnings.warn(f"rlhf_fast: no C++ kernel build for CPU capability {capability!r} on {machine}; "
+                      "using the portable (unvectorised-ISA) build", RuntimeWarning, stacklevel=2)
+    return table.get(capability, table.get("DEFAULT", ("default", ["-DCPU_CAPABILITY=DEFAULT"])))
 
 
 def build_dir(isa: str | None = None) -> str:
