@@ -243,6 +243,8 @@ def rlhf_fast_overrides(args, inputs: dict) -> list[str]:
         "ppo.logging.progress_bar": "false",
         "ppo.seed": 1,
     }
+    if args.precision == "bf16":
+        o["ppo.deepspeed.dtype"] = "bf16"
     out = []
     for k, v in o.items():
         out += [f"--{k}", str(v)]
@@ -350,6 +352,10 @@ def main(argv=None):
     p.add_argument("--rm-steps", type=int, default=30)
     p.add_argument("--ours-old-logprobs", default="recompute", choices=("recompute", "rollout"),
                    help="rlhf_fast's ppo.old_logprobs (rollout: from the engine, as TRL)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32 on both sides (default), or bf16 on both: TRL's own default (OnPolicyConfig bf16, "
+                        "accelerate's autocast over fp32 weights) against rlhf_fast's ppo.deepspeed.dtype bf16 (bf16 "
+                        "weights, fp32 master copy in the optimizer)")
     p.add_argument("--replica-reps", type=int, default=3, help="bench_ppo.py repetitions (0: skip the replica)")
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
                                                          "rlhf_fast", "peer_trl_inputs"))
@@ -384,7 +390,7 @@ def main(argv=None):
     spec = {"policy_dir": inputs["policy_dir"], "reward_dir": inputs["reward_dir"], "prompts": inputs["prompts"],
             "batch": args.batch, "resp_len": args.resp_len, "minibatches": args.minibatches, "epochs": args.epochs,
             "iters": args.iters, "threads": args.threads, "temperature": 0.7, "kl_coef": 0.05, "lr": args.lr,
-            "adam_eps": 1e-5, "seed": 1, "missing_eos_penalty": 1.0,
+            "adam_eps": 1e-5, "seed": 1, "missing_eos_penalty": 1.0, "precision": args.precision,
             "overrides": rlhf_fast_overrides(args, inputs)}
     work = Path(tempfile.mkdtemp(prefix="peer_trl_ppo_"))
     runs = {"trl": [], "rlhf_fast": []}

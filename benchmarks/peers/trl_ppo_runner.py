@@ -82,7 +82,9 @@ def main(spec_path: str, out_path: str) -> None:
         learning_rate=spec["lr"],
         adam_epsilon=spec["adam_eps"],
         lr_scheduler_type="linear",
-        bf16=False,  # OnPolicyConfig's default is bf16 = not fp16 (mixed precision): fp32 as rlhf_fast
+        # OnPolicyConfig's default is bf16 = not fp16 (mixed precision: accelerate's autocast over fp32
+        # weights); --precision fp32 turns it off (as rlhf_fast's default), bf16 keeps TRL's default
+        bf16=spec.get("precision", "fp32") == "bf16",
         fp16=False,
         gradient_checkpointing=False,  # PPOTrainer.train never turns it on; explicit anyway
         num_sample_generations=0,  # no periodic sample generation inside the timed loop
