@@ -21,7 +21,7 @@ from rlhf_fast.models.heads import (
     shifted_labels,
 )
 from rlhf_fast.models.loading import Source, backbone_of, hidden_size_of, load_causal_lm
-from rlhf_fast.models.packing import packed_backbone
+from rlhf_fast.models.packing import attention_context, packed_backbone
 
 # Config attributes of architectures whose logits are not just lm_head(hidden) (Gemma-2
 # soft-capping, Cohere's logit scale): the hidden-state path would give wrong log-probs.
@@ -52,7 +52,9 @@ def run_backbone(backbone: nn.Module, input_ids, attention_mask, position_ids=No
         return hidden
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False)
+    with attention_context(backbone, input_ids.shape[1]):
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                       use_cache=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
