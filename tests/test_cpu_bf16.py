@@ -116,3 +116,35 @@ def test_bf16_ppo_update_first_ratio_exactly_one():
     assert float(first.ratio_mean) == 1.0 and float(first.ratio_max) == 1.0 and float(first.approxkl) == 0.0
     assert float(stats[-1].approxkl) != 0.0
     assert all(torch.isfinite(s.loss) for s in stats)
+
+
+@pytest.mark.parametrize("dtype,fast,warns", [("bf16", False, True), ("fp16", False, True), ("bf16", True, False),
+                                              ("fp32", False, False)])
+def test_reduced_precision_without_native_cpu_matmul_warns(dtype, fast, warns, monkeypatch, recwarn):
+    import warnings
+
+    from rlhf_fast.config import BatchPlan, DeepSpeedConfig
+    from rlhf_fast.trainers import deepspeed_setup as dss
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dss, "cpu_has_fast_matmul", lambda name: fast or name == "fp32")
+    warnings.simplefilter("always")
+    cfg = dss.deepspeed_config_dict(DeepSpeedConfig(dtype=dtype), BatchPlan(4, 2, 2, 1))
+    assert (dtype in cfg) == (dtype != "fp32")
+    msgs = [str(w.message) for w in recwarn.list if "matrix multiply" in str(w.message)]
+    assert bool(msgs) == warns, msgs
+    if warns:
+        assert f"deepspeed.dtype {dtype}" in msgs[0] and "fp32" in msgs[0]
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"), reason="x86 only")
+def test_cpu_without_avx512_bf16_is_detected():
+    """The probe follows oneDNN's ISA: held at AVX2, bf16 is not native (as on a Zen 3 / AVX2 CPU)."""
+    import subprocess
+    import sys
+
+    code = "from rlhf_fast.trainers.deepspeed_setup import cpu_has_fast_matmul as f; print(f('bf16'), f('fp32'))"
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]
