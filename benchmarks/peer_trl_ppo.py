@@ -442,7 +442,7 @@ def main(argv=None):
     for impl in ("trl", "rlhf_fast"):
         s = summary[impl]
         case = {"B": args.batch, "R": args.resp_len, "minibatches": args.minibatches, "epochs": args.epochs,
-                "arch": args.arch, "threads": args.threads}
+                "arch": args.arch, "threads": args.threads, "precision": args.precision}
         for ph in ("iteration_s", "rollout_s", "generate_s", "rollout_other_s", "update_s",
                    *[k for k in s if k.startswith("phase_")]):
             timing = {"p20_ms": s[ph]["p20"] * 1e3, "p50_ms": s[ph]["p50"] * 1e3, "p80_ms": s[ph]["p80"] * 1e3}

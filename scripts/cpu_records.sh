@@ -14,6 +14,11 @@ ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 py
 python benchmarks/bench_contention.py
 if [ -x "${TRL_PYTHON:-/work/trlvenv/bin/python}" ]; then
   python benchmarks/peer_trl_ppo.py --batch 64 --resp-len 48 --minibatches 2 --epochs 4 --threads 1
+  # both sides at bf16 (TRL's default precision): only meaningful where the CPU has native bf16 matmuls
+  if python -c "import sys, torch; sys.exit(0 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 1)"; then
+    python benchmarks/peer_trl_ppo.py --batch 64 --resp-len 48 --minibatches 2 --epochs 4 --threads 1 --precision bf16 \
+      --replica-reps 0
+  fi
 else
   echo "cpu_records.sh: no TRL venv (benchmarks/PEERS.md says how to make one): peer_trl_ppo skipped"
 fi
