@@ -99,6 +99,10 @@ DEVIATIONS = [
     "Prompt order: each trainer shuffles the prompts with its own RNG (same prompt set, other batches).",
     "TRL's loop runs gc.collect() twice per iteration and empty_cache(); rlhf_fast writes metrics.jsonl and "
     "samples.jsonl each iteration: both are part of each side's per-iteration time.",
+    "--precision bf16: TRL's bf16 (its default) is accelerate's autocast around the prepared PolicyAndValueWrapper, "
+    "i.e. the update's forwards; its rollout (generation, reference, value and reward forwards on the unwrapped "
+    "float32 models) stays float32. rlhf_fast's ppo.deepspeed.dtype bf16 holds the trained models in bf16 (float32 "
+    "master weights in DeepSpeed's optimizer) and the frozen ones in bf16, so its rollout runs in bf16 too.",
 ]
 
 
