@@ -12,9 +12,11 @@
 // The loops are written on at::vec::Vectorized<float> (csrc/vec_math.h), compiled once per ISA
 // level (rlhf_fast/ops/_library.py): gcc left the branchy `#pragma omp simd` loops scalar on AVX2
 // (issue 23: 3.5-4x slower than torch there). Every result is computed the same way on every level:
-//   - the sums keep kLanes = 16 logical lanes (one Vectorized on AVX-512, two on AVX2 / NEON-pairs,
-//     four on 128-bit NEON): element j of a 16-block always goes to lane j % 16, each lane is a
-//     Kahan sum, and the lanes are merged in double in lane order, then the < 16 tail in double;
+//   - the sums keep kLanes = 64 logical lanes (four Vectorized on AVX-512, eight on AVX2 /
+//     NEON-pairs): element j of a 64-block always goes to lane j % 64, each lane is a Kahan sum,
+//     and the lanes are merged in double in lane order, then the < 64 tail in double. 64 rather
+//     than 16 (issue 23): a block's exps run side by side (vexp_nonpos_n), several independent
+//     polynomial chains per iteration instead of one (AVX-512) or two (AVX2);
 //   - vexp (and vexp_nonpos on z - max <= 0) is bit-identical to the scalar fast_expf
 //     (csrc/vec_math.h; checked on 307M non-positive inputs per build), and the only multiply-adds
 //     are explicit (at::vec::fmadd / fnmadd, fnmadd_s below), so no result depends on where the
@@ -43,10 +45,10 @@
 namespace rlhf_fast {
 namespace {
 
-constexpr int64_t kLanes = 16;                  // logical lanes of the compensated sums
+constexpr int64_t kLanes = 64;                  // logical lanes of the compensated sums
 constexpr int64_t kW = fVec::size();            // floats per Vectorized on this ISA level
-constexpr int64_t kVecs = kLanes / kW;          // Vectorized per 16-block
-static_assert(kLanes % kW == 0, "16 logical lanes must be a whole number of Vectorized<float>");
+constexpr int64_t kVecs = kLanes / kW;          // Vectorized per kLanes-block
+static_assert(kLanes % kW == 0, "kLanes logical lanes must be a whole number of Vectorized<float>");
 
 template <typename T>
 constexpr bool kReduced = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
@@ -84,6 +86,68 @@ static inline fVec kept_vec(const Cut& c, const fVec& z, int64_t j0) {
   const fVec cv(c.value);
   const fVec lane = fVec::arange(0.f, 1.f);
   return (z > cv) | ((z == cv) & (lane <= fVec(r)));
+}
+
+// kW logits from p as float: a load (float32) or a load and an exact widening (bf16 / fp16).
+template <typename scalar_t>
+static inline fVec load_f(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return fVec::loadu(p);
+  } else {
+    fVec o;
+    at::vec::load_to_float<scalar_t>(p, o);
+    return o;
+  }
+}
+
+// Pass 1 at temperature 1 for float32 / bf16 / fp16 logits: the max (and min) of the row itself, no copy
+// (pass 2 reads the row again; a [V] bf16 row is half the bytes of a float buffer, and writing
+// that buffer cost more than widening twice, issue 23). Four accumulators so the loop is not
+// bound by the latency of one max chain. Each is `z > m ? z : m` lane for lane as in
+// load_row_max, and so is their merge: a NaN is skipped, and the max of the non-NaN values is the
+// same whatever the grouping (only which of +0 / -0 is kept when the max is 0 can change, which
+// moves no output but the sign of a zero). The min (NaN skipped too) tells pass 2 whether any
+// z - max can be below vexp's underflow bound (see finish_row).
+template <typename scalar_t>
+float row_max(const scalar_t* x, int64_t V, float* min_out) {
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  const float kInf = std::numeric_limits<float>::infinity();
+  fVec m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+  fVec n0(kInf), n1(kInf);
+  int64_t j = 0;
+  for (; j + 4 * kW <= V; j += 4 * kW) {
+    const fVec a = load_f(x + j), b = load_f(x + j + kW);
+    const fVec c = load_f(x + j + 2 * kW), d = load_f(x + j + 3 * kW);
+    m0 = at::vec::clamp_min(m0, a);
+    m1 = at::vec::clamp_min(m1, b);
+    m2 = at::vec::clamp_min(m2, c);
+    m3 = at::vec::clamp_min(m3, d);
+    // `z < mn ? z : mn` lane for lane (minps(z, mn)): a NaN z is skipped.
+    n0 = at::vec::clamp_max(at::vec::clamp_max(n0, a), c);
+    n1 = at::vec::clamp_max(at::vec::clamp_max(n1, b), d);
+  }
+  for (; j + kW <= V; j += kW) {
+    const fVec a = load_f(x + j);
+    m0 = at::vec::clamp_min(m0, a);
+    n0 = at::vec::clamp_max(n0, a);
+  }
+  m0 = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
+  n0 = at::vec::clamp_max(n0, n1);
+  float lanes[kW], lanes_n[kW];
+  m0.store(lanes);
+  n0.store(lanes_n);
+  float m = kNegInf, mn = kInf;
+  for (int64_t l = 0; l < kW; ++l) {
+    m = lanes[l] > m ? lanes[l] : m;
+    mn = lanes_n[l] < mn ? lanes_n[l] : mn;
+  }
+  for (; j < V; ++j) {
+    const float z = to_float(x[j]);
+    m = z > m ? z : m;
+    mn = z < mn ? z : mn;
+  }
+  *min_out = mn;
+  return m;
 }
 
 // Pass 1: the row as float (x / T) into buf, and its max. The max is clamp_min(m, z), on x86
@@ -150,27 +214,33 @@ float load_row_max(const scalar_t* x, int64_t V, bool use_div, float temperature
 // tests/test_gather_logprobs.py). Widening every term to double fixes that too but vectorises
 // worse (~1.4x the time); Kahan keeps one float SIMD loop. -O3 without -ffast-math keeps the
 // compensation.
-template <bool kCut, bool kEnt>
-void compensated_sums(const float* z, int64_t V, float m, const Cut& cut, double* s_out,
+template <bool kCut, bool kEnt, bool kUnder, typename scalar_t>
+void compensated_sums(const scalar_t* z, int64_t V, float m, const Cut& cut, double* s_out,
                       double* t_out) {
   const fVec zero(0.f), mv(m), neg_inf(-std::numeric_limits<float>::infinity());
   fVec s[kVecs], sc[kVecs], t[kVecs], tc[kVecs];
   for (int64_t v = 0; v < kVecs; ++v) s[v] = sc[v] = t[v] = tc[v] = zero;
   const int64_t V_main = V - V % kLanes;
   for (int64_t j0 = 0; j0 < V_main; j0 += kLanes) {
+    // The block's kVecs exps side by side (vexp_nonpos_n: vexp_nonpos's bits, interleaved).
+    fVec x[kVecs], d[kVecs], e[kVecs];
+#pragma GCC unroll 16
     for (int64_t v = 0; v < kVecs; ++v) {
-      const fVec x = fVec::loadu(z + j0 + v * kW);
-      fVec d = x - mv;
+      x[v] = load_f(z + j0 + v * kW);
+      d[v] = x[v] - mv;
       // A dropped token's d is -inf, its exp 0.
-      if constexpr (kCut) d = fVec::blendv(neg_inf, d, kept_vec(cut, x, j0 + v * kW));
-      const fVec e = vexp_nonpos(d);  // d <= 0: m is the max of these very values
-      const fVec ys = e - sc[v], ts = s[v] + ys;
+      if constexpr (kCut) d[v] = fVec::blendv(neg_inf, d[v], kept_vec(cut, x[v], j0 + v * kW));
+    }
+    vexp_nonpos_n<kVecs, kUnder>(d, e);  // d <= 0: m is the max of these very values
+#pragma GCC unroll 16
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const fVec ys = e[v] - sc[v], ts = s[v] + ys;
       sc[v] = (ts - s[v]) - ys;
       s[v] = ts;
       if constexpr (kEnt) {
         // exp(-inf) * -inf would be NaN: a -inf logit adds nothing. `& mask` is
         // blendv(0, e * d, mask) bit for bit (+0 is all zero bits), one instruction on every level.
-        const fVec ed = (e * d) & (e > zero);
+        const fVec ed = (e[v] * d[v]) & (e[v] > zero);
         const fVec yt = ed - tc[v], tt = t[v] + yt;
         tc[v] = (tt - t[v]) - yt;
         t[v] = tt;
@@ -191,7 +261,8 @@ void compensated_sums(const float* z, int64_t V, float m, const Cut& cut, double
   }
   const float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t j = V_main; j < V; ++j) {
-    const float d = (!kCut || kept(cut, z[j], j)) ? z[j] - m : kNegInf;
+    const float zj = to_float(z[j]);
+    const float d = (!kCut || kept(cut, zj, j)) ? zj - m : kNegInf;
     const float e = fast_expf(d);
     sd += static_cast<double>(e);
     if (kEnt) td += e > 0.f ? static_cast<double>(e * d) : 0.0;
@@ -200,21 +271,26 @@ void compensated_sums(const float* z, int64_t V, float m, const Cut& cut, double
   *t_out = td;
 }
 
-template <typename scalar_t>
-RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
-                     float temperature, int64_t ignore_index, bool want_entropy, float* buf,
-                     Cut cut) {
-  const float* z = nullptr;
-  const float m = load_row_max<scalar_t>(x, V, use_div, temperature, buf, &z);
+// Passes 2 and 3 of a row: the sums over z (the row as float, or float32 / bf16 / fp16 logits
+// read in place at temperature 1; their float values are the same either way) and the outputs.
+// no_under: the caller checked fl(min z - m) >= vexp's lower bound (-87.33654475, csrc/vec_math.h).
+// fl(z - m) is monotone in z, so then no z - m of the row is below it and vexp_nonpos's underflow
+// blend would select no lane: pass 2 leaves it out (same bits, three instructions less per vector
+// on AVX2). A -inf logit, a +inf max or a cut takes the general loop.
+template <typename zscalar_t>
+RowStats finish_row(const zscalar_t* z, float m, int64_t V, int64_t label, int64_t ignore_index,
+                    bool want_entropy, Cut cut, bool no_under) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   double s = 0.0, t = 0.0;
   if (cut.on) {
     // The entropy sum is kept whether or not it is asked for, as before (one loop per filter).
-    compensated_sums<true, true>(z, V, m, cut, &s, &t);
+    compensated_sums<true, true, true>(z, V, m, cut, &s, &t);
   } else if (want_entropy) {
-    compensated_sums<false, true>(z, V, m, cut, &s, &t);
+    no_under ? compensated_sums<false, true, false>(z, V, m, cut, &s, &t)
+             : compensated_sums<false, true, true>(z, V, m, cut, &s, &t);
   } else {
-    compensated_sums<false, false>(z, V, m, cut, &s, &t);
+    no_under ? compensated_sums<false, false, false>(z, V, m, cut, &s, &t)
+             : compensated_sums<false, false, true>(z, V, m, cut, &s, &t);
   }
   // A row with NaN: the max skips the NaN, the sum does not.
   const double log_s_d = std::log(s);
@@ -225,16 +301,34 @@ RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
   r.entropy = want_entropy ? static_cast<float>(log_s_d - t / s) : 0.f;
   if (label == ignore_index) {
     r.logprob = 0.f;
-  } else if (label >= 0 && label < V && cut.on && !kept(cut, z[label], label)) {
+  } else if (label >= 0 && label < V && cut.on && !kept(cut, to_float(z[label]), label)) {
     r.logprob = kNegInf;  // not in the kept set: the sampler could not have drawn it
   } else if (label >= 0 && label < V) {
     // (z - m) - log_s, not z - (m + log_s): a rounded lse of ~10 carries an absolute error of
     // ~5e-7, four times what torch's log_softmax has on log-probs of order 1.
-    r.logprob = (z[label] - m) - log_s;
+    r.logprob = (to_float(z[label]) - m) - log_s;
   } else {
     r.logprob = std::numeric_limits<float>::quiet_NaN();  // the Python layer rejects these first
   }
   return r;
+}
+
+template <typename scalar_t>
+RowStats logprob_row(const scalar_t* x, int64_t V, int64_t label, bool use_div,
+                     float temperature, int64_t ignore_index, bool want_entropy, float* buf,
+                     Cut cut) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (!use_div) {
+      // Temperature 1: z is x, read in place by both passes.
+      float mn = 0.f;
+      const float m = row_max(x, V, &mn);
+      const bool no_under = mn - m >= -87.33654475f;  // false for NaN (inf - inf)
+      return finish_row(x, m, V, label, ignore_index, want_entropy, cut, no_under);
+    }
+  }
+  const float* z = nullptr;
+  const float m = load_row_max<scalar_t>(x, V, use_div, temperature, buf, &z);
+  return finish_row(z, m, V, label, ignore_index, want_entropy, cut, false);
 }
 
 // Rows per parallel_for task: at least ~32K logits, so a batch of short rows is not split into

@@ -334,12 +334,19 @@ static inline void write_row(const float* a, const float* v, const float* m, int
   }
 }
 
-template <bool kStream, typename scalar_t>
+// G lane groups (G * W rows from r, rows of them real) side by side. The recurrence is one
+// dependent chain per group (running: a multiply, an add and a select per time step), so one
+// group at a time left the loop bound by that chain's latency (issue 23: AVX2, 8 rows per chain);
+// with G = 2 the two groups' steps interleave. Each lane's arithmetic is the same for any G.
+template <int G, bool kStream, typename scalar_t>
 static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, float* adv, float* ret, int64_t T,
-                      int64_t rows, float g, float gl, GaeStaging& st, fVec& probe) {
+                      int64_t rows, float g, float gl, GaeStaging* st, fVec& probe) {
   const fVec gv(g), glv(gl), zero(0.f);
-  fVec next_value(0.f);  // the value after the last valid token is 0
-  fVec running(0.f);     // the advantage of the next valid token
+  fVec next_value[G], running[G];
+  for (int k = 0; k < G; ++k) {
+    next_value[k] = zero;  // the value after the last valid token is 0
+    running[k] = zero;     // the advantage of the next valid token
+  }
   for (int64_t t1 = T; t1 > 0;) {
     const int64_t rem = t1 % kTB;
     const int64_t n = (t1 == T && rem != 0) ? rem : kTB;  // the first block taken holds the T % kTB tail
@@ -358,37 +365,50 @@ static void gae_group(const scalar_t* r, const scalar_t* v, const uint8_t* m, fl
         __builtin_prefetch(m + l * T + t0 - 1);
       }
     }
-    for (int64_t l = 0; l < W; ++l) {
-      if (l < rows) {
-        stage_segment(r + l * T + t0, n, st.r + l * kLd, len);
-        stage_segment(v + l * T + t0, n, st.v + l * kLd, len);
-        stage_mask(m + l * T + t0, n, st.m + l * kLd, len);
-      } else {
-        std::fill(st.m + l * kLd, st.m + l * kLd + len, 0.f);
-        std::fill(st.r + l * kLd, st.r + l * kLd + len, 0.f);
-        std::fill(st.v + l * kLd, st.v + l * kLd + len, 0.f);
+    for (int k = 0; k < G; ++k) {
+      GaeStaging& sk = st[k];
+      for (int64_t l = 0; l < W; ++l) {
+        const int64_t row = k * W + l;
+        if (row < rows) {
+          stage_segment(r + row * T + t0, n, sk.r + l * kLd, len);
+          stage_segment(v + row * T + t0, n, sk.v + l * kLd, len);
+          stage_mask(m + row * T + t0, n, sk.m + l * kLd, len);
+        } else {
+          std::fill(sk.m + l * kLd, sk.m + l * kLd + len, 0.f);
+          std::fill(sk.r + l * kLd, sk.r + l * kLd + len, 0.f);
+          std::fill(sk.v + l * kLd, sk.v + l * kLd + len, 0.f);
+        }
       }
     }
     for (int64_t j0 = len - W; j0 >= 0; j0 -= W) {
-      rlvec::transpose_tile(st.r + j0, kLd, st.tr, W);
-      rlvec::transpose_tile(st.v + j0, kLd, st.tv, W);
-      rlvec::transpose_tile(st.m + j0, kLd, st.tm, W);
-      for (int64_t j = W - 1; j >= 0; --j) {
-        const fVec valid = fVec::loadu(st.tm + j * W);
-        const fVec value = fVec::loadu(st.tv + j * W);
-        const fVec reward = fVec::loadu(st.tr + j * W);
-        probe = probe + rlvec::select(valid, rlvec::nonfinite_probe(reward) + rlvec::nonfinite_probe(value), zero);
-        const fVec a = reward + gv * next_value - value + glv * running;
-        running = rlvec::select(valid, a, running);  // a hole: the carries pass across it
-        next_value = rlvec::select(valid, value, next_value);
-        rlvec::select(valid, a, zero).store(st.ta + j * W);
+      for (int k = 0; k < G; ++k) {
+        rlvec::transpose_tile(st[k].r + j0, kLd, st[k].tr, W);
+        rlvec::transpose_tile(st[k].v + j0, kLd, st[k].tv, W);
+        rlvec::transpose_tile(st[k].m + j0, kLd, st[k].tm, W);
       }
-      rlvec::transpose_tile(st.ta, W, st.a + j0, kLd);
+      for (int64_t j = W - 1; j >= 0; --j) {
+#pragma GCC unroll 2
+        for (int k = 0; k < G; ++k) {
+          const fVec valid = fVec::loadu(st[k].tm + j * W);
+          const fVec value = fVec::loadu(st[k].tv + j * W);
+          const fVec reward = fVec::loadu(st[k].tr + j * W);
+          probe = probe + rlvec::select(valid, rlvec::nonfinite_probe(reward) + rlvec::nonfinite_probe(value), zero);
+          const fVec a = reward + gv * next_value[k] - value + glv * running[k];
+          running[k] = rlvec::select(valid, a, running[k]);  // a hole: the carries pass across it
+          next_value[k] = rlvec::select(valid, value, next_value[k]);
+          rlvec::select(valid, a, zero).store(st[k].ta + j * W);
+        }
+      }
+      for (int k = 0; k < G; ++k) rlvec::transpose_tile(st[k].ta, W, st[k].a + j0, kLd);
     }
     // Back in row order: advantages, and returns = advantage + value on valid tokens (the same
     // float addition as in the lanes, one transpose fewer). Vector copies: gcc inlined a memcpy
     // here as `rep movsq`, 40% of the time.
-    for (int64_t l = 0; l < rows; ++l) write_row<kStream>(st.a + l * kLd, st.v + l * kLd, st.m + l * kLd, n, adv + l * T + t0, ret + l * T + t0);
+    for (int64_t row = 0; row < rows; ++row) {
+      const GaeStaging& sk = st[row / W];
+      const int64_t l = row % W;
+      write_row<kStream>(sk.a + l * kLd, sk.v + l * kLd, sk.m + l * kLd, n, adv + row * T + t0, ret + row * T + t0);
+    }
     t1 = t0;
   }
 }
@@ -421,16 +441,20 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     // traffic): gae at [256, 8192], one thread, 5.4 -> 2.6 ms of CPU time (issue 23).
     const bool stream = B * T >= (int64_t{1} << 20);
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-      GaeStaging st;  // per thread, on its stack
+      GaeStaging st[2];  // per thread, on its stack
       fVec probe(0.f);
-      for (int64_t grp = g0; grp < g1; ++grp) {
+      for (int64_t grp = g0; grp < g1;) {
         const int64_t off = grp * W * T;
-        const int64_t rows = std::min<int64_t>(W, B - grp * W);
-        if (stream) {
-          gae_group<true>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
+        const int64_t pair = grp + 1 < g1 ? 2 : 1;  // two groups side by side where the task has them
+        const int64_t rows = std::min<int64_t>(pair * W, B - grp * W);
+        if (pair == 2) {
+          stream ? gae_group<2, true>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe)
+                 : gae_group<2, false>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
         } else {
-          gae_group<false>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
+          stream ? gae_group<1, true>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe)
+                 : gae_group<1, false>(r_p + off, v_p + off, m_p + off, a_p + off, q_p + off, T, rows, g, gl, st, probe);
         }
+        grp += pair;
       }
       if (stream) rlvec::stream_fence();
       if (rlvec::any_nan(probe)) inputs_finite.store(false, std::memory_order_relaxed);

@@ -86,3 +86,66 @@ static inline fVec vexp_nonpos(const fVec& x) {
 }
 
 }  // namespace rlhf_fast
+
+namespace rlhf_fast {
+
+#if defined(__GNUC__) || defined(__clang__)
+#define RLHF_FAST_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define RLHF_FAST_FORCE_INLINE inline
+#endif
+
+// vexp_nonpos on K independent vectors, step by step across them (each step for x[0 .. K-1], then
+// the next step): every lane gets vexp_nonpos's operations (2^n by an exact integer identity, below),
+// so the results are its bits (and fast_expf's: compared on every 5th non-positive float bit
+// pattern, 429M inputs, at AVX-512, AVX2 and the portable level, both kUnder variants, issue 23). The polynomial is one long dependent chain per vector, and
+// one vector at a time left the forward sums of csrc/logprobs.cpp bound by that latency rather than
+// by the FP pipes (issue 23); K chains side by side in program order keep the pipes busy.
+// Forced inline: gcc left it an out-of-line call (its arrays through memory, a vzeroupper per
+// block), slower than the one-vector loop.
+// kUnder = false: the caller knows no x is below lo (x >= lo or NaN), so the underflow blend,
+// which would select nothing, is left out (csrc/logprobs.cpp checks this per row from the row's
+// min). 2^n is built from the bits of t = x log2 e + 1.5 * 2^23, whose low mantissa bits hold n
+// (n in [-126, 0]): t_bits << 23 is n << 23 modulo 2^32 (the bits of 1.5 * 2^23 shift out), so
+// (t_bits << 23) + (127 << 23) is vexp_nonpos's (n + 127) << 23 without the float -> int convert.
+template <int K, bool kUnder = true>
+static RLHF_FAST_FORCE_INLINE void vexp_nonpos_n(const fVec* x, fVec* out) {
+  const fVec lo(-87.33654475f);
+  const fVec kLog2e(1.44269504088896341f), kMagic(12582912.0f);
+  const fVec kLn2Hi(0.693359375f), kLn2Lo(-2.12194440e-4f);
+  fVec xc[K], t[K], n[K], r[K], p[K];
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) xc[k] = at::vec::clamp_min(x[k], lo);
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) t[k] = at::vec::fmadd(xc[k], kLog2e, kMagic);
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) n[k] = t[k] - kMagic;
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) r[k] = at::vec::fnmadd(n[k], kLn2Hi, xc[k]);
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) r[k] = at::vec::fnmadd(n[k], kLn2Lo, r[k]);
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(fVec(1.9875691500e-4f), r[k], fVec(1.3981999507e-3f));
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], r[k], fVec(8.3334519073e-3f));
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], r[k], fVec(4.1665795894e-2f));
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], r[k], fVec(1.6666665459e-1f));
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k], r[k], fVec(5.0000001201e-1f));
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) p[k] = at::vec::fmadd(p[k] * r[k], r[k], r[k]) + fVec(1.0f);
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) {
+    const iVec tb = at::vec::cast<int32_t>(t[k]);
+    const fVec s = at::vec::cast<float>((tb << iVec(23)) + iVec(127 << 23));
+    if constexpr (kUnder) {
+      out[k] = fVec::blendv(p[k] * s, fVec(0.0f), x[k] < lo);
+    } else {
+      out[k] = p[k] * s;
+    }
+  }
+}
+
+}  // namespace rlhf_fast

@@ -7,7 +7,7 @@ itself runs at (``ATEN_CPU_CAPABILITY`` lowers it). This test runs the op in sub
 filtered (top-k / top-p) and backward, float32 and bfloat16, and compares with this process's
 build:
 
-- AVX2 against AVX-512: bit-identical (csrc/logprobs.cpp: 16 logical Kahan lanes on every level,
+- AVX2 against AVX-512: bit-identical (csrc/logprobs.cpp: 64 logical Kahan lanes on every level,
   vexp == fast_expf, explicit multiply-adds);
 - the portable build (no FMA): within the numerical contract against the float64 reference
   (docs/architecture.md, "Numerical contract").
