@@ -194,6 +194,25 @@ def test_gae_vs_reference(case):
     assert_no_worse_than_baseline("returns", ret, o_ret, b_ret, atol=atol_for(o_ret))
 
 
+@given(rl_cases(max_b=80, max_t=40))
+@example(dict(B=64, T=33, dtype=torch.float32, kind="holes", gamma=0.99, lam=0.95, seed=3))
+@settings(max_examples=25, deadline=None)
+def test_gae_wide_batches_vs_reference_and_row_alone(case):
+    """Batches wide enough for the kernel's paired lane groups (two groups of W rows per recurrence
+    step in csrc/rlmath.cpp: 32+ rows on AVX-512, 16+ on AVX2) and the row tail: the contract
+    against float64, and every row gives the bits it gives alone."""
+    r, v, m, _ = tensors(case, scale=2.0)
+    g, lam = case["gamma"], case["lam"]
+    adv, ret = ops.gae(r, v, m, gamma=g, lam=lam)
+    o_adv, o_ret = ref.gae(r, v, m, gamma=g, lam=lam, compute_dtype=torch.float64)
+    b_adv, b_ret = ref.gae(r, v, m, gamma=g, lam=lam, compute_dtype=torch.float32)
+    assert_no_worse_than_baseline("advantages", adv, o_adv, b_adv, atol=atol_for(o_adv))
+    assert_no_worse_than_baseline("returns", ret, o_ret, b_ret, atol=atol_for(o_ret))
+    for i in {0, case["B"] // 2, case["B"] - 1}:
+        a1, r1 = ops.gae(r[i : i + 1], v[i : i + 1], m[i : i + 1], gamma=g, lam=lam)
+        assert torch.equal(a1[0], adv[i]) and torch.equal(r1[0], ret[i]), i
+
+
 @given(rl_cases(), hst.sampled_from(ESTIMATORS),
        hst.sampled_from([None, 0.5, 10.0]))
 @example(dict(B=2, T=1, dtype=torch.float32, kind="holes", gamma=0.0, lam=0.0, seed=0), "k3", None)
