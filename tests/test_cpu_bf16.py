@@ -67,6 +67,32 @@ def test_bf16_forward_runs_math_attention_and_float32_flash(packed):
         assert (FLASH in names) == flash_expected, (dtype, sorted(n for n in names if "attention" in n))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_sft_bf16_forward_runs_math_attention(packed):
+    """SFT calls its engine's causal LM directly (trainers/sft.py): the same context applies."""
+    from rlhf_fast.models.heads import position_ids_from_mask
+    from rlhf_fast.trainers.sft import SFTTrainer
+
+    batch = _rollout(4)
+    ids, mask = batch.sequences, batch.attention_mask
+    for dtype, flash_expected in ((torch.bfloat16, False), (torch.float32, True)):
+        lm = _policy(dtype).model
+
+        class Engine:
+            module = lm
+
+            def __call__(self, **kw):
+                return lm(**kw)
+
+        fake = type("T", (), {"engine": Engine(), "packing": packed})()
+        inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(~mask.bool(), -100),
+                      position_ids=position_ids_from_mask(mask))
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            logits, _ = SFTTrainer._logits_and_targets(fake, inputs)
+        assert torch.isfinite(logits.float()).all()
+        assert (FLASH in {e.key for e in prof.key_averages()}) == flash_expected, dtype
+
+
 def _logprobs_and_grads(policy, batch):
     out = policy.logprobs(batch.sequences, batch.attention_mask, response_start=batch.response_start)
     m = batch.response_mask

@@ -19,7 +19,7 @@ from rlhf_fast.config import SFTConfig
 from rlhf_fast.data import IGNORE_INDEX, SFTDataset
 from rlhf_fast.models import Policy, load_causal_lm, lora, resize_embeddings_for_tokenizer
 from rlhf_fast.models.loading import backbone_of
-from rlhf_fast.models.packing import packed_lm_batch, plan_for, resolve_packing
+from rlhf_fast.models.packing import attention_context, packed_lm_batch, plan_for, resolve_packing
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 
@@ -97,10 +97,12 @@ class SFTTrainer(DatasetStageTrainer):
         if plan is not None:  # None: padded (packing off, or a mask with a hole)
             kwargs, labels = packed_lm_batch(plan, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                              ignore_index=IGNORE_INDEX)
-            out = self.engine(**kwargs)
+            with attention_context(self.engine.module, plan.width):
+                out = self.engine(**kwargs)
             return (out.logits if hasattr(out, "logits") else out[0]), labels
-        out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          position_ids=batch["position_ids"], use_cache=False)
+        with attention_context(self.engine.module, batch["input_ids"].shape[1]):
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], use_cache=False)
         logits = out.logits if hasattr(out, "logits") else out[0]
         # the first token of a left-padded sequence is predicted by a pad state: not a target
         # (``units`` does not count it either; with loss_on "all" its label is set)
