@@ -206,13 +206,15 @@ class Precision:
     frozen_dtype: Optional[torch.dtype]
     train_section: dict
     inference_section: dict
+    cpu_matmul_probe: Optional[str] = None  # torch.ops.mkldnn's support probe (cpu_has_fast_matmul)
 
 
 PRECISIONS: Registry[Precision] = Registry("precision")
 PRECISIONS.register("fp32")(Precision(None, {}, {}))
-PRECISIONS.register("bf16")(Precision(torch.bfloat16, {"bf16": {"enabled": True}}, {"bf16": {"enabled": True}}))
+PRECISIONS.register("bf16")(Precision(torch.bfloat16, {"bf16": {"enabled": True}}, {"bf16": {"enabled": True}},
+                                      cpu_matmul_probe="_is_mkldnn_bf16_supported"))
 PRECISIONS.register("fp16")(Precision(torch.float16, {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}},
-                                      {"fp16": {"enabled": True}}))
+                                      {"fp16": {"enabled": True}}, cpu_matmul_probe="_is_mkldnn_fp16_supported"))
 
 
 def cpu_has_fast_matmul(dtype_name: str) -> bool:
@@ -222,11 +224,11 @@ def cpu_has_fast_matmul(dtype_name: str) -> bool:
     them torch converts: bf16 matmuls measured ~40x slower than float32 with the ISA held at AVX2
     (2-core AMD EPYC Zen 5, torch 2.13: 2.4 vs 99 GFLOP/s at 800 x 256 x 768), ~4x faster with
     avx512_bf16. A torch without these probes counts as supported (no warning on a guess)."""
-    if dtype_name == "fp32":
+    probe = PRECISIONS[dtype_name].cpu_matmul_probe
+    if probe is None:  # float32
         return True
-    name = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[dtype_name]
     try:
-        return bool(getattr(torch.ops.mkldnn, name)())
+        return bool(getattr(torch.ops.mkldnn, probe)())
     except (AttributeError, RuntimeError):
         return True
 
