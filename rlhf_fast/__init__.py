@@ -9,4 +9,10 @@ overrides), ``rlhf_fast.trainers.pipeline.run_pipeline`` for all three, and the 
 
 from rlhf_fast import _threads  # noqa: F401  (first: OpenMP's wait policy is fixed when torch loads)
 
+import sys as _sys
+
+from rlhf_fast._source_folders import map_source_folders as _map_source_folders
+
+_map_source_folders(_sys.modules[__name__])  # rlhf_fast.kernels / rlhf_fast._csrc in a checkout
+
 __version__ = "0.1.0"
