@@ -34,10 +34,18 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast._rlmath_checks import KL_ESTIMATORS
+#: constexpr code of each KL estimator ``_kl_value`` implements (a table, not derived from the one
+#: list ``_rlmath_checks.KL_ESTIMATORS``: a name added there without its branch here has no code, and
+#: ``tests/test_rlmath_ops.py`` fails until both agree; a code without a branch fails to compile)
+ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2}
 
-#: constexpr code of each KL estimator: its index in the one list (the kernels branch on 0, 1, 2)
-ESTIMATOR_CODES = {name: code for code, name in enumerate(KL_ESTIMATORS)}
+
+def _estimator_code(name: str) -> int:
+    try:
+        return ESTIMATOR_CODES[name]
+    except KeyError:
+        raise ValueError(f"KL estimator {name!r} has no Triton branch (kernels/rlmath.py: _kl_value, "
+                         f"ESTIMATOR_CODES {sorted(ESTIMATOR_CODES)})") from None
 
 
 @triton.jit
@@ -48,6 +56,7 @@ def _kl_value(lp, ref, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
     elif ESTIMATOR == 1:
         k = 0.5 * d * d
     else:
+        tl.static_assert(ESTIMATOR == 2, "unknown KL estimator code (kernels/rlmath.py ESTIMATOR_CODES)")
         k = tl.exp(-d) + d - 1.0
     if HAS_CLAMP:
         k = tl.minimum(tl.maximum(k, -clamp), clamp)
@@ -194,7 +203,7 @@ def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
     n = lp.numel()
     if n:
         _kl_penalty_kernel[(triton.cdiv(n, _FLAT_BLOCK),)](
-            lp, ref, out, n, float(clamp or 0.0), BLOCK=_FLAT_BLOCK, ESTIMATOR=ESTIMATOR_CODES[estimator],
+            lp, ref, out, n, float(clamp or 0.0), BLOCK=_FLAT_BLOCK, ESTIMATOR=_estimator_code(estimator),
             HAS_CLAMP=clamp is not None,
         )
     return out
@@ -211,7 +220,7 @@ def shape_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef: float, esti
     _shape_rewards_kernel[(B,)](
         scores.contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(), _u8(mask), rewards, kl, T,
         float(kl_coef), float(clamp or 0.0), BLOCK_T=_row_block(T, logprobs.device),
-        ESTIMATOR=ESTIMATOR_CODES[estimator], HAS_CLAMP=clamp is not None,
+        ESTIMATOR=_estimator_code(estimator), HAS_CLAMP=clamp is not None,
     )
     return rewards, kl
 

@@ -12,6 +12,7 @@ python3 -m venv .lock-venv
 python -m pip install -q --upgrade pip
 bash scripts/install.sh --dev --latest
 export RLHF_FAST_BUILD_DIR="$PWD/.ci-build" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export TORCH_EXTENSIONS_DIR="$PWD/.lock-venv/torch_extensions"  # DeepSpeed's JIT ops per venv (.ci/run says why)
 bash scripts/test.sh --installed "$@"
 python scripts/dev_requirements.py --freeze > constraints.txt
 echo "scripts/update_lock.sh: the suite passed; constraints.txt rewritten (git diff constraints.txt)"

@@ -147,6 +147,25 @@ def test_auto_rule_and_construction_checks():
         build_decoders("vllm", _ctx(model))
 
 
+def test_a_decoder_declares_its_auto_preference(monkeypatch):
+    """"auto" reads each decoder's declared preference, never its name: a decoder registered from this
+    file that prefers the CPU (rank above the base) is built under "auto" and chosen on a CPU, not on
+    CUDA (where "compiled" ranks higher); without a preference it is never built under "auto"."""
+    from rlhf_fast.engine.generator import AutoPreference
+
+    model = _model("llama")
+    assert "test_arithmetic" not in build_decoders("auto", _ctx(model))  # ArithmeticDecoder declares none
+    monkeypatch.setattr(ArithmeticDecoder, "auto", AutoPreference(devices=("cpu",), rank=5), raising=False)
+    built = build_decoders("auto", _ctx(model))
+    assert set(built) == {"eager", "compiled", "test_arithmetic"}
+    assert auto_path(torch.device("cpu"), built, EngineStats()) == "test_arithmetic"
+    assert auto_path(torch.device("cuda"), built, EngineStats()) == "compiled"
+    # a second "any device" decoder makes the base ambiguous: named, not guessed
+    monkeypatch.setattr(ArithmeticDecoder, "auto", AutoPreference(devices=("*",), rank=5), raising=False)
+    with pytest.raises(ValueError, match=r"exactly one registered decoder .* found \['eager', 'test_arithmetic'\]"):
+        build_decoders("auto", _ctx(model))
+
+
 def test_registry_is_shared_with_algos():
     from rlhf_fast._registry import Registry
     from rlhf_fast.algos.registry import Registry as AlgosRegistry

@@ -185,6 +185,13 @@ class GenerationConfig:
     ``stop_during_generation`` and ``stop_at_eos`` false (rows sampled to full length)."""
     max_batch_size: int = 256
     """Rows decoded at once by the engine (a larger rollout is decoded in chunks)."""
+    backend: str = "hybrid"
+    """What generates the rollouts (``rlhf_fast.engine.backend_names()``; docs/architecture.md,
+    "Generation backends"): "hybrid" (default) — this project's engine on the live training
+    weights, whose log-probs are the trainer's own numbers; "hf_generate" — Hugging Face
+    ``generate`` on a copy of the weights synced after every update (the shape of a separate
+    inference engine such as vLLM): its log-probs are not the trainer's, so ``ppo.old_logprobs``
+    must be "recompute" and the gap is logged as ``generation/logprob_gap_max``."""
     decode: str = "auto"
     """The engine's decode path (``rlhf_fast.engine.decode_modes()``: "auto" and every registered
     decoder, docs/architecture.md "Generation"): "compiled" (static cache, torch.compile'd step, CUDA graphs on
@@ -350,6 +357,15 @@ def _decode_modes() -> tuple[str, ...]:
 _CHECKS[(GenerationConfig, "decode")] = (lambda v: v in _decode_modes(),
                                          "a decode path: auto, eager, static, compiled or one registered in "
                                          "rlhf_fast.engine.DECODERS")
+def _backend_names() -> tuple[str, ...]:
+    from rlhf_fast.engine import backend_names  # the engine's registry (imported on use: it loads transformers)
+
+    return backend_names()
+
+
+_CHECKS[(GenerationConfig, "backend")] = (lambda v: v in _backend_names(),
+                                          "a generation backend: hybrid, hf_generate or one registered in "
+                                          "rlhf_fast.engine.BACKENDS")
 _CHECKS[(GenerationConfig, "temperature")] = (lambda v: v > 0, _POSITIVE)
 _CHECKS[(GenerationConfig, "top_k")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
 _CHECKS[(GenerationConfig, "top_p")] = (lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -383,6 +399,11 @@ def _check_logprob_distribution(cfg: "PPOConfig", path: str) -> None:
                          f"from {path}.generation.temperature ({g.temperature}): the top-p set depends on the "
                          "temperature, so the log-probs would not be under the distribution the tokens were drawn from")
     if cfg.old_logprobs == "rollout":
+        from rlhf_fast.engine import BACKENDS  # imported on use, as above
+
+        if not BACKENDS[g.backend].logprobs_match_trainer:
+            raise ValueError(f"{path}.old_logprobs 'rollout' takes the engine's log-probs as the trainer's, but "
+                             f"{path}.generation.backend {g.backend!r} computes them with other code: use 'recompute'")
         if hp.temperature != g.temperature or top_k != g.top_k or top_p != g.top_p:
             raise ValueError(f"{path}.old_logprobs 'rollout' takes the engine's log-probs, drawn at "
                              f"{path}.generation.temperature / top_k / top_p ({g.temperature} / {g.top_k} / {g.top_p}); "

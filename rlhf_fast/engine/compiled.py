@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_fast.engine.generator import DECODERS, Decoder, DecoderContext
+from rlhf_fast.engine.generator import DECODERS, AutoPreference, Decoder, DecoderContext
 from rlhf_fast.engine.sampling import SamplingParams
 from rlhf_fast.engine.static import StaticDecoder, _State, _View
 
@@ -45,6 +45,8 @@ class CompiledDecoder(StaticDecoder):
     without paying for code generation). fallback: the decoder a failed first compile hands the
     chunk to (None: raise).
     """
+
+    auto = AutoPreference(devices=("cuda",), rank=10, compiles=True, takes_fallback=True)  # on CPU no launches to save
 
     def __init__(self, ctx: DecoderContext, *, fallback: Optional[Decoder] = None):
         super().__init__(ctx)

@@ -20,7 +20,7 @@ import torch
 
 from rlhf_fast.engine import cache as kv
 from rlhf_fast.engine import prefix_share
-from rlhf_fast.engine.generator import DECODERS, DecoderContext
+from rlhf_fast.engine.generator import DECODERS, AutoPreference, DecoderContext
 from rlhf_fast.engine.sampling import SamplingParams, sample_next
 
 
@@ -44,6 +44,8 @@ class _Live:
 @DECODERS.register("eager")
 class EagerDecoder:
     """The step loop with filled-prefix attention and compaction of finished rows (module docstring)."""
+
+    auto = AutoPreference(devices=("*",), rank=0)  # decode="auto": anywhere; the others' fallback
 
     def __init__(self, ctx: DecoderContext):
         self.ctx = ctx

@@ -68,6 +68,10 @@ class EngineStats:
     """rows whose prefill was a copy of an identical row's (group sampling, ``engine/prefix_share.py``)."""
     decode: str = ""
     compile_error: Optional[str] = None
+    weight_syncs: int = 0
+    """``on_weights_updated`` calls that copied weights (a backend with its own copy; 0 for the hybrid engine)."""
+    weight_sync_bytes: int = 0
+    """bytes those syncs copied, in all."""
 
 
 @runtime_checkable
@@ -82,9 +86,13 @@ class Generator(Protocol):
        next ``generate`` (also after loading a checkpoint into the policy).
 
     ``stats`` holds the backend's counters (``EngineStats``), read by tests and logs.
+    ``logprobs_match_trainer``: the returned log-probs are the trainer's own numbers (same weights,
+    same model code, same sampler filter; the hybrid engine), so the trainer may take them as the
+    old log-probs (``ppo.old_logprobs: rollout``); False: the trainer recomputes them and logs the gap.
     """
 
     stats: EngineStats
+    logprobs_match_trainer: bool
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  params: SamplingParams) -> GenerationOutput:
@@ -155,11 +163,35 @@ class Decoder(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class AutoPreference:
+    """How decode="auto" treats a registered decoder (its class attribute ``auto``; None: never).
+
+    devices: the device types (``torch.device.type``) on which "auto" may choose it; ``("*",)``:
+        any. Exactly one registered decoder has ``("*",)``: the base every "auto" engine builds,
+        which the others fall back to.
+    rank: among the built decoders that may run on a call's device, the highest rank is taken.
+    compiles: the decoder compiles its step; once a compile failed (``stats.compile_error``) "auto"
+        passes it over.
+    takes_fallback: built with ``fallback=`` the base decoder (it hands a chunk it cannot decode
+        to it, as ``compiled.CompiledDecoder`` does when compiling fails).
+    """
+
+    devices: tuple[str, ...]
+    rank: int
+    compiles: bool = False
+    takes_fallback: bool = False
+
+    def runs_on(self, device: torch.device) -> bool:
+        return "*" in self.devices or device.type in self.devices
+
+
 class DecoderType(Protocol):
     """A registered decoder class: built from a context, and able to say in advance why it cannot
-    run with one (a model without a static cache, ZeRO-3 parameters a compiler cannot trace).
-    ``compiled.CompiledDecoder`` also takes ``fallback=``: ``build_decoders`` passes the eager
-    decoder under decode="auto"."""
+    run with one (a model without a static cache, ZeRO-3 parameters a compiler cannot trace), and
+    whether decode="auto" may choose it (``auto``, an ``AutoPreference`` or None)."""
+
+    auto: Optional[AutoPreference]
 
     def __call__(self, ctx: DecoderContext) -> Decoder:
         ...
@@ -178,12 +210,21 @@ def decode_modes() -> tuple[str, ...]:
     return ("auto", *DECODERS.names())
 
 
+def _auto_base() -> str:
+    """The one registered decoder "auto" may run on any device (the others' fallback)."""
+    bases = [n for n in DECODERS if getattr(DECODERS[n], "auto", None) and "*" in DECODERS[n].auto.devices]
+    if len(bases) != 1:
+        raise ValueError(f"exactly one registered decoder must declare AutoPreference(devices=('*',), ...); "
+                         f"found {bases}")
+    return bases[0]
+
+
 def build_decoders(decode: str, ctx: DecoderContext) -> dict[str, Decoder]:
     """The decoders an engine with ``decode=`` may use, built once (name -> decoder).
 
-    A named path is built alone and raises if it cannot run with ``ctx``. "auto" builds "eager"
-    and, when it can run, "compiled" with the eager decoder as its fallback if compiling fails;
-    ``auto_path`` picks between them per call."""
+    A named path is built alone and raises if it cannot run with ``ctx``. "auto" builds the base
+    decoder and every other decoder whose ``auto`` preference is set and that can run with ``ctx``
+    (those that take a fallback get the base); ``auto_path`` picks among them per call."""
     if decode not in decode_modes():
         raise ValueError(f"decode must be one of {decode_modes()}, got {decode!r}")
     if decode != "auto":
@@ -191,15 +232,24 @@ def build_decoders(decode: str, ctx: DecoderContext) -> dict[str, Decoder]:
         if reason:
             raise ValueError(f"decode={decode!r} {reason}")
         return {decode: DECODERS[decode](ctx)}
-    built = {"eager": DECODERS["eager"](ctx)}
-    if DECODERS["compiled"].unsupported(ctx) is None:
-        built["compiled"] = DECODERS["compiled"](ctx, fallback=built["eager"])
+    base = _auto_base()
+    built = {base: DECODERS[base](ctx)}
+    for name in DECODERS:
+        cls = DECODERS[name]
+        pref = getattr(cls, "auto", None)
+        if name == base or pref is None or cls.unsupported(ctx) is not None:
+            continue
+        built[name] = cls(ctx, fallback=built[base]) if pref.takes_fallback else cls(ctx)
     return built
 
 
 def auto_path(device: torch.device, built: dict[str, Decoder], stats: EngineStats) -> str:
-    """decode="auto": "compiled" on CUDA when it was built (a plain static cache, no ZeRO-3) and
-    has not failed to compile, "eager" otherwise (on a CPU a compiled step saves no launches)."""
-    if device.type == "cuda" and "compiled" in built and stats.compile_error is None:
-        return "compiled"
-    return "eager"
+    """decode="auto": of the built decoders whose preference allows ``device`` (and that have not
+    failed to compile), the highest-ranked. With the built-in ones: "compiled" on CUDA when it was
+    built (a plain static cache, no ZeRO-3) and has not failed to compile, "eager" otherwise (on a
+    CPU a compiled step saves no launches)."""
+    def usable(name: str) -> bool:
+        pref = DECODERS[name].auto
+        return pref.runs_on(device) and not (pref.compiles and stats.compile_error is not None)
+
+    return max((n for n in built if usable(n)), key=lambda n: DECODERS[n].auto.rank)

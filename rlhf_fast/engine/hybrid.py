@@ -92,6 +92,8 @@ class HybridEngine:
         of 16 rather than the whole cache (``static.StaticDecoder``); None: the whole cache.
     """
 
+    logprobs_match_trainer = True  # the training module's own forward, the sampler's own filter
+
     def __init__(
         self,
         model,

@@ -134,6 +134,8 @@ class StaticDecoder:
     multiple of 16 instead of the whole cache (None: the whole cache).
     """
 
+    auto = None  # decode="auto" never picks the uncompiled static step (its compiled twin, on CUDA)
+
     def __init__(self, ctx: DecoderContext):
         self.ctx = ctx
         self.lm, self.config = ctx.lm, ctx.config

@@ -15,12 +15,13 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from rlhf_fast._registry import Registry
 from rlhf_fast.models import _io
 from rlhf_fast.models.heads import (
     ScalarHead,
@@ -368,3 +369,29 @@ def load_reward_model(path, tokenizer, *, dtype: torch.dtype | None = None,
     rm = RewardModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     check_reward_tokenizer(rm, tokenizer, path)
     return rm.eval().requires_grad_(False)
+
+
+# ---- reward normalisations by name (``rm.normalization``; docs/architecture.md, "Variation points") ----
+
+
+@dataclass(frozen=True)
+class RMNormalization:
+    """What ``rm.normalization`` does after training (and before, with ``normalize_before``):
+    samples_policy — score fresh samples of the initial policy (lm-human-preferences) instead of
+    the SFT data's reference responses (N+); apply(rm, raw_scores) — set gain / bias from the raw
+    scores (None: no normalisation)."""
+
+    samples_policy: bool
+    apply: Optional[Callable[[RewardModel, torch.Tensor], None]]
+
+
+RM_NORMALIZATIONS: Registry[RMNormalization] = Registry("reward normalisation")
+RM_NORMALIZATIONS.register("policy_samples")(RMNormalization(True, RewardModel.set_normalization))
+RM_NORMALIZATIONS.register("reference_mean")(RMNormalization(False, RewardModel.set_reference_normalization))
+RM_NORMALIZATIONS.register("reference_std")(RMNormalization(False, RewardModel.set_normalization))
+RM_NORMALIZATIONS.register("none")(RMNormalization(False, None))
+
+
+def rm_normalization_names() -> tuple[str, ...]:
+    """The values ``rm.normalization`` accepts."""
+    return RM_NORMALIZATIONS.names()

@@ -19,14 +19,15 @@ import random
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlhf_fast.algos import Registry
+from rlhf_fast.algos.schedules import LR_SCHEDULE_UNITS, lr_factor
 from rlhf_fast.config import BatchPlan, DeepSpeedConfig, OptimConfig, SchedulerConfig
+from rlhf_fast.models.precision import PRECISIONS, cpu_has_fast_matmul
 
 SEED_STRIDE = 100003  # N details #6: a different seed per process
 
@@ -100,49 +101,6 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 # ---- schedule and TF-style epsilon -----------------------------------------------------------------
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up from
-    1/(warmup+1) to 1, then "linear" / "cosine" decay to ``min_ratio`` at ``total_steps`` or
-    "constant". The last step of a run uses a small positive lr; the value at ``total_steps`` is
-    ``min_ratio`` (0: lr annealed to 0, N details #5).
-
-    "invsqrt" is OpenLMLab/MOSS-RLHF's whole schedule (``ppo_trainer.invsqrt_scheduler``), warm-up
-    included: ``max(step / w, 0.1)`` for ``step < w``, then ``sqrt(w / step)``, never below 1e-8
-    (w = max(warmup_steps, 1); ``total_steps`` and ``min_ratio`` unused)."""
-    return LR_SCHEDULES[decay](step, total_steps, warmup_steps, min_ratio)
-
-
-def _warmup_then(shape: Callable[[float, float], float]):
-    """Linear warm-up from 1/(warmup+1) to 1, then ``shape(progress, min_ratio)`` to the end."""
-
-    def factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        span = max(1, total_steps - warmup_steps)
-        return shape(min(1.0, (step - warmup_steps) / span), min_ratio)
-
-    return factor
-
-
-def _invsqrt(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    w = max(warmup_steps, 1)
-    return max(max(step / w, 0.1) if step < w else math.sqrt(w / step), 1e-8)
-
-
-#: ``scheduler.decay``: (progress in [0, 1] after warm-up, min_ratio) -> multiplier of the peak lr
-LR_DECAYS: Registry[Callable[[float, float], float]] = Registry("lr decay")
-LR_DECAYS.register("constant")(lambda progress, min_ratio: 1.0)
-LR_DECAYS.register("linear")(lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * (1.0 - progress))
-LR_DECAYS.register("cosine")(
-    lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-#: ``scheduler.decay`` -> (step, total_steps, warmup_steps, min_ratio) -> multiplier of the peak lr
-LR_SCHEDULES: Registry[Callable[[int, int, int, float], float]] = Registry("lr schedule")
-for _name in LR_DECAYS.names():
-    LR_SCHEDULES.register(_name)(_warmup_then(LR_DECAYS[_name]))
-LR_SCHEDULES.register("invsqrt")(_invsqrt)
-
-
 def warmup_steps_of(sched: SchedulerConfig, total_steps: int) -> int:
     return sched.warmup_steps or int(round(sched.warmup_ratio * total_steps))
 
@@ -195,42 +153,6 @@ class WarmupDecayLR(torch.optim.lr_scheduler.LambdaLR):
 
 
 # ---- the engine --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Precision:
-    """What ``deepspeed.dtype`` sets: frozen_dtype, the dtype the frozen reference / reward models
-    compute in (None: as loaded); train_section / inference_section, the DeepSpeed config keys of a
-    trained engine / a ZeRO-3 inference engine (fp16 trains with dynamic loss scaling)."""
-
-    frozen_dtype: Optional[torch.dtype]
-    train_section: dict
-    inference_section: dict
-    cpu_matmul_probe: Optional[str] = None  # torch.ops.mkldnn's support probe (cpu_has_fast_matmul)
-
-
-PRECISIONS: Registry[Precision] = Registry("precision")
-PRECISIONS.register("fp32")(Precision(None, {}, {}))
-PRECISIONS.register("bf16")(Precision(torch.bfloat16, {"bf16": {"enabled": True}}, {"bf16": {"enabled": True}},
-                                      cpu_matmul_probe="_is_mkldnn_bf16_supported"))
-PRECISIONS.register("fp16")(Precision(torch.float16, {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}},
-                                      {"fp16": {"enabled": True}}, cpu_matmul_probe="_is_mkldnn_fp16_supported"))
-
-
-def cpu_has_fast_matmul(dtype_name: str) -> bool:
-    """Whether this CPU has oneDNN kernels for ``dtype_name`` matrices: what torch reports
-    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 or AMX on x86, BF16 on Arm;
-    ``_is_mkldnn_fp16_supported``: AVX512-FP16 / AMX-FP16; ``ONEDNN_MAX_CPU_ISA`` applies). Without
-    them torch converts: bf16 matmuls measured ~40x slower than float32 with the ISA held at AVX2
-    (2-core AMD EPYC Zen 5, torch 2.13: 2.4 vs 99 GFLOP/s at 800 x 256 x 768), ~4x faster with
-    avx512_bf16. A torch without these probes counts as supported (no warning on a guess)."""
-    probe = PRECISIONS[dtype_name].cpu_matmul_probe
-    if probe is None:  # float32
-        return True
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):
-        return True
 
 
 def warn_slow_cpu_precision(ds: DeepSpeedConfig, *, field: str = "deepspeed.dtype") -> None:
@@ -303,12 +225,6 @@ def ppo_schedule(unit: str, *, iterations: int, steps_per_iteration: int) -> dic
         raise ValueError(f"ppo.lr_schedule_unit must be one of {LR_SCHEDULE_UNITS.names()}, got {unit!r}")
     per_unit = steps_per_iteration if LR_SCHEDULE_UNITS[unit] else 1
     return dict(total_steps=iterations * steps_per_iteration // per_unit, steps_per_unit=per_unit)
-
-
-#: ``ppo.lr_schedule_unit`` -> whether the lr is held for a whole PPO iteration
-LR_SCHEDULE_UNITS: Registry[bool] = Registry("lr schedule unit")
-LR_SCHEDULE_UNITS.register("optimizer_step")(False)
-LR_SCHEDULE_UNITS.register("iteration")(True)
 
 
 def build_engine(model: torch.nn.Module, *, optim: OptimConfig, sched: SchedulerConfig, ds: DeepSpeedConfig,

@@ -33,12 +33,15 @@ from typing import Optional
 import torch
 
 from rlhf_fast import algos
-from rlhf_fast.algos import Registry, Rollout
+from rlhf_fast.algos import Rollout
+from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES
 from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import make_generator
 from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model, lora
+from rlhf_fast.models.layouts import CRITIC_LAYOUTS
 from rlhf_fast.models.packing import set_packing
+from rlhf_fast.models.precision import PRECISIONS
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
@@ -101,27 +104,6 @@ class _Timer:
         return _Ctx()
 
 
-@dataclass(frozen=True)
-class CriticLayout:
-    """Where the values come from (``ppo.critic``): ``value_head`` — a head on the policy's own
-    backbone, trained with it (lm-human-preferences); ``separate`` — a critic model with its own
-    engine, initialised from the reward model (N+ TL;DR, PPO-max) or else from the policy."""
-
-    value_head: bool
-    separate: bool
-
-
-CRITIC_LAYOUTS: Registry[CriticLayout] = Registry("critic layout")
-CRITIC_LAYOUTS.register("value_head")(CriticLayout(value_head=True, separate=False))
-CRITIC_LAYOUTS.register("separate")(CriticLayout(value_head=False, separate=True))
-
-
-#: ``ppo.old_logprobs`` -> whether the PPO ratio's old log-probs are the engine's (True) or recomputed
-OLD_LOGPROB_SOURCES: Registry[bool] = Registry("old log-prob source")
-OLD_LOGPROB_SOURCES.register("recompute")(False)
-OLD_LOGPROB_SOURCES.register("rollout")(True)
-
-
 class PPOTrainer(StageTrainer):
     """``PPOTrainer(cfg.ppo, "out/ppo").fit()`` trains the policy and returns the last metrics.
 
@@ -145,7 +127,7 @@ class PPOTrainer(StageTrainer):
         g = cfg.generation  # the log-probs are under the sampler's filter unless algo sets its own
         self.hp = cfg.algo.replace(top_k=g.top_k if cfg.algo.top_k is None else cfg.algo.top_k,
                                    top_p=g.top_p if cfg.algo.top_p is None else cfg.algo.top_p)
-        self.old_from_rollout = OLD_LOGPROB_SOURCES[cfg.old_logprobs]
+        self.old_from_rollout = OLD_LOGPROB_SOURCES[cfg.old_logprobs].from_rollout
         self._reward_fn = reward_fn
         W = self.dist.world_size
         if cfg.rollout_batch_size % W:
@@ -184,7 +166,7 @@ class PPOTrainer(StageTrainer):
         self.gen = make_generator(self.policy_engine, pad_token_id=self.tokenizer.pad_token_id,
                                   max_batch_size=cfg.generation.max_batch_size,
                                   max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
-                                  decode=cfg.generation.decode)
+                                  decode=cfg.generation.decode, backend=cfg.generation.backend)
         scorer = Scorer(reward_model=self.reward_model, reward_fn=self._reward_fn if self.reward_model is None else None,
                         tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size, trim_padding=self.hp.trim_padding)
         schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
@@ -234,7 +216,7 @@ class PPOTrainer(StageTrainer):
         if policy.config.vocab_size < len(self.tokenizer):
             raise ValueError(f"policy vocabulary {policy.config.vocab_size} < tokenizer size {len(self.tokenizer)}: "
                              "start PPO from an SFT checkpoint (rlhf-fast sft) made with this tokenizer")
-        frozen_dtype = dss.PRECISIONS[cfg.deepspeed.dtype].frozen_dtype
+        frozen_dtype = PRECISIONS[cfg.deepspeed.dtype].frozen_dtype
         self.reward_model = self._load_reward(frozen_dtype)
         critic = None
         if layout.separate and self.hp.estimator.needs_values:

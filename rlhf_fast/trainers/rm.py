@@ -10,19 +10,18 @@ The loss is the mean over the pairs of the global batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.algos import Registry
 from rlhf_fast.config import DataConfig, GenerationConfig, RMConfig, validate
 from rlhf_fast.data import PreferenceDataset, left_pad
 from rlhf_fast.models import RewardModel, load_causal_lm, lora, resize_embeddings_for_tokenizer
 from rlhf_fast.models.hf_classifier import describe_model_dir, holds_reward_model
 from rlhf_fast.models.packing import set_packing
+from rlhf_fast.models.reward import RM_NORMALIZATIONS
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
@@ -35,24 +34,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
 
 def _field(record, name: str) -> str:
     return record.text(name) if hasattr(record, "text") else record[name]
-
-
-@dataclass(frozen=True)
-class RMNormalization:
-    """What ``rm.normalization`` does after training (and before, with ``normalize_before``):
-    samples_policy — score fresh samples of the initial policy (lm-human-preferences) instead of
-    the SFT data's reference responses (N+); apply(rm, raw_scores) — set gain / bias from the raw
-    scores (None: no normalisation)."""
-
-    samples_policy: bool
-    apply: Optional[Callable[[RewardModel, torch.Tensor], None]]
-
-
-RM_NORMALIZATIONS: Registry[RMNormalization] = Registry("reward normalisation")
-RM_NORMALIZATIONS.register("policy_samples")(RMNormalization(True, RewardModel.set_normalization))
-RM_NORMALIZATIONS.register("reference_mean")(RMNormalization(False, RewardModel.set_reference_normalization))
-RM_NORMALIZATIONS.register("reference_std")(RMNormalization(False, RewardModel.set_normalization))
-RM_NORMALIZATIONS.register("none")(RMNormalization(False, None))
 
 
 class RMTrainer(DatasetStageTrainer):
