@@ -51,10 +51,8 @@ from rlhf_fast.algos.running import RunningMoments
 from rlhf_fast.algos.truncation import (
     AFTER_STOP,
     MISSING_STOP_PENALTIES,
-    TRUNCATION_PRESETS,
     PostprocessedResponses,
     Truncation,
-    TruncationParams,
     apply_missing_stop_penalty,
     first_stop_index,
     last_true_index,
@@ -73,11 +71,11 @@ from rlhf_fast.algos.types import (
 
 __all__ = [
     "AFTER_STOP", "AGGREGATIONS", "ESTIMATORS", "KL_CONTROLLERS", "KL_PLACEMENTS", "MINIBATCH_METRIC_NAMES", "MISSING_STOP_PENALTIES",
-    "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS", "TRUNCATION_PRESETS",
+    "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS",
     "AdaptiveKLController", "AdvantageEstimator", "AdvantageInput", "AdvantageParams", "Aggregation",
     "FixedKLController", "KLPlacement", "MinibatchStats", "ObjectiveStats", "PPOHyperParams", "PPOStats",
     "PolicyLossOutput", "PolicyLossParams", "PostprocessedResponses", "Registry", "Rollout", "RunningMoments",
-    "Truncation", "TruncationParams", "ValueLossOutput",
+    "Truncation", "ValueLossOutput",
     "aggregate", "apply_missing_stop_penalty", "clipped_value_loss", "compute_advantages", "compute_rewards",
     "contiguous_group_ids", "entropy_bonus", "first_stop_index", "gae_advantages", "grpo_advantages", "kl_loss",
     "last_true_index", "make_kl_controller", "objective_stats", "policy_loss", "postprocess_responses", "ppo_clip_loss",
