@@ -405,7 +405,7 @@ def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> Mi
     # tokens still in the set; the others are counted apart (policy/outside_filter_frac).
     kept = m & torch.isfinite(logr)
     sums = {k: torch.where(m, v, 0.0).sum() for k, v in cat.items()}
-    sums["approxkl"] = torch.where(kept, 0.5 * logr**2, 0.0).sum()
+    sums["approxkl"] = torch.where(kept, algos.approxkl_per_token(logr), 0.0).sum()
     sums["ratio"] = torch.where(kept, torch.exp(logr), 0.0).sum()
     sums["outside"] = (m & ~kept).sum().double()
     losses = {k: sum(p[k].double() for p in parts) for k in parts[0]}
