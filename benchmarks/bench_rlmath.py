@@ -16,7 +16,10 @@ semantics agree and the outputs can be checked against each other):
   openrlhf   OpenRLHF style: k1 log-ratio * mask clamped to +-10, score scattered at the last
              action index, GAE loop over mask-multiplied rewards/values, global biased whitening
              with clamp(var, 1e-8)
-The peers' code is our own, written from their semantics (see RLHF_DETAILS.md for the snapshots).
+The peers' code is our own, written from their semantics: TRL (https://github.com/huggingface/trl,
+trl/trainer/ppo_trainer.py), verl (https://github.com/volcengine/verl, verl/trainer/ppo/core_algos.py
+and verl/utils/torch_functional.py), OpenRLHF (https://github.com/OpenRLHF/OpenRLHF,
+openrlhf/models/utils.py and openrlhf/trainer/ppo_utils/experience_maker.py).
 
 Bytes per token (the ideal, one pass each; GB/s is over these): shaping reads logprobs, ref
 (4 + 4) and the mask (1) and writes rewards and kl (4 + 4) = 17; GAE reads rewards, values, mask

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import rlhf_fast.reference as reference
 from rlhf_fast import algos as A
+from rlhf_fast import config as C
 from rlhf_fast.algos import PPOHyperParams
 from rlhf_fast.trainers import ppo_reference as ref_ppo
 from rlhf_fast.testing import assert_no_worse_than_baseline
@@ -274,7 +275,8 @@ def test_hyperparams_presets_and_validation():
     assert (tldr.kl_controller, tldr.kl_init, tldr.whiten_rewards, tldr.temperature) == ("fixed", 0.05, False, 0.7)
     assert isinstance(lhp.make_kl_controller(), A.AdaptiveKLController)
     assert lhp.policy_loss_params() == A.PolicyLossParams(clip_low=0.2)
-    assert A.TRUNCATION_PRESETS["lm_human_preferences"].min_length == 16
+    # the preset's truncation ("N details" #14: '.' at or after token 16) lives in the config preset
+    assert C.PRESETS["lm_human_preferences"]["ppo.generation.truncate_min_length"] == 16
     for bad in (dict(advantage_estimator="ppo"), dict(kl_placement="reward"), dict(kl_estimator="k4"),
                 dict(gamma=1.5), dict(num_minibatches=0), dict(temperature=0.0), dict(clip_range=-0.1)):
         with pytest.raises(ValueError):

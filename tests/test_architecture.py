@@ -5,13 +5,16 @@
   tasks -> config -> trainers -> cli`` (function-level imports included);
 - ``trainers/`` compares no variant name: a config value that selects a variant goes through a
   registry or table entry that says what the variant needs, never through ``x == "name"``;
-- no trainer method is longer than ~50 lines;
-- code comments cite files inside the repository, never the design notes outside it.
+- no import cycles among the package's modules (function-level imports included);
+- no trainer method is longer than ~50 lines; no module is longer than 600 lines;
+- code comments cite files inside the repository, never the design notes outside it (a markdown file
+  they name must be one of the repository's).
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -90,6 +93,121 @@ def test_the_upward_import_check_catches_one():
     assert LAYERS[_part(target)] > LAYERS["rlhf_fast.reference"]
 
 
+# ---- no import cycles ------------------------------------------------------------------------------
+
+
+def _import_graph(modules) -> dict[str, set[str]]:
+    """module -> the package modules it imports (function-level imports included). ``from pkg import
+    x`` imports the submodule ``pkg.x`` when there is one, else ``pkg`` itself; an import of a name
+    inside a module (``rlhf_fast.ops.rlmath.gae``) counts as an import of that module."""
+    trees = {name: tree for name, _, tree in modules}
+    graph = {}
+    for name, tree in trees.items():
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in trees else node.module
+                         for a in node.names]
+            else:
+                continue
+            for target in found:
+                while target and target not in trees:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import cycle (``[a, b, ..., a]``) per strongly connected group of modules."""
+    order, low, on_stack, stack, groups = {}, {}, set(), [], []
+
+    def visit(v):  # Tarjan's strongly connected components
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    cycles = []
+    for group in groups:  # a shortest way from the group's first module back to itself
+        start = min(group)
+        paths, seen = [[start]], {start}
+        while paths:
+            path = paths.pop(0)
+            nxt = sorted(graph[path[-1]] & group)
+            if start in nxt:
+                cycles.append(path + [start])
+                break
+            for w in nxt:
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return cycles
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_import_graph(_modules()))
+    assert not cycles, ("import cycles (a function-level import hides one; move the shared piece into a module "
+                        "both import):\n" + "\n".join(" -> ".join(c) for c in cycles))
+
+
+def test_the_cycle_check_catches_one():
+    """The check itself: the old ``trainers.common <-> trainers.runs`` cycle, hidden by a
+    function-level import in runs."""
+    modules = [("rlhf_fast.trainers.common", None, ast.parse("from rlhf_fast.trainers.runs import guarded_fit\n")),
+               ("rlhf_fast.trainers.runs", None, ast.parse("def f():\n    from rlhf_fast.trainers.common import LATEST\n"))]
+    assert _cycles(_import_graph(modules)) == [["rlhf_fast.trainers.common", "rlhf_fast.trainers.runs",
+                                                "rlhf_fast.trainers.common"]]
+
+
+# ---- no long modules --------------------------------------------------------------------------------
+
+MAX_MODULE_LINES = 600
+#: modules allowed past the limit for now, each with its reason
+LONG_MODULE_EXCEPTIONS = {
+    # A known open item of issue 29 ("seams"): the C++ twin of every RL-math op in one file (655
+    # lines), not split yet. Temporary: remove this entry when it is split.
+    "csrc/rlmath.cpp": "issue 29: not split yet",
+}
+
+
+def test_no_module_over_600_lines():
+    files = [f for root, pattern in (("rlhf_fast", "*.py"), ("kernels", "*.py"), ("csrc", "*.cpp"), ("csrc", "*.h"))
+             for f in sorted((REPO / root).rglob(pattern))]
+    long = [f"{f.relative_to(REPO)}: {n} lines" for f in files
+            if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES
+            and str(f.relative_to(REPO)) not in LONG_MODULE_EXCEPTIONS]
+    assert not long, "split these by concern (docs/architecture.md, \"Conventions\"):\n" + "\n".join(long)
+
+
+def test_long_module_exceptions_are_still_needed():
+    """An exception is dropped as soon as its file is short enough (or gone)."""
+    stale = [p for p in LONG_MODULE_EXCEPTIONS
+             if not (REPO / p).is_file() or len((REPO / p).read_text().splitlines()) <= MAX_MODULE_LINES]
+    assert not stale, f"remove these from LONG_MODULE_EXCEPTIONS: {stale}"
+
+
 # ---- trainers compare no variant name ------------------------------------------------------------
 
 #: string comparisons in trainers/ that select no config variant: metric keys, the device type, a
@@ -156,19 +274,52 @@ def test_no_trainer_method_over_50_lines():
 
 # ---- comments cite the repository's own docs --------------------------------------------------------
 
-OUTSIDE = re.compile(r"\b(DESIGN|STYLE)(\.md)?\b( #\d+|, \")|\b(DESIGN|STYLE)\.md\b")
+#: the design notes kept outside the repository, by name: "DESIGN #3", "STYLE, \"...\"", "RLHF_DETAILS.md",
+#: "see DEVELOPERS"
+OUTSIDE = re.compile(r"\b(DESIGN|STYLE)(\.md)?\b( #\d+|, \")|\b(DESIGN|STYLE)\.md\b|\b(RLHF_DETAILS|DEVELOPERS)\b")
+#: a markdown file named in a line (``benchmarks/PEERS.md``, ``../NOTES.md``): it must be one of the repo's
+MARKDOWN = re.compile(r"([\w-]+\.md)\b")
+
+
+def _repo_markdown_names() -> set[str]:
+    names = set()
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("node_modules", "build", "dist")]
+        names.update(f for f in files if f.endswith(".md"))
+    return names
+
+
+def _outside_citations(line: str, repo_markdown: set[str]) -> list[str]:
+    found = [m.group(0) for m in OUTSIDE.finditer(line)]
+    return found + [name for name in MARKDOWN.findall(line) if name not in repo_markdown]
 
 
 @pytest.mark.parametrize("folder", ["rlhf_fast", "kernels", "csrc", "tests", "benchmarks", "scripts"])
 def test_no_citation_of_files_outside_the_repo(folder):
-    hits = []
+    hits, repo_markdown = [], _repo_markdown_names()
     for f in sorted((REPO / folder).rglob("*")):
         if f.suffix not in (".py", ".cpp", ".h", ".sh", ".md") or f.name == Path(__file__).name:
             continue
         for i, line in enumerate(f.read_text().splitlines(), 1):
-            if OUTSIDE.search(line):
+            if _outside_citations(line, repo_markdown):
                 hits.append(f"{f.relative_to(REPO)}:{i}: {line.strip()}")
     assert not hits, "cite docs/architecture.md (or the file in the repo) instead:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("line", [
+    "written from their semantics (RLHF_DETAILS.md lists the pinned snapshots)",
+    "(see RLHF_DETAILS for the snapshots)",
+    "# DESIGN #7: the EOS trick",
+    "as STYLE.md asks",
+    "see DEVELOPERS for the set-up",
+    "see ../NOTES.md",
+])
+def test_the_citation_check_catches_one(line):
+    assert _outside_citations(line, {"README.md", "architecture.md"})
+
+
+def test_the_citation_check_passes_the_repos_own_files():
+    assert not _outside_citations("docs/architecture.md \"Layers\"; benchmarks/README.md", _repo_markdown_names())
 
 
 def test_architecture_doc_exists_and_names_the_layers():

@@ -11,7 +11,7 @@ import torch
 
 from rlhf_fast import config as C
 from rlhf_fast.cli import build_parser, main, parse
-from rlhf_fast.trainers.common import epoch_order, rank_micro_batches, total_steps_of
+from rlhf_fast.trainers.data_order import epoch_order, rank_micro_batches, total_steps_of
 from rlhf_fast.trainers.deepspeed_setup import WarmupDecayLR, deepspeed_config_dict, lr_factor
 
 

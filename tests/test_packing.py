@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from rlhf_fast.algos import PRESETS, Rollout, RunningMoments
 from rlhf_fast.models import Critic, Policy, RewardModel
-from rlhf_fast.models.loading import backbone_of
+from rlhf_fast.models.backbone import backbone_of
 from rlhf_fast.models.packing import (
     PACKING_LAYOUTS,
     check_packable,

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from rlhf_fast.models import Policy
-from rlhf_fast.trainers.common import read_metrics
+from rlhf_fast.trainers.metrics_log import read_metrics
 
 WORKER = Path(__file__).with_name("_ppo_dist_worker.py")
 LR, STEPS = 1e-3, 2 * 2 * 2  # iterations x epochs x minibatches

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from rlhf_fast import config as C
-from rlhf_fast.trainers.common import read_metrics
+from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.deepspeed_setup import lr_factor
 from rlhf_fast.trainers.ppo import PPOTrainer, call_reward_function
 

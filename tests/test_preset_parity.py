@@ -184,7 +184,7 @@ def test_schedule_unit_errors_and_state_round_trip():
 def test_trainer_under_lm_human_preferences(tmp_path):
     """Two iterations on the built-in task: every sampled token is trained (objective/response_length
     is the sampled length), the lr is held for each iteration (lr * (1 - k / 2))."""
-    from rlhf_fast.trainers.common import read_metrics
+    from rlhf_fast.trainers.metrics_log import read_metrics
     from rlhf_fast.trainers.ppo import PPOTrainer
 
     cfg = C.load_config(presets=["lm_human_preferences"], overrides=[

@@ -19,7 +19,8 @@ import pytest
 
 from rlhf_fast import config as C
 from rlhf_fast.cli import main
-from rlhf_fast.trainers.common import read_metrics, write_stage_config
+from rlhf_fast.trainers.common import write_stage_config
+from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.sft import SFTTrainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -277,7 +277,7 @@ PRESETS: dict[str, PPOHyperParams] = {
 
 # ---- the critic-free family (no value model; ``samples_per_prompt`` > 1 makes the groups) --------
 # Each follows its source's defaults for the PPO math; generation and batch sizes are in the
-# config presets (``rlhf_fast/config/stages.py``).
+# config presets (``rlhf_fast/config/presets.py``).
 # max_grad_norm 1.0: TRL GRPOConfig / RLOOConfig (TrainingArguments), verl actor grad_clip and OpenRLHF max_norm.
 _CRITIC_FREE = dict(vf_coef=0.0, value_clip_range=None, gamma=1.0, lam=1.0, temperature=1.0, num_minibatches=1,
                     max_grad_norm=1.0)

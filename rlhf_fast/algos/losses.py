@@ -125,6 +125,15 @@ class PolicyLossParams:
         AGGREGATIONS[self.aggregation]  # raises on a typo
 
 
+def approxkl_per_token(logr: Tensor) -> Tensor:
+    """The approximate KL of each token, ``0.5 * logr^2`` with ``logr = logp - old_logp``
+    (lm-human-preference-details: ``approxkl = 0.5 * mean(logr^2)``). The one formula of the
+    ``approxkl`` statistic: ``PolicyLossOutput.approxkl``, the trainer's minibatch statistics
+    (``trainers/ppo_core.py``: over the tokens still inside the sampling filter, summed over ranks)
+    and the reference iteration (``trainers/ppo_reference.py``) each average it over their tokens."""
+    return 0.5 * logr**2
+
+
 @dataclass
 class PolicyLossOutput:
     """loss: differentiable scalar. The per-token statistics, detached, (..., T) like ``mask``:
@@ -144,7 +153,7 @@ class PolicyLossOutput:
 
     @property
     def approxkl(self) -> Tensor:
-        return _masked_mean(0.5 * self.logr**2, self.mask)
+        return _masked_mean(approxkl_per_token(self.logr), self.mask)
 
     @property
     def clipfrac(self) -> Tensor:

@@ -178,25 +178,3 @@ def apply_missing_stop_penalty(scores: Tensor, has_stop: Tensor, *, mode: Option
     if tuple(has_stop.shape) != tuple(scores.shape):
         raise ValueError(f"has_stop must have the shape of scores {tuple(scores.shape)}, got {tuple(has_stop.shape)}")
     return MISSING_STOP_PENALTIES[mode](scores, has_stop.bool(), float(value))
-
-
-@dataclass(frozen=True)
-class TruncationParams:
-    """Response post-processing settings (stop token ids are the tokenizer's: given at call time)."""
-
-    min_length: int = 0
-    """only stop tokens at index >= min_length count ("N details" #14: '.' at or after token 16)."""
-    penalty: Optional[str] = "replace"
-    """missing-stop penalty: "replace" (lm-human-preferences, N+ TL;DR), "subtract" (TRL), None."""
-    penalty_value: float = -1.0
-    """the replacement score (-1, "N details" #14 and N+) or the amount subtracted (TRL)."""
-    after_stop: str = "masked"
-    """tokens after the stop token: "masked" (N+ TL;DR) or "trained" (lm-human-preferences);
-    see ``postprocess_responses``."""
-
-
-TRUNCATION_PRESETS = {
-    "lm_human_preferences": TruncationParams(min_length=16, penalty="replace", penalty_value=-1.0, after_stop="trained"),
-    "tldr": TruncationParams(min_length=0, penalty="replace", penalty_value=-1.0),
-    "ppo_max": TruncationParams(min_length=0, penalty=None),
-}

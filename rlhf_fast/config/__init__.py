@@ -14,8 +14,8 @@ Every error (unknown field, wrong type, value out of range) is a ``ValueError`` 
 path and what is allowed. Values derived from several fields (the batch plan) are computed once,
 by ``BatchPlan.resolve``, when the world size is known.
 
-Modules: ``sections`` (the shared sub-sections), ``stages`` (stage configs, value constraints,
-presets), ``core`` (coercion, validation, paths, overrides, loading, the batch plan, docs).
+Modules: ``sections`` (the shared sub-sections), ``stages`` (the stage configs), ``constraints``
+(value constraints beyond the types), ``presets`` (the named presets), ``core`` (coercion, validation, paths, overrides, loading, the batch plan, docs).
 """
 
 from rlhf_fast.config.core import (
@@ -25,9 +25,8 @@ from rlhf_fast.config.core import (
 from rlhf_fast.config.sections import (
     DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
-from rlhf_fast.config.stages import (
-    PRESETS, GenerationConfig, PPOConfig, RewardConfig, RMConfig, RunConfig, SFTConfig,
-)
+from rlhf_fast.config.presets import PRESETS
+from rlhf_fast.config.stages import GenerationConfig, PPOConfig, RewardConfig, RMConfig, RunConfig, SFTConfig
 
 __all__ = [
     "BatchPlan", "DataConfig", "DeepSpeedConfig", "GenerationConfig", "LoggingConfig", "LoRAConfig", "ModelConfig",

@@ -17,7 +17,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from rlhf_fast.config.stages import _CHECKS, PRESETS, RunConfig, _cross_checks
+from rlhf_fast.config.constraints import CHECKS, cross_checks
+from rlhf_fast.config.presets import PRESETS
+from rlhf_fast.config.stages import RunConfig
 
 
 # ---- typed values ------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def _hints(cls) -> dict:
 
 
 def _check_value(cls, name: str, value, path: str) -> None:
-    check = _CHECKS.get((cls, name))
+    check = CHECKS.get((cls, name))
     if check is not None and not check[0](value):
         raise ValueError(f"{path}: expected {check[1]}, got {value!r}")
 
@@ -162,7 +164,7 @@ def validate(obj, path: str = "") -> None:
             validate(value, sub)
         else:
             _check_value(type(obj), f.name, value, sub)
-    _cross_checks(obj, path or type(obj).__name__)
+    cross_checks(obj, path or type(obj).__name__)
 
 
 def to_dict(obj) -> dict:

@@ -12,12 +12,11 @@ from rlhf_fast.models.heads import (
     position_ids_from_mask,
     shifted_labels,
 )
+from rlhf_fast.models.backbone import backbone_of, hidden_size_of
 from rlhf_fast.models.loading import (
     architectures_of,
-    backbone_of,
     check_vocab_fits,
     disable_dropout,
-    hidden_size_of,
     load_backbone,
     load_causal_lm,
     resize_embeddings_for_tokenizer,

@@ -14,13 +14,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from rlhf_fast.models import _io
+from rlhf_fast.models.backbone import hidden_size_of
 from rlhf_fast.models.loading import (
     _local_dir,
     architectures_of,
     disable_dropout,
     disable_dropout_in_config,
     from_pretrained_strict,
-    hidden_size_of,
     is_sequence_classifier,
 )
 

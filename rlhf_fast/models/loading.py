@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from rlhf_fast.models import lora
+
 Source = Union[str, os.PathLike, PretrainedConfig]
 
 # Config attributes that hold a dropout probability in the architectures we know; any other
@@ -66,8 +68,6 @@ def architectures_of(path) -> list[str]:
     e.g. ``["Qwen2ForSequenceClassification"]``); [] when it has none."""
     import json
 
-    from rlhf_fast.models import lora
-
     config = Path(path) / ("base/config.json" if lora.is_adapter_dir(path) else "config.json")  # LoRA: base/ + adapter
     try:
         archs = json.loads(config.read_text()).get("architectures") or []
@@ -88,8 +88,6 @@ def _local_dir(source: Union[str, os.PathLike]) -> Path:
             f"model source {str(source)!r} is not a local directory; rlhf_fast never downloads "
             "weights: pass a directory written by save_pretrained, or a transformers config"
         )
-    from rlhf_fast.models import lora
-
     if not (path / "config.json").is_file() and not lora.is_adapter_dir(path):
         raise ValueError(f"model directory {str(path)!r} has no config.json (nor a LoRA adapter with its base/)")
     return path
@@ -108,8 +106,6 @@ def _seeded(seed: int | None):
 
 def _load(auto_cls, source: Source, *, dtype, attn_implementation, disable_dropout_: bool, seed, trust_remote_code):
     if not isinstance(source, PretrainedConfig):
-        from rlhf_fast.models import lora
-
         if lora.is_adapter_dir(source):  # a LoRA-trained model: base/ + adapter, merged (models/lora.py)
             def load_base(path, over):
                 cls = AutoModelForCausalLM if over == "causal_lm" else AutoModel
@@ -220,26 +216,6 @@ def load_backbone(
         AutoModel, source, dtype=dtype, attn_implementation=attn_implementation,
         disable_dropout_=disable_dropout, seed=seed, trust_remote_code=trust_remote_code,
     )
-
-
-def backbone_of(causal_lm: PreTrainedModel) -> PreTrainedModel:
-    """The transformer body inside a causal LM (``GPT2LMHeadModel.transformer``,
-    ``LlamaForCausalLM.model``, ``GPTNeoXForCausalLM.gpt_neox``, ...)."""
-    base = getattr(causal_lm, "base_model", None)
-    if base is None or base is causal_lm:
-        raise ValueError(f"cannot find the backbone of {type(causal_lm).__name__} (no base_model)")
-    return base
-
-
-def hidden_size_of(config: PretrainedConfig) -> int:
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    text = getattr(config, "text_config", None)
-    if isinstance(text, PretrainedConfig):
-        return hidden_size_of(text)
-    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
 
 
 def _added_special_ids(tokenizer) -> set[int]:

@@ -35,6 +35,9 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from rlhf_fast.models import _io
+from rlhf_fast.models.backbone import backbone_of
+
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base"
 MERGED_DIR = "merged"
@@ -214,8 +217,6 @@ def save_model(wrapper: nn.Module, directory, *, merged: bool = False) -> None:
     adapter_cfg = json.loads(cfg_path.read_text())
     adapter_cfg["base_model_name_or_path"] = str((directory / BASE_DIR).resolve())
     cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
-    from rlhf_fast.models import _io
-
     for name in (_io.HEADS_FILE, _io.META_FILE):  # the wrapper's heads and metadata, beside the adapter
         if (directory / BASE_DIR / name).is_file():
             shutil.copyfile(directory / BASE_DIR / name, directory / name)
@@ -243,9 +244,6 @@ def load_merged(directory, *, want: str, load_base):
     "backbone"; ``load_base(path, over)`` loads base/ as the class the adapter was trained on.
     A backbone is taken out of a merged causal LM; a causal LM cannot come from a backbone."""
     from peft import PeftModel
-
-    from rlhf_fast.models import _io
-    from rlhf_fast.models.loading import backbone_of
 
     directory = Path(directory)
     _, meta = _io.load_extras(directory)

@@ -20,7 +20,8 @@ from rlhf_fast.models.heads import (
     position_ids_from_mask,
     shifted_labels,
 )
-from rlhf_fast.models.loading import Source, backbone_of, hidden_size_of, load_causal_lm
+from rlhf_fast.models.backbone import backbone_of, hidden_size_of
+from rlhf_fast.models.loading import Source, load_causal_lm
 from rlhf_fast.models.packing import attention_context, packed_backbone
 
 # Config attributes of architectures whose logits are not just lm_head(hidden) (Gemma-2

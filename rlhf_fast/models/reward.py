@@ -30,12 +30,11 @@ from rlhf_fast.models.heads import (
     init_value_head,
 )
 from rlhf_fast.models.hf_classifier import describe_model_dir, load_hf_reward_parts
+from rlhf_fast.models.backbone import backbone_of, hidden_size_of
 from rlhf_fast.models.loading import (
     Source,
     _local_dir,
-    backbone_of,
     check_vocab_fits,
-    hidden_size_of,
     is_sequence_classifier,
     load_backbone,
     tokenizer_disagreement,

@@ -1,6 +1,11 @@
-"""The peers' ways of computing the same things, written from their semantics (RLHF_DETAILS.md
-lists the pinned snapshots). Benchmarks time them as baselines and tests compare against them;
-both import them from here so there is one copy of each.
+"""The peers' ways of computing the same things, written from their semantics; each function's
+docstring names the upstream function it follows, in TRL (https://github.com/huggingface/trl,
+``trl/trainer/utils.py``, ``trl/trainer/ppo_trainer.py``), DeepSpeed-Chat
+(https://github.com/deepspeedai/DeepSpeedExamples,
+``applications/DeepSpeed-Chat/dschat/rlhf/ppo_trainer.py``) and OpenRLHF
+(https://github.com/OpenRLHF/OpenRLHF, ``openrlhf/trainer/ppo_utils/experience_maker.py``).
+Benchmarks time them as baselines and tests compare against them; both import them from here so
+there is one copy of each.
 """
 
 from __future__ import annotations

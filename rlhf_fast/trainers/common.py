@@ -1,7 +1,9 @@
-"""Plumbing shared by every stage (SFT, reward model, PPO): data order and sharding, metrics
-(``DIR/metrics.jsonl`` + TensorBoard + a tqdm bar), atomic checkpoints with ``--resume``, the
-``StageTrainer`` loop every stage runs and the ``DatasetStageTrainer`` that SFT and the reward
-model fill in with a model, datasets and a loss.
+"""The loop every stage runs (SFT, reward model, PPO): ``StageTrainer`` (set-up, a fresh start or
+a resume, steps with evaluation, metrics and checkpoints, the final model) and the
+``DatasetStageTrainer`` that SFT and the reward model fill in with a model, datasets and a loss.
+Checkpoints: ``trainers/checkpoints.py``; metrics and the progress bar: ``trainers/metrics_log.py``;
+the data order: ``trainers/data_order.py``; the directory lock, the start decision and Ctrl-C:
+``trainers/runs.py``.
 
 Output directory layout::
 
@@ -14,11 +16,8 @@ Output directory layout::
     DIR/model/                            the final model (HF format + tokenizer)
     DIR/.rlhf_fast.lock                   the lock of the run using DIR (``rlhf_fast.trainers.runs``)
 
-Checkpoints are written to ``checkpoints/.tmp-step-N`` and renamed into place, and ``latest`` is
-replaced atomically after that: a run killed mid-save leaves the previous checkpoint as
-``latest``, complete and loadable. Multi-node runs need ``DIR`` on a shared file system (as
-DeepSpeed's own checkpoints do). ``fit`` refuses a ``DIR`` that holds an earlier run unless it
-resumes or overwrites it, and locks ``DIR`` while it runs (``rlhf_fast.trainers.runs``).
+``fit`` refuses a ``DIR`` that holds an earlier run unless it resumes or overwrites it, and locks
+``DIR`` while it runs (``rlhf_fast.trainers.runs``).
 
 Exactness: a loss is a sum over units (tokens or pairs) divided by the number of units in the
 whole global batch, so 1 rank with 2 micro-batches and 2 ranks with 1 each compute the same
@@ -28,292 +27,28 @@ or world size); a resumed run skips the batches it has done, so it repeats the u
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from rlhf_fast import config as config_mod
 from rlhf_fast.config import BatchPlan, LoggingConfig
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers import deepspeed_setup as dss
+from rlhf_fast.trainers.atomic_files import atomic_write_text, replace_dir, save_model_atomically
+from rlhf_fast.trainers.checkpoints import Checkpointer
+from rlhf_fast.trainers.data_order import epoch_order, rank_micro_batches, steps_per_epoch, total_steps_of
+from rlhf_fast.trainers.metrics_log import MetricsLogger, make_progress
 from rlhf_fast.trainers.packing import contiguous_token_micro
 from rlhf_fast.trainers.runs import guarded_fit, previous_run, resolve_save_every, stop_requested
 
-log = logging.getLogger(__name__)
 
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
-
-
-# ---- data order -------------------------------------------------------------------------------------
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch: a permutation seeded by (seed, epoch), the same on every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def rank_micro_batches(global_batch: Sequence[int], plan: BatchPlan, rank: int) -> list[list[int]]:
-    """This rank's micro-batches of one global batch: rank r takes the r-th contiguous slice of
-    ``batch_size / world_size`` examples and cuts it into ``grad_accum`` micro-batches."""
-    per_rank = plan.batch_size // plan.world_size
-    mine = list(global_batch[rank * per_rank : (rank + 1) * per_rank])
-    m = plan.micro_batch_size
-    return [mine[i : i + m] for i in range(0, per_rank, m)]
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // batch_size  # the last, incomplete global batch of an epoch is dropped
-
-
-def total_steps_of(n: int, batch_size: int, epochs: float, max_steps: Optional[int]) -> int:
-    per_epoch = steps_per_epoch(n, batch_size)
-    if per_epoch == 0:
-        raise ValueError(f"the training set has {n} examples, fewer than one global batch ({batch_size})")
-    return max_steps if max_steps is not None else max(1, int(round(epochs * per_epoch)))
-
-
-# ---- metrics --------------------------------------------------------------------------------------
-
-
-class MetricsLogger:
-    """``DIR/metrics.jsonl`` (one JSON object per logged step) and TensorBoard, on rank 0 only.
-    ``resume_from(step)`` drops the lines after ``step`` so a resumed run's file reads as if the
-    run had never stopped."""
-
-    def __init__(self, output_dir: Path, *, tensorboard: bool, enabled: bool):
-        self.path = output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb_dir = output_dir / "tensorboard" if tensorboard else None
-        self._writer = None
-
-    def resume_from(self, step: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [json.dumps(row) for row in _metric_rows(self.path) if row["step"] <= step]
-        _atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-        self._purge_step = step + 1
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        writer = self._tb()
-        if writer is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, step)
-            writer.flush()
-
-    def log_text(self, tag: str, text: str, step: int) -> None:
-        """A TensorBoard text entry (markdown) at ``step``; nothing without TensorBoard."""
-        writer = self._tb() if self.enabled else None
-        if writer is not None:
-            writer.add_text(tag, text, step)
-            writer.flush()
-
-    def _tb(self):
-        if self.tb_dir is None:
-            return None
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.tb_dir), purge_step=getattr(self, "_purge_step", None))
-        return self._writer
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def _plain(v):
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    return v
-
-
-def _metric_rows(path: Path) -> list[dict]:
-    """The rows of a metrics file. A run killed while appending leaves a partial last line: it is
-    dropped (with a warning); a bad line anywhere else is a ValueError naming the file and line."""
-    lines = [(i + 1, ln) for i, ln in enumerate(path.read_text().splitlines()) if ln.strip()]
-    rows = []
-    for k, (lineno, ln) in enumerate(lines):
-        try:
-            row = json.loads(ln)
-            if not isinstance(row, dict) or "step" not in row:
-                raise ValueError("not a metrics row (a JSON object with a step)")
-        except ValueError as e:
-            if k == len(lines) - 1:
-                log.warning("%s line %d is incomplete (a run stopped while writing it): dropped", path, lineno)
-                break
-            raise ValueError(f"{path} line {lineno}: {e}") from None
-        rows.append(row)
-    return rows
-
-
-def read_metrics(output_dir) -> list[dict]:
-    """The rows of ``DIR/metrics.jsonl``."""
-    path = Path(output_dir) / "metrics.jsonl"
-    return _metric_rows(path) if path.exists() else []
-
-
-def make_progress(total: int, initial: int, *, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
-                file=sys.stderr, mininterval=1.0)
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Moves a finished directory into place; an existing one is moved aside first, then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# Fields that may change between a run and its resumption: where and how often it logs, evaluates and
-# saves, and where it stops. Anything else would silently train another run from this one's state.
-RESUMABLE_CHANGES = ("logging.", "stop_after_steps", "stop_after_iterations", "eval_batch_size")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _same_value(x, y) -> bool:
-    """Equal, or two spellings of one existing path (runs/sft/model vs /abs/runs/sft/model: the
-    pipeline fills model paths in from --output-dir as it was written)."""
-    if x == y:
-        return True
-    if isinstance(x, str) and isinstance(y, str) and x and y:
-        try:
-            return os.path.samefile(x, y)
-        except OSError:
-            return False
-    return False
-
-
-def check_resume_config(saved: dict, current: dict, stage: str, path) -> None:
-    """Raises when ``current`` differs from the config a checkpoint was written with (outside
-    ``RESUMABLE_CHANGES``), naming the fields."""
-    a, b = _flatten(saved), _flatten(current)
-    diff = [k for k in sorted(set(a) | set(b))
-            if not _same_value(a.get(k), b.get(k)) and not k.startswith(RESUMABLE_CHANGES)]
-    if diff:
-        shown = "; ".join(f"{stage}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in diff[:6])
-        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
-        raise ValueError(f"--resume with a config that differs from the one checkpoint {path} was written with: "
-                         f"{shown}{more}. Resume with the same settings, or start a new run in another --output-dir")
-
-
-class Checkpointer:
-    """Atomic checkpoints under ``root`` (see the module docstring). Every rank calls ``save`` and
-    ``load`` (DeepSpeed state is per rank); rank 0 owns the directory moves."""
-
-    def __init__(self, root: Path, *, keep: int, is_main: bool):
-        self.root, self.keep, self.is_main = Path(root), keep, is_main
-
-    def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None (with a warning when ``latest`` names a
-        checkpoint that is missing or incomplete: the run then starts from scratch)."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if (path / STATE_FILE).is_file():
-            return path
-        log.warning("%s names %s, which is missing or incomplete (no %s): nothing to resume from, starting "
-                    "from scratch", pointer, path, STATE_FILE)
-        return None
-
-    def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
-        name = f"step-{step:06d}"
-        tmp, final = self.root / f".tmp-{name}", self.root / name
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dss.barrier()
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-        save_model(tmp / "model")  # every rank calls it (ZeRO-3 gathers); rank 0 writes
-        if self.is_main:
-            _atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")  # last: marks it complete
-            _replace_dir(tmp, final)
-            _atomic_write_text(self.root / LATEST, name + "\n")
-            self._prune(keep_name=name)
-        dss.barrier()
-        return final
-
-    def load(self, path: Path, engine, *, stage: Optional[str] = None, config: Optional[dict] = None) -> dict:
-        """Restores the engine (weights, optimizer, scheduler) and returns the trainer state. With
-        ``stage`` / ``config`` (``to_dict`` of the stage's config), a checkpoint written by another
-        stage or with other settings is refused before anything is loaded; a checkpoint that cannot
-        be read is a ValueError naming it."""
-        try:
-            state = json.loads((path / STATE_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"checkpoint {path}: {STATE_FILE} cannot be read ({e})") from None
-        if stage is not None and state.get("stage", stage) != stage:
-            raise ValueError(f"checkpoint {path} was written by the {state['stage']!r} stage, not {stage!r}: "
-                             "point --output-dir at this stage's own directory")
-        if config is not None and "config" in state:
-            check_resume_config(state["config"], config, stage or "", path)
-        try:
-            load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
-        except Exception as e:  # a deleted / truncated file, another model shape: DeepSpeed or torch errors
-            raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); it is "
-                             "incomplete or from another model. Remove it (and fix checkpoints/latest) or start "
-                             "fresh without --resume") from None
-        if load_path is None:
-            raise ValueError(f"{path}: no DeepSpeed state to resume from")
-        return state
-
-    def _prune(self, keep_name: str) -> None:
-        for stale in self.root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if self.keep <= 0:
-            return
-        done = sorted(p for p in self.root.glob("step-*") if (p / STATE_FILE).is_file())
-        for old in done[: -self.keep]:
-            if old.name != keep_name:
-                shutil.rmtree(old, ignore_errors=True)
+# ---- starting a stage -----------------------------------------------------------------------------
 
 
 def start_fresh(output_dir: Path, checkpointer: Checkpointer, *, is_main: bool) -> None:
@@ -331,17 +66,8 @@ def start_fresh(output_dir: Path, checkpointer: Checkpointer, *, is_main: bool) 
 def write_stage_config(output_dir: Path, stage: str, cfg) -> None:
     """``DIR/config.yaml``: the stage's resolved config under its section (``sft:``...), so that
     ``--config DIR/config.yaml`` reproduces the run."""
-    _atomic_write_text(output_dir / "config.yaml", config_mod.dump_yaml({stage: config_mod.to_dict(cfg)}))
+    atomic_write_text(output_dir / "config.yaml", config_mod.dump_yaml({stage: config_mod.to_dict(cfg)}))
 
-
-def save_model_atomically(directory: Path, write: Callable[[Path], None], *, is_main: bool) -> None:
-    """Writes a model directory through a temporary sibling and a rename (rank 0 writes)."""
-    if not is_main:
-        return
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    _replace_dir(tmp, directory)
 
 
 # ---- the stage loop ----------------------------------------------------------------------------------
@@ -519,7 +245,7 @@ class StageTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.save_model(tmp)
         if self.is_main:
-            _replace_dir(tmp, self.output_dir / "model")
+            replace_dir(tmp, self.output_dir / "model")
 
 
 class DatasetStageTrainer(StageTrainer):

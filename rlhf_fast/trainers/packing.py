@@ -64,7 +64,7 @@ def token_budget_micro(rows: torch.Tensor, tokens: list[int], budget: int, rank:
 
 def contiguous_token_micro(global_batch: list[int], tokens: list[int], budget: int, rank: int,
                            world: int) -> list[list[int]]:
-    """A dataset stage's micro-batches (``trainers/common.py``: rank r takes the r-th contiguous
+    """A dataset stage's micro-batches (``trainers/data_order.py``: rank r takes the r-th contiguous
     slice of the global batch) cut by ``budget`` tokens (``tokens``: of each item of
     ``global_batch``), equal in number on every rank."""
     per_rank = len(global_batch) // world

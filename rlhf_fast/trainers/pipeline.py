@@ -30,8 +30,10 @@ from typing import Optional
 from rlhf_fast import config as config_mod
 from rlhf_fast.config import RunConfig
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.common import STATE_FILE, _atomic_write_text, check_resume_config, read_metrics
-from rlhf_fast.trainers.runs import OutputDirLock, latest_checkpoint, previous_run, start_together
+from rlhf_fast.trainers.atomic_files import atomic_write_text
+from rlhf_fast.trainers.checkpoints import STATE_FILE, check_resume_config, latest_checkpoint
+from rlhf_fast.trainers.metrics_log import read_metrics
+from rlhf_fast.trainers.runs import OutputDirLock, previous_run, start_together
 
 STAGES = ("sft", "rm", "ppo")
 
@@ -146,7 +148,7 @@ def _run_stages(cfg: RunConfig, out: Path, dist, *, resume: bool, overwrite: boo
     summary["gold_metric"] = _gold_metric(cfg)
     summary["reward"] = cfg.ppo.reward.function  # None: the reward model
     if dist.is_main:
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         echo(format_summary(summary))
     dss.barrier()
     return summary

@@ -1,11 +1,20 @@
-"""The fast PPO iteration: experience and update, independent of how optimizers step.
+"""The fast PPO iteration below the trainer: the steppers, the minibatch layout, the experience and
+the update loop, independent of how optimizers step.
 
-``make_experience`` and ``ppo_update`` are what ``rlhf_fast.trainers.ppo_reference.ppo_iteration`` does,
-computed with the fused ops (``rlhf_fast.ops``: log-probs straight into float32, one-launch
-GAE and whitening) and the loss registries of ``rlhf_fast.algos``; the parity tests hold the two
-to each other. Optimizer stepping goes through a ``Stepper``: ``TorchStepper`` (a module and a
-``torch.optim`` optimizer, as the reference) or ``DeepSpeedStepper`` (a DeepSpeed engine, ZeRO
-0-3), so the same loop runs in the parity tests and in the trainer.
+- steppers: optimizer stepping goes through a ``Stepper``: ``TorchStepper`` (a module and a
+  ``torch.optim`` optimizer, as the reference) or ``DeepSpeedStepper`` (a DeepSpeed engine, ZeRO
+  0-3), so the same loop runs in the parity tests and in the trainer;
+- the minibatch layout: ``epoch_plan`` / ``first_epoch_plan`` (``MinibatchPlan``,
+  ``MinibatchLayout``): which rows each rank trains on in each minibatch and micro-batch;
+- the experience: ``gather_rollout`` (every rank holds the global batch), ``score_logprobs`` (old
+  and reference log-probs, values, in the first epoch's micro-batches) and ``finish_experience``
+  (rewards, KL, advantages and returns);
+- the update loop: ``ppo_update`` (``num_epochs`` x ``num_minibatches`` optimizer steps, one
+  ``MinibatchStats`` per step).
+
+Together they are what ``rlhf_fast.trainers.ppo_reference.ppo_iteration`` does, computed with the
+fused ops (``rlhf_fast.ops``: log-probs straight into float32, one-launch GAE and whitening) and
+the loss registries of ``rlhf_fast.algos``; the parity tests hold the two to each other.
 
 Data parallelism. The experience of all ranks is gathered (token ids and a few floats per token:
 small), so every rank holds the global batch, computes the same advantages (whitening over the
@@ -396,7 +405,7 @@ def _minibatch_stats(parts: list[dict], pieces: list[dict], world: _World) -> Mi
     # tokens still in the set; the others are counted apart (policy/outside_filter_frac).
     kept = m & torch.isfinite(logr)
     sums = {k: torch.where(m, v, 0.0).sum() for k, v in cat.items()}
-    sums["approxkl"] = torch.where(kept, 0.5 * logr**2, 0.0).sum()
+    sums["approxkl"] = torch.where(kept, algos.approxkl_per_token(logr), 0.0).sum()
     sums["ratio"] = torch.where(kept, torch.exp(logr), 0.0).sum()
     sums["outside"] = (m & ~kept).sum().double()
     losses = {k: sum(p[k].double() for p in parts) for k in parts[0]}

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from rlhf_fast.algos.hparams import PPOHyperParams
+from rlhf_fast.algos.losses import approxkl_per_token
 from rlhf_fast.algos.types import MinibatchStats, PPOStats, Rollout, objective_stats
 from rlhf_fast.reference import rlmath as ref
 
@@ -397,7 +398,7 @@ def _stats(parts: list[dict], pieces: list[dict]) -> MinibatchStats:
         return x[m].double().mean() if bool(m.any()) else torch.zeros((), dtype=torch.float64)
 
     s = MinibatchStats(**{k: sum(p[k] for p in parts) for k in parts[0]})
-    s.approxkl = 0.5 * mean(cat["logr"] ** 2)
+    s.approxkl = mean(approxkl_per_token(cat["logr"]))
     s.clipfrac = mean(cat["clipped"].double())
     s.dual_clipfrac = mean(cat["dual_clipped"].double())
     s.entropy = mean(cat["entropy"])

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from rlhf_fast.trainers.checkpoints import check_checkpoint_settings, latest_checkpoint
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".rlhf_fast.lock"
@@ -196,17 +198,6 @@ def previous_run(directory) -> list[str]:
     return found
 
 
-def latest_checkpoint(directory) -> Optional[Path]:
-    """``DIR/checkpoints/latest`` when it names a complete checkpoint (one with its trainer state)."""
-    from rlhf_fast.trainers.common import LATEST, STATE_FILE
-
-    pointer = Path(directory) / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
-
-
 @dataclass(frozen=True)
 class StartDecision:
     """What a run does with its directory: "resume" (from ``checkpoint``), "fresh" (nothing there),
@@ -282,22 +273,6 @@ def start_together(decide, *, dist=None, lock: Optional[OutputDirLock] = None, w
         if lock is not None:
             lock.release()
         raise error if error is not None else ValueError(f"another rank refused to start {what} (rank 0 names the reason)")
-
-
-def check_checkpoint_settings(checkpoint: Path, *, stage: str, config: dict) -> None:
-    """The checks ``Checkpointer.load`` makes (the stage that wrote it, its settings), made before
-    anything is built: a ValueError naming the fields."""
-    from rlhf_fast.trainers.common import STATE_FILE, check_resume_config
-
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {checkpoint}: {STATE_FILE} cannot be read ({e})") from None
-    if state.get("stage", stage) != stage:
-        raise ValueError(f"checkpoint {checkpoint} was written by the {state['stage']!r} stage, not {stage!r}: "
-                         "point --output-dir at this stage's own directory")
-    if "config" in state:
-        check_resume_config(state["config"], config, stage, checkpoint)
 
 
 def ensure_fresh_or_overwrite(directory, *, stage: str, resume: bool, overwrite: bool, dist=None,

@@ -18,7 +18,7 @@ from rlhf_fast import ops
 from rlhf_fast.config import SFTConfig
 from rlhf_fast.data import IGNORE_INDEX, SFTDataset
 from rlhf_fast.models import Policy, load_causal_lm, lora, resize_embeddings_for_tokenizer
-from rlhf_fast.models.loading import backbone_of
+from rlhf_fast.models.backbone import backbone_of
 from rlhf_fast.models.packing import attention_context, packed_lm_batch, plan_for, resolve_packing
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers.common import DatasetStageTrainer

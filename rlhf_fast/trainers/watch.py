@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from rlhf_fast.trainers.atomic_files import atomic_write_text
+
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -53,8 +55,6 @@ class SampleLogger:
     def resume_from(self, iteration: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        from rlhf_fast.trainers.common import _atomic_write_text
-
         kept = []
         for line in self.path.read_text().splitlines():
             try:
@@ -63,7 +63,7 @@ class SampleLogger:
                 continue
             if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
                 kept.append(line + "\n")
-        _atomic_write_text(self.path, "".join(kept))
+        atomic_write_text(self.path, "".join(kept))
 
     def log(self, iteration: int, tokenizer, prompts: Sequence[str], responses: torch.Tensor,
             response_mask: torch.Tensor, scores: torch.Tensor, raw_scores: Optional[torch.Tensor] = None,
