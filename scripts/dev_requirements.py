@@ -32,6 +32,7 @@ import os
 import platform
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,9 +170,12 @@ def constraints(mode: str, reqs: list[str], lock: Path = LOCK, version_of=md.ver
 
 
 def freeze(date: str | None = None) -> str:
-    """A lock of this environment: every installed distribution but ``NOT_LOCKED``, sorted."""
+    """A lock of this environment: every distribution installed in its site-packages but
+    ``NOT_LOCKED``, sorted. Only site-packages is read: a process that imported setuptools has its
+    vendored copies (``setuptools/_vendor/*.dist-info``) on ``sys.path`` too."""
     seen = {}
-    for dist in md.distributions():
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in md.distributions(path=site):
         name = dist.metadata["Name"]
         if name and canonical(name) not in NOT_LOCKED:
             seen.setdefault(canonical(name), dist.version)

@@ -326,3 +326,49 @@ def test_architecture_doc_exists_and_names_the_layers():
     doc = (REPO / "docs" / "architecture.md").read_text()
     for part in ("_checks", "_registry", "reference", "ops", "algos", "models", "engine", "config", "trainers", "cli"):
         assert part in doc
+
+
+# ---- no module compares a registered variant's name ---------------------------------------------
+
+
+def _registered_names() -> dict[str, set[str]]:
+    """Every name registered in a ``Registry`` of the package (imported), by the registry's kind."""
+    import importlib
+    import pkgutil
+
+    import rlhf_fast
+    from rlhf_fast._registry import Registry
+
+    kinds: dict[str, set[str]] = {}
+    for info in pkgutil.walk_packages(rlhf_fast.__path__, "rlhf_fast."):
+        if info.name.startswith("rlhf_fast.kernels"):  # Triton kernels: imported on CUDA only
+            continue
+        module = importlib.import_module(info.name)
+        for obj in vars(module).values():
+            if isinstance(obj, Registry):
+                kinds.setdefault(obj.kind, set()).update(obj.names())
+    return kinds
+
+
+def test_no_module_compares_a_registered_variant_name():
+    """Anywhere in the package, ``x == "name"`` / ``x in ("a", "b")`` with a name some registry
+    holds is a variant chosen by name outside its registry (use the entry's attributes instead).
+    Module-level registration (``REG.register("name")``) is not a comparison and is not flagged."""
+    names = {n: kind for kind, ns in _registered_names().items() for n in ns}
+    # strings that are a registered name by coincidence: YAML's spelling of null, a saved model's kind
+    coincidences = {("rlhf_fast/config/core.py", "none"), ("rlhf_fast/models/policy.py", "policy"),
+                    ("rlhf_fast/models/reward.py", "policy")}
+    assert {"gae", "ppo_clip", "hybrid", "eager", "value_head", "bf16", "cosine", "recompute"} <= names.keys()
+    found = []
+    for name, path, tree in _modules():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            for operand in [node.left, *node.comparators]:
+                elts = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                hit = [e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                       and e.value in names and (str(path.relative_to(REPO)), e.value) not in coincidences]
+                if hit:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)} "
+                                 f"({', '.join(f'{h!r} is a {names[h]}' for h in hit)})")
+    assert not found, "registered variant names compared outside their registry:\n" + "\n".join(found)

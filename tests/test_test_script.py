@@ -74,6 +74,7 @@ def _run_test_sh(tmp_path: Path, hide: str, lock_change: dict[str, str] | None =
     r = subprocess.run(["bash", str(REPO / "scripts" / "test.sh"), *args, "-k", "nothing"], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    _run_test_sh.stderr = r.stderr  # for the callers' failure messages
     return [ln for ln in calls.read_text().splitlines() if " -m " in ln]
 
 
@@ -93,7 +94,8 @@ def _normalise(calls: list[str]) -> list[str]:
 ])
 def test_test_sh_installs_whatever_is_missing(tmp_path, hide, installs):
     calls = _normalise(_run_test_sh(tmp_path, hide))
-    assert calls == [*installs, "python -m pytest tests benchmarks --benchmark-disable -q -p no:cacheprovider -k nothing"]
+    assert calls == [*installs, "python -m pytest tests benchmarks --benchmark-disable -q -p no:cacheprovider -k nothing"], \
+        _run_test_sh.stderr
 
 
 def test_test_sh_installs_the_lock_when_a_version_drifted(tmp_path):

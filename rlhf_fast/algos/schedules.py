@@ -44,10 +44,10 @@ def _invsqrt(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -
 
 #: ``scheduler.decay``: (progress in [0, 1] after warm-up, min_ratio) -> multiplier of the peak lr
 LR_DECAYS: Registry[Callable[[float, float], float]] = Registry("lr decay")
-LR_DECAYS.register("constant")(lambda progress, min_ratio: 1.0)
 LR_DECAYS.register("linear")(lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * (1.0 - progress))
 LR_DECAYS.register("cosine")(
     lambda progress, min_ratio: min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+LR_DECAYS.register("constant")(lambda progress, min_ratio: 1.0)
 
 #: ``scheduler.decay`` -> (step, total_steps, warmup_steps, min_ratio) -> multiplier of the peak lr
 LR_SCHEDULES: Registry[Callable[[int, int, int, float], float]] = Registry("lr schedule")

@@ -75,7 +75,17 @@ def truncate_at_stop(
 
 
 #: what happens to the sampled tokens after the first stop token (``postprocess_responses``)
-AFTER_STOP = ("masked", "trained")
+@dataclass(frozen=True)
+class AfterStop:
+    """trains_after_stop: the training view keeps every sampled token (the score on the last one);
+    False: it is the truncated response (the score on the stop token)."""
+
+    trains_after_stop: bool
+
+
+AFTER_STOP: Registry[AfterStop] = Registry("after-stop treatment")
+AFTER_STOP.register("masked")(AfterStop(trains_after_stop=False))
+AFTER_STOP.register("trained")(AfterStop(trains_after_stop=True))
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ def postprocess_responses(
       ``train_policy_accelerate.py``): every sampled token; the score lands on the last one.
     """
     if after_stop not in AFTER_STOP:
-        raise ValueError(f"after_stop must be one of {AFTER_STOP}, got {after_stop!r}")
+        raise ValueError(f"after_stop must be one of {AFTER_STOP.names()}, got {after_stop!r}")
     if tuple(response_mask.shape) != tuple(response_ids.shape):
         raise ValueError(f"response_mask must have the shape of response_ids {tuple(response_ids.shape)}, "
                          f"got {tuple(response_mask.shape)}")
@@ -148,10 +158,10 @@ def postprocess_responses(
         has_stop = torch.ones(response_ids.shape[0], dtype=torch.bool, device=response_ids.device)
         return PostprocessedResponses(ids, mask, ids, mask, has_stop, last_true_index(mask))
     t = truncate_at_stop(response_ids, stops, pad_token_id=pad_token_id, min_length=min_length, response_mask=mask)
-    if after_stop == "masked":
-        train_ids, train_mask = t.response_ids, t.response_mask
-    else:
+    if AFTER_STOP[after_stop].trains_after_stop:
         train_ids, train_mask = response_ids, mask
+    else:
+        train_ids, train_mask = t.response_ids, t.response_mask
     return PostprocessedResponses(train_ids, train_mask, t.response_ids, t.response_mask, t.has_stop,
                                   last_true_index(train_mask))
 

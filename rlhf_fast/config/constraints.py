@@ -7,7 +7,12 @@ from __future__ import annotations
 import typing
 from typing import Any
 
+from rlhf_fast.algos import schedules
 from rlhf_fast.algos.hparams import PPOHyperParams
+from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES, old_logprob_source_names
+from rlhf_fast.algos.truncation import AFTER_STOP, MISSING_STOP_PENALTIES
+from rlhf_fast.models.layouts import critic_layout_names
+from rlhf_fast.models.precision import precision_names
 from rlhf_fast.config.sections import (
     DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
@@ -27,6 +32,57 @@ CHECKS: dict[tuple[type, str], tuple[typing.Callable[[Any], bool], str]] = {
     (DeepSpeedConfig, "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     (DataConfig, "eval_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
+
+
+class _OneOf:
+    """The wording of a field that names a registry entry (``what``): the registry's names, read
+    when shown (a variant registered after import is listed too)."""
+
+    def __init__(self, what: str, names: typing.Callable[[], tuple], none: bool = False):
+        self.what, self.names, self.none = what, names, none
+
+    def __str__(self) -> str:  # the wording a Literal field had: "one of 'a', 'b'"
+        return "one of " + ", ".join(repr(n) for n in self.names()) + (" or null" if self.none else "")
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
+def _registry_field(cls, name: str, what: str, names: typing.Callable[[], tuple], *, none: bool = False) -> None:
+    """``cls.name`` must name an entry of a registry below config (docs/architecture.md, "Variation
+    points"), read when the value is checked, so the field is a plain ``str`` and config never lists
+    or compares the names itself."""
+    CHECKS[(cls, name)] = (lambda v: (none and v is None) or v in names(), _OneOf(what, names, none))
+
+
+def _rm_normalization_names() -> tuple[str, ...]:
+    from rlhf_fast.models.reward import rm_normalization_names  # imported on use: it loads transformers
+
+    return rm_normalization_names()
+
+
+def _rm_normalization(name: str):
+    from rlhf_fast.models.reward import RM_NORMALIZATIONS  # imported on use: it loads transformers
+
+    return RM_NORMALIZATIONS[name]
+
+
+def _policy_wrapper_names() -> tuple[str, ...]:
+    from rlhf_fast.models.wrappers import policy_wrapper_names  # imported on use: it loads transformers
+
+    return policy_wrapper_names()
+
+
+_registry_field(SchedulerConfig, "decay", "learning-rate schedule", schedules.lr_schedule_names)
+_registry_field(DeepSpeedConfig, "dtype", "precision", precision_names)
+_registry_field(RMConfig, "normalization", "reward normalisation", _rm_normalization_names)
+_registry_field(GenerationConfig, "missing_stop_penalty", "missing-stop penalty", MISSING_STOP_PENALTIES.names,
+                none=True)
+_registry_field(GenerationConfig, "after_stop", "after-stop treatment", AFTER_STOP.names)
+_registry_field(PPOConfig, "critic", "critic layout", critic_layout_names)
+_registry_field(PPOConfig, "old_logprobs", "old log-prob source", old_logprob_source_names)
+_registry_field(PPOConfig, "lr_schedule_unit", "learning-rate schedule unit", schedules.LR_SCHEDULE_UNITS.names)
+_registry_field(PPOConfig, "policy_wrapper", "policy wrapper", _policy_wrapper_names)
+
 for _cls in (LoggingConfig, PPOLoggingConfig):
     CHECKS[(_cls, "log_every")] = (lambda v: v >= 1, "an integer >= 1")
     CHECKS[(_cls, "eval_every")] = (lambda v: v >= 0, "an integer >= 0")
@@ -96,7 +152,7 @@ def _check_logprob_distribution(cfg: "PPOConfig", path: str) -> None:
         raise ValueError(f"top_p {top_p} filters the log-probs, but {path}.algo.temperature ({hp.temperature}) differs "
                          f"from {path}.generation.temperature ({g.temperature}): the top-p set depends on the "
                          "temperature, so the log-probs would not be under the distribution the tokens were drawn from")
-    if cfg.old_logprobs == "rollout":
+    if OLD_LOGPROB_SOURCES[cfg.old_logprobs].from_rollout:
         from rlhf_fast.engine import BACKENDS  # imported on use, as above
 
         if not BACKENDS[g.backend].logprobs_match_trainer:
@@ -126,7 +182,8 @@ def cross_checks(cfg, path: str) -> None:
             raise ValueError(f"{path}: {e}") from None
     if isinstance(cfg, GenerationConfig) and cfg.min_new_tokens > cfg.max_new_tokens:
         raise ValueError(f"{path}.min_new_tokens ({cfg.min_new_tokens}) exceeds {path}.max_new_tokens ({cfg.max_new_tokens})")
-    if isinstance(cfg, GenerationConfig) and cfg.after_stop == "trained" and (cfg.stop_during_generation or cfg.stop_at_eos):
+    if isinstance(cfg, GenerationConfig) and AFTER_STOP[cfg.after_stop].trains_after_stop \
+            and (cfg.stop_during_generation or cfg.stop_at_eos):
         raise ValueError(
             f"{path}.after_stop 'trained' trains on the tokens sampled after the stop token, but "
             f"{'stop_during_generation' if cfg.stop_during_generation else 'stop_at_eos'} is true, so none are sampled: set "
@@ -134,7 +191,7 @@ def cross_checks(cfg, path: str) -> None:
             f"to truncate at it), or {path}.after_stop masked")
     if isinstance(cfg, RewardConfig) and cfg.model_path is not None and cfg.function is not None:
         raise ValueError(f"{path}: give reward.model_path or reward.function, not both")
-    if isinstance(cfg, RMConfig) and cfg.normalize_before and cfg.normalization != "policy_samples":
+    if isinstance(cfg, RMConfig) and cfg.normalize_before and not _rm_normalization(cfg.normalization).samples_policy:
         raise ValueError(
             f"{path}.normalize_before needs {path}.normalization 'policy_samples' (got {cfg.normalization!r}): the "
             f"before-training normalisation scores samples of the initial policy (N details #9); set "

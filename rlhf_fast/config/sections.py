@@ -97,7 +97,7 @@ class SchedulerConfig:
     """Optimizer steps of linear warm-up; ``warmup_ratio`` is used when this is 0."""
     warmup_ratio: float = 0.0
     """Warm-up as a share of the total optimizer steps (used when ``warmup_steps`` is 0)."""
-    decay: Literal["linear", "cosine", "constant", "invsqrt"] = "linear"
+    decay: str = "linear"
     """Shape after warm-up. "linear" to 0: N details #5 (lr annealed to 0 for RM training and PPO);
     "cosine": N+ SFT; "invsqrt": OpenLMLab/MOSS-RLHF's PPO schedule (``ppo_trainer.invsqrt_scheduler``:
     its own warm-up ``max(step / warmup, 0.1)``, then ``sqrt(warmup / step)``; ``min_lr_ratio`` unused)."""
@@ -112,7 +112,7 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     """ZeRO stage 0-3: 0 plain data parallel; 1 shards optimizer state; 2 also gradients (N+ runs
     ZeRO-2); 3 also parameters."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: str = "fp32"
     """Training precision. bf16 on Ampere+ GPUs, and on CPUs with native bf16 matmuls (AVX-512 BF16 /
     AMX: ~2x fp32 per PPO iteration); elsewhere on the CPU fp32 (bf16 then warns: tens of times
     slower). fp16 uses dynamic loss scaling."""

@@ -75,7 +75,7 @@ class RMConfig:
     section into ``DIR/sft`` and starts from that."""
     margin: float = 0.0
     """Loss -log sigmoid(r_chosen - r_rejected - margin); 0 is plain Bradley-Terry (Llama 2 adds a margin)."""
-    normalization: Literal["policy_samples", "reference_mean", "reference_std", "none"] = "policy_samples"
+    normalization: str = "policy_samples"
     """After training: "policy_samples" sets gain and bias so responses sampled from the initial
     (SFT) policy score mean 0 / std 1 (N details #9); "reference_mean": bias = -mean score of the
     SFT data's reference responses (N+); "reference_std": mean 0 / std 1 on those; "none"."""
@@ -166,12 +166,12 @@ class GenerationConfig:
     ``after_stop``."""
     truncate_min_length: int = 0
     """Only stop tokens at index >= this count ("N details" #14: '.' at or after token 16)."""
-    missing_stop_penalty: Optional[Literal["replace", "subtract"]] = "replace"
+    missing_stop_penalty: Optional[str] = "replace"
     """Rows with no stop token: "replace" the score with ``missing_stop_value`` (lm-human-
     preferences, N+: -1), "subtract" it (TRL ``missing_eos_penalty``), or null (none)."""
     missing_stop_value: float = -1.0
     """The replacement score, or the amount subtracted."""
-    after_stop: Literal["masked", "trained"] = "masked"
+    after_stop: str = "masked"
     """Which sampled tokens PPO trains on after the first stop token, and where the score lands
     (``rlhf_fast.algos.postprocess_responses``). The reward always scores the response truncated
     after its stop token, and the missing-stop penalty always looks for one. "masked" (N+ TL;DR,
@@ -233,7 +233,7 @@ class PPOConfig:
     """Critic optimizer (a separate critic only)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Linear decay to 0 ("N details" #5), over the unit of ``lr_schedule_unit``."""
-    lr_schedule_unit: Literal["optimizer_step", "iteration"] = "optimizer_step"
+    lr_schedule_unit: str = "optimizer_step"
     """What the lr schedule counts. "optimizer_step": the lr changes at every optimizer step
     (``iterations * num_epochs * num_minibatches`` steps; DeepSpeed-Chat, OpenRLHF, MOSS-RLHF). "iteration":
     the lr is constant across one PPO iteration's epochs and minibatches and is annealed between
@@ -246,9 +246,14 @@ class PPOConfig:
     """``grad_clip`` is taken from ``algo.max_grad_norm``; ``grad_accum`` from the minibatch plan."""
     logging: PPOLoggingConfig = field(default_factory=PPOLoggingConfig)
     """Counted in iterations; ``samples_per_iteration`` rollouts per iteration go to ``DIR/samples.jsonl``."""
-    critic: Literal["separate", "value_head"] = "separate"
+    critic: str = "separate"
     """"separate": a critic initialised from the reward model (N+ TL;DR, PPO-max); "value_head": a
-    zero-initialised value head on the policy backbone ("N details" #11)."""
+    zero-initialised value head on the policy backbone ("N details" #11)
+    (``rlhf_fast/models/layouts.py``: ``CRITIC_LAYOUTS``)."""
+    policy_wrapper: str = "policy"
+    """What wraps the policy's causal LM (``rlhf_fast/models/wrappers.py``: ``POLICY_WRAPPERS``):
+    "policy", ``rlhf_fast.models.Policy`` (log-probs and entropy with the fused ops, an optional
+    value head). The frozen reference of full fine-tuning is the same wrapper around a copy."""
     critic_with_rm_normalization: bool = False
     """A separate critic initialised from the reward model gets the reward model's normalisation
     folded into its value head (initial values = normalised per-token rewards), as N+ TL;DR's
@@ -277,7 +282,7 @@ class PPOConfig:
     sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
     eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
     false: the padded [B, T] batches."""
-    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    old_logprobs: str = "recompute"
     """Where the PPO ratio's old log-probs come from: "recompute" — a policy forward over the
     rollout in the first epoch's micro-batches (the first minibatch's ratio is then exactly 1; the
     N-details code, TRL before 0.12, OpenRLHF, verl); "rollout" — the engine's own per-token

@@ -38,10 +38,11 @@ from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES
 from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import make_generator
-from rlhf_fast.models import Critic, Policy, RewardModel, load_reward_model, lora
+from rlhf_fast.models import Critic, RewardModel, load_reward_model, lora
 from rlhf_fast.models.layouts import CRITIC_LAYOUTS
 from rlhf_fast.models.packing import set_packing
 from rlhf_fast.models.precision import PRECISIONS
+from rlhf_fast.models.wrappers import POLICY_WRAPPERS, PolicyWrapper
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
@@ -78,7 +79,7 @@ class _Engines:
 class _OnDevice:
     """A frozen policy kept on another device: inputs go there, log-probs come back."""
 
-    def __init__(self, policy: Policy, device):
+    def __init__(self, policy: PolicyWrapper, device):
         self.policy, self.device = policy, torch.device(device)
 
     def logprobs(self, input_ids, attention_mask, **kwargs):
@@ -210,9 +211,9 @@ class PPOTrainer(StageTrainer):
         cfg = self.cfg
         layout = CRITIC_LAYOUTS[cfg.critic]
         src = _build.model_source(cfg.policy, cfg.data, self.tokenizer)
-        policy = Policy.from_pretrained(src, value_head=layout.value_head, seed=cfg.policy.init_seed,
-                                        attn_implementation=cfg.policy.attn_implementation,
-                                        use_linear_logprobs=cfg.use_linear_logprobs)
+        policy = POLICY_WRAPPERS[cfg.policy_wrapper].load(src, value_head=layout.value_head, seed=cfg.policy.init_seed,
+                                                          attn_implementation=cfg.policy.attn_implementation,
+                                                          use_linear_logprobs=cfg.use_linear_logprobs)
         if policy.config.vocab_size < len(self.tokenizer):
             raise ValueError(f"policy vocabulary {policy.config.vocab_size} < tokenizer size {len(self.tokenizer)}: "
                              "start PPO from an SFT checkpoint (rlhf-fast sft) made with this tokenizer")
@@ -242,9 +243,10 @@ class PPOTrainer(StageTrainer):
         ref = self.ref_policy.policy if isinstance(self.ref_policy, _OnDevice) else self.ref_policy
         set_packing(self.cfg.packing, "ppo.packing", policy, critic, ref, self.reward_model)
 
-    def _reference_copy(self, policy: Policy, frozen_dtype):
+    def _reference_copy(self, policy: PolicyWrapper, frozen_dtype):
         """The frozen reference policy of full fine-tuning: a copy of the initial policy."""
-        ref = Policy(copy.deepcopy(policy.model), use_linear_logprobs=self.cfg.use_linear_logprobs)
+        ref = POLICY_WRAPPERS[self.cfg.policy_wrapper].wrap(copy.deepcopy(policy.model),
+                                                             use_linear_logprobs=self.cfg.use_linear_logprobs)
         ref.eval().requires_grad_(False)
         if frozen_dtype is not None:  # the frozen models compute in the training precision
             ref.to(frozen_dtype)

@@ -30,7 +30,7 @@ from rlhf_fast import algos
 from rlhf_fast.algos import Rollout
 from rlhf_fast.config import PPOConfig
 from rlhf_fast.engine import SamplingParams
-from rlhf_fast.trainers.common import epoch_order
+from rlhf_fast.trainers.data_order import epoch_order
 from rlhf_fast.trainers.ppo_trim import trim_columns
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
