@@ -146,7 +146,9 @@ def test_data_errors_before_any_model(tmp_path, monkeypatch):
     before a model is built."""
     import json
 
-    monkeypatch.setattr(PPOTrainer, "_models", lambda self: pytest.fail("models built before the data check"))
+    from rlhf_fast.trainers import ppo_parts
+
+    monkeypatch.setattr(ppo_parts, "_models", lambda *a, **k: pytest.fail("models built before the data check"))
     f = tmp_path / "prompts.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(12)))
     cfg = _cfg("--ppo.data.train_file", str(f), "--ppo.eval_prompts", "8", "--ppo.rollout_batch_size", "8",

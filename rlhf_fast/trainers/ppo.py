@@ -1,7 +1,8 @@
 """PPO on DeepSpeed with every implementation detail: ``PPOTrainer(cfg.ppo, DIR).fit()``.
 
-The loop is the shared ``StageTrainer`` (set-up, resume, checkpoints, final model); one step is
-one PPO iteration, read top to bottom in ``run_step`` (docs/architecture.md, "One PPO iteration"),
+The loop is the shared ``StageTrainer`` (set-up, resume, checkpoints, final model); the run's
+parts (models, engines, generator, scorer, rollout stage) come from one builder,
+``trainers/ppo_parts.py: build_ppo_parts``, as one frozen record; one step is one PPO iteration, read top to bottom in ``run_step`` (docs/architecture.md, "One PPO iteration"),
 each phase timed:
 
     generate + score   ``RolloutStage.collect`` (trainers/rollout.py): prompts -> the hybrid engine
@@ -23,7 +24,6 @@ as TensorBoard text).
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass
@@ -36,16 +36,11 @@ from rlhf_fast import algos
 from rlhf_fast.algos import Rollout
 from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES
 from rlhf_fast.config import BatchPlan, PPOConfig, validate
-from rlhf_fast.data import PromptDataset
-from rlhf_fast.engine import make_generator
-from rlhf_fast.models import Critic, RewardModel, load_reward_model, lora
-from rlhf_fast.models.layouts import CRITIC_LAYOUTS
-from rlhf_fast.models.packing import set_packing
-from rlhf_fast.models.precision import PRECISIONS
-from rlhf_fast.models.wrappers import POLICY_WRAPPERS, PolicyWrapper
+from rlhf_fast.models import lora
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.common import StageTrainer
+from rlhf_fast.trainers.ppo_parts import build_ppo_parts
 from rlhf_fast.trainers.watch import SampleLogger, ppo_postfix
 from rlhf_fast.trainers.rollout import (  # noqa: F401  (re-exported: the trainer's public helpers)
     PromptSchedule,
@@ -74,18 +69,6 @@ class _Engines:
     def load_checkpoint(self, path: str, *, tag: str, **kwargs):
         loaded = [e.load_checkpoint(os.path.join(path, name), tag=tag, **kwargs)[0] for name, e in self.engines.items()]
         return (path if all(p is not None for p in loaded) else None), None
-
-
-class _OnDevice:
-    """A frozen policy kept on another device: inputs go there, log-probs come back."""
-
-    def __init__(self, policy: PolicyWrapper, device):
-        self.policy, self.device = policy, torch.device(device)
-
-    def logprobs(self, input_ids, attention_mask, **kwargs):
-        out = self.policy.logprobs(input_ids.to(self.device), attention_mask.to(self.device), **kwargs)
-        return out.__class__(**{k: (v.to(input_ids.device) if isinstance(v, torch.Tensor) else v)
-                                for k, v in vars(out).items()})
 
 
 @dataclass
@@ -134,7 +117,6 @@ class PPOTrainer(StageTrainer):
         if cfg.rollout_batch_size % W:
             raise ValueError(f"ppo.rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the world size ({W})")
         self.B = cfg.rollout_batch_size * cfg.samples_per_prompt  # global rollout rows
-        self.local_prompts = cfg.rollout_batch_size // W
         try:
             layout = ppo_core.MinibatchLayout.of(self.B, self.hp, W)
         except ValueError:
@@ -149,33 +131,13 @@ class PPOTrainer(StageTrainer):
     # -- set-up ------------------------------------------------------------------------------------
 
     def setup_stage(self) -> None:
-        cfg = self.cfg
-        dss.seed_everything(cfg.seed, self.dist.rank)
-        train, evals = self._load_prompts()
-        self.tokenizer = _build.load_tokenizer(cfg.policy, cfg.data, source=cfg.policy.path, section="ppo.policy")
-        self.stop_token_ids = resolve_stop_tokens(self.tokenizer, cfg.generation.stop_tokens)  # before any model
-        policy, critic = self._models()
-        self._set_packing(policy, critic)
-        kw = dict(prompt_field=cfg.data.prompt_field, messages_field=cfg.data.messages_field,
-                  max_prompt_length=cfg.data.max_prompt_length)
-        self.prompts = PromptDataset(train, self.tokenizer, **kw)
-        self.eval_prompts = PromptDataset(evals, self.tokenizer, **kw)
-        self.collate = self.prompts.collator(pad_to_length=cfg.data.max_prompt_length)
-        self._build_engines(policy, critic)
-        max_prompt = max(int(x.numel()) for x in self.prompts.input_ids + self.eval_prompts.input_ids)
-        self.max_prompt = cfg.data.max_prompt_length or max_prompt
-        self.gen = make_generator(self.policy_engine, pad_token_id=self.tokenizer.pad_token_id,
-                                  max_batch_size=cfg.generation.max_batch_size,
-                                  max_seq_len=self.max_prompt + cfg.generation.max_new_tokens,
-                                  decode=cfg.generation.decode, backend=cfg.generation.backend)
-        scorer = Scorer(reward_model=self.reward_model, reward_fn=self._reward_fn if self.reward_model is None else None,
-                        tokenizer=self.tokenizer, batch_size=cfg.reward.batch_size, trim_padding=self.hp.trim_padding)
-        schedule = PromptSchedule(self.prompts, self.collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
-                                  samples_per_prompt=cfg.samples_per_prompt, rank=self.dist.rank,
-                                  world_size=self.dist.world_size,
-                                  draws_per_iteration=self.hp.max_sampling_rounds if self.hp.dynamic_sampling else 1)
-        self.rollouts = RolloutStage(cfg, generator=self.gen, schedule=schedule, scorer=scorer, tokenizer=self.tokenizer,
-                                     stop_token_ids=self.stop_token_ids, device=self.dist.device, rank=self.dist.rank)
+        self.parts = p = build_ppo_parts(self.cfg, self.hp, plan=self.plan, dist=self.dist, reward_fn=self._reward_fn)
+        # the parts the iteration reads, by the names the trainer has always had
+        self.task, self.tokenizer, self.stop_token_ids = p.task, p.tokenizer, p.stop_token_ids
+        self.prompts, self.eval_prompts, self.collate, self.max_prompt = p.prompts, p.eval_prompts, p.collate, p.max_prompt
+        self.policy_engine = self.engine = p.policy_engine
+        self.critic_engine, self.frozen_engines = p.critic_engine, p.frozen_engines
+        self.ref_policy, self.reward_model, self.gen, self.rollouts = p.ref_policy, p.reward_model, p.generator, p.rollouts
         self.kl_ctl = self.hp.make_kl_controller()
         self.score_stats = algos.RunningMoments()  # PPO-max reward normalisation (algo.normalize_scores)
 
@@ -184,111 +146,6 @@ class PPOTrainer(StageTrainer):
         self.samples = SampleLogger(self.output_dir, rows=self.cfg.logging.samples_per_iteration, enabled=self.is_main,
                                     metrics=self.logger)
         self.samples.resume_from(self.step)  # a resumed run drops the rows after its checkpoint
-
-    def _load_prompts(self) -> tuple[list, list]:
-        """(train, eval) prompt records, checked before any model is built."""
-        cfg = self.cfg
-        self.task = _build.get_task(cfg.data) if cfg.data.train_file is None else None
-        if cfg.data.train_file is not None:
-            train = _build.file_records(cfg.data.train_file, "ppo.data.train_file")
-            if cfg.data.eval_file:
-                evals = _build.file_records(cfg.data.eval_file, "ppo.data.eval_file")
-            else:  # hold out the last eval_prompts prompts
-                train, evals = train[: -cfg.eval_prompts], train[-cfg.eval_prompts:]
-        else:
-            train, evals = self.task.prompt_records("train"), self.task.prompt_records("eval")
-        if cfg.data.max_train_examples:
-            train = train[: cfg.data.max_train_examples]
-        evals = evals[: cfg.eval_prompts]
-        if len(train) < cfg.rollout_batch_size:
-            raise ValueError(f"{len(train)} training prompts < ppo.rollout_batch_size ({cfg.rollout_batch_size})"
-                             + (f"; {len(evals)} others were held out for evaluation (ppo.eval_prompts "
-                                f"{cfg.eval_prompts})" if evals and cfg.data.eval_file is None else ""))
-        return train, evals
-
-    def _models(self):
-        """(policy, critic or None); sets ``ref_policy`` and ``reward_model`` (frozen)."""
-        cfg = self.cfg
-        layout = CRITIC_LAYOUTS[cfg.critic]
-        src = _build.model_source(cfg.policy, cfg.data, self.tokenizer)
-        policy = POLICY_WRAPPERS[cfg.policy_wrapper].load(src, value_head=layout.value_head, seed=cfg.policy.init_seed,
-                                                          attn_implementation=cfg.policy.attn_implementation,
-                                                          use_linear_logprobs=cfg.use_linear_logprobs)
-        if policy.config.vocab_size < len(self.tokenizer):
-            raise ValueError(f"policy vocabulary {policy.config.vocab_size} < tokenizer size {len(self.tokenizer)}: "
-                             "start PPO from an SFT checkpoint (rlhf-fast sft) made with this tokenizer")
-        frozen_dtype = PRECISIONS[cfg.deepspeed.dtype].frozen_dtype
-        self.reward_model = self._load_reward(frozen_dtype)
-        critic = None
-        if layout.separate and self.hp.estimator.needs_values:
-            # N+ TL;DR / PPO-max: the critic starts from the reward model; else from the policy (zero head).
-            critic = Critic.from_pretrained(cfg.reward.model_path, with_normalization=cfg.critic_with_rm_normalization) \
-                if cfg.reward.model_path else Critic(copy.deepcopy(policy.backbone))
-            if cfg.critic_lora.rank:
-                lora.add_lora(critic.backbone, cfg.critic_lora, field="ppo.critic_lora")
-                critic.value_head.requires_grad_(cfg.critic_lora.train_head)
-        if cfg.lora.rank:
-            # docs/architecture.md "LoRA": the reference is the policy with its adapters disabled; no copy
-            lora.add_lora(policy.model, cfg.lora, field="ppo.lora")
-            if policy.value_head is not None:
-                policy.value_head.requires_grad_(cfg.lora.train_head)
-            self.ref_policy = lora.AdaptersOff(policy)
-        else:
-            self.ref_policy = self._reference_copy(policy, frozen_dtype)
-        return policy.to(self.dist.device), critic.to(self.dist.device) if critic is not None else None
-
-    def _set_packing(self, policy, critic) -> None:
-        """``ppo.packing`` on every model forward of the iteration (models/packing.py): policy,
-        critic, reference and reward model; the RL math sees the padded (b, R) layout either way."""
-        ref = self.ref_policy.policy if isinstance(self.ref_policy, _OnDevice) else self.ref_policy
-        set_packing(self.cfg.packing, "ppo.packing", policy, critic, ref, self.reward_model)
-
-    def _reference_copy(self, policy: PolicyWrapper, frozen_dtype):
-        """The frozen reference policy of full fine-tuning: a copy of the initial policy."""
-        ref = POLICY_WRAPPERS[self.cfg.policy_wrapper].wrap(copy.deepcopy(policy.model),
-                                                             use_linear_logprobs=self.cfg.use_linear_logprobs)
-        ref.eval().requires_grad_(False)
-        if frozen_dtype is not None:  # the frozen models compute in the training precision
-            ref.to(frozen_dtype)
-        # The frozen reference can live on the CPU (it only runs forwards): N+ offloads it for 6.9B.
-        return _OnDevice(ref.to("cpu"), "cpu") if self.cfg.ref_on_cpu else ref.to(self.dist.device)
-
-    def _load_reward(self, frozen_dtype) -> Optional[RewardModel]:
-        """The frozen reward model, or None when a reward function scores (``self._reward_fn``)."""
-        cfg = self.cfg
-        if self._reward_fn is None and cfg.reward.function is not None:
-            self._reward_fn = load_reward_function(cfg.reward.function, task=self.task)
-        if self._reward_fn is not None:
-            return None
-        if cfg.reward.model_path is None:
-            raise ValueError("ppo.reward: give reward.model_path (a directory from rlhf-fast rm) or reward.function")
-        if not Path(cfg.reward.model_path).is_dir():
-            raise ValueError(f"ppo.reward.model_path {cfg.reward.model_path!r} is not a directory")
-        rm = load_reward_model(cfg.reward.model_path, self.tokenizer)
-        rm.to(self.dist.device)
-        if frozen_dtype is not None:
-            rm.backbone.to(frozen_dtype)
-        return rm
-
-    def _build_engines(self, policy, critic) -> None:
-        cfg = self.cfg
-        build = dict(plan=self.plan, sched=cfg.scheduler, **dss.ppo_schedule(
-            cfg.lr_schedule_unit, iterations=cfg.iterations, steps_per_iteration=self.hp.num_epochs * self.hp.num_minibatches))
-        ds = copy.deepcopy(cfg.deepspeed)
-        ds.grad_clip = self.hp.max_grad_norm or 0.0
-        self.policy_engine = self.engine = dss.build_engine(policy, optim=cfg.optim, ds=ds, **build)
-        self.critic_engine = dss.build_engine(critic, optim=cfg.critic_optim, ds=ds, **build) if critic else None
-        # ZeRO-3 inference for the frozen models: partitioned in place (the objects stay the same;
-        # their hooks gather each module's weights for its forward). Every rank runs the same
-        # forwards: the same micro-batch counts as the policy, which is ZeRO-3 too.
-        frozen_zero3 = cfg.frozen_zero3 if cfg.frozen_zero3 is not None else (ds.zero_stage == 3 and not cfg.ref_on_cpu)
-        self.frozen_engines = []
-        if frozen_zero3:
-            mb = self.plan.micro_batch_size
-            if not cfg.lora.rank:  # a LoRA reference is the policy itself, partitioned by the policy's engine
-                self.frozen_engines.append(dss.build_zero3_inference(self.ref_policy, ds=ds, micro_batch_size=mb))
-            if self.reward_model is not None:
-                self.frozen_engines.append(dss.build_zero3_inference(self.reward_model, ds=ds, micro_batch_size=mb))
 
     # -- one iteration ---------------------------------------------------------------------------------
 
