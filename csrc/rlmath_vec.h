@@ -1,4 +1,4 @@
-// Loads and stores for csrc/rlmath.cpp on at::vec::Vectorized<float> (fVec, csrc/vec_math.h): any
+// Loads and stores for csrc/rlmath*.cpp on at::vec::Vectorized<float> (fVec, csrc/vec_math.h): any
 // supported input dtype to float lanes, bool mask bytes to lane masks, full vectors and tails.
 // One source for every ISA build (rlhf_fast/ops/_library.py): AVX-512 and AVX2 get a
 // byte -> int32 widening load for the mask, the other levels (portable x86, NEON) a short loop.

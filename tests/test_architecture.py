@@ -185,11 +185,7 @@ def test_the_cycle_check_catches_one():
 
 MAX_MODULE_LINES = 600
 #: modules allowed past the limit for now, each with its reason
-LONG_MODULE_EXCEPTIONS = {
-    # A known open item of issue 29 ("seams"): the C++ twin of every RL-math op in one file (655
-    # lines), not split yet. Temporary: remove this entry when it is split.
-    "csrc/rlmath.cpp": "issue 29: not split yet",
-}
+LONG_MODULE_EXCEPTIONS: dict[str, str] = {}
 
 
 def test_no_module_over_600_lines():

@@ -1,11 +1,11 @@
-"""The rlmath C++ kernels (csrc/rlmath.cpp) built for a lower vector ISA give the native build's
+"""The rlmath C++ kernels (csrc/rlmath*.cpp) built for a lower vector ISA give the native build's
 results: shaping (each KL estimator, with and without a clamp), GAE and masked whitening run in a
 subprocess under ``ATEN_CPU_CAPABILITY=avx2`` and ``=default`` (rlhf_fast/ops/_library.py then
 loads that ISA's build, issue 23), and their outputs are compared with this process's.
 
 Every build is held to the float64 reference contract (docs/architecture.md, "Numerical
 contract"). The kernels do the same float operations in the same order whatever the vector width
-(csrc/rlmath.cpp, header comment), so the builds with FMA (AVX2, AVX-512) must also agree bit for
+(csrc/rlmath_common.h, head comment), so the builds with FMA (AVX2, AVX-512) must also agree bit for
 bit; the portable x86-64 build has no FMA (gcc contracts a * b + c on the others, and vexp uses
 fmadd), so it differs in the last bits and is held to the contract alone. Shapes are chosen to hit every tail: B not a multiple of 16 or 8 (the GAE lane groups), T
 not a multiple of the vector width nor of the GAE staging block, a bf16 case for the converting
@@ -158,7 +158,7 @@ def test_lower_isa_build_matches_native(capability, native, tmp_path):
 
 
 def test_two_threads_match_one():
-    """Above the kernels' threading threshold (2^22 elements per thread, csrc/rlmath.cpp) the work
+    """Above the kernels' threading threshold (2^22 elements per thread, csrc/rlmath_common.h) the work
     is split across torch's threads (at::parallel_for): rows, GAE lane groups, whitening chunks.
     Each element's arithmetic does not depend on the split, so 2 threads give 1 thread's bits."""
     if not _library.extension_loaded():

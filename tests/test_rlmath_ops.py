@@ -199,7 +199,7 @@ def test_gae_vs_reference(case):
 @settings(max_examples=25, deadline=None)
 def test_gae_wide_batches_vs_reference_and_row_alone(case):
     """Batches wide enough for the kernel's paired lane groups (two groups of W rows per recurrence
-    step in csrc/rlmath.cpp: 32+ rows on AVX-512, 16+ on AVX2) and the row tail: the contract
+    step in csrc/rlmath_gae.cpp: 32+ rows on AVX-512, 16+ on AVX2) and the row tail: the contract
     against float64, and every row gives the bits it gives alone."""
     r, v, m, _ = tensors(case, scale=2.0)
     g, lam = case["gamma"], case["lam"]
@@ -342,7 +342,7 @@ def test_bad_input_raises_value_error_naming_argument(name, fn, match):
 
 
 def test_nonfinite_results_from_finite_inputs_are_not_input_errors():
-    """The CPU kernels check finiteness while they run (csrc/rlmath.cpp, issue 23) with the rule of
+    """The CPU kernels check finiteness while they run (csrc/rlmath.cpp, csrc/rlmath_gae.cpp, issue 23) with the rule of
     the Python checks they replaced: only a non-finite input on a valid token is an error. k3
     overflowing from finite log-probs, a clamp bounding an inf log-prob, a GAE recurrence that
     overflows, and NaN padding on masked tokens all pass, on the vector body and the tail (T = 37)."""

@@ -1,7 +1,7 @@
 """KL penalty, reward shaping, GAE and masked whitening as fused custom ops.
 
 ``torch.ops.rlhf_fast.{kl_penalty, shape_rewards, gae, masked_moments, masked_whiten_apply}``
-dispatch to C++ kernels on CPU (csrc/rlmath.cpp) and Triton kernels on CUDA (kernels/rlmath.py);
+dispatch to C++ kernels on CPU (csrc/rlmath*.cpp) and Triton kernels on CUDA (kernels/rlmath.py);
 fake kernels let torch.compile trace them; ``kl_penalty`` has autograd (w.r.t. both inputs).
 Whitening is split into its two passes, ``masked_moments`` -> (count, mean, M2) and
 ``masked_whiten_apply``, so that with a process group the statistics are all-reduced in between
