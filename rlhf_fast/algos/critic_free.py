@@ -47,13 +47,17 @@ def dr_grpo_advantages(inp: AdvantageInput, params: AdvantageParams, *, backend=
 
 def _discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     """(B, T) ``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the valid tokens (OpenRLHF
-    ``get_cumulative_returns``), 0 on padding. A reverse loop over T: T is the response length."""
+    ``get_cumulative_returns``), 0 on padding. A reverse loop over T: T is the response length.
+    Masked tokens are skipped, not counted as steps: the running return carries across a hole
+    undiscounted, as in ``gae`` (docs/architecture.md, "Ops"); for right-padded masks (OpenRLHF's
+    only kind) the two readings agree. Counting holes as steps (decaying the return across them)
+    was a bug that hypothesis 6.100 found at gamma 0.5 (tests/test_critic_free.py)."""
     m = mask.bool()
     r = torch.where(m, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
     out = torch.zeros_like(r)
     running = torch.zeros_like(r[..., 0])
     for t in range(r.shape[-1] - 1, -1, -1):
-        running = r[..., t] + gamma * running
+        running = torch.where(m[..., t], r[..., t] + gamma * running, running)
         out[..., t] = running
     return torch.where(m, out, torch.zeros((), dtype=r.dtype, device=r.device))
 
