@@ -13,7 +13,7 @@ import torch
 
 from rlhf_fast import config as C
 from rlhf_fast.trainers import ppo_core
-from rlhf_fast.trainers.metrics_log import read_metrics
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 from rlhf_fast.trainers.ppo import PPOTrainer
 
 TINY = ["--ppo.logging.progress_bar", "false", "--ppo.logging.tensorboard", "false", "--ppo.policy.size", "test",
