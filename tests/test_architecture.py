@@ -179,7 +179,8 @@ def test_the_cycle_check_catches_one():
     """The check itself: the old cycle between the stage loop and the run guard
     (``trainers.common <-> trainers.run.guard``), hidden by a function-level import in the guard."""
     modules = [("rlhf_fast.trainers.common", None, ast.parse("from rlhf_fast.trainers.run.guard import guarded_fit\n")),
-               ("rlhf_fast.trainers.run.guard", None, ast.parse("def f():\n    from rlhf_fast.trainers.common import LATEST\n"))]
+               ("rlhf_fast.trainers.run.guard", None,
+                ast.parse("def f():\n    from rlhf_fast.trainers.common import LATEST\n"))]
     assert _cycles(_import_graph(modules)) == [["rlhf_fast.trainers.common", "rlhf_fast.trainers.run.guard",
                                                 "rlhf_fast.trainers.common"]]
 

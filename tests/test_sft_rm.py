@@ -13,9 +13,9 @@ import torch
 from rlhf_fast import config as C
 from rlhf_fast.models import Policy, RewardModel
 from rlhf_fast.tasks import get_task
+from rlhf_fast.trainers.rm import RMTrainer, bradley_terry_loss, train_rm
 from rlhf_fast.trainers.run.checkpoints import Checkpointer
 from rlhf_fast.trainers.run.metrics_log import read_metrics
-from rlhf_fast.trainers.rm import RMTrainer, bradley_terry_loss, train_rm
 from rlhf_fast.trainers.sft import SFTTrainer, train_sft
 
 QUIET = ["--sft.logging.progress_bar", "false", "--rm.logging.progress_bar", "false",
