@@ -11,7 +11,7 @@ from other processes on a shared machine hits them alike), from the same weights
   packed          ``ppo.packing: true`` (rlhf_fast/models/packing.py): the valid tokens only,
                   first-fit bins as wide as the longest sequence, attention confined to each
                   sequence (transformers' packed-sequence mask); the same row micro-batches
-  packed_tokens   packed, micro-batches by ``algo.max_tokens_per_micro_batch`` (rlhf_fast/trainers/packing.py):
+  packed_tokens   packed, micro-batches by ``algo.max_tokens_per_micro_batch`` (rlhf_fast/trainers/token_budget.py):
                   ``micro`` x the mean row's tokens
 Phases (PPOTrainer's ``time/*_s`` names): ``logprobs`` = ``ppo_core.score_logprobs`` (old
 log-probs + values from the policy with a value head, reference log-probs: two forwards);

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Held-out check: PPO updates under ``--preset lm_human_preferences`` against the float64
-re-derivation of openai/lm-human-preferences' update (``rlhf_fast.trainers.preset_parity``), on
+re-derivation of openai/lm-human-preferences' update (``rlhf_fast.trainers.parity.preset_vs_upstream``), on
 cases the test suite does not run: several seeds, bigger batches, more minibatches and epochs,
 micro-batching on and off, more updates of a longer run.
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bound", type=float, default=1e-3, help="allowed max |param diff| / max |param update|")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from rlhf_fast.trainers.preset_parity import compare_lm_human_preferences
+    from rlhf_fast.trainers.parity.preset_vs_upstream import compare_lm_human_preferences
 
     rows, ok = [], True
     for case in CASES[:2] if args.quick else CASES:

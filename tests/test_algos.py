@@ -15,7 +15,7 @@ import rlhf_fast.reference as reference
 from rlhf_fast import algos as A
 from rlhf_fast import config as C
 from rlhf_fast.algos import PPOHyperParams
-from rlhf_fast.trainers import ppo_reference as ref_ppo
+from rlhf_fast.trainers.parity import ppo_reference as ref_ppo
 from rlhf_fast.testing import assert_no_worse_than_baseline
 
 from _rlmath_cases import make_mask

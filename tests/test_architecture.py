@@ -6,6 +6,9 @@
 - ``trainers/`` compares no variant name: a config value that selects a variant goes through a
   registry or table entry that says what the variant needs, never through ``x == "name"``;
 - no import cycles among the package's modules (function-level imports included);
+- inside ``trainers/``, run management (``trainers/run/``) imports no stage, and only the float64
+  twins themselves import the float64 twins (``trainers/parity/``);
+- every package of ``rlhf_fast/`` is listed in pyproject's ``packages`` (else the wheel lacks it);
 - no trainer method is longer than ~50 lines; no module is longer than 600 lines;
 - code comments cite files inside the repository, never the design notes outside it (a markdown file
   they name must be one of the repository's).
@@ -173,12 +176,59 @@ def test_no_import_cycles():
 
 
 def test_the_cycle_check_catches_one():
-    """The check itself: the old ``trainers.common <-> trainers.runs`` cycle, hidden by a
-    function-level import in runs."""
-    modules = [("rlhf_fast.trainers.common", None, ast.parse("from rlhf_fast.trainers.runs import guarded_fit\n")),
-               ("rlhf_fast.trainers.runs", None, ast.parse("def f():\n    from rlhf_fast.trainers.common import LATEST\n"))]
-    assert _cycles(_import_graph(modules)) == [["rlhf_fast.trainers.common", "rlhf_fast.trainers.runs",
+    """The check itself: the old cycle between the stage loop and the run guard
+    (``trainers.common <-> trainers.run.guard``), hidden by a function-level import in the guard."""
+    modules = [("rlhf_fast.trainers.common", None, ast.parse("from rlhf_fast.trainers.run.guard import guarded_fit\n")),
+               ("rlhf_fast.trainers.run.guard", None,
+                ast.parse("def f():\n    from rlhf_fast.trainers.common import LATEST\n"))]
+    assert _cycles(_import_graph(modules)) == [["rlhf_fast.trainers.common", "rlhf_fast.trainers.run.guard",
                                                 "rlhf_fast.trainers.common"]]
+
+
+# ---- trainers' subpackages ---------------------------------------------------------------------------
+
+#: what run management (``trainers/run/``) may import from ``trainers/``: itself and the distributed
+#: set-up (ranks, barriers); no stage (docs/architecture.md, "How `trainers/` is divided")
+RUN_MAY_IMPORT = ("rlhf_fast.trainers.run", "rlhf_fast.trainers.deepspeed_setup")
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _subpackage_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if _inside(name, "rlhf_fast.trainers.run") and _inside(target, "rlhf_fast.trainers") \
+                    and not any(_inside(target, p) for p in RUN_MAY_IMPORT):
+                found.append(f"{name} (run management) imports {target}")
+            if _inside(target, "rlhf_fast.trainers.parity") and not _inside(name, "rlhf_fast.trainers.parity"):
+                found.append(f"{name} imports the float64 twin {target}")
+    return found
+
+
+def test_trainers_subpackages_point_one_way():
+    found = _subpackage_violations(_import_graph(_modules()))
+    assert not found, "docs/architecture.md, \"How `trainers/` is divided\":\n" + "\n".join(found)
+
+
+def test_the_subpackage_check_catches_one():
+    graph = {"rlhf_fast.trainers.run.guard": {"rlhf_fast.trainers.common", "rlhf_fast.trainers.deepspeed_setup"},
+             "rlhf_fast.trainers.ppo": {"rlhf_fast.trainers.parity.ppo_reference"},
+             "rlhf_fast.trainers.parity.preset_vs_upstream": {"rlhf_fast.trainers.parity.ppo_reference"}}
+    assert _subpackage_violations(graph) == [
+        "rlhf_fast.trainers.ppo imports the float64 twin rlhf_fast.trainers.parity.ppo_reference",
+        "rlhf_fast.trainers.run.guard (run management) imports rlhf_fast.trainers.common"]
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists the packages by name (``kernels/`` and ``csrc/`` need ``package-dir``), so a new
+    subpackage (``trainers/run/``) is left out of the wheel unless it is added there too."""
+    text = (REPO / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(rlhf_fast[\w.]*)"', re.search(r"^packages = \[(.*?)\]", text, re.S | re.M).group(1)))
+    packages = {".".join(f.parent.relative_to(REPO).parts) for f in (REPO / "rlhf_fast").rglob("__init__.py")}
+    assert not packages - listed, f"add to pyproject.toml's packages: {sorted(packages - listed)}"
 
 
 # ---- no long modules --------------------------------------------------------------------------------
@@ -208,7 +258,7 @@ def test_long_module_exceptions_are_still_needed():
 
 #: string comparisons in trainers/ that select no config variant: metric keys, the device type, a
 #: metrics prefix, the reserved reward-function spec "task:gold", the start decision's internal state
-#: (trainers/runs.py), the launcher's RANK variable
+#: (trainers/run/guard.py), the launcher's RANK variable
 NOT_VARIANTS = {"k", "self.dist.device.type", "prefix", "spec", "decision.action", "os.environ.get('RANK', '0')"}
 
 

@@ -1,6 +1,6 @@
 """The critic-free family (``rlhf_fast/algos/critic_free.py``): hand-computed cases, and
 hypothesis property tests of each variant on the fused ops against the reference PPO's own
-float64 formulas (``trainers/ppo_reference.py``; docs/architecture.md, "Numerical contract")."""
+float64 formulas (``trainers/parity/ppo_reference.py``; docs/architecture.md, "Numerical contract")."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rlhf_fast import algos as A
 from rlhf_fast.algos import PPOHyperParams
 from rlhf_fast.testing import assert_no_worse_than_baseline
-from rlhf_fast.trainers import ppo_reference as ref_ppo
+from rlhf_fast.trainers.parity import ppo_reference as ref_ppo
 
 from _rlmath_cases import make_mask
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from rlhf_fast.trainers.metrics_log import read_metrics
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 ARGS = [
     "--sft.model.size", "test", "--sft.model.config_overrides", "{}", "--sft.batch_size", "16",

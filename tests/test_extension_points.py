@@ -18,8 +18,8 @@ from rlhf_fast.algos import schedules
 from rlhf_fast.models import Policy
 from rlhf_fast.models.layouts import CRITIC_LAYOUTS, CriticLayout
 from rlhf_fast.models.wrappers import POLICY_WRAPPERS, PolicyWrapperType
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.ppo import PPOTrainer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 CALLS = {"logprobs": 0, "loss": 0}
 

@@ -14,8 +14,8 @@ from rlhf_fast.engine import BACKENDS, Backend, HybridEngine, SamplingParams, ba
 from rlhf_fast.engine.hf_generate import HFGenerateBackend
 from rlhf_fast.models import Policy, load_causal_lm
 from rlhf_fast.tasks import tiny_config
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.ppo import PPOTrainer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 V, PAD = 97, 0
 

@@ -17,9 +17,9 @@ from rlhf_fast import config as C
 from rlhf_fast.config import LoRAConfig
 from rlhf_fast.models import Critic, Policy, RewardModel, lora
 from rlhf_fast.tasks import tiny_config
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.ppo import PPOTrainer
 from rlhf_fast.trainers.rm import RMTrainer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 from rlhf_fast.trainers.sft import SFTTrainer
 
 V = 48

@@ -23,9 +23,9 @@ from rlhf_fast import config as C
 from rlhf_fast.cli import main
 from rlhf_fast.data import write_jsonl
 from rlhf_fast.models import Policy, RewardModel, load_causal_lm
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.ppo import PPOTrainer
 from rlhf_fast.trainers.rm import RMTrainer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -378,7 +378,7 @@ def test_rm_step_packed_equals_padded(arch, lens):
 @given(tokens=st.lists(st.integers(1, 40), min_size=4, max_size=24), budget=st.integers(1, 80),
        world=st.sampled_from([1, 2, 4]))
 def test_token_budget_plan(tokens, budget, world):
-    from rlhf_fast.trainers.packing import token_budget_micro
+    from rlhf_fast.trainers.token_budget import token_budget_micro
 
     mb = len(tokens) - len(tokens) % world
     rows = torch.randperm(mb, generator=torch.Generator().manual_seed(len(tokens)))

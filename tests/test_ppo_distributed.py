@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from rlhf_fast.models import Policy
-from rlhf_fast.trainers.metrics_log import read_metrics
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 WORKER = Path(__file__).with_name("_ppo_dist_worker.py")
 LR, STEPS = 1e-3, 2 * 2 * 2  # iterations x epochs x minibatches
@@ -78,7 +78,7 @@ def single_padded(tmp_path_factory):
 def test_two_ranks_packed_match_one_padded(single_padded, tmp_path, stage, linear, max_tokens):
     """ppo.packing (models/packing.py) under 2-rank ZeRO against the padded single process: the
     same iterations within the same tolerance; with ``algo.max_tokens_per_micro_batch`` the
-    micro-batches are cut by tokens (trainers/packing.py: DeepSpeed's accumulation boundary set
+    micro-batches are cut by tokens (trainers/token_budget.py: DeepSpeed's accumulation boundary set
     by hand)."""
     _launch(tmp_path, 2, stage, linear, packing=True, max_tokens=max_tokens)
     _assert_two_match_one(single_padded, tmp_path, stage)

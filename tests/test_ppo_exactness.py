@@ -1,5 +1,5 @@
 """The first minibatch's ratio is exactly 1 (approx-KL and clip fraction exactly 0) whatever the thread
-count, micro-batch size, machine load or CPU ISA, in the reference PPO (rlhf_fast.trainers.ppo_reference) and
+count, micro-batch size, machine load or CPU ISA, in the reference PPO (rlhf_fast.trainers.parity.ppo_reference) and
 in the fast path (rlhf_fast.trainers.ppo_core: score_logprobs, then ppo_update); and filtered
 (top-k / top-p) Policy.logprobs give the same bits with and without autograd on one micro-batch.
 
@@ -57,7 +57,7 @@ def _exact(s) -> bool:
 def _child() -> dict:
     """Runs every case in this process; returns {case: first minibatch exact}."""
     from rlhf_fast.algos import PRESETS, RunningMoments
-    from rlhf_fast.trainers.ppo_reference import ppo_iteration
+    from rlhf_fast.trainers.parity.ppo_reference import ppo_iteration
     from rlhf_fast.trainers import ppo_core
 
     base = _models()

@@ -1,5 +1,5 @@
 """Parity: the fast PPO iteration (rlhf_fast.trainers.ppo_core: fused ops, algos registries, the
-Stepper loop) against the slow reference (rlhf_fast.trainers.ppo_reference) from identical initial weights
+Stepper loop) against the slow reference (rlhf_fast.trainers.parity.ppo_reference) from identical initial weights
 and identical rollouts. Per-minibatch losses and statistics and the final parameters must match.
 
 Tolerance (float32 on both sides, different kernels and summation orders): losses and statistics
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from rlhf_fast.algos import PRESETS, PPOHyperParams, Rollout, RunningMoments, objective_stats
 from rlhf_fast.config import LoRAConfig
 from rlhf_fast.models import Critic, Policy, lora
-from rlhf_fast.trainers.ppo_reference import ppo_iteration
+from rlhf_fast.trainers.parity.ppo_reference import ppo_iteration
 from rlhf_fast.tasks import tiny_config
 from rlhf_fast.trainers import ppo_core
 

@@ -11,9 +11,9 @@ import math
 import pytest
 
 from rlhf_fast import config as C
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.deepspeed_setup import lr_factor
 from rlhf_fast.trainers.ppo import PPOTrainer, call_reward_function
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 QUIET = ["--ppo.logging.progress_bar", "false", "--ppo.logging.tensorboard", "false"]
 TINY = ["--ppo.policy.size", "test", "--ppo.reward.function", "task:gold", "--ppo.iterations", "4",
@@ -211,7 +211,7 @@ def test_what_users_watch_and_ctrl_c(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from rlhf_fast.trainers import common as loop_mod  # PPO runs the shared StageTrainer loop
-    from rlhf_fast.trainers.runs import Interrupted
+    from rlhf_fast.trainers.run.guard import Interrupted
 
     postfixes = []
 

@@ -4,7 +4,7 @@ sources, update for update).
 - One PPO update (two, to cover the lr annealing and the KL controller) of rlhf_fast's code under
   ``--preset lm_human_preferences`` equals the float64 re-derivation of openai/lm-human-preferences'
   update (``rlhf_fast.reference.lm_human_preferences``) on a tiny float64 policy, same rollout,
-  same minibatch order (``rlhf_fast.trainers.preset_parity``); and the comparison fails with
+  same minibatch order (``rlhf_fast.trainers.parity.preset_vs_upstream``); and the comparison fails with
   either of the two old behaviours (tokens after the stop masked, lr decayed per optimizer step).
 - Hand-built cases per preset: a response with a stop token mid-sequence: which tokens get a KL
   penalty, where the score lands, which tokens are in the losses; the lr of every optimizer step.
@@ -19,7 +19,7 @@ import torch
 from rlhf_fast import algos
 from rlhf_fast import config as C
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.preset_parity import compare_lm_human_preferences
+from rlhf_fast.trainers.parity.preset_vs_upstream import compare_lm_human_preferences
 
 PRESET_NAMES = ["lm_human_preferences", "tldr", "ppo_max", None]  # None: the defaults, no preset
 
@@ -184,7 +184,7 @@ def test_schedule_unit_errors_and_state_round_trip():
 def test_trainer_under_lm_human_preferences(tmp_path):
     """Two iterations on the built-in task: every sampled token is trained (objective/response_length
     is the sampled length), the lr is held for each iteration (lr * (1 - k / 2))."""
-    from rlhf_fast.trainers.metrics_log import read_metrics
+    from rlhf_fast.trainers.run.metrics_log import read_metrics
     from rlhf_fast.trainers.ppo import PPOTrainer
 
     cfg = C.load_config(presets=["lm_human_preferences"], overrides=[

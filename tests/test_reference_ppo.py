@@ -1,4 +1,4 @@
-"""The reference PPO (rlhf_fast.trainers.ppo_reference) on a tiny model: the ratio is exactly 1 on the first
+"""The reference PPO (rlhf_fast.trainers.parity.ppo_reference) on a tiny model: the ratio is exactly 1 on the first
 minibatch of the first epoch, KL is 0 with reference == policy, losses are finite and parameters
 move, a higher-advantage response gains log-prob, micro-batching does not change the update,
 the same generator gives bit-identical results, and every option runs (critic, KL in loss,
@@ -13,7 +13,7 @@ import torch
 
 from rlhf_fast.algos import PRESETS, PPOHyperParams, Rollout
 from rlhf_fast.models import Critic, Policy, RewardModel
-from rlhf_fast.trainers.ppo_reference import ppo_iteration
+from rlhf_fast.trainers.parity.ppo_reference import ppo_iteration
 from rlhf_fast.tasks import tiny_config
 
 V, B, Q, R = 48, 4, 5, 6

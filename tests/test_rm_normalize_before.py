@@ -19,8 +19,8 @@ from rlhf_fast.cli import main
 from rlhf_fast.models import RewardModel
 from rlhf_fast.models.reward import RewardOutput
 from rlhf_fast.tasks import tiny_config
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.rm import RMTrainer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 from rlhf_fast.trainers.sft import train_sft
 
 QUIET = ["--sft.logging.progress_bar", "false", "--rm.logging.progress_bar", "false",

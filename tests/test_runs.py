@@ -20,7 +20,7 @@ import pytest
 from rlhf_fast import config as C
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.common import write_stage_config
-from rlhf_fast.trainers.metrics_log import read_metrics
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 from rlhf_fast.trainers.sft import SFTTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _steps(d: Path) -> list[str]:
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from rlhf_fast.trainers.runs import OutputDirLock
+    from rlhf_fast.trainers.run.guard import OutputDirLock
     OutputDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(120)
@@ -58,12 +58,12 @@ def _hold_lock(directory: Path) -> subprocess.Popen:
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path, caplog, monkeypatch, capsys):
     """A second run on the directory is refused with the holder's pid, before any model is built;
     a lock left by a killed process is taken over (with a warning); a rank other than 0 never locks."""
-    from rlhf_fast.trainers import runs
+    from rlhf_fast.trainers.run import guard
 
     holder = _hold_lock(tmp_path)
     try:
-        with pytest.raises(runs.OutputDirBusy, match=rf"is in use by another run \(pid {holder.pid} on "):
-            runs.OutputDirLock(tmp_path).acquire()
+        with pytest.raises(guard.OutputDirBusy, match=rf"is in use by another run \(pid {holder.pid} on "):
+            guard.OutputDirLock(tmp_path).acquire()
         monkeypatch.setattr(SFTTrainer, "build_model", lambda self: pytest.fail("model built while locked"))
         assert main(["sft", "--output-dir", str(tmp_path), *SFT]) == 2
         assert f"is in use by another run (pid {holder.pid} on " in capsys.readouterr().err
@@ -77,13 +77,13 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path, caplog,
         holder.kill()
         holder.wait()
     with caplog.at_level(logging.WARNING):
-        lock = runs.OutputDirLock(tmp_path).acquire()
+        lock = guard.OutputDirLock(tmp_path).acquire()
     assert f"taking over the lock of pid {holder.pid}" in caplog.text
     assert lock.holder()["pid"] == os.getpid()
-    with pytest.raises(runs.OutputDirBusy, match=rf"pid {os.getpid()}"):  # a second run in this process too
-        runs.OutputDirLock(tmp_path).acquire()
+    with pytest.raises(guard.OutputDirBusy, match=rf"pid {os.getpid()}"):  # a second run in this process too
+        guard.OutputDirLock(tmp_path).acquire()
     lock.release()
-    runs.OutputDirLock(tmp_path).acquire().release()
+    guard.OutputDirLock(tmp_path).acquire().release()
 
 
 def runs_dist(rank: int):
@@ -132,11 +132,11 @@ def test_resume_with_nothing_to_resume(tmp_path, caplog):
     d2 = tmp_path / "killed"
     d2.mkdir()
     (d2 / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 3.0}) + "\n")
-    from rlhf_fast.trainers import runs
+    from rlhf_fast.trainers.run import guard
 
     for directory, why in ((d, r".*checkpoints/latest names 'step-000009', which is missing or incomplete"),
                            (d2, r"no checkpoint was completed")):
-        decision = runs.decide_start(directory, stage="sft", resume=True, overwrite=False)
+        decision = guard.decide_start(directory, stage="sft", resume=True, overwrite=False)
         assert decision.action == "error"
         with pytest.raises(ValueError, match=rf"--resume: .* holds a previous sft run .*but nothing to resume from "
                                              rf"\({why}\)\. Pass --overwrite"):

@@ -13,8 +13,8 @@ import torch
 
 from rlhf_fast import config as C
 from rlhf_fast.trainers import ppo_core
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.ppo import PPOTrainer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 TINY = ["--ppo.logging.progress_bar", "false", "--ppo.logging.tensorboard", "false", "--ppo.policy.size", "test",
         "--ppo.reward.function", "task:gold", "--ppo.iterations", "3", "--ppo.rollout_batch_size", "8",

@@ -13,9 +13,9 @@ import torch
 from rlhf_fast import config as C
 from rlhf_fast.models import Policy, RewardModel
 from rlhf_fast.tasks import get_task
-from rlhf_fast.trainers.checkpoints import Checkpointer
-from rlhf_fast.trainers.metrics_log import read_metrics
 from rlhf_fast.trainers.rm import RMTrainer, bradley_terry_loss, train_rm
+from rlhf_fast.trainers.run.checkpoints import Checkpointer
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 from rlhf_fast.trainers.sft import SFTTrainer, train_sft
 
 QUIET = ["--sft.logging.progress_bar", "false", "--rm.logging.progress_bar", "false",
@@ -199,7 +199,7 @@ def test_data_errors(tmp_path):
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_token_budget_micro_batches_train_what_rows_train(tmp_path, stage):
-    """``<stage>.max_tokens_per_micro_batch`` (rlhf_fast/trainers/packing.py) cuts the micro-batches
+    """``<stage>.max_tokens_per_micro_batch`` (rlhf_fast/trainers/token_budget.py) cuts the micro-batches
     by tokens: the losses and the model match the row-cut run (the loss is the global batch's sum
     over its unit count either way), packed in both."""
     if stage == "sft":

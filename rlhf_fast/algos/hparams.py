@@ -105,7 +105,7 @@ class PPOHyperParams:
     """cut each rank's share of a minibatch into micro-batches of at most this many valid tokens
     (query + response; a longer row goes alone) instead of ``micro_batch_size`` rows: with packed
     sequences (``ppo.packing``) a forward costs its tokens. Every rank runs the same number of
-    micro-batches (rlhf_fast/trainers/packing.py); the loss normalisation is unchanged. None = by rows."""
+    micro-batches (rlhf_fast/trainers/token_budget.py); the loss normalisation is unchanged. None = by rows."""
     trim_padding: bool = True
     """run each micro-batch's forwards (old, reference, values, update) on the columns its rows
     attend to: the response columns after every row's stop token and the prompt columns before

@@ -130,7 +130,7 @@ def approxkl_per_token(logr: Tensor) -> Tensor:
     (lm-human-preference-details: ``approxkl = 0.5 * mean(logr^2)``). The one formula of the
     ``approxkl`` statistic: ``PolicyLossOutput.approxkl``, the trainer's minibatch statistics
     (``trainers/ppo_core.py``: over the tokens still inside the sampling filter, summed over ranks)
-    and the reference iteration (``trainers/ppo_reference.py``) each average it over their tokens."""
+    and the reference iteration (``trainers/parity/ppo_reference.py``) each average it over their tokens."""
     return 0.5 * logr**2
 
 

@@ -1,6 +1,6 @@
 """The slow oracles of the ops: plain PyTorch, float64-capable, the same signatures as
 ``rlhf_fast.ops``. The slow twin of a whole PPO iteration, which needs algos and the models, lives
-above them in ``rlhf_fast.trainers.ppo_reference`` (imports only run downward:
+above them in ``rlhf_fast.trainers.parity.ppo_reference`` (imports only run downward:
 docs/architecture.md, "Layers")."""
 
 from rlhf_fast.reference.linear_logprobs import linear_logprobs

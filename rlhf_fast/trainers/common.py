@@ -1,9 +1,9 @@
 """The loop every stage runs (SFT, reward model, PPO): ``StageTrainer`` (set-up, a fresh start or
 a resume, steps with evaluation, metrics and checkpoints, the final model) and the
 ``DatasetStageTrainer`` that SFT and the reward model fill in with a model, datasets and a loss.
-Checkpoints: ``trainers/checkpoints.py``; metrics and the progress bar: ``trainers/metrics_log.py``;
+Checkpoints: ``trainers/run/checkpoints.py``; metrics and the progress bar: ``trainers/run/metrics_log.py``;
 the data order: ``trainers/data_order.py``; the directory lock, the start decision and Ctrl-C:
-``trainers/runs.py``.
+``trainers/run/guard.py``.
 
 Output directory layout::
 
@@ -14,10 +14,10 @@ Output directory layout::
                                           trainer_state.json (written last)
     DIR/checkpoints/latest                name of the newest complete checkpoint
     DIR/model/                            the final model (HF format + tokenizer)
-    DIR/.rlhf_fast.lock                   the lock of the run using DIR (``rlhf_fast.trainers.runs``)
+    DIR/.rlhf_fast.lock                   the lock of the run using DIR (``rlhf_fast.trainers.run.guard``)
 
 ``fit`` refuses a ``DIR`` that holds an earlier run unless it resumes or overwrites it, and locks
-``DIR`` while it runs (``rlhf_fast.trainers.runs``).
+``DIR`` while it runs (``rlhf_fast.trainers.run.guard``).
 
 Exactness: a loss is a sum over units (tokens or pairs) divided by the number of units in the
 whole global batch, so 1 rank with 2 micro-batches and 2 ranks with 1 each compute the same
@@ -40,12 +40,12 @@ from rlhf_fast import config as config_mod
 from rlhf_fast.config import BatchPlan, LoggingConfig
 from rlhf_fast.trainers import _build
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.atomic_files import atomic_write_text, replace_dir, save_model_atomically
-from rlhf_fast.trainers.checkpoints import Checkpointer
 from rlhf_fast.trainers.data_order import epoch_order, rank_micro_batches, steps_per_epoch, total_steps_of
-from rlhf_fast.trainers.metrics_log import MetricsLogger, make_progress
-from rlhf_fast.trainers.packing import contiguous_token_micro
-from rlhf_fast.trainers.runs import guarded_fit, previous_run, resolve_save_every, stop_requested
+from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir, save_model_atomically
+from rlhf_fast.trainers.run.checkpoints import Checkpointer
+from rlhf_fast.trainers.run.guard import guarded_fit, previous_run, resolve_save_every, stop_requested
+from rlhf_fast.trainers.run.metrics_log import MetricsLogger, make_progress
+from rlhf_fast.trainers.token_budget import contiguous_token_micro
 
 
 # ---- starting a stage -----------------------------------------------------------------------------
@@ -53,7 +53,7 @@ from rlhf_fast.trainers.runs import guarded_fit, previous_run, resolve_save_ever
 
 def start_fresh(output_dir: Path, checkpointer: Checkpointer, *, is_main: bool) -> None:
     """A run that does not resume starts in a directory without an earlier run: ``fit``'s guard
-    (``rlhf_fast.trainers.runs.guarded_fit``) refused one, or deleted it under ``overwrite``, before
+    (``rlhf_fast.trainers.run.guard.guarded_fit``) refused one, or deleted it under ``overwrite``, before
     anything was built. Checked again here for a caller that set up a trainer without ``fit``;
     nothing is ever deleted here (an earlier run's checkpoints would mix into a later ``--resume``)."""
     found = previous_run(output_dir)
@@ -200,7 +200,7 @@ class StageTrainer:
             or "eval/loss" in row
         if logged:
             self.logger.log(self.step, row)
-        stopping = not final and stop_requested(self.dist)  # Ctrl-C (rlhf_fast/trainers/runs.py)
+        stopping = not final and stop_requested(self.dist)  # Ctrl-C (rlhf_fast/trainers/run/guard.py)
         if (save_every and self.step % save_every == 0) or final or self.step == stop_at or stopping:
             self._checkpoint()
         return logged, stopping
@@ -210,7 +210,7 @@ class StageTrainer:
         """Trains (or resumes), evaluates, checkpoints, runs ``finish`` and writes ``DIR/model``;
         returns the last logged metrics. The output directory is locked for the run; a directory
         holding another run needs ``resume`` or ``overwrite``; Ctrl-C stops after the step with a
-        checkpoint (``rlhf_fast/trainers/runs.py``)."""
+        checkpoint (``rlhf_fast/trainers/run/guard.py``)."""
         self._setup()
         total = self.loop_length()
         stop_at = min(total, self.stop_after() or total)
@@ -351,7 +351,7 @@ class DatasetStageTrainer(StageTrainer):
 
     def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
         """This rank's micro-batches: ``micro_batch_size`` items, or with
-        ``max_tokens_per_micro_batch`` cut by tokens (trainers/packing.py, the same count on every
+        ``max_tokens_per_micro_batch`` cut by tokens (trainers/token_budget.py, the same count on every
         rank; DeepSpeed still divides by its accumulation steps, which ``scale`` undoes)."""
         budget = self.cfg.max_tokens_per_micro_batch
         if not budget:

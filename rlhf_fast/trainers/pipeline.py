@@ -13,7 +13,7 @@ stages whose ``model/`` exists and resumes the interrupted one from its checkpoi
 settings changed since its run is refused (before anything trains), as a stage's own ``--resume``
 refuses them. Without ``resume``, a directory holding a previous pipeline run is refused unless
 ``overwrite=True`` (then each stage deletes its own earlier run). ``DIR`` is locked against a second
-pipeline (``rlhf_fast.trainers.runs.OutputDirLock``), and each stage locks its own directory.
+pipeline (``rlhf_fast.trainers.run.guard.OutputDirLock``), and each stage locks its own directory.
 
 The gold scores are the built-in task's hidden reward of samples on the held-out prompts, taken
 with the PPO sampling settings: before PPO (the SFT policy, PPO's evaluation at iteration 0) and
@@ -30,10 +30,10 @@ from typing import Optional
 from rlhf_fast import config as config_mod
 from rlhf_fast.config import RunConfig
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.atomic_files import atomic_write_text
-from rlhf_fast.trainers.checkpoints import STATE_FILE, check_resume_config, latest_checkpoint
-from rlhf_fast.trainers.metrics_log import read_metrics
-from rlhf_fast.trainers.runs import OutputDirLock, previous_run, start_together
+from rlhf_fast.trainers.run.atomic_files import atomic_write_text
+from rlhf_fast.trainers.run.checkpoints import STATE_FILE, check_resume_config, latest_checkpoint
+from rlhf_fast.trainers.run.guard import OutputDirLock, previous_run, start_together
+from rlhf_fast.trainers.run.metrics_log import read_metrics
 
 STAGES = ("sft", "rm", "ppo")
 
@@ -93,7 +93,7 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, overwrite:
     into ``output_dir``/sft, /rm, /ppo; the RM starts from the SFT model and PPO from the SFT policy
     with that RM unless ``cfg.rm.sft_model`` / ``cfg.ppo.policy.path`` / ``cfg.ppo.reward`` say
     otherwise. ``resume`` / ``overwrite``: what to do with a previous run in ``output_dir``
-    (``rlhf_fast.trainers.runs``). ``echo`` prints the progress lines and the summary table.
+    (``rlhf_fast.trainers.run.guard``). ``echo`` prints the progress lines and the summary table.
     Returns summary.json's dict."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

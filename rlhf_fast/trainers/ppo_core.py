@@ -12,7 +12,7 @@ the update loop, independent of how optimizers step.
 - the update loop: ``ppo_update`` (``num_epochs`` x ``num_minibatches`` optimizer steps, one
   ``MinibatchStats`` per step).
 
-Together they are what ``rlhf_fast.trainers.ppo_reference.ppo_iteration`` does, computed with the
+Together they are what ``rlhf_fast.trainers.parity.ppo_reference.ppo_iteration`` does, computed with the
 fused ops (``rlhf_fast.ops``: log-probs straight into float32, one-launch GAE and whitening) and
 the loss registries of ``rlhf_fast.algos``; the parity tests hold the two to each other.
 
@@ -35,8 +35,8 @@ import torch.distributed as dist
 from rlhf_fast import algos
 from rlhf_fast.algos import MinibatchStats, PPOHyperParams, Rollout
 from rlhf_fast.models.policy import response_slice
-from rlhf_fast.trainers.packing import token_budget_micro
 from rlhf_fast.trainers.ppo_trim import pad_response, trim_padding
+from rlhf_fast.trainers.token_budget import token_budget_micro
 
 
 class Stepper(Protocol):
@@ -52,7 +52,7 @@ class Stepper(Protocol):
         """Called after every micro-batch; the optimizer steps at the minibatch boundary."""
 
     def set_micro_batches(self, n: int) -> None:
-        """The next minibatch has ``n`` micro-batches (token-budget plans: trainers/packing.py)."""
+        """The next minibatch has ``n`` micro-batches (token-budget plans: trainers/token_budget.py)."""
 
 
 class TorchStepper:
@@ -208,7 +208,7 @@ def epoch_plan(perm: torch.Tensor, hp: PPOHyperParams, world: "_World", tokens=N
     mine = torch.arange(world.rank, layout.minibatch, world.size, device=perm.device)  # (per_rank,)
     chunks = list(mine.split(layout.micro))
     plans = [MinibatchPlan(perm[s : s + layout.minibatch], chunks) for s in range(0, perm.numel(), layout.minibatch)]
-    if hp.max_tokens_per_micro_batch:  # cut by tokens (trainers/packing.py); a host sync per epoch
+    if hp.max_tokens_per_micro_batch:  # cut by tokens (trainers/token_budget.py); a host sync per epoch
         if tokens is None:
             raise ValueError("algo.max_tokens_per_micro_batch: the plan needs each row's token count "
                              "(tokens=row_tokens(rollout))")

@@ -271,6 +271,6 @@ class RMTrainer(DatasetStageTrainer):
 def train_rm(cfg: RMConfig, output_dir, *, resume: bool = False, overwrite: bool = False,
              reference_data: Optional[DataConfig] = None, policy_temperature: Optional[float] = None) -> dict:
     """Runs the reward-model stage; returns its last logged metrics. ``resume`` / ``overwrite``: what
-    to do with a previous run in ``output_dir`` (``rlhf_fast.trainers.runs``)."""
+    to do with a previous run in ``output_dir`` (``rlhf_fast.trainers.run.guard``)."""
     return RMTrainer(cfg, output_dir, resume=resume, overwrite=overwrite, reference_data=reference_data,
                      policy_temperature=policy_temperature).fit()

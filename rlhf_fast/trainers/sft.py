@@ -123,5 +123,5 @@ class SFTTrainer(DatasetStageTrainer):
 
 def train_sft(cfg: SFTConfig, output_dir, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Runs the SFT stage; returns its last logged metrics. ``resume`` / ``overwrite``: what to do
-    with a previous run in ``output_dir`` (``rlhf_fast.trainers.runs``)."""
+    with a previous run in ``output_dir`` (``rlhf_fast.trainers.run.guard``)."""
     return SFTTrainer(cfg, output_dir, resume=resume, overwrite=overwrite).fit()

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from rlhf_fast.trainers.atomic_files import atomic_write_text
+from rlhf_fast.trainers.run.atomic_files import atomic_write_text
 
 SAMPLES_FILE = "samples.jsonl"
 

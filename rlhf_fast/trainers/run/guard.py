@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf_fast.trainers.checkpoints import check_checkpoint_settings, latest_checkpoint
+from rlhf_fast.trainers.run.checkpoints import check_checkpoint_settings, latest_checkpoint
 
 log = logging.getLogger(__name__)
 

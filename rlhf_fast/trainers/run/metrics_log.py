@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_fast.trainers.atomic_files import atomic_write_text
+from rlhf_fast.trainers.run.atomic_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.atomic_files import atomic_write_text, replace_dir
+from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir
 
 log = logging.getLogger(__name__)
 
