@@ -51,7 +51,7 @@ class SFTConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     """Cut each rank's share of a global batch into micro-batches of at most this many tokens
     (a longer sequence goes alone) instead of ``micro_batch_size`` sequences, the same count on
-    every rank (rlhf_fast/trainers/packing.py); the loss is still the global batch's sum over its
+    every rank (rlhf_fast/trainers/token_budget.py); the loss is still the global batch's sum over its
     unit count. None: by ``micro_batch_size``."""
     seed: int = 1
     """Seeds data order (same on every rank) and per-rank RNGs (seed + rank * 100003, N details #6)."""
@@ -128,7 +128,7 @@ class RMConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     """Cut each rank's share of a global batch into micro-batches of at most this many tokens
     (chosen + rejected; a longer pair goes alone) instead of ``micro_batch_size`` pairs, the same count on
-    every rank (rlhf_fast/trainers/packing.py); the loss is still the global batch's sum over its
+    every rank (rlhf_fast/trainers/token_budget.py); the loss is still the global batch's sum over its
     unit count. None: by ``micro_batch_size``."""
     seed: int = 1
     """Seeds data order and per-rank RNGs (seed + rank * 100003, N details #6)."""
