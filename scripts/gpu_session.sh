@@ -16,7 +16,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # deepspeed, pydantic, datasets ...
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-python3 -c "import rlhf_fast.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+(cd / && python3 -c "import rlhf_fast.kernels") 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 records() { tar czf "$OUT/records_$stage.tgz" $(ls benchmarks/results/*cuda* 2>/dev/null) 2>/dev/null; ls -la "$OUT"; }
 case "$stage" in
   tests)

@@ -6,5 +6,6 @@
 #   bash scripts/quickstart.sh --preset ci           # the 1-minute variant CI runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import rlhf_fast, deepspeed" 2>/dev/null || bash scripts/install.sh
+# installed (importable from outside the checkout, with its command) or not: install it
+{ (cd / && python -c "import rlhf_fast, deepspeed") 2>/dev/null && command -v rlhf-fast >/dev/null; } || bash scripts/install.sh
 exec rlhf-fast pipeline --output-dir runs/quickstart "$@"
