@@ -177,12 +177,12 @@ def test_no_import_cycles():
 
 def test_the_cycle_check_catches_one():
     """The check itself: the old cycle between the stage loop and the run guard
-    (``trainers.common <-> trainers.run.guard``), hidden by a function-level import in the guard."""
-    modules = [("rlhf_fast.trainers.common", None, ast.parse("from rlhf_fast.trainers.run.guard import guarded_fit\n")),
+    (``trainers.stage_loop <-> trainers.run.guard``), hidden by a function-level import in the guard."""
+    modules = [("rlhf_fast.trainers.stage_loop", None, ast.parse("from rlhf_fast.trainers.run.guard import guarded_fit\n")),
                ("rlhf_fast.trainers.run.guard", None,
-                ast.parse("def f():\n    from rlhf_fast.trainers.common import LATEST\n"))]
-    assert _cycles(_import_graph(modules)) == [["rlhf_fast.trainers.common", "rlhf_fast.trainers.run.guard",
-                                                "rlhf_fast.trainers.common"]]
+                ast.parse("def f():\n    from rlhf_fast.trainers.stage_loop import LATEST\n"))]
+    assert _cycles(_import_graph(modules)) == [["rlhf_fast.trainers.run.guard", "rlhf_fast.trainers.stage_loop",
+                                                "rlhf_fast.trainers.run.guard"]]  # named from its first module by name
 
 
 # ---- trainers' subpackages ---------------------------------------------------------------------------
@@ -214,12 +214,12 @@ def test_trainers_subpackages_point_one_way():
 
 
 def test_the_subpackage_check_catches_one():
-    graph = {"rlhf_fast.trainers.run.guard": {"rlhf_fast.trainers.common", "rlhf_fast.trainers.deepspeed_setup"},
+    graph = {"rlhf_fast.trainers.run.guard": {"rlhf_fast.trainers.stage_loop", "rlhf_fast.trainers.deepspeed_setup"},
              "rlhf_fast.trainers.ppo": {"rlhf_fast.trainers.parity.ppo_reference"},
              "rlhf_fast.trainers.parity.preset_vs_upstream": {"rlhf_fast.trainers.parity.ppo_reference"}}
     assert _subpackage_violations(graph) == [
         "rlhf_fast.trainers.ppo imports the float64 twin rlhf_fast.trainers.parity.ppo_reference",
-        "rlhf_fast.trainers.run.guard (run management) imports rlhf_fast.trainers.common"]
+        "rlhf_fast.trainers.run.guard (run management) imports rlhf_fast.trainers.stage_loop"]
 
 
 def test_every_package_ships_in_the_wheel():

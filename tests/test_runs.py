@@ -19,7 +19,7 @@ import pytest
 
 from rlhf_fast import config as C
 from rlhf_fast.cli import main
-from rlhf_fast.trainers.common import write_stage_config
+from rlhf_fast.trainers.stage_loop import write_stage_config
 from rlhf_fast.trainers.run.metrics_log import read_metrics
 from rlhf_fast.trainers.sft import SFTTrainer
 

@@ -39,7 +39,7 @@ from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.models import lora
 from rlhf_fast.trainers import _build, ppo_core
 from rlhf_fast.trainers import deepspeed_setup as dss
-from rlhf_fast.trainers.common import StageTrainer
+from rlhf_fast.trainers.stage_loop import StageTrainer
 from rlhf_fast.trainers.ppo_parts import build_ppo_parts
 from rlhf_fast.trainers.watch import SampleLogger, ppo_postfix
 from rlhf_fast.trainers.rollout import (  # noqa: F401  (re-exported: the trainer's public helpers)

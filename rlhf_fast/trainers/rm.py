@@ -23,7 +23,7 @@ from rlhf_fast.models.hf_classifier import describe_model_dir, holds_reward_mode
 from rlhf_fast.models.packing import set_packing
 from rlhf_fast.models.reward import RM_NORMALIZATIONS
 from rlhf_fast.trainers import _build
-from rlhf_fast.trainers.common import DatasetStageTrainer
+from rlhf_fast.trainers.stage_loop import DatasetStageTrainer
 from rlhf_fast.trainers.deepspeed_setup import DistInfo
 
 

@@ -21,7 +21,7 @@ from rlhf_fast.models import Policy, load_causal_lm, lora, resize_embeddings_for
 from rlhf_fast.models.backbone import backbone_of
 from rlhf_fast.models.packing import attention_context, packed_lm_batch, plan_for, resolve_packing
 from rlhf_fast.trainers import _build
-from rlhf_fast.trainers.common import DatasetStageTrainer
+from rlhf_fast.trainers.stage_loop import DatasetStageTrainer
 
 
 #: ``sft.loss_on``: whether the prompt tokens are targets too ("all") or only the response's

@@ -3,6 +3,6 @@
 ``guard`` (the directory lock, the fresh / ``--resume`` / ``--overwrite`` decision, Ctrl-C),
 ``checkpoints`` (atomic checkpoints and the resume checks), ``metrics_log`` (``metrics.jsonl``,
 TensorBoard, the progress bar) and ``atomic_files`` (write beside, then rename). The stage loop
-(``trainers/common.py``) and the pipeline import these; nothing here imports a stage
+(``trainers/stage_loop.py``) and the pipeline import these; nothing here imports a stage
 (docs/architecture.md, "Stages").
 """
