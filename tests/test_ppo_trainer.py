@@ -210,7 +210,7 @@ def test_what_users_watch_and_ctrl_c(tmp_path, monkeypatch):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from rlhf_fast.trainers import common as loop_mod  # PPO runs the shared StageTrainer loop
+    from rlhf_fast.trainers import stage_loop as loop_mod  # PPO runs the shared StageTrainer loop
     from rlhf_fast.trainers.run.guard import Interrupted
 
     postfixes = []
