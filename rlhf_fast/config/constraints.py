@@ -44,8 +44,6 @@ class _OneOf:
     def __str__(self) -> str:  # the wording a Literal field had: "one of 'a', 'b'"
         return "one of " + ", ".join(repr(n) for n in self.names()) + (" or null" if self.none else "")
 
-    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
-
 
 def _registry_field(cls, name: str, what: str, names: typing.Callable[[], tuple], *, none: bool = False) -> None:
     """``cls.name`` must name an entry of a registry below config (docs/architecture.md, "Variation
