@@ -118,12 +118,20 @@ class HFGenerateBackend:
             out = self.copy.generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
         self.stats.forwards += len(out.scores)
         tokens = out.sequences[:, ids.shape[1]:]  # (b, R)
-        scores = torch.stack(out.scores, 1).float()  # (b, R, V) the processed scores HF sampled from
-        if not params.do_sample:  # greedy: generate applied no temperature / filter; the contract wants them
-            scores = filter_logits(scores / params.temperature, params.top_k, params.top_p)
-        logps = torch.log_softmax(scores, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (b, R)
+        logps = torch.stack([_step_logprob(sc, tokens[:, t], params) for t, sc in enumerate(out.scores)], 1)  # (b, R)
         valid = _valid_through_first_stop(tokens, stop)
         return tokens.masked_fill(~valid, self.pad_token_id), valid, torch.where(valid, logps, 0.0)
+
+
+def _step_logprob(scores: torch.Tensor, token: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(b,) log-prob of ``token`` under one step's processed scores (b, V), the distribution HF drew
+    it from; in greedy mode ``generate`` applied no temperature or filter, so they are applied here
+    (the ``GenerationOutput`` contract). One step at a time: never a (b, R, V) float copy, which at
+    V = 151,936 would be gigabytes beside the R x (b, V) scores ``generate`` already returns."""
+    z = scores.float()
+    if not params.do_sample:
+        z = filter_logits(z / params.temperature, params.top_k, params.top_p)
+    return torch.log_softmax(z, -1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
 def _valid_through_first_stop(tokens: torch.Tensor, stop: tuple[int, ...]) -> torch.Tensor:
