@@ -6,15 +6,18 @@ divide by the temperature, keep the top k, keep the smallest top-probability set
 reaches top_p. The returned log-prob of a token is under exactly that distribution (the
 "temperature-scaled, renormalised" one it was drawn from; "N Implementation Details" #10).
 
-Sampling inverts the CDF: one uniform ``u`` per row, and the token is the first whose cumulative
-probability (float64 cumsum of the filtered softmax) exceeds ``u`` times the total. No
+Sampling inverts the CDF: one uniform ``u`` per row, and the token is the first (in token-id order)
+whose cumulative kept mass exceeds ``u`` times the total, found in two levels: float64 sums of
+the float32 ``exp(z - max)`` over blocks of 256 ids, then a float64 walk inside the one block
+where ``u * S`` falls (``torch.ops.rlhf_fast.sample_tokens``, rlhf_fast/ops/sampling.py; the C++
+kernel on CPU). No sort and no float64 copy of the vocabulary (issue 35: the float64 softmax and
+cumsum cost 210 ms per step at B = 64, V = 151,936; the top-p sort 1.3 s). No
 ``torch.multinomial``, so no host sync, and ``u`` is counter-based: a hash of (seed, step, row)
 (``counter_uniform``), not a draw from a ``torch.Generator``. So there is no RNG state to carry
 through a CUDA graph or a compiled step, the eager, static and compiled decode paths sample the
-same tokens from the same logits, a row's sample does not depend on which other rows are in the
-batch (finished rows can be compacted away), and one seed gives one output on any device. It
-costs one (B, V) cumsum per step (3 ms on 2 CPU cores at 64 x 32000, against 38 ms for
-``exponential_`` noise over the whole vocabulary as in an exponential-race / Gumbel-max sampler).
+same tokens from the same logits (they call the same op), a row's sample does not depend on which
+other rows are in the batch (finished rows can be compacted away), and one seed gives one output
+on a given device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from rlhf_fast import ops as _ops  # noqa: F401  (registers torch.ops.rlhf_fast.sample_tokens)
 from rlhf_fast._checks import check_int, check_real
 # The kept-set rule lives below the engine so the log-prob ops and their references share it.
 from rlhf_fast._filter import filter_logits  # noqa: F401  (public here: rlhf_fast.engine.filter_logits)
@@ -154,28 +158,18 @@ def sample_next(
     step); ``stop_ids``: (S,) int64 or None; ``seed``: 0-d int64 tensor; ``rows``: (B,) int64
     row ids for the per-row uniforms (``counter_uniform``).
     Returns ``(tokens (B,) int64, logprobs (B,) float32)``. No host synchronisation."""
-    x = logits.float()
+    blocked, active = None, None
     if stop_ids is not None and params.min_new_tokens > 0:
         if isinstance(step, int):
-            if step < params.min_new_tokens:
-                x = x.index_fill(-1, stop_ids, float("-inf"))
-        else:  # a tensor step: decide on the device, no sync and no recompilation per step
-            blocked = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device).index_fill(0, stop_ids, True)
-            x = x.masked_fill(blocked & (step.reshape(-1)[:1] < params.min_new_tokens), float("-inf"))
-    z = filter_logits(x / params.temperature, params.top_k, params.top_p)
+            blocked = stop_ids if step < params.min_new_tokens else None
+        else:  # a tensor step: decided inside the op, no sync and no recompilation per step
+            blocked, active = stop_ids, step.reshape(-1)[:1] < params.min_new_tokens
     if params.do_sample:
-        # inverse CDF in float64 (a float32 cumsum over 150k tokens drifts by ~1e-5 of mass);
-        # tokens removed by top-k / top-p have probability 0, so no u can land on them
-        cdf = torch.softmax(z, dim=-1).double().cumsum(-1)
-        target = counter_uniform(seed, step, rows) * cdf[:, -1]
-        tokens = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_max(x.shape[-1] - 1)
+        u = counter_uniform(seed, step, rows)
     else:
-        # argmax of the unscaled logits: dividing by a temperature can merge near-ties, and HF
-        # greedy never applies it. Top-k / top-p always keep the argmax.
-        tokens = x.argmax(dim=-1)
-    # (z - max) - logsumexp(z - max), as log_softmax: z[token] - logsumexp(z) subtracts two numbers
-    # of the size of the scaled logits (~50 at temperature 0.25) and lost ~1 ulp of those (2e-6;
-    # found by the thorough hypothesis profile of tests/test_sampling_reference.py)
-    zs = z - z.amax(dim=-1, keepdim=True)  # the max is finite: filtering always keeps the argmax
-    logprobs = zs.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(zs, dim=-1)
+        u = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    tokens, logprobs = torch.ops.rlhf_fast.sample_tokens(
+        logits, u, float(params.temperature), int(params.top_k), float(params.top_p), bool(params.do_sample),
+        blocked, active,
+    )
     return tokens, logprobs

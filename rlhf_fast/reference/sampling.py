@@ -61,3 +61,37 @@ def inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, 
     target = u.to(cdf.dtype) * cdf[:, -1]
     tokens = torch.tensor([int((cdf[b] > target[b]).nonzero()[0]) for b in range(cdf.shape[0])])
     return tokens, cdf
+
+
+def kept_cut(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+             e_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cut of ``rlhf_fast/_filter.py`` ("The kept set") from its definition, row by row, with a
+    full stable sort: ((N,) float32 cut value, (N,) int64 cut index) of (N, V) ``logits``. The masses
+    e = exp(z - max z) are taken in ``e_dtype`` (float64: the exact rule; the kernels' float32 exps
+    differ in the last bits) and summed in float64, in the sorted order. A row with a NaN or a
+    non-finite max keeps everything (value -inf, index V - 1), as does a filter that is off."""
+    N, V = logits.shape
+    z32 = logits.float() / temperature
+    value = torch.full((N,), -math.inf, dtype=torch.float32)
+    index = torch.full((N,), V - 1, dtype=torch.int64)
+    k_on, p_on = 0 < top_k < V, top_p < 1.0
+    for r in range(N):
+        z = z32[r]
+        m = z.max()
+        if torch.isnan(z).any() or not torch.isfinite(m) or not (k_on or p_on):
+            continue
+        vals, order = torch.sort(z, descending=True, stable=True)  # (z desc, id asc)
+        kth = vals[top_k - 1] if k_on else torch.tensor(-math.inf)
+        if not p_on:
+            value[r] = kth
+            continue
+        n = int((vals >= kth).sum())  # the top-k set: a prefix of the order
+        v = vals[:n]
+        e = (torch.exp(v.double() - m.double()) if e_dtype == torch.float64 else torch.exp(v - m)).double()
+        S = e.sum()
+        above = torch.cat([e.new_zeros(1), torch.cumsum(e, 0)[:-1]])  # mass ranked strictly above
+        keep = above < top_p * S
+        keep[0] = True
+        last = int(keep.nonzero().max())  # a prefix: ``above`` never decreases
+        value[r], index[r] = v[last], order[last]
+    return value, index
