@@ -26,7 +26,11 @@ kernel's high-water mark, reset before each phase through /proc/self/clear_refs)
 over the phase's start, model FLOPs (2 x weights x tokens per forward, the LM head on response
 positions only, causal attention 2 x layers x width x T^2 per sequence; update: x3 full, x2 LoRA,
 which computes no weight gradients for frozen layers) as GFLOP/s and percent of this machine's
-measured GEMM rate in the same dtype and thread count. Per axis (tokens R at fixed B; batch B at
+measured GEMM rate in the same dtype and thread count (generate also: the weights' bytes read per
+decode step, as GB/s and percent of the copy bandwidth: at small B decoding reads every weight
+once per token). The peak rise counts memory the phase took from the OS: blocks under 32 MiB
+freed by an earlier phase are reused without a rise (rlhf_fast/_malloc.py keeps them), while
+anything of tokens x V size (logits, their gradient) is above that and shows in full. Per axis (tokens R at fixed B; batch B at
 fixed R) a least-squares slope of log(seconds) and log(peak rise) against log(axis): the growth
 exponent, printed next to the work's own exponent. A phase whose time grows faster than its work,
 or whose memory grows with tokens x V, is what this benchmark exists to find.
@@ -251,6 +255,10 @@ def measure(case: Case, reps: int, gemm: dict, warmup: int = 1) -> list[dict]:
                "seconds": round(best["seconds"], 4), "p50_ms": round(best["seconds"] * 1e3, 1),
                "peak_rss_mb": max(r[ph]["peak_rss_mb"] for r in runs),
                "peak_rise_mb": max(r[ph]["peak_rise_mb"] for r in runs), "flops": flops[ph]}
+        if ph == "generate":  # decode at small B reads every weight once per step: bandwidth, not FLOPs
+            weight_bytes = sum(p.numel() * p.element_size() for p in s.policy.parameters())
+            row["weight_gbps"] = round(weight_bytes * case.R / best["seconds"] / 1e9, 2)
+            row["pct_copy_bw"] = round(100 * row["weight_gbps"] / _common.measured_cpu_bandwidth_gbps(), 1)
         if flops[ph]:
             row["gflops"] = round(flops[ph] / best["seconds"] / 1e9, 2)
             row["pct_gemm"] = round(100 * row["gflops"] / gemm[case.dtype], 1)
@@ -347,19 +355,51 @@ def cases(grid: Grid) -> list[tuple[str, Case]]:
     return out
 
 
-def run_grid(grid: Grid, log=print, warmup: int = 1) -> tuple[list[dict], dict]:
+def measure_in_child(case: Case, reps: int, gemm: dict, warmup: int) -> list[dict]:
+    """``measure`` in a fresh interpreter: each case's memory figures start from an empty heap (in
+    one process, memory an earlier case freed and the allocator kept would hide a later case's
+    rise), and a case that runs out of memory does not end the grid."""
+    import json
+    import subprocess
+
+    spec = json.dumps({"case": case.__dict__, "reps": reps, "gemm": gemm, "warmup": warmup,
+                       "threads": torch.get_num_threads()})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", spec], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-3:]
+        return [{"impl": "rlhf_fast", "case": case.__dict__ | {"phase": "failed"}, "pass": "failed", "phase": "failed",
+                 "returncode": out.returncode, "error": " | ".join(tail)}]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(spec_json: str) -> None:
+    import json
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    rows = measure(Case(**spec["case"]), spec["reps"], spec["gemm"], spec["warmup"])
+    print(json.dumps(rows))
+
+
+def run_grid(grid: Grid, log=print, warmup: int = 1, isolate: bool = True) -> tuple[list[dict], dict]:
     dtypes = tuple(d for d in grid.dtypes if cpu_has_fast_matmul(d))
     grid = replace(grid, dtypes=dtypes)
     gemm = {d: round(gemm_gflops(DTYPES[d]), 1) for d in dtypes}
-    rows = []
+    rows, warmed = [], set()
     for sweep, case in cases(grid):
         t0 = time.perf_counter()
-        got = measure(case, grid.reps, gemm, warmup)
+        setting = (case.model, case.mode, case.dtype)  # one warm-up per setting: the large cases take minutes
+        got = (measure_in_child if isolate else measure)(case, grid.reps, gemm, 0 if setting in warmed else warmup)
+        warmed.add(setting)
         for r in got:
             r["sweep"] = sweep
         rows += got
         log(f"[{sweep}] {case.model} {case.mode} {case.dtype} B={case.B} R={case.R}: " + ", ".join(
-            f"{r['phase']} {r['seconds']:.2f}s/{r['peak_rise_mb']:.0f}MB" for r in got if r["phase"] in PHASES)
+            f"{r['phase']} {r['seconds']:.2f}s/{r['peak_rss_mb']:.0f}MB" if r["phase"] in PHASES else
+            f"{r['phase']} {r.get('error', '')}" for r in got if r["phase"] != "memory")
             + f"  ({time.perf_counter() - t0:.0f} s)")
     return rows, {"gemm_gflops": gemm, "grid": {k: v for k, v in grid.__dict__.items()}}
 
@@ -387,15 +427,18 @@ def parse(argv=None):
     p.add_argument("--layers", type=int, default=g.layers, help="layers of the model run (0: all of them)")
     p.add_argument("--prompt-len", type=int, default=g.prompt_len)
     p.add_argument("--micro-batch", type=int, default=g.micro_batch, help="rows per micro-batch (0: the minibatch)")
-    p.add_argument("--epochs", type=int, default=g.epochs, help="PPO epochs in the update (the preset's: 4)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="PPO epochs in the update (default: 1 in the sweeps; 4, the preset's, with --iteration)")
     p.add_argument("--linear-logprobs", action="store_true", help="ppo.use_linear_logprobs (logits never stored whole)")
     p.add_argument("--reps", type=int, default=g.reps, help="timed iterations per case (the best is kept)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 1; --iteration: 0)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed iterations before the first case of each setting (default 1; --iteration: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="Qwen2-0.5B shape, 1 layer, R 32,64 / B 2,4, LoRA fp32")
     p.add_argument("--iteration", action="store_true", help="issue 35 part 4 (ITERATION), nothing else")
     p.add_argument("--under-load", action="store_true", help="mark the record as timed on a shared, loaded machine")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.models) - set(MODELS) or set(args.modes) - {"full", "lora"} or set(args.dtypes) - set(DTYPES)
     if unknown:
@@ -403,7 +446,7 @@ def parse(argv=None):
     grid = Grid(models=args.models, modes=args.modes, dtypes=args.dtypes, tokens=args.tokens,
                 tokens_batch=args.tokens_batch, batches=args.batches, batch_tokens=args.batch_tokens,
                 layers=args.layers or None, prompt_len=args.prompt_len, micro_batch=args.micro_batch or None,
-                epochs=args.epochs, linear_logprobs=args.linear_logprobs, reps=args.reps)
+                epochs=args.epochs or g.epochs, linear_logprobs=args.linear_logprobs, reps=args.reps)
     if args.quick:
         grid = replace(grid, models=("qwen2-0.5b",), modes=("lora",), dtypes=("fp32",), tokens=(32, 64), tokens_batch=2,
                        batches=(2, 4), batch_tokens=32, layers=1, prompt_len=16)
@@ -412,15 +455,17 @@ def parse(argv=None):
 
 def main(argv=None):
     args, grid = parse(argv)
+    if args.child:
+        return _child(args.child)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     warmup = args.warmup if args.warmup is not None else (0 if args.iteration else 1)
     if args.iteration:
         case = replace(ITERATION, dtype=grid.dtypes[0], micro_batch=args.micro_batch or ITERATION.micro_batch,
-                       linear_logprobs=args.linear_logprobs)
+                       linear_logprobs=args.linear_logprobs, epochs=args.epochs or ITERATION.epochs)
         gemm = {case.dtype: round(gemm_gflops(DTYPES[case.dtype]), 1)}
-        rows = [{**r, "sweep": "iteration"} for r in measure(case, grid.reps, gemm, warmup)]
+        rows = [{**r, "sweep": "iteration"} for r in measure_in_child(case, grid.reps, gemm, warmup)]
         config = {"mode": "iteration", "case": case.__dict__, "gemm_gflops": gemm}
     else:
         rows, config = run_grid(grid, warmup=warmup)
@@ -429,7 +474,7 @@ def main(argv=None):
                   load_after=os.getloadavg(), under_load=args.under_load, lora_rank=LORA_RANK,
                   critic="value head on the policy's backbone")
     _common.print_table([r for r in rows if r["phase"] in PHASES], ["sweep", "phase", "seconds", "peak_rss_mb",
-                                                                      "peak_rise_mb", "gflops", "pct_gemm"])
+                                                                      "peak_rise_mb", "gflops", "pct_gemm", "weight_gbps"])
     for g in config.get("growth", []):
         print(g)
     for r in rows:
@@ -448,7 +493,7 @@ def test_bench_scale_tiny_grid(tmp_path):
     """Every phase runs on a tiny Llama (both modes), the growth fits and the plots come out."""
     grid = Grid(models=("tiny",), modes=("full", "lora"), dtypes=("fp32",), tokens=(4, 8), tokens_batch=2,
                 batches=(2, 4), batch_tokens=4, layers=None, prompt_len=4, micro_batch=None, reps=1)
-    rows, config = run_grid(grid, log=lambda *_: None, warmup=0)
+    rows, config = run_grid(grid, log=lambda *_: None, warmup=0, isolate=False)
     phases = [r for r in rows if r["phase"] in PHASES]
     assert len(phases) == 2 * 4 * len(PHASES) and all(r["seconds"] > 0 for r in phases)
     mem = [r for r in rows if r["phase"] == "memory"]
@@ -460,6 +505,12 @@ def test_bench_scale_tiny_grid(tmp_path):
     update_R = next(f for f in fits if (f["axis"], f["phase"], f["mode"]) == ("R", "update", "full"))
     assert 0.5 < update_R["work_exponent"] < 1.5  # FLOPs of (P + R) tokens: 8 -> 12 of them
     assert plot(rows, "R", tmp_path / "r.png").stat().st_size > 0
+
+
+def test_a_case_in_a_child_process():
+    case = Case("tiny", "lora", "fp32", B=2, R=4, P=4, layers=None, epochs=1)
+    rows = measure_in_child(case, reps=1, gemm={"fp32": 1.0}, warmup=0)
+    assert [r["phase"] for r in rows] == [*PHASES, "memory"] and rows[-1]["peak_rss_mb"] > rows[-1]["built_rss_mb"]
 
 
 def test_fit_exponent_by_hand():
