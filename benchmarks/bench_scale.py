@@ -466,7 +466,9 @@ def main(argv=None):
                        linear_logprobs=args.linear_logprobs, epochs=args.epochs or ITERATION.epochs)
         gemm = {case.dtype: round(gemm_gflops(DTYPES[case.dtype]), 1)}
         rows = [{**r, "sweep": "iteration"} for r in measure_in_child(case, grid.reps, gemm, warmup)]
-        config = {"mode": "iteration", "case": case.__dict__, "gemm_gflops": gemm}
+        peak = max((r.get("peak_rss_mb", 0) for r in rows if r["phase"] == "memory"), default=None)
+        config = {"mode": "iteration", "case": case.__dict__, "gemm_gflops": gemm, "peak_rss_mb": peak,
+                  "within_24_gib": None if peak is None else peak <= 24 * 1024}
     else:
         rows, config = run_grid(grid, warmup=warmup)
         config["growth"] = growth(rows, "R") + growth(rows, "B")
