@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -66,30 +66,16 @@ def measured_cpu_bandwidth_gbps() -> float:
     return _CPU_BW
 
 
-_ALLOCATOR: Optional[str] = None
+def cpu_allocator() -> str:
+    """The malloc policy in effect, for the record: rlhf_fast's own (``rlhf_fast/_malloc.py``, applied
+    when rlhf_fast is imported, as for every user), or what the user set instead.
 
+    Benchmarks run with exactly what a user of the CLI, the trainers or the ops gets; they used to
+    set a mallopt of their own that users never had (issue 35). ``bench_malloc.py`` compares the
+    policy with glibc's defaults in a process that has done other work first."""
+    from rlhf_fast._malloc import MALLOC_POLICY
 
-def steady_cpu_allocator() -> str:
-    """Keeps glibc from handing large freed blocks back to the OS (mallopt: mmap threshold 32 MiB,
-    trim threshold 1 GiB), once per process; returns what was set, for the record.
-
-    Why: an op's multi-MB outputs are otherwise served by fresh mmap'd pages in some heap states,
-    and every call then page-faults them in: ``gae`` at [512, 1024] measured 0.6 ms in one process
-    and 2.3 ms (992 minor faults per call) in the next, the same code with the heap laid out
-    differently. That measures the allocator, not the op; it applies to every implementation in
-    the process alike. Users get the same with MALLOC_MMAP_THRESHOLD_=33554432
-    MALLOC_TRIM_THRESHOLD_=1073741824 (or jemalloc / tcmalloc)."""
-    global _ALLOCATOR
-    if _ALLOCATOR is None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            ok = libc.mallopt(-3, 32 << 20) == 1 and libc.mallopt(-1, 1 << 30) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-            _ALLOCATOR = "glibc mallopt: mmap_threshold 32 MiB, trim_threshold 1 GiB" if ok else "default (mallopt failed)"
-        except OSError:
-            _ALLOCATOR = "default (no glibc)"
-    return _ALLOCATOR
+    return MALLOC_POLICY
 
 
 def device_info(device: torch.device) -> dict:
@@ -99,10 +85,9 @@ def device_info(device: torch.device) -> dict:
         return {"name": name, "kind": "cuda", "peak_bandwidth_gbps": bw, "peak_bandwidth_source": "datasheet",
                 "peak_tflops_bf16": tf, "capability": list(torch.cuda.get_device_capability(device))}
     facts = cpu_facts()
-    allocator = steady_cpu_allocator()  # before any timing: every benchmark asks for device_info first
     return {"name": f"{facts['model']} [{facts['isa']}] ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
             "kind": "cpu", "peak_bandwidth_gbps": round(measured_cpu_bandwidth_gbps(), 1),
-            "peak_bandwidth_source": "measured copy bandwidth", "peak_tflops_bf16": None, "allocator": allocator,
+            "peak_bandwidth_source": "measured copy bandwidth", "peak_tflops_bf16": None, "allocator": cpu_allocator(),
             "cpu": facts}
 
 

@@ -360,6 +360,10 @@ def main(argv=None):
                    help="fp32 on both sides (default), or bf16 on both: TRL's own default (OnPolicyConfig bf16, "
                         "accelerate's autocast over fp32 weights) against rlhf_fast's ppo.deepspeed.dtype bf16 (bf16 "
                         "weights, fp32 master copy in the optimizer)")
+    p.add_argument("--allocator", default="users", choices=("users", "same"),
+                   help="users (default): each side with the malloc its users get (rlhf_fast sets its policy on "
+                        "import, rlhf_fast/_malloc.py; TRL runs on glibc's defaults); same: both with rlhf_fast's "
+                        "policy through MALLOC_* variables (the setting of the records before issue 35)")
     p.add_argument("--replica-reps", type=int, default=3, help="bench_ppo.py repetitions (0: skip the replica)")
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
                                                          "rlhf_fast", "peer_trl_inputs"))
@@ -386,9 +390,10 @@ def main(argv=None):
     print("load before:", load_before, flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", "RLHF_FAST_NO_TQDM": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           # the same glibc setting on both sides (benchmarks/_common.py: steady_cpu_allocator)
-           "MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}  # what each side's users get, unless --allocator same
+    if args.allocator == "same":  # rlhf_fast/_malloc.py's policy, given to both sides
+        env.update(MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
     t_all = time.perf_counter()
     inputs = build_inputs(args, env)
     spec = {"policy_dir": inputs["policy_dir"], "reward_dir": inputs["reward_dir"], "prompts": inputs["prompts"],
@@ -446,7 +451,8 @@ def main(argv=None):
     for impl in ("trl", "rlhf_fast"):
         s = summary[impl]
         case = {"B": args.batch, "R": args.resp_len, "minibatches": args.minibatches, "epochs": args.epochs,
-                "arch": args.arch, "threads": args.threads, "precision": args.precision}
+                "arch": args.arch, "threads": args.threads, "precision": args.precision,
+                "allocator": args.allocator}
         for ph in ("iteration_s", "rollout_s", "generate_s", "rollout_other_s", "update_s",
                    *[k for k in s if k.startswith("phase_")]):
             timing = {"p20_ms": s[ph]["p20"] * 1e3, "p50_ms": s[ph]["p50"] * 1e3, "p80_ms": s[ph]["p80"] * 1e3}

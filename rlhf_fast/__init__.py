@@ -8,6 +8,7 @@ overrides), ``rlhf_fast.trainers.pipeline.run_pipeline`` for all three, and the 
 """
 
 from rlhf_fast import _threads  # noqa: F401  (first: OpenMP's wait policy is fixed when torch loads)
+from rlhf_fast import _malloc  # noqa: F401  (glibc keeps multi-MB blocks for reuse: rlhf_fast/_malloc.py)
 
 import sys as _sys
 

@@ -29,7 +29,7 @@ ROOTS = {"rlhf_fast": "rlhf_fast", "kernels": "rlhf_fast.kernels", "csrc": "rlhf
 #: layer of each top-level part of the package; a module may import its own layer or lower ones
 LAYERS = {
     "rlhf_fast": 0, "rlhf_fast._checks": 0, "rlhf_fast._rlmath_checks": 0, "rlhf_fast._registry": 0,
-    "rlhf_fast._filter": 0, "rlhf_fast._threads": 0, "rlhf_fast._source_folders": 0,
+    "rlhf_fast._filter": 0, "rlhf_fast._threads": 0, "rlhf_fast._malloc": 0, "rlhf_fast._source_folders": 0,
     "rlhf_fast.reference": 1, "rlhf_fast.testing": 1,
     "rlhf_fast.kernels": 2, "rlhf_fast._csrc": 2,
     "rlhf_fast.ops": 3,
