@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rlhf_fast import config as C
+from rlhf_fast.trainers.run.stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
 
 
 @dataclass
@@ -252,12 +253,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"rlhf-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C: one line (the trainers say where the run stands), exit 130
+    except KeyboardInterrupt as e:  # Ctrl-C (130), SIGTERM / SIGUSR1 (75): one line saying where the run stands
         if os.environ.get("RLHF_FAST_DEBUG"):
             raise
         if rank0:
             print(f"rlhf-fast: {e}" if str(e) else "rlhf-fast: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return EXIT_PREEMPTED if isinstance(e, Preempted) else EXIT_INTERRUPTED
     except BrokenPipeError:
         return _quiet_broken_pipe()
 

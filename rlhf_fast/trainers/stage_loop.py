@@ -97,7 +97,7 @@ class StageTrainer:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.resume, self.overwrite = resume, overwrite
-        self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
+        self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
         self.is_main = self.dist.is_main
 
     # -- hooks ---------------------------------------------------------------------------------------
