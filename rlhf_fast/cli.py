@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rlhf_fast import config as C
-from rlhf_fast.trainers.run.stopping import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted
+from rlhf_fast.trainers.run.stopping import (
+    EXIT_CHECKPOINT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_RANK_LOST,
+    CheckpointWriteError,
+    Preempted,
+    RankLost,
+)
 
 
 @dataclass
@@ -253,6 +261,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"rlhf-fast: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointWriteError, RankLost) as e:  # a full disk (74), a dead rank (76): one line, what stands
+        if os.environ.get("RLHF_FAST_DEBUG"):
+            raise
+        print(f"rlhf-fast: error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED if isinstance(e, CheckpointWriteError) else EXIT_RANK_LOST
     except KeyboardInterrupt as e:  # Ctrl-C (130), SIGTERM / SIGUSR1 (75): one line saying where the run stands
         if os.environ.get("RLHF_FAST_DEBUG"):
             raise

@@ -28,20 +28,12 @@ from typing import Callable, Optional
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir
 from rlhf_fast.trainers.run.manifest import MANIFEST, verify, write_manifest
+from rlhf_fast.trainers.run.stopping import CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a lost mount); ``str()`` says which, why, and
-    which checkpoint stands. The command exits with ``EXIT_CHECKPOINT_FAILED``."""
-
-
-#: exit status of a run stopped because its checkpoint could not be written (sysexits.h EX_IOERR)
-EXIT_CHECKPOINT_FAILED = 74
 
 
 def _step_of(path: Path) -> int:

@@ -313,7 +313,8 @@ def ensure_fresh_or_overwrite(directory, *, stage: str, resume: bool, overwrite:
 # ---- Ctrl-C, SIGTERM, SIGUSR1 (``stopping.py``) ------------------------------------------------------
 
 
-def _where(directory, stage: str) -> str:
+def where_it_stands(directory, stage: str) -> str:
+    """The newest checkpoint and how to continue, as the stop messages say it."""
     ckpt = latest_checkpoint(directory)
     if ckpt is not None:
         return f"the newest checkpoint is {ckpt}: continue with --resume"
@@ -359,7 +360,7 @@ def guarded_fit(fit):
 
 def _stop_error(trainer, scope: StopScope, *, at_once: bool) -> Interrupted:
     """The one line a stopped stage shows: why it stopped, where it stands, how to go on."""
-    where = _where(trainer.output_dir, trainer.stage)
+    where = where_it_stands(trainer.output_dir, trainer.stage)
     if scope.preempt is None:
         verb = "interrupted" if at_once else "stopped by"
         return Interrupted(f"{trainer.stage} {verb} (Ctrl-C); {where}" if at_once else

@@ -10,6 +10,8 @@
   previous checkpoint stands). Further preemption signals are ignored (the grace period decides).
   The command then exits with ``EXIT_PREEMPTED`` (75), which a job script tests to requeue itself
   with ``--resume``.
+- **Failures** that stop a run with one line and their own exit status: a checkpoint that cannot
+  be written (``CheckpointWriteError``, 74) and a lost rank (``RankLost``, 76).
 
 The handlers only set flags (and arm the grace timer, ``SIGALRM``); the training loop polls
 ``stop_requested`` once per step on every rank (one all-reduce), so all ranks stop at the same step
@@ -30,6 +32,10 @@ from typing import Optional
 EXIT_PREEMPTED = 75
 #: exit status of a Ctrl-C stop (128 + SIGINT, as a shell reports one)
 EXIT_INTERRUPTED = 130
+#: exit status of a run stopped because its checkpoint could not be written (sysexits.h EX_IOERR)
+EXIT_CHECKPOINT_FAILED = 74
+#: exit status of a rank that stopped because another rank died or stopped answering
+EXIT_RANK_LOST = 76
 
 PREEMPT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
@@ -41,6 +47,16 @@ class Interrupted(KeyboardInterrupt):
 class Preempted(Interrupted):
     """SIGTERM or SIGUSR1 stopped a run (the command exits with ``EXIT_PREEMPTED``); ``str()`` is
     the line to show."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); ``str()`` says which, why, and
+    which checkpoint stands (``trainers/run/checkpoints.py``). Exit status ``EXIT_CHECKPOINT_FAILED``."""
+
+
+class RankLost(RuntimeError):
+    """Another rank died or stopped answering; ``str()`` names it and the last completed step
+    (``trainers/run/rank_watch.py``). Exit status ``EXIT_RANK_LOST``."""
 
 
 class _StopNow(KeyboardInterrupt):
