@@ -310,6 +310,11 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def world_size() -> int:
+    """Ranks in the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is True on any rank (one all-reduce when a group of several ranks runs;
     ``flag`` itself otherwise). For decisions every rank must take together."""

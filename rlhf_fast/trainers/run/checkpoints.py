@@ -18,6 +18,7 @@ DeepSpeed's own checkpoints do).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Callable, Optional
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir
 from rlhf_fast.trainers.run.manifest import MANIFEST, verify, write_manifest
+from rlhf_fast.trainers.run.reshard import resharded, universal_loading
 from rlhf_fast.trainers.run.stopping import CheckpointWriteError
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ class Checkpointer:
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
             save_model(tmp / "model")  # every rank calls it (ZeRO-3 gathers); rank 0 writes
             if self.is_main:
+                state = {**state, "world_size": dss.world_size()}  # another one resumes through reshard.py
                 atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
                 write_manifest(tmp)  # last: marks it complete
         except (OSError, RuntimeError) as e:  # ENOSPC, EDQUOT, EIO: the previous checkpoint stays the newest
@@ -188,9 +191,13 @@ class Checkpointer:
                              "point --output-dir at this stage's own directory")
         if config is not None and "config" in state:
             check_resume_config(state["config"], config, stage or "", path)
+        universal = resharded(path, saved_world_size=state.get("world_size"), world_size=dss.world_size(),
+                              is_main=self.is_main)
+        engines = list(engine.engines.values()) if hasattr(engine, "engines") else [engine]  # PPO: policy, critic
         try:
-            load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            with universal_loading(engines) if universal is not None else contextlib.nullcontext():
+                load_path, _ = engine.load_checkpoint(str(universal or path / "deepspeed"), tag="state",
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
         except Exception as e:  # a deleted / truncated file, another model shape: DeepSpeed or torch errors
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); it is "
                              "incomplete or from another model. Remove it (and fix checkpoints/latest) or start "
@@ -200,7 +207,7 @@ class Checkpointer:
         return state
 
     def _prune(self, keep_name: str) -> None:
-        for stale in self.root.glob(".tmp-step-*"):
+        for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".universal-step-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         if self.keep <= 0:
             return
