@@ -68,12 +68,17 @@ def _convert(source: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def universal_loading(engines: list):
-    """DeepSpeed engines load universal checkpoints inside the block (their config's switch)."""
-    before = [e._config.load_universal_checkpoint for e in engines]
+    """DeepSpeed engines load universal checkpoints inside the block (their config's switch;
+    DeepSpeed's "MPU is not provided" warning, meaningless without tensor parallelism, silenced)."""
+    from deepspeed.utils import logger as ds_logger
+
+    before, level = [e._config.load_universal_checkpoint for e in engines], ds_logger.level
     for e in engines:
         e._config.load_universal_checkpoint = True
+    ds_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        ds_logger.setLevel(level)
         for e, b in zip(engines, before):
             e._config.load_universal_checkpoint = b
