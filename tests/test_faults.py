@@ -229,6 +229,29 @@ def test_a_rank_killed_mid_step_stops_the_other_with_its_name_and_step(tmp_path)
     assert took < 240, took
 
 
+def test_only_a_collective_failure_starts_a_roll_call():
+    """This rank's own error (an OOM, a bug) is raised as it is: the other ranks, waiting in their
+    next collective, would not answer a roll call and would be blamed. A torch.distributed error,
+    or any error raised inside torch.distributed (gloo's "Connection reset by peer"), is one."""
+    import torch.distributed as dist
+
+    from rlhf_fast.trainers.run.rank_watch import is_collective_failure
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:  # the test inspects it
+            return e
+        raise AssertionError("nothing raised")
+
+    def own():
+        raise RuntimeError("out of memory")
+
+    assert not is_collective_failure(raised(own))
+    assert is_collective_failure(raised(lambda: (_ for _ in ()).throw(dist.DistBackendError("NCCL watchdog"))))
+    assert is_collective_failure(raised(lambda: dist.all_reduce(torch.zeros(1), group=object())))  # in c10d
+
+
 # ---- another world size on resume --------------------------------------------------------------------------
 
 

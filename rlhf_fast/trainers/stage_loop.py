@@ -45,7 +45,7 @@ from rlhf_fast.trainers.data_order import epoch_order, rank_micro_batches, steps
 from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir, save_model_atomically
 from rlhf_fast.trainers.run.checkpoints import Checkpointer
 from rlhf_fast.trainers.run.guard import guarded_fit, previous_run, resolve_save_every, stop_requested, where_it_stands
-from rlhf_fast.trainers.run.rank_watch import lost_rank_error
+from rlhf_fast.trainers.run.rank_watch import is_collective_failure, lost_rank_error
 from rlhf_fast.trainers.run.metrics_log import MetricsLogger, make_progress
 from rlhf_fast.trainers.token_budget import contiguous_token_micro
 
@@ -245,7 +245,7 @@ class StageTrainer:
         try:
             yield
         except RuntimeError as e:  # torch.distributed's errors (DistBackendError...) are RuntimeErrors
-            if self.dist.world_size <= 1:
+            if self.dist.world_size <= 1 or not is_collective_failure(e):
                 raise
             where = where_it_stands(self.output_dir, self.stage)
             lost = lost_rank_error(rank=self.dist.rank, world_size=self.dist.world_size, stage=self.stage,

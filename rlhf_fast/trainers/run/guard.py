@@ -367,8 +367,8 @@ def _stop_error(trainer, scope: StopScope, *, at_once: bool) -> Interrupted:
                            f"{trainer.stage} {verb} Ctrl-C; {where}")
     if at_once:
         grace = getattr(trainer.cfg.logging, "preempt_grace_s", None)
-        return Preempted(f"{trainer.stage} stopped at once by {scope.preempt} (the step ran past "
-                         f"logging.preempt_grace_s = {grace} s, or a second Ctrl-C); {where}")
+        why = "a Ctrl-C" if grace is None else f"the step ran past logging.preempt_grace_s = {grace:g} s, or a Ctrl-C"
+        return Preempted(f"{trainer.stage} stopped at once by {scope.preempt} ({why}); {where}")
     return Preempted(f"{trainer.stage} stopped by {scope.preempt} after its step; {where}")
 
 

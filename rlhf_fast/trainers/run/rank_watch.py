@@ -3,7 +3,8 @@
 When a rank dies (SIGKILL, a node lost, an OOM kill), the others' next collective fails: at once
 when the peer's connection closes (a killed process), or after ``deepspeed.timeout_s`` when it
 just stops answering (a lost node). A collective error alone does not say which rank is gone, so
-the stage loop (``trainers/stage_loop.py``) asks ``lost_rank_error`` after a failed step: every
+the stage loop (``trainers/stage_loop.py``) asks ``lost_rank_error`` after a step failed in a
+collective (``is_collective_failure``; this rank's own errors pass through unchanged): every
 live rank writes its name into the rendezvous store (``MASTER_ADDR:MASTER_PORT``; under
 ``torchrun`` the launcher's store, which outlives the ranks) and waits up to ``ROLL_CALL_S`` for
 the others; a rank that does not answer is named in ``RankLost`` with the last completed step
@@ -23,6 +24,21 @@ from rlhf_fast.trainers.run.stopping import RankLost
 #: seconds the live ranks wait for each other's answer (well inside the 30 s torchrun gives its
 #: workers between SIGTERM and SIGKILL once it has seen one die)
 ROLL_CALL_S = 5.0
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` came out of a ``torch.distributed`` call (a peer gone, a timeout): a
+    ``DistError``, or an error raised in a ``torch/distributed`` frame (gloo's "Connection reset by
+    peer" is a plain RuntimeError from ``work.wait()``). This rank's own failure (an OOM, a bug) is
+    not one: the other ranks, stuck in their next collective, would not answer a roll call."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "torch/distributed/" in tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
 
 
 def _store(timeout_s: float):
