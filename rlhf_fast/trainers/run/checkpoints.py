@@ -45,6 +45,9 @@ def _step_of(path: Path) -> int:
         return -1
 
 
+_WARNED: set = set()
+
+
 def newest_intact(root: Path, *, warn: bool = True) -> Optional[Path]:
     """The newest checkpoint under ``root`` (``DIR/checkpoints``) that matches its manifest: the one
     ``latest`` names, else (with a warning naming the file that fails) the next older ``step-*``
@@ -60,7 +63,8 @@ def newest_intact(root: Path, *, warn: bool = True) -> Optional[Path]:
         problem = verify(path) if path.is_dir() else f"{path} is missing"
         if problem is None:
             return path
-        if warn:
+        if warn and (path, problem) not in _WARNED:  # once per process (the start decision and the load both ask)
+            _WARNED.add((path, problem))
             log.warning("checkpoint %s is skipped: %s; trying the previous one", path, problem)
     return None
 
