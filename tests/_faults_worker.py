@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/_faults_worker.py MODE OUT_DIR ZERO_STAGE [OVERRIDES...]
 
 MODE "run": ``rlhf-fast sft`` with the test's small settings. MODE "kill": the same, 6 steps, and
-rank 1 SIGKILLs itself in the middle of step 3 (after its forward, before its backward). Each rank
-writes its exit status to OUT_DIR/exit-rankR before it exits.
+rank 1 SIGKILLs itself in the middle of step 3 (after its forward, before its backward). MODE
+"preempt": the same, but rank 1 alone gets SIGTERM there. Each rank writes its exit status to
+OUT_DIR/exit-rankR before it exits.
 """
 
 import os
@@ -20,14 +21,14 @@ from rlhf_fast.trainers.sft import SFTTrainer
 if __name__ == "__main__":
     mode, out, zero, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
     rank = int(os.environ["RANK"])
-    if mode == "kill":
+    if mode in ("kill", "preempt"):
         extra = ["--sft.max_steps", "6", *extra]
-        forward = SFTTrainer.micro_step
+        forward, sig = SFTTrainer.micro_step, signal.SIGKILL if mode == "kill" else signal.SIGTERM
 
         def micro_step(self, batch):
             out = forward(self, batch)
             if rank == 1 and self.step == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             return out
 
         SFTTrainer.micro_step = micro_step

@@ -48,6 +48,18 @@ def _env():
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(REPO / "tests" / "_faults_worker.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def _comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("perf/", "time/"))} for r in rows]
 
@@ -137,6 +149,21 @@ def test_sigusr1_finishes_the_step_or_stops_at_once_past_the_grace_period(tmp_pa
     assert main([*run, "--resume"]) == 0 and [r["step"] for r in read_metrics(d)] == [1, 2, 3, 4, 5]
 
 
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Rank 1 of a 2-rank torchrun job gets SIGTERM in the middle of step 3; rank 0 gets nothing.
+    Both finish step 3 (the flags are all-reduced once per step), write its checkpoint together
+    and exit with 75; --resume on 2 ranks completes the run."""
+    d = tmp_path / "sft"
+    proc = _torchrun("preempt", d, 0, "--sft.logging.save_every", "0")
+    assert [(d / f"exit-rank{r}").read_text() for r in (0, 1)] == ["75", "75"], proc.stderr[-4000:]
+    assert _steps(d) == ["step-000003"]
+    assert f"rlhf-fast: sft stopped by a signal on another rank after its step; the newest checkpoint is " \
+           f"{d / 'checkpoints' / 'step-000003'}: continue with --resume" in proc.stderr, proc.stderr[-4000:]
+    proc = _torchrun("run", d, 0, "--sft.max_steps", "6", "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["step"] for r in read_metrics(d)] == [1, 2, 3, 4, 5, 6]
+
+
 # ---- manifests and a full disk --------------------------------------------------------------------------
 
 
@@ -199,18 +226,6 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
 
 
 # ---- a dead rank -----------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(REPO / "tests" / "_faults_worker.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_rank_killed_mid_step_stops_the_other_with_its_name_and_step(tmp_path):
