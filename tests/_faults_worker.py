@@ -4,8 +4,9 @@
 
 MODE "run": ``rlhf-fast sft`` with the test's small settings. MODE "kill": the same, 6 steps, and
 rank 1 SIGKILLs itself in the middle of step 3 (after its forward, before its backward). MODE
-"preempt": the same, but rank 1 alone gets SIGTERM there. Each rank writes its exit status to
-OUT_DIR/exit-rankR before it exits.
+"preempt": the same, but rank 1 alone gets SIGTERM there. MODE "ppo": ``rlhf-fast ppo`` with the
+greedy 2-iteration settings of tests/_ppo_dist_worker.py instead (ZERO_STAGE and OVERRIDES apply).
+Each rank writes its exit status to OUT_DIR/exit-rankR before it exits.
 """
 
 import os
@@ -13,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from test_faults import SFT
+from test_faults import PPO, SFT
 
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.sft import SFTTrainer
@@ -32,7 +33,10 @@ if __name__ == "__main__":
             return out
 
         SFTTrainer.micro_step = micro_step
-    rc = main([*SFT, "--output-dir", str(out), "--sft.deepspeed.zero_stage", zero, *extra])
+    if mode == "ppo":
+        rc = main(["ppo", *PPO, "--output-dir", str(out), "--ppo.deepspeed.zero_stage", zero, *extra])
+    else:
+        rc = main([*SFT, "--output-dir", str(out), "--sft.deepspeed.zero_stage", zero, *extra])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"exit-rank{rank}").write_text(str(rc))
     sys.exit(rc)

@@ -2,9 +2,10 @@
 its iteration with a checkpoint and exit status 75, and --resume ends with the metrics of an
 uninterrupted run; SIGUSR1 past the grace period stops at once; a checkpoint that fails its
 manifest is skipped for the previous one; a full disk during a save leaves the previous
-checkpoint loadable (exit 74); a 2-rank torchrun job whose rank 1 is SIGKILLed mid-step stops
-with an error naming rank 1 and the last completed step (exit 76); a checkpoint written by 2
-ranks resumes on 1 and one written by 1 resumes on 2."""
+checkpoint loadable (exit 74); a 2-rank torchrun job whose rank 1 alone gets SIGTERM stops on both
+ranks after the same step (exit 75 on each); one whose rank 1 is SIGKILLed mid-step stops with an
+error naming rank 1 and the last completed step (exit 76); checkpoints written by 2 ranks resume
+on 1 and the other way round (SFT at ZeRO-2 and ZeRO-3, PPO at ZeRO-2)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import _ppo_dist_worker
 import pytest
 import torch
 
@@ -39,6 +41,8 @@ PIPELINE = ["pipeline", "--preset", "ci", *QUIET,
 SFT = ["sft", "--preset", "ci", *QUIET[:4], "--sft.model.size", "test", "--sft.model.config_overrides", "{}",
        "--sft.batch_size", "16", "--sft.micro_batch_size", "8", "--sft.data.max_train_examples", "160",
        "--sft.data.max_eval_examples", "16", "--sft.eval_batch_size", "16", "--sft.logging.log_every", "1"]
+
+PPO = list(_ppo_dist_worker.OVERRIDES)  # greedy rollouts: the same rows whatever rank decodes them
 
 
 def _env():
@@ -297,3 +301,22 @@ def test_a_checkpoint_resumes_on_another_world_size(tmp_path, zero, ranks):
         assert b["train/tokens"] == a["train/tokens"]  # the same global batches
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5), a["step"]
     assert got[-1]["eval/loss"] == pytest.approx(want[-1]["eval/loss"], rel=1e-5)  # the final model
+
+
+def test_a_ppo_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
+    """PPO (policy and critic engines, ZeRO-2) stopped after iteration 1 of 2 on 2 ranks and
+    resumed on 1 repeats the uninterrupted 1-rank run: with greedy rollouts the rows do not depend
+    on which rank decodes them, and the update for given rollouts does not depend on the world
+    size (tolerance of tests/test_ppo_distributed.py: summation order only)."""
+    one, d = tmp_path / "one", tmp_path / "resumed"
+    assert main(["ppo", *PPO, "--output-dir", str(one), "--ppo.deepspeed.zero_stage", "2"]) == 0
+    proc = _torchrun("ppo", d, 2, "--ppo.stop_after_iterations", "1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main(["ppo", *PPO, "--output-dir", str(d), "--ppo.deepspeed.zero_stage", "2", "--resume"]) == 0
+    want, got = ([r for r in read_metrics(x) if "objective/kl" in r] for x in (one, d))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    for a, b in zip(want, got):
+        for k, v in a.items():
+            if not k.startswith(("perf/", "time/", "generation/")):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (a["step"], k)
+
