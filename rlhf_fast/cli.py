@@ -264,7 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (CheckpointWriteError, RankLost) as e:  # a full disk (74), a dead rank (76): one line, what stands
         if os.environ.get("RLHF_FAST_DEBUG"):
             raise
-        print(f"rlhf-fast: error: {e}", file=sys.stderr)
+        if rank0 or isinstance(e, RankLost):  # every live rank names the lost one (rank 0 may be it)
+            print(f"rlhf-fast: error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT_FAILED if isinstance(e, CheckpointWriteError) else EXIT_RANK_LOST
     except KeyboardInterrupt as e:  # Ctrl-C (130), SIGTERM / SIGUSR1 (75): one line saying where the run stands
         if os.environ.get("RLHF_FAST_DEBUG"):

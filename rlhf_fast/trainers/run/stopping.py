@@ -163,8 +163,9 @@ class StopScope:
         if not self.owner:
             return
         _cancel_grace_timer()
-        for sig, previous in _STOP.previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        for sig, previous in _STOP.previous.items():  # None: a handler set outside Python
+            fallback = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, previous if previous is not None else fallback)
         self.stopped, self.preempt = _STOP.observed, _STOP.preempt
         _STOP.reset()
 
