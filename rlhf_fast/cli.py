@@ -26,6 +26,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rlhf_fast import config as C
+from rlhf_fast.trainers.run.stopping import (
+    EXIT_CHECKPOINT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_RANK_LOST,
+    CheckpointWriteError,
+    Preempted,
+    RankLost,
+)
 
 
 @dataclass
@@ -252,12 +261,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"rlhf-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C: one line (the trainers say where the run stands), exit 130
+    except (CheckpointWriteError, RankLost) as e:  # a full disk (74), a dead rank (76): one line, what stands
+        if os.environ.get("RLHF_FAST_DEBUG"):
+            raise
+        if rank0 or isinstance(e, RankLost):  # every live rank names the lost one (rank 0 may be it)
+            print(f"rlhf-fast: error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED if isinstance(e, CheckpointWriteError) else EXIT_RANK_LOST
+    except KeyboardInterrupt as e:  # Ctrl-C (130), SIGTERM / SIGUSR1 (75): one line saying where the run stands
         if os.environ.get("RLHF_FAST_DEBUG"):
             raise
         if rank0:
             print(f"rlhf-fast: {e}" if str(e) else "rlhf-fast: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return EXIT_PREEMPTED if isinstance(e, Preempted) else EXIT_INTERRUPTED
     except BrokenPipeError:
         return _quiet_broken_pipe()
 

@@ -129,12 +129,15 @@ def test_resume_with_nothing_to_resume(tmp_path, caplog):
         assert main(["sft", "--output-dir", str(d), *SFT, "--sft.max_steps", "2", "--resume"]) == 0
     assert "--resume: nothing to resume in" in caplog.text and "starting a new run" in caplog.text
     (d / "checkpoints" / "latest").write_text("step-000009\n")
+    for manifest in (d / "checkpoints").glob("step-*/manifest.json"):  # nothing older to fall back on either
+        manifest.unlink()
     d2 = tmp_path / "killed"
     d2.mkdir()
     (d2 / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 3.0}) + "\n")
     from rlhf_fast.trainers.run import guard
 
-    for directory, why in ((d, r".*checkpoints/latest names 'step-000009', which is missing or incomplete"),
+    for directory, why in ((d, r".*checkpoints/latest names 'step-000009', and neither it nor an older checkpoint is complete "
+                               r"and matches its manifest"),
                            (d2, r"no checkpoint was completed")):
         decision = guard.decide_start(directory, stage="sft", resume=True, overwrite=False)
         assert decision.action == "error"

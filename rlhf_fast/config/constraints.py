@@ -4,6 +4,7 @@ when a config is validated (``config/core.py``); a failure names the dotted path
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
@@ -30,6 +31,8 @@ CHECKS: dict[tuple[type, str], tuple[typing.Callable[[Any], bool], str]] = {
     (DeepSpeedConfig, "zero_stage"): (lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
     (DeepSpeedConfig, "grad_accum"): (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     (DeepSpeedConfig, "grad_clip"): (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    (DeepSpeedConfig, "timeout_s"): (lambda v: v is None or (math.isfinite(v) and v > 0),
+                                     "a number of seconds > 0 or null (DeepSpeed's 30 minutes)"),
     (DataConfig, "eval_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 
@@ -86,6 +89,8 @@ for _cls in (LoggingConfig, PPOLoggingConfig):
     CHECKS[(_cls, "eval_every")] = (lambda v: v >= 0, "an integer >= 0")
     CHECKS[(_cls, "save_every")] = (lambda v: v is None or v >= 0, "an integer >= 0 (0 = only at the end) or null")
     CHECKS[(_cls, "keep_checkpoints")] = (lambda v: v >= 0, "an integer >= 0")
+    CHECKS[(_cls, "preempt_grace_s")] = (lambda v: v is None or (math.isfinite(v) and v >= 0),
+                                         "a number of seconds >= 0 (0 = stop at once) or null (wait for the step)")
 CHECKS[(PPOLoggingConfig, "samples_per_iteration")] = (lambda v: v >= 0, "an integer >= 0")
 for _stage in (SFTConfig, RMConfig):
     for _name in ("batch_size", "micro_batch_size", "eval_batch_size"):

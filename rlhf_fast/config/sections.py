@@ -128,6 +128,12 @@ class DeepSpeedConfig:
     """Clip the global gradient norm at this value; 0 turns clipping off. 1.0: DeepSpeed-Chat / OpenRLHF."""
     backend: Optional[Literal["nccl", "gloo"]] = None
     """torch.distributed backend; None: NCCL when CUDA is available, else gloo."""
+    timeout_s: Optional[float] = None
+    """Seconds a collective waits for the other ranks before it fails (``torch.distributed``'s
+    process-group timeout): bounds how long the live ranks wait for a rank that died or hangs,
+    before they stop with an error naming it and the last completed step (docs/architecture.md,
+    "Faults"). None: DeepSpeed's default, 30 minutes. The first stage of a process sets it (the
+    process group is made once per process)."""
 
 
 @dataclass
@@ -147,6 +153,14 @@ class LoggingConfig:
     a small one makes long runs of large models spend their time saving."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept under ``DIR/checkpoints`` (older ones are deleted); 0 keeps all."""
+    preempt_grace_s: Optional[float] = 20.0
+    """Seconds a run waits, after SIGTERM or SIGUSR1 (a scheduler's notice), for the current step
+    (PPO: iteration) to finish before it stops at once without a new checkpoint (the previous one
+    stands); a step that finishes in time is checkpointed and the command exits with 75
+    (README, "Preemption"). 20 s leaves a save and a clean exit inside the 30 s that SLURM
+    (``KillWait``) and Kubernetes (``terminationGracePeriodSeconds``) wait by default before
+    SIGKILL; raise it to the warning you ask for (``--signal=USR1@90``: ~60). 0 stops at once;
+    null waits for the step however long it takes."""
     tensorboard: bool = True
     """Write TensorBoard events to ``DIR/tensorboard``."""
     progress_bar: bool = True

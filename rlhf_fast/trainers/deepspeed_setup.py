@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import datetime
 import math
 import os
 import random
@@ -67,9 +68,11 @@ BACKEND_ON_CUDA = {"nccl": True, "gloo": False}
 DEFAULT_BACKEND = {True: "nccl", False: "gloo"}
 
 
-def init_distributed(backend: Optional[str] = None) -> DistInfo:
+def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> DistInfo:
     """Joins (or creates) the default process group; idempotent. ``backend`` None: NCCL when CUDA
-    is available, else gloo. Without a launcher, a 1-rank group on 127.0.0.1 and a free port."""
+    is available, else gloo. ``timeout_s``: how long a collective waits for the other ranks
+    (``deepspeed.timeout_s``; None: DeepSpeed's 30 minutes; the first call sets it). Without a
+    launcher, a 1-rank group on 127.0.0.1 and a free port."""
     _quiet_deepspeed()
     import deepspeed
 
@@ -79,7 +82,8 @@ def init_distributed(backend: Optional[str] = None) -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     backend = backend or DEFAULT_BACKEND[torch.cuda.is_available()]
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **timeout)
         atexit.register(_destroy_process_group_at_exit)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -304,3 +308,18 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def world_size() -> int:
+    """Ranks in the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is True on any rank (one all-reduce when a group of several ranks runs;
+    ``flag`` itself otherwise). For decisions every rank must take together."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    on_cuda = BACKEND_ON_CUDA.get(str(dist.get_backend()), False)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    return all_reduce_sum([float(flag)], device)[0] > 0

@@ -97,7 +97,7 @@ def run_pipeline(cfg: RunConfig, output_dir, *, resume: bool = False, overwrite:
     Returns summary.json's dict."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dist = dss.init_distributed(cfg.sft.deepspeed.backend)
+    dist = dss.init_distributed(cfg.sft.deepspeed.backend, cfg.sft.deepspeed.timeout_s)
     _fill_paths(cfg, out)
     lock = OutputDirLock(out) if dist.is_main else None
     start_together(lambda: _start_error(cfg, out, resume=resume, overwrite=overwrite), dist=dist, lock=lock,

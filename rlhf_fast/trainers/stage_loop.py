@@ -27,6 +27,7 @@ or world size); a resumed run skips the batches it has done, so it repeats the u
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -43,7 +44,8 @@ from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.data_order import epoch_order, rank_micro_batches, steps_per_epoch, total_steps_of
 from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir, save_model_atomically
 from rlhf_fast.trainers.run.checkpoints import Checkpointer
-from rlhf_fast.trainers.run.guard import guarded_fit, previous_run, resolve_save_every, stop_requested
+from rlhf_fast.trainers.run.guard import guarded_fit, previous_run, resolve_save_every, stop_requested, where_it_stands
+from rlhf_fast.trainers.run.rank_watch import is_collective_failure, lost_rank_error
 from rlhf_fast.trainers.run.metrics_log import MetricsLogger, make_progress
 from rlhf_fast.trainers.token_budget import contiguous_token_micro
 
@@ -97,7 +99,7 @@ class StageTrainer:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.resume, self.overwrite = resume, overwrite
-        self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend)
+        self.dist = dist_info or dss.init_distributed(cfg.deepspeed.backend, cfg.deepspeed.timeout_s)
         self.is_main = self.dist.is_main
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ class StageTrainer:
             or "eval/loss" in row
         if logged:
             self.logger.log(self.step, row)
-        stopping = not final and stop_requested(self.dist)  # Ctrl-C (rlhf_fast/trainers/run/guard.py)
+        stopping = not final and stop_requested(self.dist)  # Ctrl-C, SIGTERM, SIGUSR1 (trainers/run/stopping.py)
         if (save_every and self.step % save_every == 0) or final or self.step == stop_at or stopping:
             self._checkpoint()
         return logged, stopping
@@ -219,9 +221,10 @@ class StageTrainer:
                             and not os.environ.get("RLHF_FAST_NO_TQDM"), desc=self.stage)
         last: dict = self._begin() if self.step == 0 else {}
         while self.step < stop_at:
-            row = self.run_step()
-            self.step += 1
-            logged, stopping = self._after_step(row, stop_at, bar, save_every)
+            with self._rank_watch():
+                row = self.run_step()
+                self.step += 1
+                logged, stopping = self._after_step(row, stop_at, bar, save_every)
             if logged:
                 last = row
             if stopping:
@@ -233,6 +236,23 @@ class StageTrainer:
         self.logger.close()
         dss.barrier()
         return last
+
+    @contextlib.contextmanager
+    def _rank_watch(self):
+        """A step of a multi-rank run that fails in a collective because another rank died or
+        stopped answering raises ``RankLost`` naming it and the last completed step instead
+        (``trainers/run/rank_watch.py``); any other failure is raised as it is."""
+        try:
+            yield
+        except RuntimeError as e:  # torch.distributed's errors (DistBackendError...) are RuntimeErrors
+            if self.dist.world_size <= 1 or not is_collective_failure(e):
+                raise
+            where = where_it_stands(self.output_dir, self.stage)
+            lost = lost_rank_error(rank=self.dist.rank, world_size=self.dist.world_size, stage=self.stage,
+                                   step=self.step, where=where[:1].upper() + where[1:])
+            if lost is None:
+                raise
+            raise lost from e
 
     def _write_final_model(self) -> None:
         """``DIR/model`` through a temporary sibling and a rename; under ZeRO-3 every rank gathers."""

@@ -1,19 +1,24 @@
-"""Atomic checkpoints with ``--resume``, and the checks that refuse a resume with other settings.
+"""Atomic, verified checkpoints with ``--resume``, and the checks that refuse a resume with other settings.
 
 Layout under a stage's output directory::
 
     DIR/checkpoints/step-000120/          model/ (HF format + tokenizer), deepspeed/ (engine state),
-                                          trainer_state.json (written last)
+                                          trainer_state.json, manifest.json (written last)
     DIR/checkpoints/latest                name of the newest complete checkpoint
 
 Checkpoints are written to ``checkpoints/.tmp-step-N`` and renamed into place, and ``latest`` is
 replaced atomically after that: a run killed mid-save leaves the previous checkpoint as
-``latest``, complete and loadable. Multi-node runs need ``DIR`` on a shared file system (as
+``latest``, complete and loadable. ``manifest.json`` (``manifest.py``: every file's size and
+sha256) is written last; a checkpoint whose manifest is missing or does not match is skipped for
+the previous one, with a warning naming the file (``newest_intact``). A save that fails (a full
+disk: ENOSPC) removes its partial directory and stops the run with ``CheckpointWriteError``,
+naming the checkpoint that stands. Multi-node runs need ``DIR`` on a shared file system (as
 DeepSpeed's own checkpoints do).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +28,9 @@ from typing import Callable, Optional
 
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.run.atomic_files import atomic_write_text, replace_dir
+from rlhf_fast.trainers.run.manifest import MANIFEST, verify, write_manifest
+from rlhf_fast.trainers.run.reshard import resharded, universal_loading
+from rlhf_fast.trainers.run.stopping import CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +38,40 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 
 
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+_WARNED: set = set()
+
+
+def newest_intact(root: Path, *, warn: bool = True) -> Optional[Path]:
+    """The newest checkpoint under ``root`` (``DIR/checkpoints``) that matches its manifest: the one
+    ``latest`` names, else (with a warning naming the file that fails) the next older ``step-*``
+    one, and so on; None when ``latest`` is missing or no checkpoint up to it is intact."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    named = root / pointer.read_text().strip()
+    older = sorted((p for p in root.glob("step-*") if p.is_dir() and p != named and _step_of(p) < _step_of(named)),
+                   key=_step_of, reverse=True)
+    for path in [named, *older]:
+        problem = verify(path) if path.is_dir() else f"{path} is missing"
+        if problem is None:
+            return path
+        if warn and (path, problem) not in _WARNED:  # once per process (the start decision and the load both ask)
+            _WARNED.add((path, problem))
+            log.warning("checkpoint %s is skipped: %s; trying the previous one", path, problem)
+    return None
+
+
 # Fields that may change between a run and its resumption: where and how often it logs, evaluates and
 # saves, and where it stops. Anything else would silently train another run from this one's state.
-RESUMABLE_CHANGES = ("logging.", "stop_after_steps", "stop_after_iterations", "eval_batch_size")
+RESUMABLE_CHANGES = ("logging.", "stop_after_steps", "stop_after_iterations", "eval_batch_size", "deepspeed.timeout_s")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -72,6 +111,12 @@ def check_resume_config(saved: dict, current: dict, stage: str, path) -> None:
                          f"{shown}{more}. Resume with the same settings, or start a new run in another --output-dir")
 
 
+def _is_write_error(e: BaseException) -> bool:
+    """An OSError, or the RuntimeError torch.save's C++ writer raises for one ("PytorchStreamWriter
+    failed writing file ...: file write failed")."""
+    return isinstance(e, OSError) or "write" in str(e).lower()
+
+
 class Checkpointer:
     """Atomic checkpoints under ``root`` (see the module docstring). Every rank calls ``save`` and
     ``load`` (DeepSpeed state is per rank); rank 0 owns the directory moves."""
@@ -80,34 +125,61 @@ class Checkpointer:
         self.root, self.keep, self.is_main = Path(root), keep, is_main
 
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint, or None (with a warning when ``latest`` names a
-        checkpoint that is missing or incomplete: the run then starts from scratch)."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if (path / STATE_FILE).is_file():
-            return path
-        log.warning("%s names %s, which is missing or incomplete (no %s): nothing to resume from, starting "
-                    "from scratch", pointer, path, STATE_FILE)
-        return None
+        """The newest intact checkpoint, or None (``newest_intact``: a checkpoint that fails its
+        manifest is skipped, with a warning naming the file)."""
+        return newest_intact(self.root)
 
     def save(self, step: int, *, engine, save_model: Callable[[Path], None], state: dict) -> Path:
+        """Writes checkpoint ``step`` (every rank; see the module docstring); a failed write raises
+        ``CheckpointWriteError`` on every rank and leaves the previous checkpoint as the newest."""
         name = f"step-{step:06d}"
         tmp, final = self.root / f".tmp-{name}", self.root / name
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dss.barrier()
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-        save_model(tmp / "model")  # every rank calls it (ZeRO-3 gathers); rank 0 writes
+        failure = None
+        try:
+            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            save_model(tmp / "model")  # every rank calls it (ZeRO-3 gathers); rank 0 writes
+            if self.is_main:
+                state = {**state, "world_size": dss.world_size()}  # another one resumes through reshard.py
+                atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+                write_manifest(tmp)  # last: marks it complete
+        except (OSError, RuntimeError) as e:  # ENOSPC, EDQUOT, EIO: the previous checkpoint stays the newest
+            if not _is_write_error(e):
+                raise
+            failure = e
+        self._agree_saved(failure, tmp, final)
         if self.is_main:
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")  # last: marks it complete
             replace_dir(tmp, final)
-            atomic_write_text(self.root / LATEST, name + "\n")
+            try:
+                atomic_write_text(self.root / LATEST, name + "\n")
+            except OSError as e:
+                raise CheckpointWriteError(f"checkpoint {final} was written but {self.root / LATEST} could not be "
+                                           f"updated ({e}); --resume continues from the checkpoint it names") from e
             self._prune(keep_name=name)
         dss.barrier()
         return final
+
+    def _agree_saved(self, failure: Optional[OSError], tmp: Path, final: Path) -> None:
+        """Raises ``CheckpointWriteError`` on every rank when the save failed on any rank, after
+        removing the partial directory (it would fill the disk further; it was never ``latest``)."""
+        if not dss.any_rank(failure is not None):
+            return
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = newest_intact(self.root, warn=False)
+        what = f"{type(failure).__name__}: {str(failure)[:300]}" if failure is not None else "it failed on another rank"
+        try:
+            what += f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free there now"
+        except OSError:
+            pass
+        stands = f"the previous checkpoint {previous} is intact and --resume continues from it" if previous \
+            else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"checkpoint {final} could not be written ({what}); its partial files were removed "
+                                   f"and {stands}. Free space under {self.root} (or lower logging.keep_checkpoints) "
+                                   "and run again") from failure
 
     def load(self, path: Path, engine, *, stage: Optional[str] = None, config: Optional[dict] = None) -> dict:
         """Restores the engine (weights, optimizer, scheduler) and returns the trainer state. With
@@ -123,9 +195,13 @@ class Checkpointer:
                              "point --output-dir at this stage's own directory")
         if config is not None and "config" in state:
             check_resume_config(state["config"], config, stage or "", path)
+        universal = resharded(path, saved_world_size=state.get("world_size"), world_size=dss.world_size(),
+                              is_main=self.is_main)
+        engines = list(engine.engines.values()) if hasattr(engine, "engines") else [engine]  # PPO: policy, critic
         try:
-            load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            with universal_loading(engines) if universal is not None else contextlib.nullcontext():
+                load_path, _ = engine.load_checkpoint(str(universal or path / "deepspeed"), tag="state",
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
         except Exception as e:  # a deleted / truncated file, another model shape: DeepSpeed or torch errors
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:300]}); it is "
                              "incomplete or from another model. Remove it (and fix checkpoints/latest) or start "
@@ -135,23 +211,20 @@ class Checkpointer:
         return state
 
     def _prune(self, keep_name: str) -> None:
-        for stale in self.root.glob(".tmp-step-*"):
+        for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".universal-step-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         if self.keep <= 0:
             return
-        done = sorted(p for p in self.root.glob("step-*") if (p / STATE_FILE).is_file())
+        done = sorted(p for p in self.root.glob("step-*") if (p / MANIFEST).is_file())
         for old in done[: -self.keep]:
             if old.name != keep_name:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(directory) -> Optional[Path]:
-    """``DIR/checkpoints/latest`` when it names a complete checkpoint (one with its trainer state)."""
-    pointer = Path(directory) / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+def latest_checkpoint(directory, *, warn: bool = True) -> Optional[Path]:
+    """The newest intact checkpoint of the run in ``directory`` (``newest_intact`` of
+    ``DIR/checkpoints``), or None."""
+    return newest_intact(Path(directory) / "checkpoints", warn=warn)
 
 
 def check_checkpoint_settings(checkpoint: Path, *, stage: str, config: dict) -> None:

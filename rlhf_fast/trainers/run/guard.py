@@ -15,10 +15,13 @@ before anything is built
    that never started), and refuses a directory whose run left no complete checkpoint (starting
    over would replace that run's record: ``--overwrite`` says so explicitly). Every rank takes the
    same decision (the reasons are all-reduced), so no rank is left waiting in a collective;
-3. turns Ctrl-C into a clean stop: the first Ctrl-C lets the current step (PPO: iteration) finish,
-   writes a checkpoint and stops (``stop_requested``, polled by the training loops once per step);
-   a second one stops at once. Either way ``fit`` raises ``Interrupted`` (a ``KeyboardInterrupt``)
-   whose message is the one line the command prints: where the run stands and how to continue.
+3. turns Ctrl-C, SIGTERM and SIGUSR1 into a clean stop (``stopping.py``): the current step (PPO:
+   iteration) finishes, a checkpoint is written and the run stops (``stop_requested``, polled by
+   the training loops once per step); a second Ctrl-C, or a step running past
+   ``logging.preempt_grace_s`` after a scheduler's signal, stops at once. ``fit`` then raises
+   ``Interrupted`` (Ctrl-C; a ``KeyboardInterrupt``) or ``Preempted`` (a scheduler's signal; the
+   command exits with 75) whose message is the one line the command prints: where the run stands
+   and how to continue.
 """
 
 from __future__ import annotations
@@ -30,15 +33,20 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from rlhf_fast.trainers.run.checkpoints import check_checkpoint_settings, latest_checkpoint
+from rlhf_fast.trainers.run.stopping import (  # noqa: F401  (Interrupted, Preempted, stop_requested: re-exported)
+    Interrupted,
+    Preempted,
+    StopScope,
+    agree_preempted,
+    stop_requested,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +59,6 @@ RUN_RECORD = ("checkpoints", "metrics.jsonl", "tensorboard", "samples.jsonl", "m
 
 class OutputDirBusy(ValueError):
     """Another live process holds the output directory's lock."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run; ``str()`` is the line to show (where the run stands, how to go on)."""
 
 
 # ---- the lock -----------------------------------------------------------------------------------------
@@ -223,8 +227,8 @@ def decide_start(directory, *, stage: str, resume: bool, overwrite: bool) -> Sta
         if not found:
             return StartDecision("fresh")
         pointer = d / "checkpoints" / "latest"
-        why = (f"{pointer} names {pointer.read_text().strip()!r}, which is missing or incomplete" if pointer.is_file()
-               else "no checkpoint was completed")
+        why = (f"{pointer} names {pointer.read_text().strip()!r}, and neither it nor an older checkpoint is complete "
+               "and matches its manifest" if pointer.is_file() else "no checkpoint was completed")
         return StartDecision("error", found, error=(
             f"--resume: {d} holds a previous {stage} run ({', '.join(found)}) but nothing to resume from ({why}). "
             "Pass --overwrite (instead of --resume) to delete it and start over, or choose another --output-dir"))
@@ -306,68 +310,11 @@ def ensure_fresh_or_overwrite(directory, *, stage: str, resume: bool, overwrite:
     return decision
 
 
-# ---- Ctrl-C ---------------------------------------------------------------------------------------------
+# ---- Ctrl-C, SIGTERM, SIGUSR1 (``stopping.py``) ------------------------------------------------------
 
 
-class _StopState:
-    def __init__(self):
-        self.installed = False
-        self.armed = False  # set by the loop's first stop_requested(): before it, Ctrl-C stops at once
-        self.requested = False
-        self.observed = False
-        self.previous = None
-
-
-_STOP = _StopState()
-
-
-def _on_sigint(signum, frame):
-    if not _STOP.armed or _STOP.requested:  # outside the loop, or a second Ctrl-C: stop now
-        raise KeyboardInterrupt
-    _STOP.requested = True
-    if os.environ.get("RANK", "0") == "0":  # every rank gets the terminal's SIGINT; one says so
-        print("\nrlhf-fast: Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again stops at once)",
-              file=sys.stderr, flush=True)
-
-
-def stop_requested(dist=None) -> bool:
-    """Polled by a training loop once per step (PPO: iteration), after the step and before its
-    checkpoint decision, on every rank (it all-reduces the flag, one tiny collective, so all ranks
-    stop at the same step): True when Ctrl-C asked the run to stop; the loop then checkpoints and
-    breaks. Its first call arms the graceful mode: a Ctrl-C before the first step has finished has
-    nothing to save and stops at once."""
-    _STOP.armed = _STOP.installed
-    flag = _STOP.requested
-    if dist is not None and dist.world_size > 1:
-        from rlhf_fast.trainers import deepspeed_setup as dss
-
-        flag = dss.all_reduce_sum([float(flag)], dist.device)[0] > 0  # CPU-GPU sync point, once per step
-    if flag:
-        _STOP.observed = True
-    return flag
-
-
-class _InterruptScope:
-    """Installs the Ctrl-C handler for one ``fit`` (main thread only; nested scopes keep the outer one)."""
-
-    def __enter__(self):
-        self.owner = False
-        if threading.current_thread() is threading.main_thread() and not _STOP.installed:
-            _STOP.previous = signal.signal(signal.SIGINT, _on_sigint)
-            _STOP.installed, _STOP.armed, _STOP.requested, _STOP.observed = True, False, False, False
-            self.owner = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.owner:
-            signal.signal(signal.SIGINT, _STOP.previous or signal.default_int_handler)
-            self.stopped = _STOP.observed
-            _STOP.installed, _STOP.armed, _STOP.requested, _STOP.observed, _STOP.previous = False, False, False, False, None
-        else:
-            self.stopped = False
-
-
-def _where(directory, stage: str) -> str:
+def where_it_stands(directory, stage: str) -> str:
+    """The newest checkpoint and how to continue, as the stop messages say it."""
     ckpt = latest_checkpoint(directory)
     if ckpt is not None:
         return f"the newest checkpoint is {ckpt}: continue with --resume"
@@ -377,8 +324,9 @@ def _where(directory, stage: str) -> str:
 
 
 def guarded_fit(fit):
-    """Decorator for a trainer's ``fit``: the lock, the start decision and Ctrl-C (module docstring).
-    Reads ``self.output_dir``, ``self.stage``, ``self.resume``, ``self.overwrite`` and ``self.dist``."""
+    """Decorator for a trainer's ``fit``: the lock, the start decision and clean stops (module
+    docstring). Reads ``self.output_dir``, ``self.stage``, ``self.resume``, ``self.overwrite``,
+    ``self.dist`` and ``self.cfg.logging.preempt_grace_s``."""
 
     @functools.wraps(fit)
     def wrapper(self, *args, **kwargs):
@@ -389,22 +337,39 @@ def guarded_fit(fit):
         ensure_fresh_or_overwrite(self.output_dir, stage=self.stage, resume=self.resume,
                                   overwrite=getattr(self, "overwrite", False), dist=dist, lock=lock,
                                   config=to_dict(self.cfg))
-        scope = _InterruptScope()
+        scope = StopScope(getattr(self.cfg.logging, "preempt_grace_s", None))
         try:
             with scope:
                 out = fit(self, *args, **kwargs)
         except Interrupted:
             raise
         except KeyboardInterrupt:
-            raise Interrupted(f"{self.stage} interrupted (Ctrl-C); {_where(self.output_dir, self.stage)}") from None
+            raise _stop_error(self, scope, at_once=True) from None
         finally:
             if lock is not None:
                 lock.release()
         if scope.stopped:
-            raise Interrupted(f"{self.stage} stopped by Ctrl-C; {_where(self.output_dir, self.stage)}")
+            raise _stop_error(self, scope, at_once=False)
+        if agree_preempted(scope.preempt, dist):  # the stage finished as the signal came: go no further
+            raise Preempted(f"{self.stage} finished; stopping for {scope.preempt or 'a signal on another rank'}: "
+                            "continue with --resume")
         return out
 
     return wrapper
+
+
+def _stop_error(trainer, scope: StopScope, *, at_once: bool) -> Interrupted:
+    """The one line a stopped stage shows: why it stopped, where it stands, how to go on."""
+    where = where_it_stands(trainer.output_dir, trainer.stage)
+    if scope.preempt is None:
+        verb = "interrupted" if at_once else "stopped by"
+        return Interrupted(f"{trainer.stage} {verb} (Ctrl-C); {where}" if at_once else
+                           f"{trainer.stage} {verb} Ctrl-C; {where}")
+    if at_once:
+        grace = getattr(trainer.cfg.logging, "preempt_grace_s", None)
+        why = "a Ctrl-C" if grace is None else f"the step ran past logging.preempt_grace_s = {grace:g} s, or a Ctrl-C"
+        return Preempted(f"{trainer.stage} stopped at once by {scope.preempt} ({why}); {where}")
+    return Preempted(f"{trainer.stage} stopped by {scope.preempt} after its step; {where}")
 
 
 def resolve_save_every(save_every: Optional[int], total: int) -> int:
