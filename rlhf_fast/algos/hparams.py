@@ -108,7 +108,7 @@ class PPOHyperParams:
     N-details and N+ runs, which normalise the reward model once instead)."""
     score_norm_shift_mean: bool = True
     """with ``normalize_scores``: subtract the running mean (MOSS-RLHF ``use_reward_norm``); False
-    only divides by the running std (MOSS-RLHF ``use_reward_scaling`` alone, its run_en.sh:
+    only divides by the running std (MOSS-RLHF ``use_reward_scaling`` alone, its train_ppo_en.sh:
     ``rewards /= self.running.std`` in ``ppo_trainer.make_experiences``)."""
     score_norm_unbiased: bool = False
     """with ``normalize_scores``: running std with n - 1 (MOSS-RLHF ``utils.RunningMoments``) instead
@@ -298,7 +298,7 @@ PRESETS: dict[str, PPOHyperParams] = {
         num_epochs=4, num_minibatches=1, max_grad_norm=None, temperature=0.7,
     ),
     # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's released launch runs it
-    # (run_en.sh with config_ppo.py's defaults; ppo/ppo_trainer.py, ppo/ppo_datahelper.py,
+    # (train_ppo_en.sh with config_ppo.py's defaults; ppo/ppo_trainer.py, ppo/ppo_datahelper.py,
     # utils.py): --use_reward_scaling without --use_reward_norm (scores divided by the running
     # std, n - 1, no mean shift), no --use_reward_clip, no --use_advantage_norm (when a user turns
     # whitening on, MOSS whitens per train batch, biased, +1e-6: those are set), token-level k1 KL

@@ -163,8 +163,7 @@ def _models(cfg: PPOConfig, hp: PPOHyperParams, task, tokenizer, dist: dss.DistI
         if cfg.critic_lora.rank:
             lora.add_lora(critic.backbone, cfg.critic_lora, field="ppo.critic_lora")
             critic.value_head.requires_grad_(cfg.critic_lora.train_head)
-        if not cfg.critic_head_bias:  # MOSS-RLHF: a bias-free head; kept at its initial value
-            critic.value_head.linear.bias.requires_grad_(False)
+        fix_critic_head_bias(critic, cfg)
     if cfg.lora.rank:
         # docs/architecture.md "LoRA": the reference is the policy with its adapters disabled; no copy
         lora.add_lora(policy.model, cfg.lora, field="ppo.lora")
@@ -224,3 +223,10 @@ def critic_optim(cfg: PPOConfig):
     if cfg.critic_lr_ratio is None:
         return cfg.critic_optim
     return dataclasses.replace(cfg.critic_optim, lr=cfg.critic_lr_ratio * cfg.optim.lr)
+
+
+def fix_critic_head_bias(critic: Critic, cfg: PPOConfig) -> None:
+    """``ppo.critic_head_bias`` false: the value head's bias stays at its initial value (MOSS-RLHF's
+    critic head has none; the reward model's bias, if any, stays a constant offset)."""
+    if not cfg.critic_head_bias:
+        critic.value_head.linear.bias.requires_grad_(False)
