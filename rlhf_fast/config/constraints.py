@@ -12,7 +12,7 @@ from rlhf_fast.algos.hparams import PPOHyperParams
 from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES, old_logprob_source_names
 from rlhf_fast.algos.truncation import AFTER_STOP, MISSING_STOP_PENALTIES
 from rlhf_fast.models.layouts import critic_layout_names
-from rlhf_fast.models.precision import precision_names
+from rlhf_fast.models.precision import PRECISIONS, precision_names
 from rlhf_fast.config.sections import (
     DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
@@ -167,6 +167,11 @@ def _check_logprob_distribution(cfg: "PPOConfig", path: str) -> None:
                              "records no sampling distribution)")
 
 
+def _grads_in_params(cfg: "PPOConfig") -> bool:
+    """The precision's engine leaves whole gradients in ``.grad`` (``models.precision.PRECISIONS``)."""
+    return PRECISIONS[cfg.deepspeed.dtype].grads_in_params
+
+
 def cross_checks(cfg, path: str) -> None:
     """Constraints between fields of one section."""
     if isinstance(cfg, DeepSpeedConfig):
@@ -202,7 +207,7 @@ def cross_checks(cfg, path: str) -> None:
     if isinstance(cfg, PPOConfig) and cfg.algo.dynamic_sampling and cfg.samples_per_prompt < 2:
         raise ValueError(f"{path}.algo.dynamic_sampling filters groups of samples: set {path}.samples_per_prompt >= 2 "
                          f"(got {cfg.samples_per_prompt})")
-    if isinstance(cfg, PPOConfig) and cfg.algo.joint_grad_clip and (cfg.deepspeed.zero_stage or cfg.deepspeed.dtype != "fp32"):
+    if isinstance(cfg, PPOConfig) and cfg.algo.joint_grad_clip and (cfg.deepspeed.zero_stage or not _grads_in_params(cfg)):
         raise ValueError(f"{path}.algo.joint_grad_clip clips the policy's and the critic's gradients together before "
                          f"either engine steps, which needs whole fp32 gradients: {path}.deepspeed.zero_stage 0 and "
                          f"{path}.deepspeed.dtype fp32 (got {cfg.deepspeed.zero_stage} / {cfg.deepspeed.dtype}); or set "
