@@ -36,6 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft.optim.lr": 3e-6, "rm.optim.lr": 3e-6, "sft.optim.eps": 1e-5, "rm.optim.eps": 1e-5,
         "sft.epochs": 1.0, "sft.loss_on": "all", "sft.scheduler.decay": "cosine", "rm.epochs": 1.0,
         "sft.deepspeed.zero_stage": 2, "rm.deepspeed.zero_stage": 2, "rm.normalization": "reference_mean",
+        # sft.py / reward.py at ee77a9a: optim.AdamW(model.parameters(), lr, eps) keeps torch's default
+        # weight decay 0.01; reward.py's scheduler defaults to "cosine" (sbatches/reward.sbatch keeps it)
+        "sft.optim.weight_decay": 0.01, "rm.optim.weight_decay": 0.01, "rm.scheduler.decay": "cosine",
         # N+ does not normalise before training; stated so that n_plus after a preset that does
         # (lm_human_preferences, n_details) wins cleanly instead of leaving an invalid mix
         "rm.normalize_before": False,
