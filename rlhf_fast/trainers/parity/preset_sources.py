@@ -121,13 +121,13 @@ def _report(models0, fast, source, scores_equal, grad_norms=()) -> SourceReport:
 
 
 def compare_tldr(*, updates: int = 2, n_updates: int = 3, B: int = 8, Q: int = 4, R: int = 8, group_rows: int = 4,
-                 epochs: int = 2, micro_batch_size: int = 3, lr: float = 1e-3, seed: int = 0, vocab: int = 40,
-                 overrides: tuple = ()) -> SourceReport:
+                 epochs: int = 2, nminibatches: int = 1, micro_batch_size: int = 3, lr: float = 1e-3, seed: int = 0,
+                 vocab: int = 40, overrides: tuple = ()) -> SourceReport:
     """``updates`` PPO updates of a run planned for ``n_updates`` under ``--preset tldr``
     (``algo.loss_group_rows`` set to ``group_rows``: 16 in the source's 1B launch, fewer rows
     here; micro-batches of ``micro_batch_size`` rows that straddle the groups), against
     ``reference.summarize_from_feedback`` with micro-batches of ``group_rows``."""
-    cfg = _load("tldr", lr=lr, n_updates=n_updates, epochs=epochs, minibatches=1, micro=micro_batch_size,
+    cfg = _load("tldr", lr=lr, n_updates=n_updates, epochs=epochs, minibatches=nminibatches, micro=micro_batch_size,
                 overrides=("--ppo.algo.loss_group_rows", str(group_rows), *overrides))
     hp = cfg.algo
     policy0, critic0 = tiny_policy(vocab, seed, value_head=False), tiny_critic(vocab, seed + 5, bias=0.1)
@@ -147,7 +147,8 @@ def compare_tldr(*, updates: int = 2, n_updates: int = 3, B: int = 8, Q: int = 4
         post = summarize_from_feedback.truncate_response(resp, STOP, PAD)
         exp = summarize_from_feedback.ppo_update(
             up, ref_policy, up_critic, up_opt, q, qm, resp, score_fn(post, post != PAD), eos=STOP, pad=PAD,
-            update=k + 1, num_updates=n_updates, lr=lr, perms=perms, nminibatches=1, group_rows=group_rows)
+            update=k + 1, num_updates=n_updates, lr=lr, perms=perms, nminibatches=nminibatches,
+            group_rows=group_rows)
         scores_equal &= bool(torch.equal(exp.scores.to(scores.dtype), scores))
     return _report((policy0, critic0), (fast, fast_critic), (up, up_critic), scores_equal)
 
