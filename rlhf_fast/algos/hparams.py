@@ -289,8 +289,10 @@ PRESETS: dict[str, PPOHyperParams] = {
     ),
     # "The N+ Implementation Details ... TL;DR": vwxyzjn/summarize_from_feedback_details ppo.py
     # (PpoHParams: whiten_rewards False, kl_coef 0.05; advantages whitened once per batch with a
-    # biased masked variance, masked_whiten; temperature 0.7). Deviations (score one token past
-    # the EOS there, loss averaged per micro-batch, ...): README "Presets and their sources".
+    # biased masked variance, masked_whiten; temperature 0.7). This entry is also PPOConfig's default
+    # algo, so the source's score one token past the EOS (score_position "after_stop") and its loss
+    # per micro-batch of 16 rows (loss_group_rows 16) are set by the config preset "tldr"
+    # (rlhf_fast/config/presets.py), not here. Deviations: README "Presets and their sources".
     "tldr": PPOHyperParams(
         gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=False, whiten_eps=1e-8,
         advantages_per_minibatch=False, kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed",
@@ -304,7 +306,9 @@ PRESETS: dict[str, PPOHyperParams] = {
     # whitening on, MOSS whitens per train batch, biased, +1e-6: those are set), token-level k1 KL
     # in the reward with kl_penalty_weight 0.01, --use_critic_loss_clip (value clip 0.2, 0.5 *
     # max), --use_policy_loss_clip (0.2), vf_loss_weight 1, one pass over the rollout buffer,
-    # log-probs from raw logits, DeepSpeed gradient_clipping 1.0 (accelerate_config.yaml).
+    # log-probs from raw logits, DeepSpeed gradient_clipping 1.0 (accelerate_config.yaml). The loss
+    # per rank of 2 rows (loss_group_rows 2) and the clip over policy and critic together
+    # (joint_grad_clip) are set by the config preset "ppo_max" with the critic's settings.
     "ppo_max": PPOHyperParams(
         gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=False, whiten_unbiased=False, whiten_eps=1e-6,
         advantages_per_minibatch=True, kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed",

@@ -78,11 +78,14 @@ PRESETS.update({
             # lrnow = lr * (1 - global_step / nupdates), the global step advancing once per PPO update
             "ppo.lr_schedule_unit": "iteration",
         }),
-    # "The N+ Implementation Details ... TL;DR" (vwxyzjn/summarize_from_feedback_details ppo.py):
-    # EOS trick with -1 for a missing EOS, beta 0.05, temperature 0.7, critic from the reward model,
-    # the lr annealed once per update. The PPO defaults are these except the lr schedule (the
-    # default decays it at every optimizer step); the preset pins every field (it undoes another
-    # preset given before it). N+'s model-size settings (lr 3e-6, ZeRO-2, for 1B-6.9B models) are
+    # "The N+ Implementation Details ... TL;DR" (vwxyzjn/summarize_from_feedback_details ee77a9a
+    # ppo.py, as sbatches/ppo.sbatch launches it for pythia-1b-deduped: 8 ranks, 16 rows per micro-
+    # batch, 4 accumulation steps): EOS trick with -1 for a missing EOS, beta 0.05, temperature 0.7,
+    # critic from the reward model, the score one token past the EOS, the loss per micro-batch, AdamW
+    # weight decay 0.01, the lr annealed once per update. The PPO defaults differ where the project
+    # prefers otherwise (README "Presets and their sources"); the preset pins every field (it undoes
+    # another preset given before it). PPO updates equal the source's
+    # (tests/test_preset_parity_sources.py, scripts/check_preset_parity.py). N+'s model-size settings (lr 3e-6, ZeRO-2, for 1B-6.9B models) are
     # not set: at the built-in task's size lr 3e-6 does not train in 40 iterations. Add
     # --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them. Deviations: README "Presets and
     # their sources".
@@ -112,7 +115,8 @@ PRESETS.update({
             # (reward.py: scalar_model_config.bias); no normalisation before training
             "rm.normalization": "reference_mean", "rm.normalize_before": False,
         }),
-    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's train_ppo_en.sh runs it: running reward
+    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's (4865d82) train_ppo_en.sh runs it
+    # (7 ranks, 2 rows each; PPO updates equal the source's: tests/test_preset_parity_sources.py): running reward
     # scaling, small fixed beta, value and policy loss clipping, critic from the reward model,
     # samples at 0.8 / top-p 0.9 stopped at the EOS but log-probs from raw logits; AdamW betas
     # (0.9, 0.95), eps 1e-6 for the policy and 1e-8 for the critic (ppo_trainer.build_optimizer).
