@@ -214,3 +214,43 @@ def test_trainer_under_ppo_max(tmp_path, monkeypatch):
     bias = ce.module.value_head.linear.bias
     assert not bias.requires_grad and float(bias) == 0.0  # a fresh (zero) head: the bias stays 0
     assert all(id(p) != id(bias) for g in ce.optimizer.param_groups for p in g["params"])
+
+
+# ---- the experience under tldr against the source's equations (no model) ---------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(0, 2**16), st.booleans())
+@example(B=3, R=5, seed=0, whiten_rewards=False)
+def test_tldr_experience_equals_the_source(B, R, seed, whiten_rewards):
+    """rewards (the score one past the EOS), GAE over the EOS and that token, advantages whitened
+    over the trained tokens, returns: ``ppo_core.finish_experience`` under ``--preset tldr`` against
+    ``reference.summarize_from_feedback.shape_experience`` on random log-probs, values and stops."""
+    from rlhf_fast.reference import summarize_from_feedback as sff
+
+    note(f"B={B} R={R} seed={seed} whiten_rewards={whiten_rewards}")
+    g = torch.Generator().manual_seed(seed)
+    EOS, PAD = 5, 0
+    resp = torch.randint(6, 20, (B, R), generator=g)
+    resp[torch.rand(B, R, generator=g) < 0.25] = EOS
+    lp, ref = -torch.rand(B, R, generator=g, dtype=torch.float64), -torch.rand(B, R, generator=g, dtype=torch.float64)
+    values, scores = torch.randn(B, R, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    hp = C.load_config(presets=["tldr"], overrides=["--ppo.algo.whiten_rewards", str(whiten_rewards).lower()]).ppo.algo
+    post = algos.postprocess_responses(resp, torch.ones_like(resp, dtype=torch.bool), [EOS], pad_token_id=PAD,
+                                       after_stop="masked")
+    fast_scores = algos.apply_missing_stop_penalty(scores.float(), post.has_stop, mode="replace", value=-1.0)
+    rollout = algos.Rollout(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.bool), post.response_ids,
+                            post.train_mask, fast_scores, logprobs=lp.float(), ref_logprobs=ref.float(),
+                            values=values.float())
+    exp = ppo_core.finish_experience(rollout, hp, kl_coef=hp.kl_init)
+    want = sff.shape_experience(lp, ref, values, resp, scores, eos=EOS, pad=PAD, kl_coef=hp.kl_init, gamma=hp.gamma,
+                                lam=hp.lam, whiten_rewards=whiten_rewards)
+    trained, vmask = ~want.padding_mask, ~want.padding_mask_p1
+    assert torch.equal(post.train_mask, trained)
+    tol = dict(rtol=1e-4, atol=1e-5)  # float32 RL math on the fast side
+    if not whiten_rewards:  # the source keeps the whitened rewards; rlhf_fast whitens inside the estimator
+        torch.testing.assert_close(torch.where(vmask, exp.rewards.double(), 0.0), want.rewards.masked_fill(~vmask, 0.0),
+                                   **tol)
+    torch.testing.assert_close(torch.where(vmask, exp.returns.double(), 0.0), torch.where(vmask, want.returns, 0.0), **tol)
+    if int(trained.sum()) > 1:  # whitening one token divides 0 by sqrt(1e-8): both sides give 0, compared above
+        torch.testing.assert_close(exp.advantages.double(), want.advantages, **tol)

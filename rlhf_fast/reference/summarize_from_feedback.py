@@ -124,10 +124,22 @@ def experience(policy, ref_policy, critic, queries, query_mask, responses, score
     """Steps 1-6 of ``ppo.py``'s update (scores: the reward model's on the truncated responses,
     before the missing-EOS penalty)."""
     with torch.no_grad():
-        post = truncate_response(responses, eos, pad)
         logprobs = policy_logprobs(policy, queries, query_mask, responses, temperature)
         ref_logprobs = policy_logprobs(ref_policy, queries, query_mask, responses, temperature)
         values = critic_values(critic, queries, query_mask, responses)
+    return shape_experience(logprobs, ref_logprobs, values, responses, scores, eos=eos, pad=pad, kl_coef=kl_coef,
+                            gamma=gamma, lam=lam, whiten_rewards=whiten_rewards,
+                            penalty_reward_value=penalty_reward_value)
+
+
+def shape_experience(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, responses: Tensor, scores: Tensor, *,
+                     eos: int, pad: int, kl_coef: float, gamma: float, lam: float, whiten_rewards: bool,
+                     penalty_reward_value: float = -1.0) -> Experience:
+    """Steps 3-6 of the update on given (B, R) log-probs, reference log-probs and values of the
+    sampled ``responses`` (B, R): the masks, the rewards with the score at ``actual_end``, GAE and
+    the advantage whitening, in float64."""
+    post = truncate_response(responses, eos, pad)
+    logprobs, ref_logprobs, values = logprobs.double(), ref_logprobs.double(), values.double()
     R = responses.shape[1]
     seq_len = first_true_indices(post == pad) - 1
     scores = torch.where((post == eos).any(-1), scores.double(), torch.full_like(scores.double(), penalty_reward_value))
