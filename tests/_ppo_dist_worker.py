@@ -5,7 +5,7 @@ the task's gold reward, ZeRO stage from argv. Writes DIR/model and DIR/metrics.j
     torchrun --nproc_per_node 2 tests/_ppo_dist_worker.py OUT_DIR ZERO_STAGE [USE_LINEAR_LOGPROBS [LORA_RANK [PACKING]]]
 
 PACKING: "true" / "false" sets ppo.packing (default: the config's default); MAX_TOKENS (after it):
-ppo.algo.max_tokens_per_micro_batch.
+ppo.algo.max_tokens_per_micro_batch. Arguments after a "--" are further config overrides.
 """
 
 import sys
@@ -23,6 +23,8 @@ OVERRIDES = [
 ]
 
 if __name__ == "__main__":
+    extra = sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else []
+    sys.argv = sys.argv[: sys.argv.index("--")] if "--" in sys.argv else sys.argv
     out, stage = sys.argv[1], sys.argv[2]
     linear = sys.argv[3] if len(sys.argv) > 3 else "false"
     rank = sys.argv[4] if len(sys.argv) > 4 else "0"
@@ -31,7 +33,7 @@ if __name__ == "__main__":
         packing += ["--ppo.algo.max_tokens_per_micro_batch", sys.argv[6]]
     cfg = C.load_config(overrides=[*OVERRIDES, "--ppo.deepspeed.zero_stage", stage,
                                    "--ppo.use_linear_logprobs", linear, "--ppo.lora.rank", rank,
-                                   "--ppo.critic_lora.rank", rank, *packing]).ppo
+                                   "--ppo.critic_lora.rank", rank, *packing, *extra]).ppo
     trainer = PPOTrainer(cfg, out)
     trainer.fit()
     # how much of the frozen reference this rank holds (ZeRO-3 inference partitions it)

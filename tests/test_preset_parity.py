@@ -19,6 +19,7 @@ import torch
 from rlhf_fast import algos
 from rlhf_fast import config as C
 from rlhf_fast.trainers import deepspeed_setup as dss
+from rlhf_fast.trainers import ppo_core
 from rlhf_fast.trainers.parity.preset_vs_upstream import compare_lm_human_preferences
 
 PRESET_NAMES = ["lm_human_preferences", "tldr", "ppo_max", None]  # None: the defaults, no preset
@@ -65,14 +66,17 @@ def _hand_case():
     return ids
 
 
-# preset -> (train mask lengths, score positions, truncated lengths, has_stop) for the hand case
+# preset -> (train mask lengths, last trained token, truncated lengths, has_stop, where the trainer's
+# score lands) for the hand case
 EXPECTED = {
     # '.' counts from token 16 ("N details" #14); every sampled token trained; score on the last
-    "lm_human_preferences": ([20, 20, 20], [19, 19, 19], [18, 19, 20], [True, True, False]),
-    # EOS trick: tokens after the first EOS padded and masked; score on the EOS
-    "tldr": ([18, 4, 20], [17, 3, 19], [18, 4, 20], [True, True, False]),
-    "ppo_max": ([18, 4, 20], [17, 3, 19], [18, 4, 20], [True, True, False]),
-    None: ([18, 4, 20], [17, 3, 19], [18, 4, 20], [True, True, False]),
+    "lm_human_preferences": ([20, 20, 20], [19, 19, 19], [18, 19, 20], [True, True, False], [19, 19, 19]),
+    # EOS trick: tokens after the first EOS padded and masked; the score one past the EOS
+    # (summarize_from_feedback_details: sequence_lengths_p1), on the last token without room
+    "tldr": ([18, 4, 20], [17, 3, 19], [18, 4, 20], [True, True, False], [18, 4, 19]),
+    # the score on the EOS (MOSS-RLHF: penalized_rewards[-1] += reward)
+    "ppo_max": ([18, 4, 20], [17, 3, 19], [18, 4, 20], [True, True, False], [17, 3, 19]),
+    None: ([18, 4, 20], [17, 3, 19], [18, 4, 20], [True, True, False], [17, 3, 19]),
 }
 
 
@@ -80,7 +84,7 @@ EXPECTED = {
 def test_tokens_trained_and_score_position(preset):
     cfg = _ppo_cfg(preset)
     g, hp = cfg.generation, cfg.algo
-    train_len, score_at, kept, has_stop = EXPECTED[preset]
+    train_len, score_at, kept, has_stop, trainer_score_at = EXPECTED[preset]
     ids = _hand_case()
     post = algos.postprocess_responses(ids, torch.ones_like(ids, dtype=torch.bool), [STOP], pad_token_id=PAD,
                                        min_length=g.truncate_min_length, after_stop=g.after_stop)
@@ -91,16 +95,20 @@ def test_tokens_trained_and_score_position(preset):
     assert (post.score_ids[~post.score_mask] == PAD).all()
     assert torch.equal(post.response_ids[post.train_mask], ids[post.train_mask])
 
-    # KL on exactly the trained tokens; the score on exactly one token, the score position
+    # KL on exactly the trained tokens; the score on exactly one token, the preset's score position
+    # (the trainer's experience step, ppo_core.finish_experience)
     g_ = torch.Generator().manual_seed(0)
     lp, ref = -torch.rand(3, R, generator=g_, dtype=torch.float64), -torch.rand(3, R, generator=g_, dtype=torch.float64)
     scores = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
-    rewards, kl = algos.compute_rewards(scores, lp, ref, post.train_mask, kl_coef=0.1, placement=hp.kl_placement,
-                                        estimator=hp.kl_estimator, clamp=hp.kl_clamp)
+    rollout = algos.Rollout(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.bool), post.response_ids,
+                            post.train_mask, scores.float(), logprobs=lp.float(), ref_logprobs=ref.float(),
+                            values=torch.zeros(3, R))
+    exp = ppo_core.finish_experience(rollout, hp.replace(normalize_scores=False), kl_coef=0.1)
+    rewards, kl = exp.rewards, exp.kl
     assert torch.equal(kl != 0, post.train_mask)
     score_part = rewards + 0.1 * kl
     want = torch.zeros(3, R, dtype=torch.float64)
-    want[torch.arange(3), post.score_index] = scores
+    want[torch.arange(3), torch.tensor(trainer_score_at)] = scores
     torch.testing.assert_close(score_part.double(), want, rtol=0, atol=1e-6)  # the fused op computes in float32
 
     # the policy and value losses see exactly the trained tokens

@@ -40,6 +40,7 @@ from rlhf_fast.algos.losses import (
     ValueLossOutput,
     aggregate,
     approxkl_per_token,
+    group_normalizer,
     clipped_value_loss,
     entropy_bonus,
     kl_loss,
@@ -52,7 +53,9 @@ from rlhf_fast.algos.running import RunningMoments
 from rlhf_fast.algos.truncation import (
     AFTER_STOP,
     MISSING_STOP_PENALTIES,
+    SCORE_POSITIONS,
     PostprocessedResponses,
+    ScorePosition,
     Truncation,
     apply_missing_stop_penalty,
     first_stop_index,
@@ -72,12 +75,12 @@ from rlhf_fast.algos.types import (
 
 __all__ = [
     "AFTER_STOP", "AGGREGATIONS", "ESTIMATORS", "KL_CONTROLLERS", "KL_PLACEMENTS", "MINIBATCH_METRIC_NAMES", "MISSING_STOP_PENALTIES",
-    "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS",
+    "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS", "SCORE_POSITIONS", "ScorePosition",
     "AdaptiveKLController", "AdvantageEstimator", "AdvantageInput", "AdvantageParams", "Aggregation",
     "FixedKLController", "KLPlacement", "MinibatchStats", "ObjectiveStats", "PPOHyperParams", "PPOStats",
     "PolicyLossOutput", "PolicyLossParams", "PostprocessedResponses", "Registry", "Rollout", "RunningMoments",
     "Truncation", "ValueLossOutput",
-    "aggregate", "apply_missing_stop_penalty", "approxkl_per_token", "clipped_value_loss", "compute_advantages", "compute_rewards",
+    "aggregate", "group_normalizer", "apply_missing_stop_penalty", "approxkl_per_token", "clipped_value_loss", "compute_advantages", "compute_rewards",
     "contiguous_group_ids", "entropy_bonus", "first_stop_index", "gae_advantages", "grpo_advantages", "kl_loss",
     "last_true_index", "make_kl_controller", "objective_stats", "policy_loss", "postprocess_responses", "ppo_clip_loss",
     "register_estimator", "rloo_advantages", "sequence_rewards",

@@ -22,12 +22,15 @@ class AdvantageInput:
     """rewards: (B, T) per-token rewards (``shape_rewards``: score at the last valid token, minus
     beta * KL when the KL is in the reward). mask: (B, T) bool response mask.
     values: (B, T) old values (gae only). group_ids: (B,) long, equal for rows that answer the
-    same prompt (grpo / rloo only)."""
+    same prompt (grpo / rloo only). value_mask: (B, T) bool, the tokens the score and values live
+    on when they extend past ``mask`` (``algo.score_position`` "after_stop"): gae runs and
+    whitens rewards over it, and whitens advantages over ``mask``; None = ``mask``."""
 
     rewards: Tensor
     mask: Tensor
     values: Optional[Tensor] = None
     group_ids: Optional[Tensor] = None
+    value_mask: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,14 @@ def gae_advantages(inp: AdvantageInput, params: AdvantageParams, *, backend=None
         raise ValueError("gae needs AdvantageInput.values (a critic or a value head)")
     ops = resolve(backend)
     rewards = inp.rewards
+    vmask = inp.mask if inp.value_mask is None else inp.value_mask  # summarize_from_feedback_details: padding_mask_p1
     if params.whiten_rewards:
-        rewards = ops.masked_whiten(rewards, inp.mask, shift_mean=False, unbiased=params.unbiased, eps=params.eps)
-    adv, ret = ops.gae(rewards, inp.values, inp.mask, gamma=params.gamma, lam=params.lam)
+        rewards = ops.masked_whiten(rewards, vmask, shift_mean=False, unbiased=params.unbiased, eps=params.eps)
+    adv, ret = ops.gae(rewards, inp.values, vmask, gamma=params.gamma, lam=params.lam)
     if params.whiten_advantages:
         adv = ops.masked_whiten(adv, inp.mask, shift_mean=True, unbiased=params.unbiased, eps=params.eps)
+    elif inp.value_mask is not None:
+        adv = torch.where(inp.mask.bool(), adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
     return adv, ret
 
 

@@ -13,6 +13,7 @@ from rlhf_fast.algos.advantages import ESTIMATORS, AdvantageEstimator, Advantage
 from rlhf_fast.algos.kl import KL_PLACEMENTS, KLPlacement
 from rlhf_fast.algos.kl_control import KL_CONTROLLERS, make_kl_controller
 from rlhf_fast.algos.losses import AGGREGATIONS, POLICY_LOSSES, Aggregation, PolicyLossParams
+from rlhf_fast.algos.truncation import SCORE_POSITIONS, ScorePosition
 
 
 @dataclass
@@ -78,6 +79,27 @@ class PPOHyperParams:
     """entropy bonus coefficient (0 in the N-details and N+ runs; optional in PPO-max)."""
     loss_aggregation: str = "token-mean"
     """"token-mean" (TRL, N-details code) or "seq-mean" (``AGGREGATIONS``)."""
+    loss_group_rows: Optional[int] = None
+    """average the loss over groups of this many consecutive rows of each minibatch (in its
+    permutation order): each group's own ``loss_aggregation`` (its token mean), then the mean over
+    the groups. This is the loss of a source that takes a token mean per rank and micro-batch and
+    averages over ranks and accumulation steps, given as that source's rows per rank per
+    micro-batch so the math does not depend on the world size this runs on: MOSS-RLHF
+    ``train_ppo_en.sh`` 2 (``criterion``: ``sum(loss * mask) / mask.sum()`` over a rank's
+    ``batch_size`` 2 rows, DeepSpeed averaging 7 ranks), summarize_from_feedback_details ``ppo.py``
+    at 1B 16 (``masked_mean`` over ``local_micro_batch_size`` 16, 4 accumulation steps x 8 ranks).
+    Needs an aggregation that takes per-row normalisers (token-mean, seq-mean) and a minibatch
+    that is a multiple of it. None: one aggregate over the whole minibatch (TRL, the N-details code)."""
+    score_position: str = "stop"
+    """where the score lands and which tokens the critic learns (``algos.SCORE_POSITIONS``):
+    "stop", the last trained token (the EOS under the EOS trick; MOSS-RLHF, OpenRLHF); "after_stop",
+    one token past it, the first padding token, where the values are trained too (the value target
+    there is the score): summarize_from_feedback_details ``ppo.py`` and TRL's PPOTrainer (TRL #3750)."""
+    joint_grad_clip: bool = False
+    """with a separate critic, clip the norm of the policy's and the critic's gradients together at
+    ``max_grad_norm`` (MOSS-RLHF: one DeepSpeed engine over both models, ``gradient_clipping`` 1.0)
+    instead of each model's norm on its own. The trainer needs ZeRO stage 0 and fp32 for it (the
+    gradients must be whole before either engine steps)."""
     score_clip: Optional[float] = None
     """clip scores to [-c, c] before shaping (PPO-max reward clipping; DeepSpeed-Chat clips at 5)."""
     normalize_scores: bool = False
@@ -86,7 +108,7 @@ class PPOHyperParams:
     N-details and N+ runs, which normalise the reward model once instead)."""
     score_norm_shift_mean: bool = True
     """with ``normalize_scores``: subtract the running mean (MOSS-RLHF ``use_reward_norm``); False
-    only divides by the running std (MOSS-RLHF ``use_reward_scaling`` alone, its run_en.sh:
+    only divides by the running std (MOSS-RLHF ``use_reward_scaling`` alone, its train_ppo_en.sh:
     ``rewards /= self.running.std`` in ``ppo_trainer.make_experiences``)."""
     score_norm_unbiased: bool = False
     """with ``normalize_scores``: running std with n - 1 (MOSS-RLHF ``utils.RunningMoments``) instead
@@ -115,7 +137,8 @@ class PPOHyperParams:
     max_grad_norm: Optional[float] = None
     """clip the global gradient norm before each optimizer step (TRL / OpenRLHF 1.0; the N-details
     and N+ runs: none). With a separate critic the policy's and the critic's norms are clipped
-    separately (one DeepSpeed engine each, as OpenRLHF and DeepSpeed-Chat; TRL clips them jointly)."""
+    separately (one DeepSpeed engine each, as OpenRLHF and DeepSpeed-Chat) unless
+    ``joint_grad_clip`` (TRL, MOSS-RLHF: one norm over both)."""
     temperature: float = 1.0
     """divides the logits when computing log-probs, as in sampling ("N details" #10; N+ 0.7).
     PPO-max samples at 0.8 but scores log-probs from raw logits (1.0)."""
@@ -156,7 +179,7 @@ class PPOHyperParams:
         checks = (
             (ESTIMATORS, self.advantage_estimator), (KL_PLACEMENTS, self.kl_placement),
             (KL_CONTROLLERS, self.kl_controller), (POLICY_LOSSES, self.policy_loss),
-            (AGGREGATIONS, self.loss_aggregation),
+            (AGGREGATIONS, self.loss_aggregation), (SCORE_POSITIONS, self.score_position),
         )
         for registry, name in checks:
             registry[name]  # ValueError listing the known names on a typo
@@ -184,6 +207,17 @@ class PPOHyperParams:
         if self.dynamic_sampling and not self.estimator.needs_groups:
             raise ValueError(f"dynamic_sampling filters groups: it needs a group estimator (grpo, dr_grpo, rloo, ...), "
                              f"not {self.advantage_estimator!r}")
+        if self.loss_group_rows is not None:
+            if isinstance(self.loss_group_rows, bool) or not isinstance(self.loss_group_rows, int) \
+                    or self.loss_group_rows < 1:
+                raise ValueError(f"loss_group_rows must be None or an integer >= 1, got {self.loss_group_rows!r}")
+            if not self.aggregation.per_row:
+                raise ValueError(f"loss_group_rows averages each group's loss_aggregation over groups of rows, but "
+                                 f"{self.loss_aggregation!r} takes no per-row normaliser: use token-mean or seq-mean, "
+                                 "or loss_group_rows null")
+        if self.joint_grad_clip and self.max_grad_norm is None:
+            raise ValueError("joint_grad_clip clips the policy's and the critic's gradients together at max_grad_norm: "
+                             "set max_grad_norm, or joint_grad_clip false")
         self.policy_loss_params()  # validates the clip ranges
 
     # -- derived views: components receive only what they need (docs/architecture.md) --
@@ -214,6 +248,11 @@ class PPOHyperParams:
     def aggregation(self) -> Aggregation:
         """The loss aggregation's registry entry (``reduce``, the minibatch ``normalizer``)."""
         return AGGREGATIONS[self.loss_aggregation]
+
+    @property
+    def score_place(self) -> ScorePosition:
+        """The score position's registry entry (``value_mask``, ``extra_columns``)."""
+        return SCORE_POSITIONS[self.score_position]
 
     def policy_loss_params(self) -> PolicyLossParams:
         return PolicyLossParams(
@@ -250,8 +289,10 @@ PRESETS: dict[str, PPOHyperParams] = {
     ),
     # "The N+ Implementation Details ... TL;DR": vwxyzjn/summarize_from_feedback_details ppo.py
     # (PpoHParams: whiten_rewards False, kl_coef 0.05; advantages whitened once per batch with a
-    # biased masked variance, masked_whiten; temperature 0.7). Deviations (score one token past
-    # the EOS there, loss averaged per micro-batch, ...): README "Presets and their sources".
+    # biased masked variance, masked_whiten; temperature 0.7). This entry is also PPOConfig's default
+    # algo, so the source's score one token past the EOS (score_position "after_stop") and its loss
+    # per micro-batch of 16 rows (loss_group_rows 16) are set by the config preset "tldr"
+    # (rlhf_fast/config/presets.py), not here. Deviations: README "Presets and their sources".
     "tldr": PPOHyperParams(
         gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True, whiten_unbiased=False, whiten_eps=1e-8,
         advantages_per_minibatch=False, kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed",
@@ -259,13 +300,15 @@ PRESETS: dict[str, PPOHyperParams] = {
         num_epochs=4, num_minibatches=1, max_grad_norm=None, temperature=0.7,
     ),
     # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's released launch runs it
-    # (run_en.sh with config_ppo.py's defaults; ppo/ppo_trainer.py, ppo/ppo_datahelper.py,
+    # (train_ppo_en.sh with config_ppo.py's defaults; ppo/ppo_trainer.py, ppo/ppo_datahelper.py,
     # utils.py): --use_reward_scaling without --use_reward_norm (scores divided by the running
     # std, n - 1, no mean shift), no --use_reward_clip, no --use_advantage_norm (when a user turns
     # whitening on, MOSS whitens per train batch, biased, +1e-6: those are set), token-level k1 KL
     # in the reward with kl_penalty_weight 0.01, --use_critic_loss_clip (value clip 0.2, 0.5 *
     # max), --use_policy_loss_clip (0.2), vf_loss_weight 1, one pass over the rollout buffer,
-    # log-probs from raw logits, DeepSpeed gradient_clipping 1.0 (accelerate_config.yaml).
+    # log-probs from raw logits, DeepSpeed gradient_clipping 1.0 (accelerate_config.yaml). The loss
+    # per rank of 2 rows (loss_group_rows 2) and the clip over policy and critic together
+    # (joint_grad_clip) are set by the config preset "ppo_max" with the critic's settings.
     "ppo_max": PPOHyperParams(
         gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=False, whiten_unbiased=False, whiten_eps=1e-6,
         advantages_per_minibatch=True, kl_estimator="k1", kl_placement="in_reward", kl_controller="fixed",

@@ -31,6 +31,9 @@ class Aggregation:
     name: str
     reduce: Callable[..., Tensor]
     normalizer: Callable[[Tensor], Tensor]
+    per_row: bool = False
+    """``reduce`` also takes a (b,) normaliser, one per row (``group_normalizer``: the loss of
+    ``PPOHyperParams.loss_group_rows``, a mean over groups of rows); False: a scalar only."""
 
     def __call__(self, x: Tensor, mask: Tensor, normalizer=None) -> Tensor:
         return self.reduce(x, mask, normalizer)
@@ -39,9 +42,9 @@ class Aggregation:
 AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
 
 
-def _register_aggregation(name: str, normalizer: Callable[[Tensor], Tensor]):
+def _register_aggregation(name: str, normalizer: Callable[[Tensor], Tensor], *, per_row: bool = False):
     def add(fn):
-        AGGREGATIONS.register(name)(Aggregation(name, fn, normalizer))
+        AGGREGATIONS.register(name)(Aggregation(name, fn, normalizer, per_row))
         return fn
 
     return add
@@ -61,24 +64,51 @@ def _row_count(mask: Tensor) -> Tensor:
     return torch.tensor(float(mask.shape[0]), device=mask.device)
 
 
-@_register_aggregation("token-mean", normalizer=_token_count)
+def _per_row(normalizer) -> bool:
+    return isinstance(normalizer, Tensor) and normalizer.dim() == 1
+
+
+@_register_aggregation("token-mean", normalizer=_token_count, per_row=True)
 def token_mean(x: Tensor, mask: Tensor, normalizer: Optional[float | Tensor] = None) -> Tensor:
     """Sum over valid tokens / (number of valid tokens, or ``normalizer``). TRL, the N-details
-    code and DeepSpeed-Chat average over all tokens of the minibatch. 0 when there are none."""
+    code and DeepSpeed-Chat average over all tokens of the minibatch. 0 when there are none.
+    A (b,) ``normalizer`` divides each row's sum by its own entry (``group_normalizer``)."""
+    if _per_row(normalizer):  # (b,) one normaliser per row: sum_rows(row sum / n_row)
+        rows = _select(x, mask).sum(-1)  # (b,)
+        return (rows / normalizer.to(rows.dtype).clamp(min=1)).sum()
     total = _select(x, mask).sum()
     n = mask.bool().sum() if normalizer is None else normalizer
     return total / torch.as_tensor(n, dtype=total.dtype, device=total.device).clamp(min=1)
 
 
-@_register_aggregation("seq-mean", normalizer=_row_count)
+@_register_aggregation("seq-mean", normalizer=_row_count, per_row=True)
 def seq_mean(x: Tensor, mask: Tensor, normalizer: Optional[float | Tensor] = None) -> Tensor:
     """Mean over tokens within each row, then sum over rows / (number of rows, or
     ``normalizer``). Every response weighs the same whatever its length (OpenRLHF / verl
     "seq-mean-token-mean"). A row without valid tokens contributes 0 and still counts."""
     m = mask.bool()
     per_row = _select(x, m).sum(-1) / m.sum(-1).clamp(min=1).to(x.dtype)
+    if _per_row(normalizer):
+        return (per_row / normalizer.to(per_row.dtype).clamp(min=1)).sum()
     n = per_row.numel() if normalizer is None else normalizer
     return per_row.sum() / torch.as_tensor(n, dtype=per_row.dtype, device=per_row.device).clamp(min=1)
+
+
+def group_normalizer(aggregation: Aggregation, mask: Tensor, group_rows: int) -> Tensor:
+    """(b,) per-row normalisers of a minibatch whose loss is the mean over groups of ``group_rows``
+    consecutive rows of each group's own aggregate (the sources' per-rank micro-batch losses
+    averaged over ranks and accumulation steps: MOSS-RLHF, summarize_from_feedback_details): row i
+    of group g gets ``n_groups * aggregation.normalizer(mask of g)``, so summing the rows' shares
+    gives ``mean_g aggregate(group g)`` whichever rank or micro-batch holds a row."""
+    if not aggregation.per_row:
+        raise ValueError(f"loss aggregation {aggregation.name!r} takes no per-row normaliser, so it cannot be "
+                         "averaged over groups of rows (algo.loss_group_rows)")
+    b = mask.shape[0]
+    if group_rows < 1 or b % group_rows:
+        raise ValueError(f"algo.loss_group_rows {group_rows} must divide the minibatch's {b} rows")
+    n_groups = b // group_rows
+    per_group = torch.stack([aggregation.normalizer(g) for g in mask.split(group_rows)])  # (n_groups,)
+    return (per_group * n_groups).repeat_interleave(group_rows)  # (b,)
 
 
 def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", *, normalizer=None) -> Tensor:

@@ -188,3 +188,38 @@ def apply_missing_stop_penalty(scores: Tensor, has_stop: Tensor, *, mode: Option
     if tuple(has_stop.shape) != tuple(scores.shape):
         raise ValueError(f"has_stop must have the shape of scores {tuple(scores.shape)}, got {tuple(has_stop.shape)}")
     return MISSING_STOP_PENALTIES[mode](scores, has_stop.bool(), float(value))
+
+
+# ---- where the score lands, and the tokens the critic learns (``algo.score_position``) ------------
+
+
+@dataclass(frozen=True)
+class ScorePosition:
+    """A registered score position (``PPOHyperParams.score_position``). ``value_mask(mask)``: the
+    (B, R) tokens the score and the values live on, given the (B, R) trained-token ``mask`` (a
+    valid prefix of each row): the score lands on its last token, GAE runs over it (values 0
+    after it), the value loss covers it, while the KL penalty, the advantage whitening and the
+    policy loss stay on ``mask``. ``extra_columns``: response columns past a row's last trained
+    token the forwards keep (``trainers/ppo_trim.py``), so the values there exist."""
+
+    value_mask: Callable[[Tensor], Tensor]
+    extra_columns: int
+
+
+def _after_stop_mask(mask: Tensor) -> Tensor:
+    """``mask`` plus the first position after each row's last valid token, where there is one."""
+    m = mask.bool()
+    out = m.clone()
+    out[..., 1:] |= m[..., :-1]
+    return out
+
+
+SCORE_POSITIONS: Registry[ScorePosition] = Registry("score position")
+# "stop": the score on the last trained token (the EOS under the EOS trick), the values trained on
+# the trained tokens (TRL's later trainers, OpenRLHF, MOSS-RLHF: ``penalized_rewards[-1] += reward``).
+SCORE_POSITIONS.register("stop")(ScorePosition(value_mask=lambda mask: mask, extra_columns=0))
+# "after_stop": the score one token past the EOS (the first padding token) when the row has room,
+# the values trained there too: summarize_from_feedback_details ppo.py (``sequence_lengths_p1``,
+# ``padding_mask_p1``, ``actual_end``), TRL's PPOTrainer (TRL #3750). A row without room (its
+# last trained token is the last column) keeps the score on that token, as ``actual_end`` does.
+SCORE_POSITIONS.register("after_stop")(ScorePosition(value_mask=_after_stop_mask, extra_columns=1))

@@ -13,7 +13,7 @@ from rlhf_fast.algos.hparams import PPOHyperParams
 from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES, old_logprob_source_names
 from rlhf_fast.algos.truncation import AFTER_STOP, MISSING_STOP_PENALTIES
 from rlhf_fast.models.layouts import critic_layout_names
-from rlhf_fast.models.precision import precision_names
+from rlhf_fast.models.precision import PRECISIONS, precision_names
 from rlhf_fast.config.sections import (
     DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
@@ -130,6 +130,7 @@ CHECKS[(RewardConfig, "batch_size")] = (lambda v: v >= 1, "an integer >= 1")
 for _name in ("iterations", "rollout_batch_size", "samples_per_prompt", "eval_prompts"):
     CHECKS[(PPOConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
 CHECKS[(PPOConfig, "logprob_gap_every")] = (lambda v: v >= 1, "an integer >= 1")
+CHECKS[(PPOConfig, "critic_lr_ratio")] = (lambda v: v is None or v > 0, "a number > 0 or null")
 CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
 # seeds: per-rank and per-iteration seeds are derived from them (seed + rank * 100003, ...) and must
 # stay inside torch's and the sampler's int64 range
@@ -171,6 +172,11 @@ def _check_logprob_distribution(cfg: "PPOConfig", path: str) -> None:
                              "records no sampling distribution)")
 
 
+def _grads_in_params(cfg: "PPOConfig") -> bool:
+    """The precision's engine leaves whole gradients in ``.grad`` (``models.precision.PRECISIONS``)."""
+    return PRECISIONS[cfg.deepspeed.dtype].grads_in_params
+
+
 def cross_checks(cfg, path: str) -> None:
     """Constraints between fields of one section."""
     if isinstance(cfg, DeepSpeedConfig):
@@ -206,6 +212,11 @@ def cross_checks(cfg, path: str) -> None:
     if isinstance(cfg, PPOConfig) and cfg.algo.dynamic_sampling and cfg.samples_per_prompt < 2:
         raise ValueError(f"{path}.algo.dynamic_sampling filters groups of samples: set {path}.samples_per_prompt >= 2 "
                          f"(got {cfg.samples_per_prompt})")
+    if isinstance(cfg, PPOConfig) and cfg.algo.joint_grad_clip and (cfg.deepspeed.zero_stage or not _grads_in_params(cfg)):
+        raise ValueError(f"{path}.algo.joint_grad_clip clips the policy's and the critic's gradients together before "
+                         f"either engine steps, which needs whole fp32 gradients: {path}.deepspeed.zero_stage 0 and "
+                         f"{path}.deepspeed.dtype fp32 (got {cfg.deepspeed.zero_stage} / {cfg.deepspeed.dtype}); or set "
+                         f"{path}.algo.joint_grad_clip false (each model's norm clipped on its own)")
     if isinstance(cfg, PPOConfig) and cfg.frozen_zero3 and cfg.ref_on_cpu:
         raise ValueError(f"{path}.frozen_zero3 and {path}.ref_on_cpu exclude each other: shard the frozen "
                          "reference over the ranks or keep it whole on the CPU")

@@ -36,6 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft.optim.lr": 3e-6, "rm.optim.lr": 3e-6, "sft.optim.eps": 1e-5, "rm.optim.eps": 1e-5,
         "sft.epochs": 1.0, "sft.loss_on": "all", "sft.scheduler.decay": "cosine", "rm.epochs": 1.0,
         "sft.deepspeed.zero_stage": 2, "rm.deepspeed.zero_stage": 2, "rm.normalization": "reference_mean",
+        # sft.py / reward.py at ee77a9a: optim.AdamW(model.parameters(), lr, eps) keeps torch's default
+        # weight decay 0.01; reward.py's scheduler defaults to "cosine" (sbatches/reward.sbatch keeps it)
+        "sft.optim.weight_decay": 0.01, "rm.optim.weight_decay": 0.01, "rm.scheduler.decay": "cosine",
         # N+ does not normalise before training; stated so that n_plus after a preset that does
         # (lm_human_preferences, n_details) wins cleanly instead of leaving an invalid mix
         "rm.normalize_before": False,
@@ -75,11 +78,14 @@ PRESETS.update({
             # lrnow = lr * (1 - global_step / nupdates), the global step advancing once per PPO update
             "ppo.lr_schedule_unit": "iteration",
         }),
-    # "The N+ Implementation Details ... TL;DR" (vwxyzjn/summarize_from_feedback_details ppo.py):
-    # EOS trick with -1 for a missing EOS, beta 0.05, temperature 0.7, critic from the reward model,
-    # the lr annealed once per update. The PPO defaults are these except the lr schedule (the
-    # default decays it at every optimizer step); the preset pins every field (it undoes another
-    # preset given before it). N+'s model-size settings (lr 3e-6, ZeRO-2, for 1B-6.9B models) are
+    # "The N+ Implementation Details ... TL;DR" (vwxyzjn/summarize_from_feedback_details ee77a9a
+    # ppo.py, as sbatches/ppo.sbatch launches it for pythia-1b-deduped: 8 ranks, 16 rows per micro-
+    # batch, 4 accumulation steps): EOS trick with -1 for a missing EOS, beta 0.05, temperature 0.7,
+    # critic from the reward model, the score one token past the EOS, the loss per micro-batch, AdamW
+    # weight decay 0.01, the lr annealed once per update. The PPO defaults differ where the project
+    # prefers otherwise (README "Presets and their sources"); the preset pins every field (it undoes
+    # another preset given before it). PPO updates equal the source's
+    # (tests/test_preset_parity_sources.py, scripts/check_preset_parity.py). N+'s model-size settings (lr 3e-6, ZeRO-2, for 1B-6.9B models) are
     # not set: at the built-in task's size lr 3e-6 does not train in 40 iterations. Add
     # --ppo.optim.lr 3e-6 --ppo.deepspeed.zero_stage 2 for them. Deviations: README "Presets and
     # their sources".
@@ -95,8 +101,22 @@ PRESETS.update({
             "ppo.lr_schedule_unit": "iteration", "ppo.scheduler.decay": "linear", "ppo.scheduler.warmup_steps": 0,
             "ppo.scheduler.warmup_ratio": 0.0, "ppo.scheduler.min_lr_ratio": 0.0, "ppo.optim.tf_adam_eps": False,
             "ppo.optim.eps": 1e-5,
+            # one optim.AdamW(model.parameters(), lr, eps) over policy and critic: torch's default
+            # weight decay 0.01 on every parameter, the critic at the policy's lr and eps
+            "ppo.optim.weight_decay": 0.01, "ppo.critic_optim.weight_decay": 0.01, "ppo.critic_optim.eps": 1e-5,
+            "ppo.critic_optim.betas": [0.9, 0.999], "ppo.critic_optim.tf_adam_eps": False, "ppo.critic_lr_ratio": 1.0,
+            "ppo.critic_head_bias": True,
+            # the loss: each micro-batch's token mean (masked_mean), averaged over the 4 accumulation
+            # steps x 8 ranks of sbatches/ppo.sbatch's 1B launch (local_micro_batch_size 16)
+            "ppo.algo.loss_group_rows": 16,
+            # score and value target one token past the EOS (sequence_lengths_p1, padding_mask_p1)
+            "ppo.algo.score_position": "after_stop", "ppo.algo.joint_grad_clip": False,
+            # the reward model subtracts the mean score of the SFT data's reference summaries
+            # (reward.py: scalar_model_config.bias); no normalisation before training
+            "rm.normalization": "reference_mean", "rm.normalize_before": False,
         }),
-    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's run_en.sh runs it: running reward
+    # "Secrets of RLHF, Part I" PPO-max as OpenLMLab/MOSS-RLHF's (4865d82) train_ppo_en.sh runs it
+    # (7 ranks, 2 rows each; PPO updates equal the source's: tests/test_preset_parity_sources.py): running reward
     # scaling, small fixed beta, value and policy loss clipping, critic from the reward model,
     # samples at 0.8 / top-p 0.9 stopped at the EOS but log-probs from raw logits; AdamW betas
     # (0.9, 0.95), eps 1e-6 for the policy and 1e-8 for the critic (ppo_trainer.build_optimizer).
@@ -112,10 +132,19 @@ PRESETS.update({
             "ppo.generation.after_stop": "masked", "ppo.critic": "separate", "ppo.critic_with_rm_normalization": False,
             "ppo.optim.betas": [0.9, 0.95], "ppo.optim.eps": 1e-6, "ppo.optim.tf_adam_eps": False,
             "ppo.critic_optim.betas": [0.9, 0.95], "ppo.critic_optim.eps": 1e-8, "ppo.critic_optim.tf_adam_eps": False,
-            # invsqrt_scheduler, stepped after every optimizer step; run_en.sh warms up for 100 of
+            # invsqrt_scheduler, stepped after every optimizer step; train_ppo_en.sh warms up for 100 of
             # its 1000 steps: a tenth of the run here
             "ppo.lr_schedule_unit": "optimizer_step", "ppo.scheduler.decay": "invsqrt",
             "ppo.scheduler.warmup_steps": 0, "ppo.scheduler.warmup_ratio": 0.1, "ppo.scheduler.min_lr_ratio": 0.0,
+            # build_optimizer: weight decay 0 in every group; critic_lr 1.5e-6 = 3 x lr 5e-7; the
+            # critic head has no bias (train_ppo.py LlamaRewardModel)
+            "ppo.optim.weight_decay": 0.0, "ppo.critic_optim.weight_decay": 0.0, "ppo.critic_lr_ratio": 3.0,
+            "ppo.critic_head_bias": False,
+            # criterion: a token mean over each rank's batch_size 2 rows, DeepSpeed averaging the 7
+            # ranks; one gradient_clipping over the engine that holds policy and critic
+            "ppo.algo.loss_group_rows": 2, "ppo.algo.joint_grad_clip": True, "ppo.algo.score_position": "stop",
+            # PPO scores with the reward head as trained: no normalisation (train_rm.py sets none)
+            "rm.normalization": "none", "rm.normalize_before": False,
         }),
 })
 PRESETS["ci"].update({

@@ -81,7 +81,11 @@ class OptimConfig:
     eps: float = 1e-5
     """Adam epsilon; 1e-5 as in N+ (AdamW eps 1e-5) and lm-human-preferences."""
     weight_decay: float = 0.0
-    """Decoupled weight decay; 0 as in N and N+."""
+    """Decoupled (AdamW) weight decay on every trained parameter. 0 by default, as
+    lm-human-preferences (TF Adam, no decay: presets ``lm_human_preferences``, ``n_details``) and
+    MOSS-RLHF (``build_optimizer``: 0 in every group; ``ppo_max``). 0.01 in the N+ TL;DR code's SFT,
+    RM and PPO (summarize_from_feedback_details builds ``optim.AdamW(params, lr, eps)``, so torch's
+    default 0.01 applies; presets ``n_plus`` and ``tldr``)."""
     tf_adam_eps: bool = False
     """TF-style epsilon (N details, "PyTorch Adam vs TF Adam"): TF adds eps to sqrt(v) before bias
     correction, PyTorch after, so PyTorch's effective epsilon is eps * sqrt(1 - beta2^t) and early

@@ -231,6 +231,16 @@ class PPOConfig:
     """Policy optimizer. 3e-4 suits the built-in task's 3 M-parameter model (N+: 3e-6 at 1B+)."""
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
     """Critic optimizer (a separate critic only)."""
+    critic_lr_ratio: Optional[float] = None
+    """The critic's peak lr as a multiple of ``optim.lr`` (``critic_optim.lr`` is then unused): the
+    ratio is part of a method whatever lr a run picks. MOSS-RLHF ``train_ppo_en.sh``: 3 (critic_lr
+    1.5e-6, lr 5e-7); N+ TL;DR: 1 (one AdamW over policy and critic, ``ppo.py``). None: the
+    critic's own ``critic_optim.lr``."""
+    critic_head_bias: bool = True
+    """Train the separate critic's value-head bias. False keeps it fixed at its initial value (the
+    reward model's head bias, 0 for a fresh head), so the initial values still equal the reward
+    model's per-token rewards: MOSS-RLHF's critic head is ``nn.Linear(hidden, 1, bias=False)``
+    (``train_ppo.py: LlamaRewardModel``). N+ ``ScalarModel`` has a trainable bias."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Linear decay to 0 ("N details" #5), over the unit of ``lr_schedule_unit``."""
     lr_schedule_unit: str = "optimizer_step"

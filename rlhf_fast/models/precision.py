@@ -16,16 +16,20 @@ from rlhf_fast._registry import Registry
 class Precision:
     """What ``deepspeed.dtype`` sets: frozen_dtype, the dtype the frozen reference / reward models
     compute in (None: as loaded); train_section / inference_section, the DeepSpeed config keys of a
-    trained engine / a ZeRO-3 inference engine (fp16 trains with dynamic loss scaling)."""
+    trained engine / a ZeRO-3 inference engine (fp16 trains with dynamic loss scaling);
+    grads_in_params, a ZeRO stage 0 engine leaves the averaged gradients in each parameter's ``.grad``
+    before it steps (fp32; bf16 / fp16 keep them in their optimizer's fp32 buffers), which
+    ``algo.joint_grad_clip`` needs (``trainers/ppo_core.py: clip_jointly``)."""
 
     frozen_dtype: Optional[torch.dtype]
     train_section: dict
     inference_section: dict
     cpu_matmul_probe: Optional[str] = None  # torch.ops.mkldnn's support probe (cpu_has_fast_matmul)
+    grads_in_params: bool = False
 
 
 PRECISIONS: Registry[Precision] = Registry("precision")
-PRECISIONS.register("fp32")(Precision(None, {}, {}))
+PRECISIONS.register("fp32")(Precision(None, {}, {}, grads_in_params=True))
 PRECISIONS.register("bf16")(Precision(torch.bfloat16, {"bf16": {"enabled": True}}, {"bf16": {"enabled": True}},
                                       cpu_matmul_probe="_is_mkldnn_bf16_supported"))
 PRECISIONS.register("fp16")(Precision(torch.float16, {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}},

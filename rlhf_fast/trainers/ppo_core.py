@@ -118,12 +118,18 @@ class DeepSpeedStepper:
 # ---- experience -------------------------------------------------------------------------------
 
 
+def _trim(batch: Rollout, hp: PPOHyperParams) -> Rollout:
+    """``batch`` on the columns its rows attend to (``hp.trim_padding``), plus the columns the
+    score position needs past the stop (its values)."""
+    return trim_padding(batch, extra=hp.score_place.extra_columns) if hp.trim_padding else batch
+
+
 def policy_forward(policy, critic, batch: Rollout, hp: PPOHyperParams, *, entropy: bool = False):
     """(logprobs, entropy or None, values or None), each (b, R), of the response tokens, under the
     distribution the sampler draws from (``hp.temperature``, ``hp.logprob_filter()``). With
     ``hp.trim_padding`` the models run on the columns the rows attend to (trainers/ppo_trim.py)."""
     R = batch.response_ids.shape[1]
-    batch = trim_padding(batch) if hp.trim_padding else batch
+    batch = _trim(batch, hp)
     out = policy.logprobs(batch.sequences, batch.attention_mask, temperature=hp.temperature, return_entropy=entropy,
                           response_start=batch.response_start, **hp.logprob_filter())
     values = out.values
@@ -136,7 +142,7 @@ def values_only(policy, critic, batch: Rollout, hp: PPOHyperParams):
     """(b, R) values (None without a value head or critic), skipping the LM head: what the
     experience needs when the old log-probs come from the rollout."""
     R = batch.response_ids.shape[1]
-    batch = trim_padding(batch) if hp.trim_padding else batch
+    batch = _trim(batch, hp)
     if critic is not None:
         return pad_response(critic(batch.sequences, batch.attention_mask, response_start=batch.response_start).values, R)
     if getattr(policy, "value_head", None) is None:
@@ -148,7 +154,7 @@ def values_only(policy, critic, batch: Rollout, hp: PPOHyperParams):
 def ref_forward(ref_policy, batch: Rollout, hp: PPOHyperParams) -> torch.Tensor:
     """(b, R) float32 reference log-probs (under its filter only with ``hp.ref_filter``)."""
     R = batch.response_ids.shape[1]
-    batch = trim_padding(batch) if hp.trim_padding else batch
+    batch = _trim(batch, hp)
     ref = ref_policy.logprobs(batch.sequences, batch.attention_mask, temperature=hp.temperature,
                               response_start=batch.response_start, **hp.logprob_filter(reference=True)).logprobs
     return pad_response(ref.float(), R)
@@ -196,6 +202,10 @@ class MinibatchLayout:
         mb = B // hp.num_minibatches
         if mb % world_size:
             raise ValueError(f"minibatch size {mb} is not divisible by the world size {world_size}")
+        if hp.loss_group_rows and mb % hp.loss_group_rows:
+            raise ValueError(f"algo.loss_group_rows {hp.loss_group_rows} must divide the minibatch ({mb} rows = "
+                             f"rollout batch {B} / num_minibatches {hp.num_minibatches}): the loss is a mean over "
+                             "groups of that many rows")
         per_rank = mb // world_size
         micro = min(hp.micro_batch_size or per_rank, per_rank)
         return cls(minibatch=mb, per_rank=per_rank, micro=micro, micro_batches=-(-per_rank // micro))
@@ -306,17 +316,25 @@ def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
         scores = score_stats.normalize(scores, shift_mean=hp.score_norm_shift_mean, unbiased=hp.score_norm_unbiased)
     if hp.score_clip is not None:
         scores = scores.clamp(-hp.score_clip, hp.score_clip)
-    rewards, kl = algos.compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef=kl_coef,
-                                        placement=hp.kl_placement, estimator=hp.kl_estimator, clamp=hp.kl_clamp)
-    values = None if rollout.values is None else torch.where(mask, rollout.values, 0.0)
+    vmask = hp.score_place.value_mask(mask)  # (B, R) bool: where the score and the values live
+    at_stop = vmask is mask
+    rewards, kl = algos.compute_rewards(scores if at_stop else torch.zeros_like(scores), rollout.logprobs,
+                                        rollout.ref_logprobs, mask, kl_coef=kl_coef, placement=hp.kl_placement,
+                                        estimator=hp.kl_estimator, clamp=hp.kl_clamp)
+    if not at_stop:  # the score on the last token of the value mask, the KL on the trained tokens only
+        last = algos.last_true_index(vmask)  # (B,)
+        rewards = rewards + torch.where(torch.arange(mask.shape[1], device=mask.device) == last[:, None],
+                                        scores[:, None].to(rewards.dtype), 0.0)
+    values = None if rollout.values is None else torch.where(vmask, rollout.values, 0.0)
     out = rollout.replace(scores=scores, values=values, kl=kl, rewards=rewards)
     adv, ret = advantages_of(out, hp)
     return out.replace(advantages=adv, returns=ret)
 
 
 def advantages_of(batch: Rollout, hp: PPOHyperParams):
+    vmask = hp.score_place.value_mask(batch.response_mask)
     inp = algos.AdvantageInput(rewards=batch.rewards, mask=batch.response_mask, values=batch.values,
-                               group_ids=batch.group_ids)
+                               group_ids=batch.group_ids, value_mask=None if vmask is batch.response_mask else vmask)
     return algos.compute_advantages(hp.advantage_estimator, inp, hp.advantage_params())
 
 
@@ -349,10 +367,11 @@ def gather_rollout(rollout: Rollout, *, pad_token_id: int = 0) -> Rollout:
 
 
 def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout, hp: PPOHyperParams, kl_coef: float,
-                normalizer, scale: float):
+                norms: "_Normalizers", scale: float):
     """Backward of one micro-batch's share of the minibatch loss; returns the detached loss parts
     and the per-token statistics the loss functions computed (for ``_minibatch_stats``)."""
     mask = micro.response_mask  # (b, R) bool
+    normalizer = norms.policy
     critic = critic_st.module if critic_st is not None else None
     # policy/entropy is always reported; the op computes it in the same pass
     logprobs, entropy, values = policy_forward(policy_st.module, critic, micro, hp, entropy=True)  # (b, R)
@@ -371,15 +390,16 @@ def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout
                                           normalizer=normalizer)
     vf = None
     if hp.estimator.needs_values:
-        vf = algos.clipped_value_loss(values, micro.values, micro.returns, mask, clip_range=hp.value_clip_range,
-                                      aggregation=hp.loss_aggregation, normalizer=normalizer)
+        vf = algos.clipped_value_loss(values, micro.values, micro.returns, norms.value_mask, clip_range=hp.value_clip_range,
+                                      aggregation=hp.loss_aggregation, normalizer=norms.value)
     _backward(policy_st, critic_st, loss, vf, hp.vf_coef, scale)
     value_loss = vf.loss.detach() if vf is not None else torch.zeros((), device=loss.device)
     parts = dict(loss=(loss.detach() + hp.vf_coef * value_loss), policy_loss=pg.loss.detach(), value_loss=value_loss,
                  kl_loss=kl_part.detach())
     pieces = dict(mask=mask, logr=pg.logr, entropy=entropy.detach(), clipped=pg.clipped, dual_clipped=pg.dual_clipped)
-    if vf is not None:
-        pieces.update(vpred=vf.values, verror=vf.sq_error, vclipped=vf.clipped)
+    if vf is not None:  # the value statistics over the trained tokens, as the others
+        pieces.update(vpred=torch.where(mask, vf.values, 0.0), verror=torch.where(mask, vf.sq_error, 0.0),
+                      vclipped=vf.clipped & mask)
     return parts, pieces
 
 
@@ -448,21 +468,59 @@ def _train_minibatch(policy_st: Stepper, critic_st: Optional[Stepper], minibatch
     if hp.advantages_per_minibatch:  # lm-human-preferences: whitening and GAE inside loss()
         adv, ret = advantages_of(minibatch, hp)
         minibatch = minibatch.replace(advantages=adv, returns=ret)
-    normalizer = hp.aggregation.normalizer(minibatch.response_mask)  # () token or row count
+    norms = _Normalizers.of(minibatch.response_mask, hp)
     for st in (policy_st, critic_st):
         if st is not None:
             st.zero_grad()
             if hp.max_tokens_per_micro_batch:
                 st.set_micro_batches(len(plan.micro))
     parts, pieces = [], []
-    for pos in plan.micro:
-        p, pc = _micro_loss(policy_st, critic_st, minibatch.select(pos), hp, kl_coef, normalizer, float(world.size))
+    for i, pos in enumerate(plan.micro):
+        p, pc = _micro_loss(policy_st, critic_st, minibatch.select(pos), hp, kl_coef, norms.select(pos),
+                            float(world.size))
         parts.append(p)
         pieces.append(pc)
+        if hp.joint_grad_clip and critic_st is not None and i == len(plan.micro) - 1:
+            clip_jointly((policy_st, critic_st), hp.max_grad_norm)  # before either optimizer steps
         for st in (policy_st, critic_st):
             if st is not None:
                 st.step()
     return _minibatch_stats(parts, pieces, world)
+
+
+@dataclass(frozen=True)
+class _Normalizers:
+    """What a minibatch's losses divide by (``Aggregation.normalizer``): () counts of the whole
+    minibatch, or (mb,) per-row normalisers with ``hp.loss_group_rows`` (``algos.group_normalizer``),
+    for the policy's tokens and for the value loss's (``value_mask``: the score position's)."""
+
+    policy: torch.Tensor
+    value: torch.Tensor
+    value_mask: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, hp: PPOHyperParams) -> "_Normalizers":
+        vmask = hp.score_place.value_mask(mask)  # (mb, R) bool
+        if hp.loss_group_rows is None:
+            policy = hp.aggregation.normalizer(mask)  # () token or row count
+            return cls(policy, policy if vmask is mask else hp.aggregation.normalizer(vmask), vmask)
+        return cls(algos.group_normalizer(hp.aggregation, mask, hp.loss_group_rows),
+                   algos.group_normalizer(hp.aggregation, vmask, hp.loss_group_rows), vmask)
+
+    def select(self, pos: torch.Tensor) -> "_Normalizers":
+        """The rows ``pos`` of the minibatch (per-row normalisers follow their rows)."""
+        pick = lambda t: t[pos] if t.dim() else t  # noqa: E731
+        return _Normalizers(pick(self.policy), pick(self.value), self.value_mask[pos])
+
+
+def clip_jointly(steppers, max_norm: float) -> None:
+    """Scale the gradients of every stepper's module by ``min(1, max_norm / (norm + 1e-6))``, the
+    norm taken over all of them together (``torch.nn.utils.clip_grad_norm_``; DeepSpeed's
+    ``gradient_clipping`` over an engine holding both models, MOSS-RLHF). The steppers' own
+    clipping must be off. A DeepSpeed engine holds whole, averaged gradients in ``.grad`` only at
+    ZeRO stage 0 in fp32 (the trainer refuses ``joint_grad_clip`` otherwise)."""
+    params = [p for st in steppers for p in st.module.parameters() if p.requires_grad and p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def ppo_update(policy_st: Stepper, experience: Rollout, hp: PPOHyperParams, *, kl_coef: float,

@@ -13,6 +13,7 @@ generator (``ppo.generation.backend``) -> scorer, prompt schedule, rollout stage
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -162,6 +163,7 @@ def _models(cfg: PPOConfig, hp: PPOHyperParams, task, tokenizer, dist: dss.DistI
         if cfg.critic_lora.rank:
             lora.add_lora(critic.backbone, cfg.critic_lora, field="ppo.critic_lora")
             critic.value_head.requires_grad_(cfg.critic_lora.train_head)
+        fix_critic_head_bias(critic, cfg)
     if cfg.lora.rank:
         # docs/architecture.md "LoRA": the reference is the policy with its adapters disabled; no copy
         lora.add_lora(policy.model, cfg.lora, field="ppo.lora")
@@ -197,9 +199,10 @@ def _engines(cfg: PPOConfig, hp: PPOHyperParams, plan: BatchPlan, policy, critic
     build = dict(plan=plan, sched=cfg.scheduler, **dss.ppo_schedule(
         cfg.lr_schedule_unit, iterations=cfg.iterations, steps_per_iteration=hp.num_epochs * hp.num_minibatches))
     ds = copy.deepcopy(cfg.deepspeed)
-    ds.grad_clip = hp.max_grad_norm or 0.0
+    # joint_grad_clip: ppo_core.clip_jointly clips both models' gradients together, the engines none
+    ds.grad_clip = 0.0 if (hp.joint_grad_clip and critic is not None) else (hp.max_grad_norm or 0.0)
     policy_engine = dss.build_engine(policy, optim=cfg.optim, ds=ds, **build)
-    critic_engine = dss.build_engine(critic, optim=cfg.critic_optim, ds=ds, **build) if critic else None
+    critic_engine = dss.build_engine(critic, optim=critic_optim(cfg), ds=ds, **build) if critic else None
     # ZeRO-3 inference for the frozen models: partitioned in place (the objects stay the same;
     # their hooks gather each module's weights for its forward). Every rank runs the same
     # forwards: the same micro-batch counts as the policy, which is ZeRO-3 too.
@@ -212,3 +215,18 @@ def _engines(cfg: PPOConfig, hp: PPOHyperParams, plan: BatchPlan, policy, critic
         if reward_model is not None:
             frozen_engines.append(dss.build_zero3_inference(reward_model, ds=ds, micro_batch_size=mb))
     return policy_engine, critic_engine, frozen_engines
+
+
+def critic_optim(cfg: PPOConfig):
+    """The critic's optimizer settings: ``critic_optim`` with its lr at ``critic_lr_ratio * optim.lr``
+    when the ratio is set (MOSS-RLHF: 3x the policy's)."""
+    if cfg.critic_lr_ratio is None:
+        return cfg.critic_optim
+    return dataclasses.replace(cfg.critic_optim, lr=cfg.critic_lr_ratio * cfg.optim.lr)
+
+
+def fix_critic_head_bias(critic: Critic, cfg: PPOConfig) -> None:
+    """``ppo.critic_head_bias`` false: the value head's bias stays at its initial value (MOSS-RLHF's
+    critic head has none; the reward model's bias, if any, stays a constant offset)."""
+    if not cfg.critic_head_bias:
+        critic.value_head.linear.bias.requires_grad_(False)

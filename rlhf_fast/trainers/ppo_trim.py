@@ -25,20 +25,22 @@ import torch.nn.functional as F
 from rlhf_fast.algos import Rollout
 
 
-def trim_padding(batch: Rollout, *, multiple: int = 1) -> Rollout:
+def trim_padding(batch: Rollout, *, multiple: int = 1, extra: int = 0) -> Rollout:
     """The sequences of ``batch`` without the leading prompt columns and trailing response columns
     that are padding in every row: a Rollout of query / response ids and masks and scores only
     (what a forward reads), responses (b, L) with L >= 1. ``multiple``: round the kept sequence
     length Q' + L up to a multiple of it (more response columns, never past R); 16 keeps the CPU
     attention kernel's summation (16 float32 lanes on AVX-512, two vectors on AVX2) and with it the
-    forward's bits (tests/test_ppo_trim.py)."""
+    forward's bits (tests/test_ppo_trim.py). ``extra``: response columns kept past the last one any
+    row attends (never past R): the values one token past the stop (``algo.score_position``
+    "after_stop") are read from the state of the stop token, at output column last + 1."""
     q_mask, r_mask = batch.query_mask, batch.response_mask
     R = r_mask.shape[1]
     q_cols = q_mask.any(0)  # (Q,) one reduction each; the host sync below is the shape itself
     r_cols = r_mask.any(0)  # (R,)
     first, last = _bounds(q_cols, r_cols)
     Q = q_mask.shape[1] - first
-    L = max(last, 1)
+    L = min(max(last, 1) + extra, R)
     L = min(-(-(Q + L) // multiple) * multiple - Q, R)
     if first == 0 and L == R:
         return batch

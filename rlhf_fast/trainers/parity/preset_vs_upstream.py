@@ -33,18 +33,24 @@ from rlhf_fast.trainers import ppo_core
 PAD, STOP = 0, 5  # the tiny vocabulary's pad id and the token that plays '.'
 
 
-def tiny_policy(vocab: int = 40, seed: int = 0, value_std: float = 0.3):
-    """A float64 2-layer GPT-2 policy with a value head (dropout off). The value head is drawn
-    N(0, value_std) instead of upstream's zero init so the value clipping acts from the first
-    minibatch."""
+def tiny_policy(vocab: int = 40, seed: int = 0, value_std: float = 0.3, *, value_head: bool = True):
+    """A float64 2-layer GPT-2 policy (dropout off), with a value head unless ``value_head`` is
+    False. The value head is drawn N(0, value_std) instead of upstream's zero init so the value
+    clipping acts from the first minibatch."""
     from rlhf_fast.models import Policy
+
+    policy = Policy.from_pretrained(tiny_model_config(vocab), seed=seed, value_head=value_head)
+    if value_head:
+        with torch.no_grad():
+            policy.value_head.linear.weight.normal_(0, value_std, generator=torch.Generator().manual_seed(seed + 1))
+    return policy.double().eval()
+
+
+def tiny_model_config(vocab: int = 40):
+    """The tiny GPT-2 config of the parity checks (pad id ``PAD``)."""
     from rlhf_fast.tasks import tiny_config
 
-    cfg = tiny_config("gpt2", vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
-    policy = Policy.from_pretrained(cfg, seed=seed, value_head=True)
-    with torch.no_grad():
-        policy.value_head.linear.weight.normal_(0, value_std, generator=torch.Generator().manual_seed(seed + 1))
-    return policy.double().eval()
+    return tiny_config("gpt2", vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
 
 
 def hand_rollout(B: int, Q: int, R: int, seed: int, *, vocab: int = 40, min_length: int = 2):
