@@ -26,8 +26,10 @@ Since w >= 0 it factors into the advantage: ``w * max(-A r, -A clip(r)) = max(-(
 and the tests hold the two to each other. Truncated importance sampling (IMPALA's rho-bar, Espeholt
 et al. 2018, eq. 1; "TIS", Yao et al. 2025, "Your efficient RL framework secretly brings you
 off-policy RL training") caps the weight, ``min(w, C)``, trading a bias for a bounded variance.
-With staleness 0 the behaviour log-probs are the proximal ones bit for bit (the hybrid engine's
-log-probs are the trainer's numbers), so ``w`` is exactly 1 and the update is the synchronous one.
+With staleness 0 the behaviour log-probs are the proximal ones up to float32 rounding (the hybrid
+engine's log-probs are the trainer's model code on the same weights; ``generation/logprob_gap_max``),
+so ``w`` is 1 within that gap; where they are equal bit for bit ``w`` is exactly 1 and the loss and
+its gradient are the synchronous ones bit for bit (tests/test_off_policy.py).
 """
 
 from __future__ import annotations
