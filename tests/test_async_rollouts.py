@@ -127,3 +127,87 @@ def test_bad_settings_named():
         _cfg("--ppo.rollout.max_staleness", "1", "--ppo.rollout.workers", "1", "--ppo.old_logprobs", "rollout")
     with pytest.raises(ValueError, match="zero_stage 0-2"):
         _cfg("--ppo.rollout.workers", "1", "--ppo.deepspeed.zero_stage", "3")
+
+
+# ---- the settings it must work with (a representative subset) ---------------------------------------
+
+
+@pytest.mark.parametrize("name,extra,presets", [
+    ("separate critic, ZeRO-2", ("--ppo.critic", "separate", "--ppo.deepspeed.zero_stage", "2"), ()),
+    ("LoRA, packed", ("--ppo.lora.rank", "4", "--ppo.packing", "true"), ()),
+    ("grpo preset", ("--ppo.samples_per_prompt", "2", "--ppo.rollout_batch_size", "4"), ("grpo",)),
+])
+def test_k1_runs_with(name, extra, presets, tmp_path):
+    cfg = C.load_config(presets=presets, overrides=[*QUIET, *TINY, "--ppo.iterations", "3", "--ppo.rollout.workers",
+                                                    "1", "--ppo.rollout.max_staleness", "1", *extra]).ppo
+    tr = PPOTrainer(cfg, tmp_path)
+    tr.fit()
+    rows = _train_rows(tmp_path)
+    assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 1.0], name
+    assert all(r["policy/first_minibatch_approxkl"] == 0.0 for r in rows), name
+    assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["async/is_weight_mean"]) for r in rows), name
+    params = list(tr.policy_engine.module.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    assert rows[0]["async/weight_sync_mb"] * 2**20 == trainable  # what travels: the trainable parameters
+    if cfg.lora.rank:  # only the adapters (and the value head), not the base model
+        assert trainable < 0.5 * sum(p.numel() * p.element_size() for p in params)
+
+
+def _sync_peer(port, out):
+    from rlhf_fast.trainers.weight_sync import WeightSync, join_group, make_store
+
+    params = [torch.zeros(5), torch.zeros(2), torch.zeros(3, 2, dtype=torch.float64), torch.zeros(7)]
+    store = make_store("127.0.0.1", port, 2, timeout_s=60, is_master=False)
+    sync = WeightSync(params, join_group(store, 1, 2, timeout_s=60), bucket_bytes=32)
+    sync.recv()
+    out.put([p.clone() for p in params])
+    sync.recv()
+    out.put([p.clone() for p in params])
+
+
+def test_weight_sync_buckets_round_trip():
+    """Two versions through a real gloo group: buckets split by size and dtype, every tensor arrives
+    as sent, and a parameter changed while a broadcast is in flight does not corrupt it (a copy travels)."""
+    import multiprocessing as mp
+
+    from rlhf_fast.trainers.weight_sync import WeightSync, join_group, make_store
+
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    store = make_store("127.0.0.1", 0, 2, timeout_s=60, is_master=True)
+    peer = ctx.Process(target=_sync_peer, args=(store.port, out), daemon=True)
+    peer.start()
+    try:
+        params = [torch.arange(5.0), torch.tensor([0.5, 2.5]), torch.arange(6, dtype=torch.float64).reshape(3, 2),
+                  torch.arange(7.0) * -1]
+        sync = WeightSync(params, join_group(store, 0, 2, timeout_s=60), bucket_bytes=32)
+        assert [len(b.params) for b in sync.buckets] == [2, 1, 1]  # 20 + 8 B <= 32 B; a float64 one apart
+        assert sync.stats.bytes == 5 * 4 + 2 * 4 + 6 * 8 + 7 * 4
+        sent = [p.clone() for p in params]
+        sync.send()
+        for p in params:
+            p.add_(100.0)  # the optimizer moves on while the first version travels
+        got = out.get(timeout=60)
+        assert all(torch.equal(a, b) for a, b in zip(got, sent))
+        sync.send()
+        got = out.get(timeout=60)
+        assert all(torch.equal(a, b) for a, b in zip(got, params))
+        sync.wait()
+    finally:
+        peer.join(30)
+        if peer.is_alive():
+            peer.kill()
+    assert peer.exitcode == 0
+
+
+def test_resume_discards_batches_in_flight(tmp_path):
+    """A checkpoint holds no batches in flight: the resumed run restarts its workers from the
+    checkpoint's weights, so its first batch has staleness 0, and it repeats itself."""
+    args = ("--ppo.rollout.workers", "1", "--ppo.rollout.max_staleness", "1")
+    for d in ("a", "b"):
+        PPOTrainer(_cfg(*args, "--ppo.stop_after_iterations", "2"), tmp_path / d).fit()
+        PPOTrainer(_cfg(*args), tmp_path / d, resume=True).fit()
+    rows = _train_rows(tmp_path / "a")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 0.0, 1.0]
+    assert _comparable(rows) == _comparable(_train_rows(tmp_path / "b"))
