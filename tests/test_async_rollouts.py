@@ -121,8 +121,10 @@ def test_worker_exception_is_raised_naming_it(tmp_path, monkeypatch):
 
 
 def test_bad_settings_named():
+    assert _cfg("--ppo.rollout.max_staleness", "1").rollout.worker_count == 1  # one worker unless told
+    assert _cfg().rollout.worker_count == 0
     with pytest.raises(ValueError, match="max_staleness 1 needs ppo.rollout.workers"):
-        _cfg("--ppo.rollout.max_staleness", "1")
+        _cfg("--ppo.rollout.max_staleness", "1", "--ppo.rollout.workers", "0")
     with pytest.raises(ValueError, match="old_logprobs 'rollout' with ppo.rollout.max_staleness"):
         _cfg("--ppo.rollout.max_staleness", "1", "--ppo.rollout.workers", "1", "--ppo.old_logprobs", "rollout")
     with pytest.raises(ValueError, match="zero_stage 0-2"):

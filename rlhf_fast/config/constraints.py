@@ -133,7 +133,8 @@ CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "
 for _stage in (SFTConfig, RMConfig, PPOConfig):
     CHECKS[(_stage, "seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 CHECKS[(AsyncRolloutConfig, "max_staleness")] = (lambda v: v >= 0, "an integer >= 0 (0 = synchronous)")
-CHECKS[(AsyncRolloutConfig, "workers")] = (lambda v: v >= 0, "an integer >= 0 (0 = the trainer generates)")
+CHECKS[(AsyncRolloutConfig, "workers")] = (lambda v: v is None or v >= 0,
+                                            "an integer >= 0 (0 = the trainer generates) or null")
 CHECKS[(AsyncRolloutConfig, "importance_weight_cap")] = (lambda v: v > 0, _POSITIVE)
 CHECKS[(AsyncRolloutConfig, "bucket_mb")] = (lambda v: v > 0, _POSITIVE)
 CHECKS[(LoRAConfig, "rank")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
@@ -176,7 +177,7 @@ def _check_async_rollouts(cfg: "PPOConfig", path: str) -> None:
     """``ppo.rollout``: staleness needs workers; the decoupled objective needs the proximal log-probs
     recomputed; a worker holds a whole copy of the policy (no ZeRO-3 partitions)."""
     r = cfg.rollout
-    if r.max_staleness and not r.workers:
+    if r.max_staleness and not r.worker_count:
         raise ValueError(f"{path}.rollout.max_staleness {r.max_staleness} needs {path}.rollout.workers >= 1 (the "
                          "trainer alone cannot generate while it updates)")
     if r.max_staleness and OLD_LOGPROB_SOURCES[cfg.old_logprobs].from_rollout:
@@ -184,7 +185,7 @@ def _check_async_rollouts(cfg: "PPOConfig", path: str) -> None:
                          "decoupled objective clips against the proximal policy (the trainer's weights at the start of "
                          "the update), whose log-probs must be recomputed; use 'recompute' (the engine's log-probs are "
                          "the behaviour policy's, used for the importance weight)")
-    if r.workers and cfg.deepspeed.zero_stage == 3:
+    if r.worker_count and cfg.deepspeed.zero_stage == 3:
         raise ValueError(f"{path}.rollout.workers needs {path}.deepspeed.zero_stage 0-2: a rollout worker holds a whole "
                          "copy of the policy, and ZeRO-3 keeps only partitions of it in the trainer")
 

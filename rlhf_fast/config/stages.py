@@ -226,12 +226,13 @@ class AsyncRolloutConfig:
     default) is the synchronous loop: iteration i samples from the weights after i updates. With K >= 1
     iteration i samples from the weights after max(start, i - K) updates (exactly: a worker waits for
     that version and takes no newer one, so a run is a function of its seed), and the update is the
-    decoupled PPO objective (``correction``). Needs ``workers`` >= 1."""
-    workers: int = 0
+    decoupled PPO objective (``correction``). Needs a rollout worker (``workers`` None or >= 1)."""
+    workers: Optional[int] = None
     """Rollout worker processes (each a forked copy of the policy and the scorer with its own hybrid
-    engine; iteration i goes to worker i mod N). 0 (default): the trainer generates itself. With
-    ``max_staleness`` 0 and workers the run is bit-identical to the synchronous one (the worker waits
-    for the current weights); it only moves generation to another process."""
+    engine; iteration i goes to worker i mod N). None (default): 1 when ``max_staleness`` >= 1, else 0;
+    0: the trainer generates itself. With ``max_staleness`` 0 and workers the run is bit-identical to
+    the synchronous one (the worker waits for the current weights); it only moves generation to
+    another process."""
     correction: str = "decoupled"
     """The off-policy correction for K >= 1 (``rlhf_fast/algos/off_policy.py``: ``OFF_POLICY_CORRECTIONS``):
     "decoupled" — the decoupled PPO objective, the ratio clipped against the proximal policy (the
@@ -245,6 +246,13 @@ class AsyncRolloutConfig:
     """Weight sync: the trainable parameters (with LoRA: the adapters) travel in flat buckets of at
     most this many MiB, one ``torch.distributed`` broadcast each (gloo on CPU; DeepSpeed / PyTorch DDP
     bucket gradients at 25-500 MB for the same reason: fewer, larger messages)."""
+
+    @property
+    def worker_count(self) -> int:
+        """The rollout worker processes this config starts (``workers`` with None resolved)."""
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.max_staleness else 0
 
 
 @dataclass

@@ -102,7 +102,7 @@ class PPOTrainer(StageTrainer):
         self.async_rollouts: Optional[AsyncRollouts] = None
         self._reward_fn = reward_fn
         W = self.dist.world_size
-        if cfg.rollout.workers and W > 1:
+        if cfg.rollout.worker_count and W > 1:
             raise ValueError(f"ppo.rollout.workers needs one trainer process (got a world of {W}): the rollout workers "
                              "copy a single process's policy")
         if cfg.rollout_batch_size % W:
@@ -183,7 +183,7 @@ class PPOTrainer(StageTrainer):
         """This rank's rollout of ``iteration`` and its extras, generated here or taken from a rollout
         worker, and the ``async/*`` metrics (staleness, wait, weight sync; empty when synchronous)."""
         seed = iteration_seed(self.cfg.seed, iteration, self.dist.rank)
-        if not self.cfg.rollout.workers:
+        if not self.cfg.rollout.worker_count:
             local, extras = self.rollouts.collect(iteration, seed, timer)
             return local, extras, {}
         if self.async_rollouts is None:
@@ -200,7 +200,7 @@ class PPOTrainer(StageTrainer):
         total = self.loop_length()
         end = min(total, self.stop_after() or total)
         r = self.cfg.rollout
-        schedule = StalenessSchedule(start=self.step, end=end, max_staleness=r.max_staleness, workers=r.workers)
+        schedule = StalenessSchedule(start=self.step, end=end, max_staleness=r.max_staleness, workers=r.worker_count)
         seed, rank = self.cfg.seed, self.dist.rank
         self.async_rollouts = AsyncRollouts(self.rollouts, self.policy_engine.module, r, schedule,
                                             lambda it: iteration_seed(seed, it, rank))
