@@ -68,13 +68,18 @@ def prepare(work: Path) -> None:
                    env=_env(2), check=True)
 
 
-def run_ppo(work: Path, name: str, seed: int, iterations: int, eval_every: int) -> dict:
+# ``--preset ci`` trains 2 epochs per batch: on 2 cores the trainer's phases then cost about twice the
+# rollout's (generate + score); one epoch brings them near each other (measured phase costs are recorded)
+BALANCE = ["--ppo.algo.num_epochs", "1"]
+
+
+def run_ppo(work: Path, name: str, seed: int, iterations: int, eval_every: int, extra_args: list) -> dict:
     threads, extra = SETTINGS[name]
     out = work / "runs" / f"{name.replace('=', '')}_seed{seed}"
     cmd = _cli("ppo", "--preset", "ci", "--output-dir", str(out), "--overwrite",
                "--ppo.policy.path", str(work / "sft" / "model"), "--ppo.reward.model_path", str(work / "rm" / "model"),
                "--ppo.iterations", str(iterations), "--ppo.logging.eval_every", str(eval_every), "--ppo.seed", str(seed),
-               "--ppo.logging.tensorboard", "false", *extra)
+               "--ppo.logging.tensorboard", "false", *extra_args, *extra)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=_env(threads), check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -127,10 +132,11 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--ppo-args", nargs="*", default=BALANCE, help=f"more PPO arguments for every run (default {BALANCE})")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. 'machine shared with other jobs')")
     args = ap.parse_args(argv)
     prepare(args.work)
-    results = [run_ppo(args.work, name, seed, args.iterations, args.eval_every)
+    results = [run_ppo(args.work, name, seed, args.iterations, args.eval_every, args.ppo_args)
                for seed in range(1, args.seeds + 1) for name in args.settings]
     print_table(results, ["impl", "seed", "iterations_per_s", "gen_score_s", "trainer_s", "rollout_wait_s",
                           "weight_sync_s", "gold"])
@@ -144,6 +150,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         path = write_record("async", torch.device("cpu"), {"preset": "ci", "iterations": args.iterations,
                                                             "eval_every": args.eval_every, "seeds": args.seeds,
+                                                            "ppo_args": args.ppo_args,
                                                             "settings": {k: SETTINGS[k] for k in args.settings},
                                                             "note": args.note, "summary": summary}, results)
     plot(results, path.with_suffix(".png"))

@@ -213,3 +213,64 @@ def test_resume_discards_batches_in_flight(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["async/staleness"] for r in rows] == [0.0, 1.0, 0.0, 1.0]
     assert _comparable(rows) == _comparable(_train_rows(tmp_path / "b"))
+
+
+_TRAINER = """
+import sys
+from rlhf_fast import config as C
+from rlhf_fast.trainers.ppo import PPOTrainer
+cfg = C.load_config(overrides=sys.argv[2:]).ppo
+PPOTrainer(cfg, sys.argv[1]).fit()
+"""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_stop_when_the_trainer_process_dies(sig, tmp_path):
+    """A trainer killed from outside (no Python cleanup at all under SIGKILL) takes its rollout
+    workers with it (PR_SET_PDEATHSIG): none is left running."""
+    import subprocess
+    import sys
+    import time
+
+    args = [*QUIET, *TINY, "--ppo.iterations", "400", "--ppo.rollout.max_staleness", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(tmp_path / "run"), *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "run" / "metrics.jsonl").exists() or not _children(trainer.pid):
+            assert trainer.poll() is None and time.time() < deadline, "the trainer never started its worker"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        workers = _children(trainer.pid)
+        assert workers
+        trainer.send_signal(sig)
+        trainer.wait(60)
+        deadline = time.time() + 30
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "a rollout worker outlived its trainer"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
