@@ -48,7 +48,12 @@ SETTINGS = {  # name -> (OMP threads per process, extra PPO arguments)
     "K=0": (1, ["--ppo.rollout.workers", "1", "--ppo.rollout.max_staleness", "0"]),
     "K=1": (1, ["--ppo.rollout.workers", "1", "--ppo.rollout.max_staleness", "1"]),
     "K=2": (1, ["--ppo.rollout.workers", "1", "--ppo.rollout.max_staleness", "2"]),
+    "K=1-tis": (1, ["--ppo.rollout.workers", "1", "--ppo.rollout.max_staleness", "1", "--ppo.rollout.correction",
+                    "truncated_is"]),
+    "K=2-tis": (1, ["--ppo.rollout.workers", "1", "--ppo.rollout.max_staleness", "2", "--ppo.rollout.correction",
+                    "truncated_is"]),
 }
+DEFAULT_SETTINGS = ["sync", "K=0", "K=1", "K=2"]
 
 
 def _env(threads: int) -> dict:
@@ -131,13 +136,14 @@ def main(argv=None) -> None:
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
+    ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--ppo-args", nargs="*", default=BALANCE, help=f"more PPO arguments for every run (default {BALANCE})")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. 'machine shared with other jobs')")
     args = ap.parse_args(argv)
     prepare(args.work)
     results = [run_ppo(args.work, name, seed, args.iterations, args.eval_every, args.ppo_args)
-               for seed in range(1, args.seeds + 1) for name in args.settings]
+               for seed in range(args.first_seed, args.first_seed + args.seeds) for name in args.settings]
     print_table(results, ["impl", "seed", "iterations_per_s", "gen_score_s", "trainer_s", "rollout_wait_s",
                           "weight_sync_s", "gold"])
     sync = [r["iterations_per_s"] for r in results if r["impl"] == "sync"]

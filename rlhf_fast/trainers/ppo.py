@@ -149,7 +149,7 @@ class PPOTrainer(StageTrainer):
         with timer("score"):
             self.samples.log(iteration + 1, self.tokenizer, extras.prompts, extras.score_ids, extras.score_mask,
                              local.scores, extras.raw_scores, extras.has_stop)
-            if self.old_from_rollout or self.correction:  # the engine's log-probs travel with the rollout: (B, R)
+            if self.old_from_rollout or self.correction is not None:  # the engine's log-probs travel with the rollout: (B, R)
                 local = local.replace(logprobs=torch.where(local.response_mask, extras.engine_logprobs, 0.0))
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)  # (B, ...) all ranks
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)  # minibatch permutations
@@ -158,11 +158,10 @@ class PPOTrainer(StageTrainer):
         with timer("advantages"):
             exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
                                              kl_coef=kl_coef, score_stats=self.score_stats)
-            if self.correction:  # behaviour = the engine's (rollout.logprobs), proximal = lp (recomputed)
-                exp = exp.replace(is_weights=self.correction.weights(lp, rollout.logprobs, exp.response_mask,
-                                                                     cfg.rollout.importance_weight_cap))  # (B, R)
-                async_row.update(algos.WeightStats.of(lp, rollout.logprobs, exp.response_mask,
-                                                      cfg.rollout.importance_weight_cap).to_dict())
+            if self.correction is not None:  # behaviour = the engine's (rollout.logprobs), proximal = lp (recomputed)
+                cap = cfg.rollout.importance_weight_cap if self.correction.truncates else None
+                exp = exp.replace(is_weights=self.correction.weights(lp, rollout.logprobs, exp.response_mask, cap))
+                async_row.update(algos.WeightStats.of(lp, rollout.logprobs, exp.response_mask, cap).to_dict())
         with timer("train"):
             lr = float(self.policy_engine.get_lr()[0])  # the lr this iteration trains with (before its scheduler steps)
             mb_stats = self._update(exp, kl_coef, generator)
