@@ -254,13 +254,17 @@ def test_workers_stop_when_the_trainer_process_dies(sig, tmp_path):
     import time
 
     args = [*QUIET, *TINY, "--ppo.iterations", "400", "--ppo.rollout.max_staleness", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a fresh 1-rank group of its own: not the process-group variables an earlier in-process run left
+    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "trainer.log", "w")
     trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(tmp_path / "run"), *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while not (tmp_path / "run" / "metrics.jsonl").exists() or not _children(trainer.pid):
-            assert trainer.poll() is None and time.time() < deadline, "the trainer never started its worker"
+            assert trainer.poll() is None and time.time() < deadline, \
+                "the trainer never started its worker:\n" + (tmp_path / "trainer.log").read_text()[-3000:]
             time.sleep(0.2)
         time.sleep(1.0)
         workers = _children(trainer.pid)
@@ -274,3 +278,4 @@ def test_workers_stop_when_the_trainer_process_dies(sig, tmp_path):
     finally:
         if trainer.poll() is None:
             trainer.kill()
+        log.close()
