@@ -279,3 +279,28 @@ def test_workers_stop_when_the_trainer_process_dies(sig, tmp_path):
         if trainer.poll() is None:
             trainer.kill()
         log.close()
+
+
+def test_ctrl_c_stops_after_the_step_and_stops_the_workers(tmp_path, monkeypatch):
+    """A terminal's Ctrl-C reaches the trainer and its workers: the workers ignore it (they keep
+    delivering), the trainer stops after the step with its checkpoint, and no worker is left."""
+    from rlhf_fast.trainers.run.guard import Interrupted
+
+    original, seen, pids = PPOTrainer.run_step, [], []
+
+    def interrupted_in_the_second(self):
+        seen.append(self.step)
+        if len(seen) == 2:
+            pids.extend(p.pid for p in self.async_rollouts.procs)
+            for pid in pids:
+                os.kill(pid, signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(PPOTrainer, "run_step", interrupted_in_the_second)
+    tr = PPOTrainer(_cfg("--ppo.rollout.max_staleness", "1", "--ppo.logging.eval_every", "0"), tmp_path)
+    with pytest.raises(Interrupted, match="Ctrl-C"):
+        tr.fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert [r["step"] for r in _train_rows(tmp_path)] == [1, 2]
+    assert pids and not any(_alive(pid) for pid in pids)
