@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -138,9 +139,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--ppo-args", nargs="*", default=BALANCE, help=f"more PPO arguments for every run (default {BALANCE})")
+    ap.add_argument("--ppo-args", default=" ".join(BALANCE),
+                    help=f"more PPO arguments for every run, one string: --ppo-args='--ppo.optim.lr 2e-4 ...' "
+                         f"(default {' '.join(BALANCE)!r})")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. 'machine shared with other jobs')")
     args = ap.parse_args(argv)
+    args.ppo_args = shlex.split(args.ppo_args)
     prepare(args.work)
     results = [run_ppo(args.work, name, seed, args.iterations, args.eval_every, args.ppo_args)
                for seed in range(args.first_seed, args.first_seed + args.seeds) for name in args.settings]
