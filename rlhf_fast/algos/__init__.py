@@ -48,6 +48,13 @@ from rlhf_fast.algos.losses import (
     ppo_clip_loss,
     vanilla_pg_loss,
 )
+from rlhf_fast.algos.off_policy import (
+    OFF_POLICY_CORRECTIONS,
+    OffPolicyCorrection,
+    WeightStats,
+    behaviour_weights,
+    decoupled_advantages,
+)
 from rlhf_fast.algos.registry import Registry
 from rlhf_fast.algos.running import RunningMoments
 from rlhf_fast.algos.truncation import (
@@ -75,7 +82,8 @@ from rlhf_fast.algos.types import (
 
 __all__ = [
     "AFTER_STOP", "AGGREGATIONS", "ESTIMATORS", "KL_CONTROLLERS", "KL_PLACEMENTS", "MINIBATCH_METRIC_NAMES", "MISSING_STOP_PENALTIES",
-    "OBJECTIVE_METRIC_NAMES", "POLICY_LOSSES", "PRESETS", "SCORE_POSITIONS", "ScorePosition",
+    "OBJECTIVE_METRIC_NAMES", "OFF_POLICY_CORRECTIONS", "POLICY_LOSSES", "PRESETS", "SCORE_POSITIONS", "ScorePosition",
+    "OffPolicyCorrection", "WeightStats", "behaviour_weights", "decoupled_advantages",
     "AdaptiveKLController", "AdvantageEstimator", "AdvantageInput", "AdvantageParams", "Aggregation",
     "FixedKLController", "KLPlacement", "MinibatchStats", "ObjectiveStats", "PPOHyperParams", "PPOStats",
     "PolicyLossOutput", "PolicyLossParams", "PostprocessedResponses", "Registry", "Rollout", "RunningMoments",

@@ -39,6 +39,9 @@ class Rollout:
         last sampled token ("trained", lm-human-preferences ``rewards[:, -1] += scores``).
     advantages: (B, R), returns: (B, R): from the advantage estimator; 0 on padding.
     group_ids: (B,) long, rows with the same id answer the same prompt (grpo / rloo baselines).
+    is_weights: (B, R) float32, the off-policy correction's per-token importance weights
+        pi_prox / pi_behav of a stale batch (asynchronous rollouts, ``algos/off_policy.py``; the
+        policy loss sees ``is_weights * advantages``), 0 on padding; None: no correction.
     """
 
     query_ids: torch.Tensor
@@ -54,6 +57,7 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
     group_ids: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         B, R = self.response_ids.shape[0], self.response_ids.shape[-1]
@@ -63,7 +67,8 @@ class Rollout:
                 f"and {tuple(self.response_ids.shape)}"
             )
         expected = {"query_mask": tuple(self.query_ids.shape), "response_mask": (B, R), "scores": (B,)}
-        expected.update({k: (B, R) for k in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns")})
+        expected.update({k: (B, R) for k in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns",
+                                          "is_weights")})
         expected["group_ids"] = (B,)
         expected["query_ids"] = (B, self.query_ids.shape[-1])
         for name, shape in expected.items():

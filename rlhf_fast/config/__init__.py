@@ -26,10 +26,10 @@ from rlhf_fast.config.sections import (
     DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
 from rlhf_fast.config.presets import PRESETS
-from rlhf_fast.config.stages import GenerationConfig, PPOConfig, RewardConfig, RMConfig, RunConfig, SFTConfig
+from rlhf_fast.config.stages import AsyncRolloutConfig, GenerationConfig, PPOConfig, RewardConfig, RMConfig, RunConfig, SFTConfig
 
 __all__ = [
-    "BatchPlan", "DataConfig", "DeepSpeedConfig", "GenerationConfig", "LoggingConfig", "LoRAConfig", "ModelConfig",
+    "AsyncRolloutConfig", "BatchPlan", "DataConfig", "DeepSpeedConfig", "GenerationConfig", "LoggingConfig", "LoRAConfig", "ModelConfig",
     "OptimConfig", "PPOConfig", "PPOLoggingConfig", "PRESETS", "RMConfig", "RewardConfig", "RunConfig", "SFTConfig",
     "SchedulerConfig", "apply_preset",
     "describe", "dump_yaml", "field_docs", "from_dict", "load_config", "load_yaml", "parse_overrides", "resolve_path",

@@ -10,6 +10,7 @@ from typing import Any
 
 from rlhf_fast.algos import schedules
 from rlhf_fast.algos.hparams import PPOHyperParams
+from rlhf_fast.algos.off_policy import off_policy_correction_names
 from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES, old_logprob_source_names
 from rlhf_fast.algos.truncation import AFTER_STOP, MISSING_STOP_PENALTIES
 from rlhf_fast.models.layouts import critic_layout_names
@@ -17,7 +18,7 @@ from rlhf_fast.models.precision import PRECISIONS, precision_names
 from rlhf_fast.config.sections import (
     DataConfig, DeepSpeedConfig, LoggingConfig, LoRAConfig, ModelConfig, OptimConfig, PPOLoggingConfig, SchedulerConfig,
 )
-from rlhf_fast.config.stages import GenerationConfig, PPOConfig, RewardConfig, RMConfig, SFTConfig
+from rlhf_fast.config.stages import AsyncRolloutConfig, GenerationConfig, PPOConfig, RewardConfig, RMConfig, SFTConfig
 
 _POSITIVE = "a number > 0"
 CHECKS: dict[tuple[type, str], tuple[typing.Callable[[Any], bool], str]] = {
@@ -81,6 +82,7 @@ _registry_field(GenerationConfig, "missing_stop_penalty", "missing-stop penalty"
 _registry_field(GenerationConfig, "after_stop", "after-stop treatment", AFTER_STOP.names)
 _registry_field(PPOConfig, "critic", "critic layout", critic_layout_names)
 _registry_field(PPOConfig, "old_logprobs", "old log-prob source", old_logprob_source_names)
+_registry_field(AsyncRolloutConfig, "correction", "off-policy correction", off_policy_correction_names)
 _registry_field(PPOConfig, "lr_schedule_unit", "learning-rate schedule unit", schedules.LR_SCHEDULE_UNITS.names)
 _registry_field(PPOConfig, "policy_wrapper", "policy wrapper", _policy_wrapper_names)
 
@@ -136,6 +138,11 @@ CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "
 # stay inside torch's and the sampler's int64 range
 for _stage in (SFTConfig, RMConfig, PPOConfig):
     CHECKS[(_stage, "seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
+CHECKS[(AsyncRolloutConfig, "max_staleness")] = (lambda v: v >= 0, "an integer >= 0 (0 = synchronous)")
+CHECKS[(AsyncRolloutConfig, "workers")] = (lambda v: v is None or v >= 0,
+                                            "an integer >= 0 (0 = the trainer generates) or null")
+CHECKS[(AsyncRolloutConfig, "importance_weight_cap")] = (lambda v: v > 0, _POSITIVE)
+CHECKS[(AsyncRolloutConfig, "bucket_mb")] = (lambda v: v > 0, _POSITIVE)
 CHECKS[(LoRAConfig, "rank")] = (lambda v: v >= 0, "an integer >= 0 (0 = off)")
 CHECKS[(LoRAConfig, "alpha")] = (lambda v: v > 0, _POSITIVE)
 CHECKS[(LoRAConfig, "dropout")] = (lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -177,6 +184,23 @@ def _grads_in_params(cfg: "PPOConfig") -> bool:
     return PRECISIONS[cfg.deepspeed.dtype].grads_in_params
 
 
+def _check_async_rollouts(cfg: "PPOConfig", path: str) -> None:
+    """``ppo.rollout``: staleness needs workers; the decoupled objective needs the proximal log-probs
+    recomputed; a worker holds a whole copy of the policy (no ZeRO-3 partitions)."""
+    r = cfg.rollout
+    if r.max_staleness and not r.worker_count:
+        raise ValueError(f"{path}.rollout.max_staleness {r.max_staleness} needs {path}.rollout.workers >= 1 (the "
+                         "trainer alone cannot generate while it updates)")
+    if r.max_staleness and OLD_LOGPROB_SOURCES[cfg.old_logprobs].from_rollout:
+        raise ValueError(f"{path}.old_logprobs 'rollout' with {path}.rollout.max_staleness {r.max_staleness}: the "
+                         "decoupled objective clips against the proximal policy (the trainer's weights at the start of "
+                         "the update), whose log-probs must be recomputed; use 'recompute' (the engine's log-probs are "
+                         "the behaviour policy's, used for the importance weight)")
+    if r.worker_count and cfg.deepspeed.zero_stage == 3:
+        raise ValueError(f"{path}.rollout.workers needs {path}.deepspeed.zero_stage 0-2: a rollout worker holds a whole "
+                         "copy of the policy, and ZeRO-3 keeps only partitions of it in the trainer")
+
+
 def cross_checks(cfg, path: str) -> None:
     """Constraints between fields of one section."""
     if isinstance(cfg, DeepSpeedConfig):
@@ -208,6 +232,7 @@ def cross_checks(cfg, path: str) -> None:
         )
     if isinstance(cfg, PPOConfig):
         _check_logprob_distribution(cfg, path)
+        _check_async_rollouts(cfg, path)
 
     if isinstance(cfg, PPOConfig) and cfg.algo.dynamic_sampling and cfg.samples_per_prompt < 2:
         raise ValueError(f"{path}.algo.dynamic_sampling filters groups of samples: set {path}.samples_per_prompt >= 2 "

@@ -216,6 +216,46 @@ class RewardConfig:
 
 
 @dataclass
+class AsyncRolloutConfig:
+    """Asynchronous rollouts (``ppo.rollout``; docs/architecture.md, "Asynchronous rollouts"): rollout
+    worker processes generate and score the next batches on a weight snapshot while the trainer
+    updates (verl's fully-async mode, AReaL, NeMo-RL's one-step off-policy mode overlap the two)."""
+
+    max_staleness: int = 0
+    """K: a batch is trained on only if the weights that sampled it are at most K updates old. 0 (the
+    default) is the synchronous loop: iteration i samples from the weights after i updates. With K >= 1
+    iteration i samples from the weights after max(start, i - K) updates (exactly: a worker waits for
+    that version and takes no newer one, so a run is a function of its seed), and the update is the
+    decoupled PPO objective (``correction``). Needs a rollout worker (``workers`` None or >= 1)."""
+    workers: Optional[int] = None
+    """Rollout worker processes (each a forked copy of the policy and the scorer with its own hybrid
+    engine; iteration i goes to worker i mod N). None (default): 1 when ``max_staleness`` >= 1, else 0;
+    0: the trainer generates itself. With ``max_staleness`` 0 and workers the run is bit-identical to
+    the synchronous one (the worker waits for the current weights); it only moves generation to
+    another process."""
+    correction: str = "decoupled"
+    """The off-policy correction for K >= 1 (``rlhf_fast/algos/off_policy.py``: ``OFF_POLICY_CORRECTIONS``):
+    "decoupled" — the decoupled PPO objective, the ratio clipped against the proximal policy (the
+    trainer's weights at the start of the update) and each token weighted by pi_prox / pi_behav
+    (Hilton et al. 2022, "Batch size-invariance for policy optimization"; AReaL, Fu et al. 2025);
+    "truncated_is" — the same weight capped at ``importance_weight_cap`` (IMPALA's truncation; TIS,
+    Yao et al. 2025)."""
+    importance_weight_cap: float = 2.0
+    """C of "truncated_is": w = min(pi_prox / pi_behav, C). 2 as TIS's and verl's ``tis_imp_ratio_cap``."""
+    bucket_mb: float = 32.0
+    """Weight sync: the trainable parameters (with LoRA: the adapters) travel in flat buckets of at
+    most this many MiB, one ``torch.distributed`` broadcast each (gloo on CPU; DeepSpeed / PyTorch DDP
+    bucket gradients at 25-500 MB for the same reason: fewer, larger messages)."""
+
+    @property
+    def worker_count(self) -> int:
+        """The rollout worker processes this config starts (``workers`` with None resolved)."""
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.max_staleness else 0
+
+
+@dataclass
 class PPOConfig:
     """PPO on the hybrid engine and DeepSpeed (``rlhf_fast.trainers.ppo``)."""
 
@@ -292,6 +332,8 @@ class PPOConfig:
     sequences"). None (default): packed when the model's attention implementation can pack (sdpa,
     eager, flash-attention), padded otherwise; true: packed or a ValueError naming this field;
     false: the padded [B, T] batches."""
+    rollout: AsyncRolloutConfig = field(default_factory=AsyncRolloutConfig)
+    """Asynchronous rollouts: worker processes and bounded staleness (off by default: synchronous)."""
     old_logprobs: str = "recompute"
     """Where the PPO ratio's old log-probs come from: "recompute" — a policy forward over the
     rollout in the first epoch's micro-batches (the first minibatch's ratio is then exactly 1; the

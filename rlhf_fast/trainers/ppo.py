@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,17 +37,20 @@ from rlhf_fast.algos.old_logprobs import OLD_LOGPROB_SOURCES
 from rlhf_fast.config import BatchPlan, PPOConfig, validate
 from rlhf_fast.models import lora
 from rlhf_fast.trainers import _build, ppo_core
+from rlhf_fast.trainers.async_rollout import AsyncRollouts, StalenessSchedule
 from rlhf_fast.trainers import deepspeed_setup as dss
 from rlhf_fast.trainers.stage_loop import StageTrainer
 from rlhf_fast.trainers.ppo_parts import build_ppo_parts
 from rlhf_fast.trainers.watch import SampleLogger, ppo_postfix
 from rlhf_fast.trainers.rollout import (  # noqa: F401  (re-exported: the trainer's public helpers)
+    PhaseTimer,
     PromptSchedule,
     RewardFn,
     RolloutStage,
     Scorer,
     call_reward_function,
     load_reward_function,
+    iteration_seed,
     resolve_stop_tokens,
 )
 
@@ -69,23 +71,6 @@ class _Engines:
     def load_checkpoint(self, path: str, *, tag: str, **kwargs):
         loaded = [e.load_checkpoint(os.path.join(path, name), tag=tag, **kwargs)[0] for name, e in self.engines.items()]
         return (path if all(p is not None for p in loaded) else None), None
-
-
-@dataclass
-class _Timer:
-    seconds: dict
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
 
 
 class PPOTrainer(StageTrainer):
@@ -112,8 +97,14 @@ class PPOTrainer(StageTrainer):
         self.hp = cfg.algo.replace(top_k=g.top_k if cfg.algo.top_k is None else cfg.algo.top_k,
                                    top_p=g.top_p if cfg.algo.top_p is None else cfg.algo.top_p)
         self.old_from_rollout = OLD_LOGPROB_SOURCES[cfg.old_logprobs].from_rollout
+        # asynchronous rollouts (trainers/async_rollout.py): the workers start with the first step
+        self.correction = algos.OFF_POLICY_CORRECTIONS[cfg.rollout.correction] if cfg.rollout.max_staleness else None
+        self.async_rollouts: Optional[AsyncRollouts] = None
         self._reward_fn = reward_fn
         W = self.dist.world_size
+        if cfg.rollout.worker_count and W > 1:
+            raise ValueError(f"ppo.rollout.workers needs one trainer process (got a world of {W}): the rollout workers "
+                             "copy a single process's policy")
         if cfg.rollout_batch_size % W:
             raise ValueError(f"ppo.rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the world size ({W})")
         self.B = cfg.rollout_batch_size * cfg.samples_per_prompt  # global rollout rows
@@ -151,15 +142,14 @@ class PPOTrainer(StageTrainer):
 
     def run_step(self) -> dict:
         """PPO iteration ``self.step``: rollout -> experience -> update -> metrics."""
-        cfg, hp, iteration, timer = self.cfg, self.hp, self.step, _Timer({})
-        seed = cfg.seed * 1_000_003 + iteration * 7919 + self.dist.rank * dss.SEED_STRIDE
+        cfg, hp, iteration, timer = self.cfg, self.hp, self.step, PhaseTimer({})
         kl_coef = float(self.kl_ctl.value)
         t_start = time.perf_counter()
-        local, extras = self.rollouts.collect(iteration, seed, timer)  # generate, score (more rounds: dynamic sampling)
+        local, extras, async_row = self._collect(iteration, timer)  # generate, score (here or in a worker)
         with timer("score"):
             self.samples.log(iteration + 1, self.tokenizer, extras.prompts, extras.score_ids, extras.score_mask,
                              local.scores, extras.raw_scores, extras.has_stop)
-            if self.old_from_rollout:  # the engine's log-probs travel with the rollout: (b, R) -> (B, R)
+            if self.old_from_rollout or self.correction is not None:  # the engine's log-probs travel with the rollout: (B, R)
                 local = local.replace(logprobs=torch.where(local.response_mask, extras.engine_logprobs, 0.0))
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)  # (B, ...) all ranks
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)  # minibatch permutations
@@ -168,19 +158,60 @@ class PPOTrainer(StageTrainer):
         with timer("advantages"):
             exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
                                              kl_coef=kl_coef, score_stats=self.score_stats)
+            if self.correction is not None:  # behaviour = the engine's (rollout.logprobs), proximal = lp (recomputed)
+                cap = cfg.rollout.importance_weight_cap if self.correction.truncates else None
+                exp = exp.replace(is_weights=self.correction.weights(lp, rollout.logprobs, exp.response_mask, cap))
+                async_row.update(algos.WeightStats.of(lp, rollout.logprobs, exp.response_mask, cap).to_dict())
         with timer("train"):
             lr = float(self.policy_engine.get_lr()[0])  # the lr this iteration trains with (before its scheduler steps)
             mb_stats = self._update(exp, kl_coef, generator)
         row = algos.PPOStats(objective=algos.objective_stats(exp, kl_coef), minibatches=mb_stats).to_dict()
         self.kl_ctl.update(row["objective/kl"], rollout.batch_size)
         elapsed = time.perf_counter() - t_start
-        row.update(self._rollout_health(trainer_lp, local, extras))
+        # the engine-vs-trainer gap compares the same weights: only a batch of staleness 0
+        row.update(self._rollout_health(trainer_lp if not async_row.get("async/staleness") else None, local, extras))
         row.update({"policy/first_minibatch_approxkl": float(mb_stats[0].approxkl),
                     "policy/first_minibatch_clipfrac": float(mb_stats[0].clipfrac)})
         row.update({"perf/tokens_per_s": float(exp.response_mask.sum()) / max(elapsed, 1e-9),
                     "perf/iteration_s": elapsed, "train/lr": lr})
         row.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
+        row.update(async_row)
         return row
+
+    def _collect(self, iteration: int, timer: PhaseTimer):
+        """This rank's rollout of ``iteration`` and its extras, generated here or taken from a rollout
+        worker, and the ``async/*`` metrics (staleness, wait, weight sync; empty when synchronous)."""
+        seed = iteration_seed(self.cfg.seed, iteration, self.dist.rank)
+        if not self.cfg.rollout.worker_count:
+            local, extras = self.rollouts.collect(iteration, seed, timer)
+            return local, extras, {}
+        if self.async_rollouts is None:
+            self._start_workers()
+        got, waited = self.async_rollouts.collect(iteration)
+        for k, v in got.seconds.items():  # the worker's generate / score seconds
+            timer.seconds[k] = timer.seconds.get(k, 0.0) + v
+        sync = self.async_rollouts.sync.stats
+        return got.rollout, got.extras, {"async/staleness": float(iteration - got.version),
+                                         "async/rollout_wait_s": waited, "async/weight_sync_s": sync.last_seconds,
+                                         "async/weight_sync_mb": sync.bytes / 2**20}
+
+    def _start_workers(self) -> None:
+        total = self.loop_length()
+        end = min(total, self.stop_after() or total)
+        r = self.cfg.rollout
+        schedule = StalenessSchedule(start=self.step, end=end, max_staleness=r.max_staleness, workers=r.worker_count)
+        seed, rank = self.cfg.seed, self.dist.rank
+        self.async_rollouts = AsyncRollouts(self.rollouts, self.policy_engine.module, r, schedule,
+                                            lambda it: iteration_seed(seed, it, rank))
+        self.async_rollouts.start()
+
+    def fit(self) -> dict:
+        try:
+            return super().fit()
+        finally:  # normal end, error, Ctrl-C / SIGTERM: no rollout worker outlives the trainer's fit
+            if self.async_rollouts is not None:
+                self.async_rollouts.close()
+                self.async_rollouts = None
 
     def _experience_logprobs(self, rollout: Rollout, generator: torch.Generator, iteration: int):
         """(old log-probs, reference log-probs, values, the trainer's own old log-probs or None),
@@ -204,6 +235,8 @@ class PPOTrainer(StageTrainer):
         stats = ppo_core.ppo_update(ppo_core.DeepSpeedStepper(self.policy_engine), exp, self.hp, kl_coef=kl_coef,
                                     generator=generator, critic_st=critic_st)
         self.gen.on_weights_updated()  # the Generator contract: after the optimizer steps, before the next rollout
+        if self.async_rollouts is not None:
+            self.async_rollouts.after_update(self.step)  # version step + 1 to the workers that will need it
         return stats
 
     def _rollout_health(self, lp: Optional[torch.Tensor], local: Rollout, extras) -> dict:

@@ -375,7 +375,9 @@ def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout
     critic = critic_st.module if critic_st is not None else None
     # policy/entropy is always reported; the op computes it in the same pass
     logprobs, entropy, values = policy_forward(policy_st.module, critic, micro, hp, entropy=True)  # (b, R)
-    pg = algos.policy_loss(hp.policy_loss, logprobs, micro.logprobs, micro.advantages, mask, hp.policy_loss_params(),
+    # a stale batch (asynchronous rollouts): the decoupled objective, w * A with w = pi_prox / pi_behav
+    adv = algos.decoupled_advantages(micro.advantages, micro.is_weights)  # (b, R); the advantages when None
+    pg = algos.policy_loss(hp.policy_loss, logprobs, micro.logprobs, adv, mask, hp.policy_loss_params(),
                            normalizer=normalizer)
     loss = pg.loss
     kl_part = torch.zeros((), device=logprobs.device)

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -168,6 +169,31 @@ class RolloutExtras:
     """rollout rounds this iteration took (dynamic sampling; 1 without it)."""
     informative_frac: float = 1.0
     """fraction of the first round's rows whose group's scores differ (dynamic sampling's filter)."""
+
+
+@dataclass
+class PhaseTimer:
+    """``with timer("generate"): ...`` adds the block's wall seconds to ``seconds["generate"]``."""
+
+    seconds: dict
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    """The sampling seed of one rank's rollout of ``iteration`` (a function of these only, so a
+    resumed run and a rollout worker draw what the uninterrupted trainer would)."""
+    return seed * 1_000_003 + iteration * 7919 + rank * 100003  # rank stride: N details #6
 
 
 # ---- the parts -------------------------------------------------------------------------------------
