@@ -217,7 +217,7 @@ float load_row_max(const scalar_t* x, int64_t V, bool use_div, float temperature
 template <bool kCut, bool kEnt, bool kUnder, typename scalar_t>
 void compensated_sums(const scalar_t* z, int64_t V, float m, const Cut& cut, double* s_out,
                       double* t_out) {
-  const fVec zero(0.f), mv(m), neg_inf(-std::numeric_limits<float>::infinity());
+  const fVec zero(0.f), mv(m);
   fVec s[kVecs], sc[kVecs], t[kVecs], tc[kVecs];
   for (int64_t v = 0; v < kVecs; ++v) s[v] = sc[v] = t[v] = tc[v] = zero;
   const int64_t V_main = V - V % kLanes;
@@ -228,10 +228,20 @@ void compensated_sums(const scalar_t* z, int64_t V, float m, const Cut& cut, dou
     for (int64_t v = 0; v < kVecs; ++v) {
       x[v] = load_f(z + j0 + v * kW);
       d[v] = x[v] - mv;
-      // A dropped token's d is -inf, its exp 0.
-      if constexpr (kCut) d[v] = fVec::blendv(neg_inf, d[v], kept_vec(cut, x[v], j0 + v * kW));
     }
     vexp_nonpos_n<kVecs, kUnder>(d, e);  // d <= 0: m is the max of these very values
+    if constexpr (kCut) {
+      // A dropped token's exp is +0 (the bits exp(-inf) gave when d was set to -inf first). The
+      // index test is needed only in the one vector holding the cut's index: before it every
+      // token with z == c is kept (z >= c), after it none is (z > c).
+      const fVec cv(cut.value);
+#pragma GCC unroll 16
+      for (int64_t v = 0; v < kVecs; ++v) {
+        const int64_t j = j0 + v * kW;
+        const fVec keep = j + kW - 1 <= cut.index ? (x[v] >= cv) : j > cut.index ? (x[v] > cv) : kept_vec(cut, x[v], j);
+        e[v] = e[v] & keep;
+      }
+    }
 #pragma GCC unroll 16
     for (int64_t v = 0; v < kVecs; ++v) {
       const fVec ys = e[v] - sc[v], ts = s[v] + ys;
@@ -283,8 +293,16 @@ RowStats finish_row(const zscalar_t* z, float m, int64_t V, int64_t label, int64
   const float kNegInf = -std::numeric_limits<float>::infinity();
   double s = 0.0, t = 0.0;
   if (cut.on) {
-    // The entropy sum is kept whether or not it is asked for, as before (one loop per filter).
-    compensated_sums<true, true, true>(z, V, m, cut, &s, &t);
+    // The entropy sum only when asked for (s is the same either way: its lanes never see t's).
+    // Dropped tokens are masked after their exp, so only the kept ones' d = z - m <= 0 matter:
+    // no_under (every z - m of the row above vexp's bound) still lets the underflow blend go.
+    if (want_entropy) {
+      no_under ? compensated_sums<true, true, false>(z, V, m, cut, &s, &t)
+               : compensated_sums<true, true, true>(z, V, m, cut, &s, &t);
+    } else {
+      no_under ? compensated_sums<true, false, false>(z, V, m, cut, &s, &t)
+               : compensated_sums<true, false, true>(z, V, m, cut, &s, &t);
+    }
   } else if (want_entropy) {
     no_under ? compensated_sums<false, true, false>(z, V, m, cut, &s, &t)
              : compensated_sums<false, true, true>(z, V, m, cut, &s, &t);

@@ -82,43 +82,21 @@ inline bool by_value(const std::pair<float, int64_t>& a, const std::pair<float, 
 
 constexpr int64_t kTopP0 = 128;        // top-p first walks the 128 largest logits (peaked rows stop there)
 constexpr int64_t kMaxCollect = 4096;  // top-k above this: the histogram finds the k-th value
+// The scans work in whole 64-token blocks (the collection shrinks only between blocks, the mass
+// keeps 64 logical lanes), so no result depends on the vector width (AVX2 = AVX-512).
+constexpr int64_t kScanBlock = 64;
 
-// One vectorised pass that leaves in s.cand every token with z > *thr and at least k0 tokens with
-// z >= *thr, or (when fewer than k0 logits exceed -inf) every token above -inf with *thr = -inf: a
-// running threshold, raised by nth_element whenever 2 * k0 are held.
-void collect_top(const float* z, int64_t V, int64_t k0, Scratch& s, float* thr_out) {
-  float thr = -std::numeric_limits<float>::infinity();
-  s.cand.clear();
-  const int64_t cap = 2 * k0;
-  const int full = static_cast<int>((1LL << kW) - 1);
-  auto shrink = [&]() {
-    std::nth_element(s.cand.begin(), s.cand.begin() + (k0 - 1), s.cand.end(), by_value);
-    thr = s.cand[k0 - 1].first;
-    s.cand.resize(k0);
-  };
-  int64_t j = 0;
-  for (; j + kW <= V; j += kW) {
-    const fVec zv = fVec::loadu(z + j);
-    const int bits = ~(zv > fVec(thr)).zero_mask() & full;
-    if (bits == 0) continue;
-    for (int l = 0; l < kW; ++l)
-      if (bits & (1 << l)) s.cand.emplace_back(z[j + l], j + l);
-    if (static_cast<int64_t>(s.cand.size()) >= cap) shrink();
-  }
-  for (; j < V; ++j)
-    if (z[j] > thr) s.cand.emplace_back(z[j], j);
-  if (static_cast<int64_t>(s.cand.size()) > k0) shrink();
-  *thr_out = thr;
-}
-
-// float64 sum of exp(z - m) over z >= kth: 4 x kW compensated float lanes, merged in double.
+// float64 sum of exp(z - m) over z >= kth: 64 compensated float lanes (element j of a 64-block in
+// lane j % 64, on every vector width), merged in double in lane order, then the tail.
 double kept_mass(const float* z, int64_t V, float m, float kth) {
+  constexpr int64_t nv = kScanBlock / kW;
   const fVec mv(m), kv(kth), zero(0.f);
-  fVec acc[4] = {zero, zero, zero, zero}, comp[4] = {zero, zero, zero, zero};
+  fVec acc[nv], comp[nv];
+  for (int64_t v = 0; v < nv; ++v) acc[v] = comp[v] = zero;
   int64_t j = 0;
-  for (; j + 4 * kW <= V; j += 4 * kW) {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
+  for (; j + kScanBlock <= V; j += kScanBlock) {
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < nv; ++v) {
       const fVec zj = fVec::loadu(z + j + v * kW);
       const fVec e = vexp_nonpos(zj - mv) & (zj >= kv);
       const fVec y = e - comp[v], t = acc[v] + y;
@@ -126,13 +104,13 @@ double kept_mass(const float* z, int64_t V, float m, float kth) {
       acc[v] = t;
     }
   }
-  float a[4 * kW], c[4 * kW];
-  for (int v = 0; v < 4; ++v) {
+  float a[kScanBlock], c[kScanBlock];
+  for (int64_t v = 0; v < nv; ++v) {
     acc[v].store(a + v * kW);
     comp[v].store(c + v * kW);
   }
   double S = 0.0;
-  for (int64_t l = 0; l < 4 * kW; ++l) S += static_cast<double>(a[l]) - static_cast<double>(c[l]);
+  for (int64_t l = 0; l < kScanBlock; ++l) S += static_cast<double>(a[l]) - static_cast<double>(c[l]);
   for (; j < V; ++j) S += z[j] >= kth ? static_cast<double>(fast_expf(z[j] - m)) : 0.0;
   return S;
 }
@@ -240,13 +218,76 @@ Cut top_p_histogram(const float* z, int64_t V, float m, float kth, double pS, Sc
   return tie_cut(c, m, G_c, pS, s);
 }
 
-// The row as float32 z = x / T (the values torch's `logits.float() / T` gives), blocked ids -inf:
-// float32 logits at T = 1 with nothing blocked are read in place, otherwise written to buf.
-// Returns (z, max z, whether the row is NaN-free with a finite max: otherwise the filter keeps
-// everything).
+
+// How many of the largest logits row_cut collects in the scan (0: none).
+inline int64_t collect_count(int64_t V, int64_t top_k, double top_p) {
+  const bool k_on = top_k > 0 && top_k < V, p_on = top_p < 1.0;
+  if (!(k_on || p_on)) return 0;
+  const int64_t k0 = std::min<int64_t>(V, std::max<int64_t>(k_on ? top_k : 0, p_on ? kTopP0 : 0));
+  return k0 <= kMaxCollect ? k0 : 0;
+}
+
+// One vectorised pass over the row: its max (NaN skipped), whether it holds a NaN, and with
+// k0 > 0 a running threshold collection that leaves in s.cand every token with z > *thr and at
+// least k0 tokens with z >= *thr, or (fewer than k0 logits above -inf) every token above -inf with
+// *thr = -inf; the threshold is raised by nth_element when a block ends with 2 * k0 held.
+void scan_row(const float* z, int64_t V, int64_t k0, Scratch& s, float* m_out, bool* nan_out, float* thr_out) {
+  constexpr int64_t nv = kScanBlock / kW;
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  const int full = static_cast<int>((1LL << kW) - 1);
+  float thr = kNegInf;
+  s.cand.clear();
+  auto shrink = [&]() {
+    std::nth_element(s.cand.begin(), s.cand.begin() + (k0 - 1), s.cand.end(), by_value);
+    thr = s.cand[k0 - 1].first;
+    s.cand.resize(k0);
+  };
+  fVec mv(kNegInf), nanv(0.f);
+  int64_t j = 0;
+  for (; j + kScanBlock <= V; j += kScanBlock) {
+    const fVec tv(thr);
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < nv; ++v) {
+      const fVec zv = fVec::loadu(z + j + v * kW);
+      mv = at::vec::clamp_min(mv, zv);  // `z > m ? z : m`: a NaN is skipped here, caught below
+      nanv = nanv | (zv != zv);
+      if (k0 > 0) {
+        const int bits = ~(zv > tv).zero_mask() & full;
+        if (bits != 0)
+          for (int l = 0; l < kW; ++l)
+            if (bits & (1 << l)) s.cand.emplace_back(z[j + v * kW + l], j + v * kW + l);
+      }
+    }
+    if (k0 > 0 && static_cast<int64_t>(s.cand.size()) >= 2 * k0) shrink();
+  }
+  float lanes[kW], nl[kW];
+  mv.store(lanes);
+  nanv.store(nl);
+  float m = kNegInf;
+  bool has_nan = false;
+  for (int64_t l = 0; l < kW; ++l) {
+    m = lanes[l] > m ? lanes[l] : m;
+    has_nan |= nl[l] != 0.f;  // an all-ones lane is a NaN, != 0
+  }
+  for (; j < V; ++j) {
+    has_nan |= z[j] != z[j];
+    m = z[j] > m ? z[j] : m;
+    if (k0 > 0 && z[j] > thr) s.cand.emplace_back(z[j], j);
+  }
+  if (k0 > 0 && static_cast<int64_t>(s.cand.size()) > k0) shrink();
+  *m_out = m;
+  *nan_out = has_nan;
+  *thr_out = thr;
+}
+
+// The row as float32 z = x / T (the values torch's `logits.float() / T` gives), blocked ids -inf,
+// then scan_row: float32 logits at T = 1 with nothing blocked are read in place, otherwise written
+// to buf first. Returns (z, max z, whether the row is NaN-free with a finite max: otherwise the
+// filter keeps everything, the collection's threshold).
 template <typename scalar_t>
-std::tuple<const float*, float, bool> load_row(const scalar_t* x, int64_t V, float temp, const int64_t* blocked,
-                                               int64_t n_blocked, float* buf) {
+std::tuple<const float*, float, bool, float> load_row(const scalar_t* x, int64_t V, float temp,
+                                                      const int64_t* blocked, int64_t n_blocked, float* buf,
+                                                      int64_t k0, Scratch& s) {
   const float* z = buf;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (temp == 1.f && n_blocked == 0) {
@@ -261,41 +302,21 @@ std::tuple<const float*, float, bool> load_row(const scalar_t* x, int64_t V, flo
     for (int64_t j = 0; j < V; ++j) buf[j] = to_float(x[j]) / temp;
   }
   for (int64_t i = 0; i < n_blocked; ++i) buf[blocked[i]] = -std::numeric_limits<float>::infinity();
-  const float kNegInf = -std::numeric_limits<float>::infinity();
-  fVec mv(kNegInf), nan(0.f);
-  int64_t j = 0;
-  for (; j + kW <= V; j += kW) {
-    const fVec zj = fVec::loadu(z + j);
-    mv = at::vec::clamp_min(mv, zj);  // `z > m ? z : m`: a NaN is skipped here, caught below
-    nan = nan | (zj != zj);
-  }
-  float lanes[kW], nl[kW];
-  mv.store(lanes);
-  nan.store(nl);
-  float m = kNegInf;
+  float m = 0.f, thr = 0.f;
   bool has_nan = false;
-  for (int64_t l = 0; l < kW; ++l) {
-    m = lanes[l] > m ? lanes[l] : m;
-    has_nan |= nl[l] != 0.f;  // an all-ones lane is a NaN, != 0
-  }
-  for (; j < V; ++j) {
-    has_nan |= z[j] != z[j];
-    m = z[j] > m ? z[j] : m;
-  }
-  return {z, m, !has_nan && std::isfinite(m)};
+  scan_row(z, V, k0, s, &m, &has_nan, &thr);
+  return {z, m, !has_nan && std::isfinite(m), thr};
 }
 
-Cut row_cut(const float* z, int64_t V, float m, bool finite, int64_t top_k, double top_p, Scratch& s) {
+Cut row_cut(const float* z, int64_t V, float m, bool finite, int64_t top_k, double top_p, float thr, Scratch& s) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const bool k_on = top_k > 0 && top_k < V, p_on = top_p < 1.0;
   if (!finite || !(k_on || p_on)) return Cut{false, kNegInf, V - 1};
-  const int64_t k0 = std::min<int64_t>(V, std::max<int64_t>(k_on ? top_k : 0, p_on ? kTopP0 : 0));
-  float thr = kNegInf, kth = kNegInf;
-  const bool collected = k0 <= kMaxCollect;
-  if (collected) collect_top(z, V, k0, s, &thr);  // s.cand: every z > thr, >= k0 tokens >= thr
+  const bool collected = collect_count(V, top_k, top_p) > 0;  // s.cand: every z > thr, >= k0 tokens >= thr
+  float kth = kNegInf;
   if (k_on) {
     if (collected && static_cast<int64_t>(s.cand.size()) < top_k) {
-      kth = kNegInf;  // fewer than k tokens above -inf (the only ones collect_top skips): all kept
+      kth = kNegInf;  // fewer than k tokens above -inf (the only ones scan_row skips): all kept
     } else if (collected) {
       std::nth_element(s.cand.begin(), s.cand.begin() + (top_k - 1), s.cand.end(), by_value);
       kth = s.cand[top_k - 1].first;
@@ -342,8 +363,9 @@ std::tuple<at::Tensor, at::Tensor> kept_cut_cpu(const at::Tensor& logits, double
       std::vector<float> buf(static_cast<size_t>(V));
       Scratch s(V);
       for (int64_t i = begin; i < end; ++i) {
-        auto [z, m, finite] = load_row<scalar_t>(x_p + i * V, V, temp, nullptr, 0, buf.data());
-        const Cut c = row_cut(z, V, m, finite, top_k, top_p, s);
+        auto [z, m, finite, thr] =
+            load_row<scalar_t>(x_p + i * V, V, temp, nullptr, 0, buf.data(), collect_count(V, top_k, top_p), s);
+        const Cut c = row_cut(z, V, m, finite, top_k, top_p, thr, s);
         v_p[i] = c.on ? c.value : -std::numeric_limits<float>::infinity();
         i_p[i] = c.on ? c.index : V - 1;
       }
@@ -452,8 +474,9 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, c
       std::vector<double> blocks(static_cast<size_t>((V + kBlock - 1) / kBlock));
       Scratch s(V);
       for (int64_t i = begin; i < end; ++i) {
-        auto [z, m, finite] = load_row<scalar_t>(x_p + i * V, V, temp, blk_p, n_blk, buf.data());
-        const Cut cut = row_cut(z, V, m, finite, top_k, top_p, s);
+        auto [z, m, finite, thr] =
+            load_row<scalar_t>(x_p + i * V, V, temp, blk_p, n_blk, buf.data(), collect_count(V, top_k, top_p), s);
+        const Cut cut = row_cut(z, V, m, finite, top_k, top_p, thr, s);
         auto [tok, lp] = draw_row<scalar_t>(x_p + i * V, z, V, m, cut, do_sample, u_p[i], blk_p, n_blk, s, blocks);
         t_p[i] = tok;
         l_p[i] = lp;

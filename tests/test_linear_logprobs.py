@@ -360,3 +360,23 @@ def test_triton_kernels_large_vocab_forward():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         check_impl(_triton_op(4), hidden, weight, labels, 0.9, True, grads=False)
+
+
+def test_frozen_head_gets_no_weight_gradient_and_the_same_hidden_gradient():
+    """A frozen LM head (LoRA): the backward skips d_weight (no (V, H) float32 accumulator, no GEMMs)
+    and d_hidden is the one it computes with the head trainable, bit for bit."""
+    torch.manual_seed(0)
+    h = torch.randn(12, 16)
+    w = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (12,))
+    grads = []
+    for trainable in (True, False):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(trainable)
+        lp, ent = ops.linear_logprobs(hh, ww, labels, temperature=0.7, return_entropy=True, top_p=0.9)
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        grads.append((hh.grad, ww.grad))
+    assert grads[1][1] is None and grads[0][1] is not None
+    assert torch.equal(grads[0][0], grads[1][0])
+    out = torch.ops.rlhf_fast.linear_logprobs_backward(
+        torch.ones(12), None, h, w, labels, torch.zeros(12, 2), torch.zeros(12), 1.0, -100, None, None, False)
+    assert out[1].numel() == 0

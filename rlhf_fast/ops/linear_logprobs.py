@@ -46,7 +46,7 @@ SCHEMAS = {
     "linear_logprobs_backward": (
         "linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
         "Tensor weight, Tensor labels, Tensor row_stats, Tensor entropy, float temperature, "
-        "int ignore_index, Tensor? cut_value=None, Tensor? cut_index=None) -> (Tensor, Tensor)"
+        "int ignore_index, Tensor? cut_value=None, Tensor? cut_index=None, bool weight_grad=True) -> (Tensor, Tensor)"
     ),
 }
 
@@ -147,11 +147,15 @@ def _cut(hidden, weight, temperature, top_k, top_p):
 
 @torch.no_grad()
 def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index,
-                 cut_value=None, cut_index=None):
+                 cut_value=None, cut_index=None, weight_grad=True):
+    """(d_hidden, d_weight); without ``weight_grad`` (a frozen LM head, as under LoRA) d_weight is an
+    empty tensor and neither its (V, H) float32 accumulator nor its GEMMs exist (issue 35: +466 MB
+    at Qwen2-0.5B's head)."""
     N, V = hidden.shape[0], weight.shape[0]
     cd = _compute_dtype(hidden.dtype)
     dh = torch.empty(hidden.shape, dtype=cd, device=hidden.device)
-    dw = torch.zeros(weight.shape, dtype=cd, device=hidden.device)  # float32 accumulator over chunks
+    # float32 accumulator over chunks
+    dw = torch.zeros(weight.shape if weight_grad else (0,), dtype=cd, device=hidden.device)
     glp = grad_logprobs.to(torch.float32)
     gh = grad_entropy.to(torch.float32) if grad_entropy is not None else None
     rows = _row_chunk(N, V)
@@ -167,13 +171,15 @@ def _bwd_chunked(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats,
         )[0]
         if weight.dtype == cd:
             torch.mm(dz, weight, out=dh[r0:r1])
-            dw.addmm_(dz.T, h)
+            if weight_grad:
+                dw.addmm_(dz.T, h)
         else:
             dh[r0:r1].zero_()
             for v0, w in _vocab_slices(weight):
                 d = dz[:, v0 : v0 + w.shape[0]]
                 dh[r0:r1].addmm_(d, w)
-                dw[v0 : v0 + w.shape[0]].addmm_(d.T, h)
+                if weight_grad:
+                    dw[v0 : v0 + w.shape[0]].addmm_(d.T, h)
         del dz
     return dh.to(hidden.dtype), dw.to(weight.dtype)
 
@@ -191,13 +197,14 @@ def _fwd_cuda(hidden, weight, labels, temperature=1.0, return_entropy=False, ign
 
 
 def _bwd_cuda(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index,
-              cut_value=None, cut_index=None):
+              cut_value=None, cut_index=None, weight_grad=True):
     args = (grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index)
     if hidden.dtype == torch.float64 or cut_value is not None:
-        return _bwd_chunked(*args, cut_value, cut_index)
+        return _bwd_chunked(*args, cut_value, cut_index, weight_grad)
     from rlhf_fast.kernels.linear_logprobs import linear_logprobs_bwd
 
-    return linear_logprobs_bwd(*args)
+    dh, dw = linear_logprobs_bwd(*args)  # the fused kernel writes both (its d_weight is dropped when frozen)
+    return dh, (dw if weight_grad else dw.new_empty(0))
 
 
 # ---- fake (meta) kernels, autograd ----------------------------------------------------------------
@@ -210,10 +217,9 @@ def _fwd_fake(hidden, weight, labels, temperature=1.0, return_entropy=False, ign
 
 
 def _bwd_fake(grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, temperature, ignore_index,
-              cut_value=None, cut_index=None):
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
-        weight, memory_format=torch.contiguous_format
-    )
+              cut_value=None, cut_index=None, weight_grad=True):
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0)
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), dw
 
 
 def _setup_context(ctx, inputs, output):
@@ -230,11 +236,12 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
         grad_logprobs = torch.zeros_like(entropy)
     if not ctx.return_entropy:
         grad_entropy = None  # entropy was not computed: it is a constant zero
+    weight_grad = bool(ctx.needs_input_grad[1])
     dh, dw = torch.ops.rlhf_fast.linear_logprobs_backward(
         grad_logprobs, grad_entropy, hidden, weight, labels, row_stats, entropy, ctx.temperature, ctx.ignore_index,
-        cut_value, cut_index,
+        cut_value, cut_index, weight_grad,
     )
-    return dh, dw, None, None, None, None, None, None
+    return dh, (dw if weight_grad else None), None, None, None, None, None, None
 
 
 _LIB = torch.library.Library("rlhf_fast", "FRAGMENT")
