@@ -20,7 +20,8 @@ import time
 import torch
 
 
-def evaluate(model_dir: str, task: str, k: int, problems: int, seed: int, batch: int) -> dict:
+def evaluate(model_dir: str, task: str, k: int, problems: int, seed: int, batch: int, presets=(),
+             temperature=None) -> dict:
     from rlhf_fast import config as C
     from rlhf_fast.engine import HybridEngine, SamplingParams
     from rlhf_fast.envs import load_environment
@@ -28,7 +29,8 @@ def evaluate(model_dir: str, task: str, k: int, problems: int, seed: int, batch:
     from rlhf_fast.tasks import get_task
     from rlhf_fast.trainers.rollout import resolve_stop_tokens
 
-    cfg = C.load_config(presets=[task]).ppo
+    cfg = C.load_config(presets=[task, *presets]).ppo
+    temp = temperature if temperature is not None else cfg.generation.temperature
     t = get_task(task)
     tok = t.tokenizer
     prompts = [r["prompt"] for r in t.prompt_records("eval")][:problems]
@@ -43,7 +45,7 @@ def evaluate(model_dir: str, task: str, k: int, problems: int, seed: int, batch:
         chunk = prompts[s : s + max(1, batch // k)]
         rows = [p for p in chunk for _ in range(k)]
         enc = tok(rows, return_tensors="pt", padding=True, add_special_tokens=False)
-        params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=cfg.algo.temperature if g.do_sample else 1.0,
+        params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=temp,
                                 top_k=g.top_k, top_p=g.top_p, eos_token_id=tok.eos_token_id, stop_token_ids=tuple(stops),
                                 seed=seed + s)
         out = eng.run_episodes(enc.input_ids, enc.attention_mask, params, envs=[factory() for _ in rows], prompts=rows,
@@ -51,7 +53,7 @@ def evaluate(model_dir: str, task: str, k: int, problems: int, seed: int, batch:
                                decode=lambda x: tok.decode(x, skip_special_tokens=False), max_turns=cfg.env_max_turns)
         rewards[s : s + len(chunk)] = out.final_reward.reshape(len(chunk), k)
     correct = rewards > 0.5
-    return {"model": model_dir, "task": task, "problems": len(prompts), "k": k, "temperature": cfg.algo.temperature,
+    return {"model": model_dir, "task": task, "problems": len(prompts), "k": k, "temperature": temp,
             "pass@1": float(correct.float().mean()), f"pass@{k}": float(correct.any(1).float().mean()),
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -64,9 +66,12 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=256, help="held-out problems (the first N)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch", type=int, default=256, help="episodes decoded at once")
+    ap.add_argument("--preset", action="append", default=[], help="presets after the task's (e.g. grpo: temperature 1)")
+    ap.add_argument("--temperature", type=float, default=None, help="default: the presets' generation.temperature")
     args = ap.parse_args()
     for m in args.models:
-        print(json.dumps(evaluate(m, args.task, args.k, args.problems, args.seed, args.batch)), flush=True)
+        print(json.dumps(evaluate(m, args.task, args.k, args.problems, args.seed, args.batch, args.preset,
+                                  args.temperature)), flush=True)
 
 
 if __name__ == "__main__":

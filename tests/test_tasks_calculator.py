@@ -1,7 +1,7 @@
 """The ``tiny_calculator`` task and its environment (``tasks/calculator.py``, ``envs/calculator.py``):
 the calculator and the checker are exact, the SFT transcripts are correct tool use (replayed through
-the environment, every reply and the final reward agree), RL / held-out problems have more steps
-than the SFT ones and are disjoint from them, the markers are single tokens, the ``--task`` preset
+the environment, every reply and the final reward agree), RL / held-out problems have 2-3 steps
+(SFT: 1-3) and are disjoint from the SFT ones and each other, the markers are single tokens, the ``--task`` preset
 wires ``ppo.env``, bad settings are named, and a tiny PPO run on episodes keeps the exactness
 promises and logs its turns."""
 
@@ -73,10 +73,10 @@ def test_sft_transcripts_are_correct_tool_use(task):
     assert task.gold_reward(["=0"], [sft[0]["prompt"]]) == [0.0]
 
 
-def test_more_steps_in_rl_and_held_out_problems(task):
+def test_rl_and_held_out_problems_are_longer_and_disjoint(task):
     steps = lambda recs: [len(ce.problem_steps(r["prompt"])[1]) for r in recs]  # noqa: E731
     sft, train, evals = task.sft_records(), task.prompt_records("train"), task.prompt_records("eval")
-    assert set(steps(sft)) == {1, 2} and set(steps(train)) == {2, 3} and set(steps(evals)) == {2, 3}
+    assert set(steps(sft)) == {1, 2, 3} and set(steps(train)) == {2, 3} and set(steps(evals)) == {2, 3}
     held = {r["prompt"] for r in evals}
     assert len(held) == 100 and not held & {r["prompt"] for r in sft} and not held & {r["prompt"] for r in train}
     with pytest.raises(ValueError, match="split"):
@@ -152,3 +152,23 @@ def test_ppo_on_episodes(tmp_path, env):
     if env.endswith("ReplyEnv"):  # the calculator answers only "</calc>" turns, which a random policy seldom ends
         assert replies and set(replies) <= {"=7"}
     assert all(s["response"].startswith("[model] ") for s in samples)
+
+
+def test_pipeline_wiring(tmp_path, capsys):
+    """`rlhf-fast pipeline --task tiny_calculator`, shortened: SFT -> PPO on episodes scored by the
+    environment, no reward-model stage, exact-match accuracy in the summary (the full run's figures
+    are in the README; this checks the wiring)."""
+    from rlhf_fast.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["pipeline", "--task", "tiny_calculator", "--output-dir", str(out), "--sft.max_steps", "20",
+               "--ppo.iterations", "2", "--ppo.rollout_batch_size", "4", "--ppo.eval_prompts", "16",
+               "--ppo.logging.eval_every", "2", "--sft.logging.progress_bar", "false",
+               "--ppo.logging.progress_bar", "false"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    printed = capsys.readouterr().out
+    assert "scored by the environment tiny_calculator" in printed
+    assert summary["gold_metric"] == "exact-match accuracy" and summary["reward"] == "env:tiny_calculator"
+    assert 0.0 <= summary["sft_gold_score"] <= 1.0 and 0.0 <= summary["ppo_gold_score"] <= 1.0
+    assert summary["ppo_iterations"] == 2 and not (out / "rm").exists()

@@ -7,9 +7,9 @@ episode ends with the final answer ``=87`` and EOS, checked exactly (reward 1 or
 Everything is generated locally from ``config.seed``: a character-level tokenizer (byte-level BPE
 with no merges) plus ``<calc>`` and ``</calc>`` as single tokens (so ``</calc>`` can end a turn),
 the SFT transcripts, the RL prompts and the held-out evaluation prompts. The SFT transcripts use
-the calculator correctly at every step (no injected errors) and have ``sft_steps`` steps; RL and
-evaluation problems have ``rl_steps`` steps, more than the SFT data shows: the room RL is given is
-a short SFT stage and longer problems, never wrong labels. Held-out problems appear nowhere in the
+the calculator correctly at every step (no injected errors) and have ``sft_steps`` steps (1-3); RL
+and evaluation problems have ``rl_steps`` steps (2-3): longer on average than the SFT data's, and
+the SFT stage is short (300 steps): that is the room RL is given, never wrong labels. Held-out problems appear nowhere in the
 SFT data or the RL prompts.
 
 The SFT transcript holds the calculator's replies as text (a supervised model has no environment);
@@ -43,8 +43,10 @@ class CalculatorTaskConfig:
     """add / minus operands are drawn from [1, max_addend] (a minus never goes below 0)."""
     max_factor: int = 5
     """times operands are drawn from [2, max_factor]."""
-    sft_steps: tuple = (1, 2)
-    """Steps per SFT problem, [low, high]: fewer than the RL problems have (RL's room)."""
+    sft_steps: tuple = (1, 3)
+    """Steps per SFT problem, [low, high] (uniform): a third of the SFT problems are 1-step ones,
+    which RL never sees. (1, 2) left RL no room on 3-step problems: the SFT model never made a third
+    call (pass@8 0.04 on them), so there was nothing for RL to reinforce.)"""
     rl_steps: tuple = (2, 3)
     """Steps per RL and held-out problem, [low, high]."""
     num_sft: int = 4000
