@@ -262,3 +262,28 @@ def test_bad_environments_are_named():
         load_environment("nope")
     assert load_environment("tiny_calculator") is ENVIRONMENTS["tiny_calculator"]
     assert load_environment("test_multiturn:ScriptedEnv") is ScriptedEnv
+
+
+def test_chat_template_observations_render_the_conversation():
+    """An observation rendered with ``data.chat.render_observation`` makes the episode text (prompt,
+    model turns as sampled, observations) equal transformers' ``apply_chat_template`` of the whole
+    conversation with the generation prompt, turn after turn; a template that renders the episode
+    differently is refused."""
+    from rlhf_fast.data.chat import render_observation
+
+    from test_chat_data import _tokenizer
+
+    tok = _tokenizer()
+    conv = [{"role": "user", "content": "how is the cat"}]
+    produced = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    for turn, obs in [("<calc>1+2</calc>", "3"), ("<calc>3*4</calc>", "12")]:
+        produced += turn + "<|im_end|>"  # the model's turn, ended by its end-of-turn (EOS) token
+        conv.append({"role": "assistant", "content": turn})
+        produced += render_observation(tok, conv, produced, obs)
+        conv.append({"role": "tool", "content": obs})
+        assert produced == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert produced.endswith("<|im_start|>tool\n12<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="renders the conversation"):
+        render_observation(tok, conv, produced + "x", "5")
+    with pytest.raises(ValueError, match="no chat template"):
+        render_observation(_tokenizer(None), conv, produced, "5")
