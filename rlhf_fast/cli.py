@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", action="append", default=[], metavar="NAME",
                        help=f"named set of overrides, repeatable ({', '.join(sorted(C.PRESETS))})")
         p.add_argument("--task", default=None, metavar="NAME",
-                       help="a built-in task (tiny_sentiment, tiny_arithmetic): its preset, applied before --preset")
+                       help="a built-in task (tiny_sentiment, tiny_arithmetic, tiny_calculator): its preset, applied before --preset")
         if cmd.trains:
             default = Path("runs/pipeline") if cmd.name == "pipeline" else None  # the main job needs no argument
             p.add_argument("--output-dir", required=default is None, default=default, type=Path, metavar="DIR",

@@ -34,6 +34,7 @@ LAYERS = {
     "rlhf_fast.kernels": 2, "rlhf_fast._csrc": 2,
     "rlhf_fast.ops": 3,
     "rlhf_fast.algos": 4, "rlhf_fast.models": 4, "rlhf_fast.engine": 4, "rlhf_fast.data": 4, "rlhf_fast.tasks": 4,
+    "rlhf_fast.envs": 4,
     "rlhf_fast.config": 5,
     "rlhf_fast.trainers": 6,
     "rlhf_fast.cli": 7,

@@ -159,6 +159,29 @@ def test_presets_match_reference(preset):
     assert_parity(*run_both(hp, rollout, separate_critic=False))
 
 
+def _episode_rollout(B, Q, R, seed, group_size=1):
+    """A multi-turn rollout (docs/architecture.md, "Multi-turn episodes"): every response token
+    attended, about 60% of them the model's (``action_mask``), turn rewards on some model tokens."""
+    r = make_rollout(B, Q, R, seed, group_size=group_size)
+    g = torch.Generator().manual_seed(seed + 99)
+    action = r.response_mask & (torch.rand(B, R, generator=g) < 0.6)
+    action[:, 0] = True  # every row has a model token
+    turn = torch.where(action & (torch.rand(B, R, generator=g) < 0.3), torch.randn(B, R, generator=g), 0.0)
+    return r.replace(action_mask=action, turn_rewards=turn)
+
+
+@pytest.mark.parametrize("preset,separate", [("tldr", True), ("tldr", False), ("grpo", False), ("rloo", False)])
+def test_multiturn_rollouts_match_reference(preset, separate):
+    """The fast iteration on an episode rollout (environment tokens attended, masked out of the RL
+    math; turn rewards) against the reference PPO, which reads the same ``train_mask``."""
+    hp = PRESETS[preset].replace(num_epochs=2, num_minibatches=2, micro_batch_size=2)
+    rollout = _episode_rollout(8, 5, 7, seed=3, group_size=4 if hp.estimator.needs_groups else 1)
+    res, exp, stats, ref_models, fast_models = run_both(hp, rollout, separate_critic=separate)
+    assert_parity(res, exp, stats, ref_models, fast_models)
+    env = rollout.response_mask & ~rollout.action_mask
+    assert bool(env.any()) and all(bool((getattr(exp, k)[env] == 0).all()) for k in ("advantages", "kl", "rewards"))
+
+
 def test_first_minibatch_ratio_is_exactly_one():
     hp = PRESETS["tldr"].replace(num_epochs=1, num_minibatches=2)
     _, _, stats, _, _ = run_both(hp, make_rollout(8, 5, 6, seed=2), separate_critic=True)

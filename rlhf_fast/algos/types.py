@@ -42,6 +42,14 @@ class Rollout:
     is_weights: (B, R) float32, the off-policy correction's per-token importance weights
         pi_prox / pi_behav of a stale batch (asynchronous rollouts, ``algos/off_policy.py``; the
         policy loss sees ``is_weights * advantages``), 0 on padding; None: no correction.
+    action_mask: (B, R) bool, multi-turn episodes only (docs/architecture.md, "Multi-turn
+        episodes"): the model's own tokens, a subset of ``response_mask`` (which then also holds
+        the environment's tokens, attended to by every forward). The policy loss, the KL, the
+        rewards, the advantages and the value targets cover ``train_mask``: this mask when set, else
+        ``response_mask``. None: a single-turn rollout (every response token is the model's).
+    turn_rewards: (B, R) float32, multi-turn only: the environment's reward of every turn but the
+        last, at the last model token of the turn it answered (the last turn's reward is ``scores``);
+        added to ``rewards`` by ``finish_experience``. None: no turn rewards.
     """
 
     query_ids: torch.Tensor
@@ -58,6 +66,8 @@ class Rollout:
     returns: Optional[torch.Tensor] = None
     group_ids: Optional[torch.Tensor] = None
     is_weights: Optional[torch.Tensor] = None
+    action_mask: Optional[torch.Tensor] = None
+    turn_rewards: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         B, R = self.response_ids.shape[0], self.response_ids.shape[-1]
@@ -68,7 +78,7 @@ class Rollout:
             )
         expected = {"query_mask": tuple(self.query_ids.shape), "response_mask": (B, R), "scores": (B,)}
         expected.update({k: (B, R) for k in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns",
-                                          "is_weights")})
+                                          "is_weights", "action_mask", "turn_rewards")})
         expected["group_ids"] = (B,)
         expected["query_ids"] = (B, self.query_ids.shape[-1])
         for name, shape in expected.items():
@@ -77,6 +87,15 @@ class Rollout:
                 raise ValueError(f"Rollout.{name} must have shape {shape}, got {tuple(t.shape)}")
         self.query_mask = self.query_mask.bool()
         self.response_mask = self.response_mask.bool()
+        if self.action_mask is not None:
+            self.action_mask = self.action_mask.bool()
+            if bool((self.action_mask & ~self.response_mask).any()):
+                raise ValueError("Rollout.action_mask must be a subset of response_mask (model tokens are response tokens)")
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        """(B, R) bool: the tokens the RL math covers: ``action_mask`` (multi-turn) or ``response_mask``."""
+        return self.response_mask if self.action_mask is None else self.action_mask
 
     @property
     def batch_size(self) -> int:
@@ -214,7 +233,7 @@ def objective_stats(rollout: Rollout, kl_coef: float) -> ObjectiveStats:
     """``ObjectiveStats`` of a rollout whose ``logprobs`` and ``kl`` are filled."""
     if rollout.logprobs is None or rollout.kl is None:
         raise ValueError("objective_stats needs rollout.logprobs and rollout.kl")
-    m = rollout.response_mask
+    m = rollout.train_mask  # the model's tokens (multi-turn: the environment's are not the policy's)
     zero = torch.zeros((), dtype=rollout.kl.dtype, device=m.device)
     kl_sum = torch.where(m, rollout.kl, zero).sum(-1)
     neg_lp = torch.where(m, -rollout.logprobs, torch.zeros_like(zero, dtype=rollout.logprobs.dtype)).sum(-1)

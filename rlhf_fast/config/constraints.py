@@ -149,6 +149,33 @@ CHECKS[(LoRAConfig, "dropout")] = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 CHECKS[(ModelConfig, "init_seed")] = (lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
 
 
+def _check_env(cfg: "PPOConfig", path: str) -> None:
+    """``ppo.env``: what multi-turn episodes need and what they replace (docs/architecture.md,
+    "Multi-turn episodes")."""
+    from rlhf_fast.engine import BACKENDS  # imported on use, as below
+
+    g = cfg.generation
+    if not BACKENDS[g.backend].runs_episodes:
+        raise ValueError(f"{path}.env needs a generation backend that runs episodes; {path}.generation.backend "
+                         f"{g.backend!r} does not (use 'hybrid')")
+    if cfg.reward.model_path is not None or cfg.reward.function is not None:
+        raise ValueError(f"{path}.env scores the episodes (its last reward): leave {path}.reward.model_path and "
+                         f"{path}.reward.function empty")
+    if isinstance(cfg.env_max_turns, bool) or not isinstance(cfg.env_max_turns, int) or cfg.env_max_turns < 1:
+        raise ValueError(f"{path}.env_max_turns must be an int >= 1, got {cfg.env_max_turns!r}")
+    if g.min_new_tokens or not g.stop_during_generation or AFTER_STOP[g.after_stop].trains_after_stop:
+        raise ValueError(f"{path}.env: a model turn ends at its stop token, so {path}.generation.min_new_tokens must "
+                         f"be 0, stop_during_generation true and after_stop 'masked'")
+    if ":" not in cfg.env:
+        from rlhf_fast.envs import ENVIRONMENTS
+
+        if cfg.env not in ENVIRONMENTS:
+            raise ValueError(f"{path}.env {cfg.env!r} is not a registered environment ({sorted(ENVIRONMENTS)}) nor "
+                             "'package.module:Class'")
+    if cfg.algo.dynamic_sampling:
+        raise ValueError(f"{path}.env does not support {path}.algo.dynamic_sampling yet (episodes are not re-drawn)")
+
+
 def _check_logprob_distribution(cfg: "PPOConfig", path: str) -> None:
     """The log-probs' distribution must be one the sampler can reproduce (issue 18: the ratio compares
     the distribution the tokens were drawn from)."""
@@ -234,6 +261,8 @@ def cross_checks(cfg, path: str) -> None:
         _check_logprob_distribution(cfg, path)
         _check_async_rollouts(cfg, path)
 
+    if isinstance(cfg, PPOConfig) and cfg.env is not None:
+        _check_env(cfg, path)
     if isinstance(cfg, PPOConfig) and cfg.algo.dynamic_sampling and cfg.samples_per_prompt < 2:
         raise ValueError(f"{path}.algo.dynamic_sampling filters groups of samples: set {path}.samples_per_prompt >= 2 "
                          f"(got {cfg.samples_per_prompt})")

@@ -189,4 +189,21 @@ PRESETS.update({
         "ppo.iterations": 180, "ppo.rollout_batch_size": 64, "ppo.eval_prompts": 512, "ppo.logging.eval_every": 20,
         "ppo.optim.lr": 2e-4, "ppo.scheduler.warmup_steps": 10,
     },
+    # ``--task tiny_calculator``: multi-turn episodes with a calculator tool (docs/architecture.md,
+    # "Multi-turn episodes"). The environment scores PPO (no reward model); a model turn ends at
+    # "</calc>" (a tool call, answered by the environment) or EOS (the final answer); 48 tokens per
+    # episode (a correct 3-step episode takes at most ~36). A short SFT stage on 1-2 step problems,
+    # RL and evaluation on 2-3 step ones.
+    "tiny_calculator": {
+        "sft.data.task": "tiny_calculator", "rm.data.task": "tiny_calculator", "ppo.data.task": "tiny_calculator",
+        "ppo.env": "tiny_calculator", "ppo.env_max_turns": 6,
+        "ppo.reward.function": None, "ppo.reward.model_path": None,
+        "sft.model.config_overrides": {"n_embd": 128, "n_layer": 2, "n_inner": 384},
+        "sft.epochs": 1.0, "sft.max_steps": 300, "sft.batch_size": 64, "sft.micro_batch_size": 64,
+        "sft.optim.lr": 2e-3, "sft.logging.log_every": 10, "sft.data.max_eval_examples": 256,
+        "ppo.generation.max_new_tokens": 48, "ppo.generation.stop_tokens": ["</calc>"],
+        "ppo.generation.missing_stop_penalty": None,
+        "ppo.iterations": 100, "ppo.rollout_batch_size": 32, "ppo.eval_prompts": 256, "ppo.logging.eval_every": 20,
+        "ppo.optim.lr": 2e-4, "ppo.scheduler.warmup_steps": 10,
+    },
 })

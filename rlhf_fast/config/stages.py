@@ -345,6 +345,16 @@ class PPOConfig:
     """With ``old_logprobs: rollout``, recompute the old log-probs every this many iterations to log
     ``generation/logprob_gap_max`` (engine vs trainer); with "recompute" the gap is free and logged
     every iteration."""
+    env: Optional[str] = None
+    """Multi-turn episodes against an environment (docs/architecture.md, "Multi-turn episodes"): a
+    registered name (``rlhf_fast.envs.ENVIRONMENTS``: "tiny_calculator") or ``package.module:Class``
+    (a callable returning a fresh ``envs.Environment`` per episode). The model's turn ends at a
+    ``generation.stop_tokens`` token or EOS, the environment's answer is appended as tokens (attended,
+    never trained on), and the episode's score is the environment's last reward (earlier turns'
+    rewards land on their turn's last token); ``generation.max_new_tokens`` is the episode's token
+    budget. No reward model or function is used: ``reward`` must be empty. None: single-turn rollouts."""
+    env_max_turns: int = 8
+    """Model turns per episode at most (with ``env``); the episode ends after the turn that reaches it."""
     iterations: int = 40
     """PPO iterations (rollout + update)."""
     stop_after_iterations: Optional[int] = None

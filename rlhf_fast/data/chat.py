@@ -181,3 +181,25 @@ def render_response(tokenizer, prompt: list[dict], response: list[dict], *, orig
     if not text.strip():
         raise ValueError(f"{origin}: the response renders to nothing")
     return text
+
+
+def render_observation(tokenizer, conversation: list[dict], produced: str, observation: str, *, role: str = "tool",
+                       origin: str = "environment") -> str:
+    """The text an environment appends after a model turn so that the episode reads as the chat
+    template renders the conversation (docs/architecture.md, "Multi-turn episodes").
+
+    conversation: the messages so far, the model's turns as assistant messages (their content
+    without the end-of-turn token); produced: the episode's text so far (the rendered prompt and the
+    model's turns as sampled, end-of-turn tokens included); observation: the environment's message
+    content, sent as ``role``. Returns ``apply_chat_template(conversation + [observation],
+    add_generation_prompt=True)`` minus ``produced``: the rest of the model's turn markup, the
+    observation's and the next assistant turn's header. ValueError naming ``origin`` when the
+    template does not render ``produced`` as a prefix (the episode would not be the template's)."""
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"{origin}: the tokenizer has no chat template to render the observation with")
+    full = tokenizer.apply_chat_template(conversation + [{"role": role, "content": observation}], tokenize=False,
+                                         add_generation_prompt=True)
+    if not full.startswith(produced):
+        raise ValueError(f"{origin}: the chat template renders the conversation ({full[:80]!r}...) differently from "
+                         f"the episode so far ({produced[-60:]!r}): the observation cannot be appended consistently")
+    return full[len(produced):]

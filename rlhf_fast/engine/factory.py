@@ -31,10 +31,13 @@ class Backend:
 
     build: Callable[..., Generator]
     logprobs_match_trainer: bool
+    runs_episodes: bool = False
+    """its generator has ``run_episodes`` (multi-turn episodes against an environment, ``ppo.env``;
+    docs/architecture.md, "Multi-turn episodes"); the config refuses ``ppo.env`` with a backend without."""
 
 
 BACKENDS: Registry[Backend] = Registry("generation backend")
-BACKENDS.register("hybrid")(Backend(HybridEngine, logprobs_match_trainer=True))
+BACKENDS.register("hybrid")(Backend(HybridEngine, logprobs_match_trainer=True, runs_episodes=True))
 BACKENDS.register("hf_generate")(Backend(hf_generate.build, logprobs_match_trainer=False))
 
 

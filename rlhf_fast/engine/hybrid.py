@@ -35,6 +35,7 @@ import torch
 
 from rlhf_fast import _checks
 from rlhf_fast.engine import cache as kv
+from rlhf_fast.engine import episodes
 from rlhf_fast.engine import eager, static, compiled  # noqa: F401, I001  (register the built-in decoders, in this order)
 from rlhf_fast.engine.generator import (
     DecoderContext,
@@ -180,6 +181,15 @@ class HybridEngine:
                 chunk = slice(start, start + rows)
                 outs.append(self._chunk(input_ids[chunk], mask[chunk], params, stop_t, seed_t, start, rows))
         return _concat(outs, input_ids.long(), self.pad_token_id)
+
+    def run_episodes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, *,
+                     envs, prompts, encode, decode, max_turns: int):
+        """Multi-turn episodes against environments, the KV cache continuing across turns
+        (``episodes.run_episodes``; docs/architecture.md, "Multi-turn episodes")."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        return episodes.run_episodes(self, input_ids, attention_mask, params, envs=envs, prompts=prompts,
+                                     encode=encode, decode=decode, max_turns=max_turns)
 
     def on_weights_updated(self) -> None:
         """Nothing to do: every decode step reads the training module's current weights (ZeRO-3

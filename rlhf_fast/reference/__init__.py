@@ -9,10 +9,12 @@ oracles of tests/test_preset_parity*.py, are modules here too: ``lm_human_prefer
 from rlhf_fast.reference.linear_logprobs import linear_logprobs
 from rlhf_fast.reference.logprobs import gather_logprobs
 from rlhf_fast.reference.off_policy import behaviour_weights, decoupled_ppo_loss
+from rlhf_fast.reference.multiturn import episode_layout, multiturn_advantages
 from rlhf_fast.reference.rlmath import gae, kl_penalty, masked_mean, masked_var, masked_whiten, shape_rewards
 
 __all__ = [
     "gather_logprobs", "linear_logprobs", "behaviour_weights", "decoupled_ppo_loss",
     "kl_penalty", "shape_rewards", "gae", "masked_mean", "masked_var", "masked_whiten",
+    "episode_layout", "multiturn_advantages",
 ]
 

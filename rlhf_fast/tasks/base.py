@@ -21,6 +21,11 @@ class BuiltinTask:
     name: str
     config_class: type
     verifiable = False
+    extra_tokens: tuple = ()
+    """Strings added to the trained tokenizer as single tokens (``tiny_calculator``'s tool-call markers)."""
+    env = None
+    """The registered environment (``rlhf_fast.envs.ENVIRONMENTS``) a multi-turn task's episodes are
+    played against (``ppo.env``; None: a single-turn task)."""
 
     def __init__(self, config=None, *, cache_dir=None, **overrides):
         config = config or self.config_class()
@@ -36,7 +41,8 @@ class BuiltinTask:
 
     @functools.cached_property
     def tokenizer(self):
-        return load_or_train_tokenizer(self.tokenizer_dir, self.tokenizer_corpus, self.config.vocab_size)
+        return load_or_train_tokenizer(self.tokenizer_dir, self.tokenizer_corpus, self.config.vocab_size,
+                                       self.extra_tokens)
 
     def model_config(self, arch: str = "gpt2", *, size: str = "task", **overrides):
         """A tiny GPT-2 / Llama / GPT-NeoX / Qwen2 config sized to the task's tokenizer."""

@@ -56,7 +56,10 @@ class TinySentimentTask(BuiltinTask):
 
 from rlhf_fast.tasks.arithmetic import TinyArithmeticTask  # noqa: E402  (after TinySentimentTask: no cycle)
 
-TASKS = {TinySentimentTask.name: TinySentimentTask, TinyArithmeticTask.name: TinyArithmeticTask}
+from rlhf_fast.tasks.calculator import TinyCalculatorTask  # noqa: E402
+
+TASKS = {TinySentimentTask.name: TinySentimentTask, TinyArithmeticTask.name: TinyArithmeticTask,
+         TinyCalculatorTask.name: TinyCalculatorTask}
 
 
 def get_task(name: str = "tiny_sentiment", **kwargs):

@@ -25,9 +25,12 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A ``PreTrainedTokenizerFast`` trained on ``texts`` (special tokens included in ``vocab_size``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, extra_tokens: Sequence[str] = ()):
+    """A ``PreTrainedTokenizerFast`` trained on ``texts`` (special tokens included in ``vocab_size``).
+    ``extra_tokens``: strings added after training as single tokens (ids ``vocab_size`` on), matched
+    in text before the byte-level split and kept by ``decode(skip_special_tokens=True)`` (not special):
+    a tool call's markers such as ``"<calc>"``, so one id can end a model turn."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -40,19 +43,23 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if extra_tokens:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
         padding_side="left", clean_up_tokenization_spaces=False,
     )
 
 
-def load_or_train_tokenizer(directory: Path, texts: Callable[[], Sequence[str]], vocab_size: int):
-    """Loads the tokenizer cached in ``directory``, or trains it on ``texts()`` and caches it."""
+def load_or_train_tokenizer(directory: Path, texts: Callable[[], Sequence[str]], vocab_size: int,
+                            extra_tokens: Sequence[str] = ()):
+    """Loads the tokenizer cached in ``directory``, or trains it on ``texts()`` (plus
+    ``extra_tokens``, see ``train_bpe_tokenizer``) and caches it."""
     from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
-        tokenizer = train_bpe_tokenizer(texts(), vocab_size)
+        tokenizer = train_bpe_tokenizer(texts(), vocab_size, extra_tokens)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
         try:

@@ -63,7 +63,7 @@ def _fill_paths(cfg: RunConfig, out: Path) -> None:
     and DIR/rm/model (unless the config names others)."""
     cfg.rm.sft_model = cfg.rm.sft_model or str(out / "sft" / "model")
     cfg.ppo.policy.path = cfg.ppo.policy.path or str(out / "sft" / "model")
-    if cfg.ppo.reward.function is None:
+    if cfg.ppo.reward.function is None and cfg.ppo.env is None:
         cfg.ppo.reward.model_path = cfg.ppo.reward.model_path or str(out / "rm" / "model")
 
 
@@ -129,8 +129,8 @@ def _run_stages(cfg: RunConfig, out: Path, dist, *, resume: bool, overwrite: boo
     seconds["sft"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if cfg.ppo.reward.function is not None:  # a checked (verifiable) reward or a user's function: no reward model
-        echo(f"[pipeline] 2/3 no reward model: PPO is scored by {cfg.ppo.reward.function}")
+    if cfg.ppo.reward.function is not None or cfg.ppo.env is not None:  # checked / a function / an env: no RM
+        echo(f"[pipeline] 2/3 no reward model: PPO is scored by {cfg.ppo.reward.function or 'the environment ' + cfg.ppo.env}")
     elif not (resume and _done(rm_dir)):
         echo(f"[pipeline] 2/3 reward model from {cfg.rm.sft_model} -> {rm_dir}")
         RMTrainer(cfg.rm, rm_dir, overwrite=overwrite, reference_data=cfg.sft.data,
@@ -138,7 +138,8 @@ def _run_stages(cfg: RunConfig, out: Path, dist, *, resume: bool, overwrite: boo
     seconds["rm"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    echo(f"[pipeline] 3/3 PPO from {cfg.ppo.policy.path} with {cfg.ppo.reward.model_path or cfg.ppo.reward.function}"
+    echo(f"[pipeline] 3/3 PPO from {cfg.ppo.policy.path} with "
+         f"{cfg.ppo.reward.model_path or cfg.ppo.reward.function or 'the environment ' + str(cfg.ppo.env)}"
          f" -> {ppo_dir}")
     PPOTrainer(cfg.ppo, ppo_dir, overwrite=overwrite, **again).fit()
     seconds["ppo"] = time.perf_counter() - t
@@ -146,7 +147,7 @@ def _run_stages(cfg: RunConfig, out: Path, dist, *, resume: bool, overwrite: boo
     summary = summarize(out, seconds=time.perf_counter() - t0, stage_seconds=seconds,
                         planned_iterations=cfg.ppo.iterations)
     summary["gold_metric"] = _gold_metric(cfg)
-    summary["reward"] = cfg.ppo.reward.function  # None: the reward model
+    summary["reward"] = cfg.ppo.reward.function or (cfg.ppo.env and f"env:{cfg.ppo.env}")  # None: the reward model
     if dist.is_main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         echo(format_summary(summary))

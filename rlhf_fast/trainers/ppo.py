@@ -148,9 +148,9 @@ class PPOTrainer(StageTrainer):
         local, extras, async_row = self._collect(iteration, timer)  # generate, score (here or in a worker)
         with timer("score"):
             self.samples.log(iteration + 1, self.tokenizer, extras.prompts, extras.score_ids, extras.score_mask,
-                             local.scores, extras.raw_scores, extras.has_stop)
+                             local.scores, extras.raw_scores, extras.has_stop, turns=extras.turns)
             if self.old_from_rollout or self.correction is not None:  # the engine's log-probs travel with the rollout: (B, R)
-                local = local.replace(logprobs=torch.where(local.response_mask, extras.engine_logprobs, 0.0))
+                local = local.replace(logprobs=torch.where(local.train_mask, extras.engine_logprobs, 0.0))
             rollout = ppo_core.gather_rollout(local, pad_token_id=self.tokenizer.pad_token_id)  # (B, ...) all ranks
         generator = torch.Generator().manual_seed(cfg.seed * 7_777_777 + iteration)  # minibatch permutations
         with timer("logprobs"):
@@ -251,7 +251,7 @@ class PPOTrainer(StageTrainer):
             start = self.dist.rank * local.batch_size
             mine = lp[start : start + local.batch_size]  # (b, R)
             out["generation/logprob_gap_max"] = float(
-                torch.where(local.response_mask, (mine - extras.engine_logprobs).abs(), 0.0).max())
+                torch.where(local.train_mask, (mine - extras.engine_logprobs).abs(), 0.0).max())
         if self.hp.dynamic_sampling:  # DAPO: rounds this iteration took, informative share of the first (this rank)
             out.update({"objective/sampling_rounds": float(extras.sampling_rounds),
                         "objective/informative_frac": extras.informative_frac})
@@ -274,20 +274,24 @@ class PPOTrainer(StageTrainer):
             return {}
         batch = self.collate([self.eval_prompts[i] for i in rows])
         prompts = [self.eval_prompts.prompts[i] for i in rows]
-        r = self.rollouts.respond(batch, seed=self.cfg.seed * 31 + self.dist.rank)
-        scores = self.rollouts.scorer(r, prompts, eval_rows=rows)  # (b,), on the response as scored
-        roll = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores)
+        r = self.rollouts.respond({**batch, "prompts": prompts}, seed=self.cfg.seed * 31 + self.dist.rank)
+        ep = r.episodes  # multi-turn: the environment's last reward is the score (and, for a task, the gold)
+        scores = ep.final_reward if ep is not None else self.rollouts.scorer(r, prompts, eval_rows=rows)  # (b,)
+        roll = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores,
+                       action_mask=None if ep is None else ep.action_mask)
         kw = dict(temperature=self.hp.temperature, response_start=roll.response_start)
         lp = self.policy_engine.module.logprobs(roll.sequences, roll.attention_mask, **kw,
                                                 **self.hp.logprob_filter()).logprobs
         ref = self.ref_policy.logprobs(roll.sequences, roll.attention_mask, **kw,
                                        **self.hp.logprob_filter(reference=True)).logprobs
-        kl = torch.where(r.response_mask, lp - ref, 0.0).sum(-1)  # (b,)
+        kl = torch.where(roll.train_mask, lp - ref, 0.0).sum(-1)  # (b,)
         # length and gold score of the response as scored (truncated after the stop token)
         sums = [float(scores.sum()), float(kl.sum()), float(r.score_mask.sum()), float(len(rows)),
                 float((~r.has_stop).sum())]
         gold = 0.0
-        if self.task is not None:
+        if self.task is not None and ep is not None:
+            gold = float(ep.final_reward.sum())
+        elif self.task is not None:
             texts = self.tokenizer.batch_decode(torch.where(r.score_mask, r.score_ids, self.tokenizer.pad_token_id),
                                                 skip_special_tokens=True)
             gold = float(sum(self.task.gold_reward(texts, prompts)))

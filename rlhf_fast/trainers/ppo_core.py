@@ -274,7 +274,7 @@ def score_logprobs(policy, critic, ref_policy, rollout: Rollout, hp: PPOHyperPar
     if old_logprobs is not None:
         lp = old_logprobs.float()
     if hp.ref_filter:
-        _check_reference_support(ref, rollout.response_mask)
+        _check_reference_support(ref, rollout.train_mask)
     return lp, ref, values
 
 
@@ -307,7 +307,7 @@ def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
     ``hp.normalize_scores``: ``score_stats`` is updated with this global batch, then applied) and
     clipped, rewards and KL shaped, advantages and returns (unless ``hp.advantages_per_minibatch``:
     then per minibatch)."""
-    mask = rollout.response_mask
+    mask = rollout.train_mask  # the model's tokens (multi-turn: environment tokens are not actions)
     scores = rollout.scores.float()
     if hp.normalize_scores:
         if score_stats is None:
@@ -325,6 +325,8 @@ def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
         last = algos.last_true_index(vmask)  # (B,)
         rewards = rewards + torch.where(torch.arange(mask.shape[1], device=mask.device) == last[:, None],
                                         scores[:, None].to(rewards.dtype), 0.0)
+    if rollout.turn_rewards is not None:  # multi-turn: each earlier turn's reward at its last model token
+        rewards = rewards + torch.where(mask, rollout.turn_rewards.float(), 0.0)  # (B, R)
     values = None if rollout.values is None else torch.where(vmask, rollout.values, 0.0)
     out = rollout.replace(scores=scores, values=values, kl=kl, rewards=rewards)
     adv, ret = advantages_of(out, hp)
@@ -332,9 +334,10 @@ def finish_experience(rollout: Rollout, hp: PPOHyperParams, *, kl_coef: float,
 
 
 def advantages_of(batch: Rollout, hp: PPOHyperParams):
-    vmask = hp.score_place.value_mask(batch.response_mask)
-    inp = algos.AdvantageInput(rewards=batch.rewards, mask=batch.response_mask, values=batch.values,
-                               group_ids=batch.group_ids, value_mask=None if vmask is batch.response_mask else vmask)
+    mask = batch.train_mask  # the model's tokens (multi-turn: environment tokens are not actions)
+    vmask = hp.score_place.value_mask(mask)
+    inp = algos.AdvantageInput(rewards=batch.rewards, mask=mask, values=batch.values,
+                               group_ids=batch.group_ids, value_mask=None if vmask is mask else vmask)
     return algos.compute_advantages(hp.advantage_estimator, inp, hp.advantage_params())
 
 
@@ -370,7 +373,7 @@ def _micro_loss(policy_st: Stepper, critic_st: Optional[Stepper], micro: Rollout
                 norms: "_Normalizers", scale: float):
     """Backward of one micro-batch's share of the minibatch loss; returns the detached loss parts
     and the per-token statistics the loss functions computed (for ``_minibatch_stats``)."""
-    mask = micro.response_mask  # (b, R) bool
+    mask = micro.train_mask  # (b, R) bool: the model's tokens (multi-turn: environment tokens attended, not trained)
     normalizer = norms.policy
     critic = critic_st.module if critic_st is not None else None
     # policy/entropy is always reported; the op computes it in the same pass
@@ -470,7 +473,7 @@ def _train_minibatch(policy_st: Stepper, critic_st: Optional[Stepper], minibatch
     if hp.advantages_per_minibatch:  # lm-human-preferences: whitening and GAE inside loss()
         adv, ret = advantages_of(minibatch, hp)
         minibatch = minibatch.replace(advantages=adv, returns=ret)
-    norms = _Normalizers.of(minibatch.response_mask, hp)
+    norms = _Normalizers.of(minibatch.train_mask, hp)
     for st in (policy_st, critic_st):
         if st is not None:
             st.zero_grad()

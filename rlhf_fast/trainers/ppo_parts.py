@@ -24,6 +24,7 @@ from rlhf_fast.algos.hparams import PPOHyperParams
 from rlhf_fast.config import BatchPlan, PPOConfig
 from rlhf_fast.data import PromptDataset
 from rlhf_fast.engine import Generator, make_generator
+from rlhf_fast.envs import load_environment
 from rlhf_fast.models import Critic, RewardModel, load_reward_model, lora
 from rlhf_fast.models.layouts import CRITIC_LAYOUTS
 from rlhf_fast.models.packing import set_packing
@@ -107,13 +108,15 @@ def build_ppo_parts(cfg: PPOConfig, hp: PPOHyperParams, *, plan: BatchPlan, dist
                                max_batch_size=cfg.generation.max_batch_size,
                                max_seq_len=max_prompt + cfg.generation.max_new_tokens,
                                decode=cfg.generation.decode, backend=cfg.generation.backend)
-    scorer = Scorer(reward_model=reward_model, reward_fn=reward_fn if reward_model is None else None,
-                    tokenizer=tokenizer, batch_size=cfg.reward.batch_size, trim_padding=hp.trim_padding)
+    env_factory = load_environment(cfg.env) if cfg.env is not None else None  # multi-turn: the env scores
+    scorer = None if env_factory is not None else Scorer(
+        reward_model=reward_model, reward_fn=reward_fn if reward_model is None else None, tokenizer=tokenizer,
+        batch_size=cfg.reward.batch_size, trim_padding=hp.trim_padding)
     schedule = PromptSchedule(prompts, collate, seed=cfg.seed, global_prompts=cfg.rollout_batch_size,
                               samples_per_prompt=cfg.samples_per_prompt, rank=dist.rank, world_size=dist.world_size,
                               draws_per_iteration=hp.max_sampling_rounds if hp.dynamic_sampling else 1)
     rollouts = RolloutStage(cfg, generator=generator, schedule=schedule, scorer=scorer, tokenizer=tokenizer,
-                            stop_token_ids=stop_token_ids, device=dist.device, rank=dist.rank)
+                            stop_token_ids=stop_token_ids, device=dist.device, rank=dist.rank, env_factory=env_factory)
     return PPOParts(task=task, tokenizer=tokenizer, stop_token_ids=stop_token_ids, prompts=prompts,
                     eval_prompts=eval_prompts, collate=collate, max_prompt=max_prompt, policy_engine=policy_engine,
                     critic_engine=critic_engine, frozen_engines=frozen_engines, ref_policy=ref_policy,
@@ -154,7 +157,8 @@ def _models(cfg: PPOConfig, hp: PPOHyperParams, task, tokenizer, dist: dss.DistI
     frozen_dtype = PRECISIONS[cfg.deepspeed.dtype].frozen_dtype
     if reward_fn is None and cfg.reward.function is not None:
         reward_fn = load_reward_function(cfg.reward.function, task=task)
-    reward_model = None if reward_fn is not None else _reward_model(cfg, tokenizer, dist, frozen_dtype)
+    no_rm = reward_fn is not None or cfg.env is not None  # a function or the environment scores
+    reward_model = None if no_rm else _reward_model(cfg, tokenizer, dist, frozen_dtype)
     critic = None
     if layout.separate and hp.estimator.needs_values:
         # N+ TL;DR / PPO-max: the critic starts from the reward model; else from the policy (zero head).

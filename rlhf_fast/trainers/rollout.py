@@ -150,6 +150,22 @@ class Responses:
     logprobs: torch.Tensor
     score_ids: torch.Tensor
     score_mask: torch.Tensor
+    episodes: Optional["EpisodeFacts"] = None
+    """multi-turn only (``ppo.env``): the masks and rewards of the episodes."""
+
+
+@dataclass
+class EpisodeFacts:
+    """What multi-turn episodes add to ``Responses`` (b rows, R = max_new_tokens; ``engine/episodes.py``):
+    action_mask (b, R) bool, the model's tokens (``response_mask`` holds the environment's too);
+    turn_rewards (b, R) float32; final_reward (b,) float32 (the episode's score); done (b,) bool;
+    turns: per row the segments ``{"role", "start", "end"}`` for the sample log."""
+
+    action_mask: torch.Tensor
+    turn_rewards: torch.Tensor
+    final_reward: torch.Tensor
+    done: torch.Tensor
+    turns: list
 
 
 @dataclass
@@ -165,6 +181,8 @@ class RolloutExtras:
     prompts: Optional[list] = None
     score_ids: Optional[torch.Tensor] = None
     score_mask: Optional[torch.Tensor] = None
+    turns: Optional[list] = None
+    """multi-turn: per row the episode's segments (``EpisodeFacts.turns``), for the sample log."""
     sampling_rounds: int = 1
     """rollout rounds this iteration took (dynamic sampling; 1 without it)."""
     informative_frac: float = 1.0
@@ -270,9 +288,12 @@ class RolloutStage:
     docstring). ``generator``: a ``rlhf_fast.engine.Generator`` (the hybrid engine on the live
     policy); ``stop_token_ids``: the resolved ``generation.stop_tokens``."""
 
-    def __init__(self, cfg: PPOConfig, *, generator, schedule: PromptSchedule, scorer: Scorer, tokenizer,
-                 stop_token_ids: Sequence[int], device, rank: int):
+    def __init__(self, cfg: PPOConfig, *, generator, schedule: PromptSchedule, scorer: Optional[Scorer], tokenizer,
+                 stop_token_ids: Sequence[int], device, rank: int, env_factory=None):
+        if (scorer is None) == (env_factory is None):
+            raise ValueError("RolloutStage needs a scorer (single-turn) or an environment factory (ppo.env), not both")
         self.cfg, self.gen, self.schedule, self.scorer = cfg, generator, schedule, scorer
+        self.env_factory = env_factory  # ppo.env: one fresh environment per episode
         self.tokenizer, self.stop_token_ids, self.device, self.rank = tokenizer, list(stop_token_ids), device, rank
 
     def sampling(self, seed: int) -> SamplingParams:
@@ -296,6 +317,8 @@ class RolloutStage:
         (``generation.after_stop``)."""
         ids = batch["input_ids"].to(self.device)  # (b, Q)
         mask = batch["attention_mask"].to(self.device)
+        if self.env_factory is not None:
+            return self._play(ids, mask, batch["prompts"], seed)
         out = self.gen.generate(ids, mask, self.sampling(seed))
         R, pad_id = self.cfg.generation.max_new_tokens, self.tokenizer.pad_token_id
         pad = R - out.response_mask.shape[1]  # same R on every rank (the rollouts are gathered)
@@ -307,6 +330,23 @@ class RolloutStage:
                                            min_length=g.truncate_min_length, after_stop=g.after_stop)
         return Responses(ids, mask.bool(), post.response_ids, post.train_mask, post.has_stop, gen_lp,
                          score_ids=post.score_ids, score_mask=post.score_mask)
+
+    def _play(self, ids, mask, prompts: Sequence[str], seed: int) -> Responses:
+        """Multi-turn episodes (``ppo.env``; docs/architecture.md, "Multi-turn episodes"), padded to
+        R = max_new_tokens. The engine's ids are kept as they are (token in, token out); the episode
+        as scored is the episode itself (the environment scored it turn by turn)."""
+        tok = self.tokenizer
+        out = self.gen.run_episodes(ids, mask, self.sampling(seed), envs=[self.env_factory() for _ in prompts],
+                                    prompts=list(prompts), encode=lambda s: tok.encode(s, add_special_tokens=False),
+                                    decode=lambda t: tok.decode(t, skip_special_tokens=False),
+                                    max_turns=self.cfg.env_max_turns)
+        R, pad_id = self.cfg.generation.max_new_tokens, tok.pad_token_id
+        pad = R - out.response_mask.shape[1]
+        P = lambda t, v: F.pad(t, (0, pad), value=v)  # noqa: E731  (b, r) -> (b, R)
+        resp, rmask = P(out.responses, pad_id), P(out.response_mask, False)
+        facts = EpisodeFacts(P(out.action_mask, False), P(out.turn_rewards, 0.0), out.final_reward, out.done, out.turns)
+        return Responses(ids, mask.bool(), resp, rmask, out.has_stop, P(out.logprobs, 0.0), score_ids=resp,
+                         score_mask=rmask, episodes=facts)
 
     def collect(self, iteration: int, seed: int, timer=None) -> tuple[Rollout, RolloutExtras]:
         """This rank's rollout of ``iteration``: (b,) rows, b = local prompts x samples_per_prompt.
@@ -361,7 +401,11 @@ class RolloutStage:
 
     def score(self, r: Responses, prompts: Sequence[str]) -> tuple[Rollout, RolloutExtras]:
         cfg, spp = self.cfg, self.cfg.samples_per_prompt
-        raw = self.scorer(r, prompts, index_offset=self.rank * self.schedule.local_prompts * spp)  # (b,)
+        ep = r.episodes
+        if ep is not None:  # multi-turn: the environment's last reward is the score
+            raw = ep.final_reward.to(r.response_ids.device)  # (b,)
+        else:
+            raw = self.scorer(r, prompts, index_offset=self.rank * self.schedule.local_prompts * spp)  # (b,)
         scores = algos.apply_missing_stop_penalty(raw.clone(), r.has_stop, mode=cfg.generation.missing_stop_penalty,
                                                   value=cfg.generation.missing_stop_value)
         if cfg.algo.overlong_buffer_fraction is not None:  # DAPO soft overlong punishment (algos/critic_free.py)
@@ -373,9 +417,12 @@ class RolloutStage:
         if spp > 1:
             groups = algos.contiguous_group_ids(r.response_ids.shape[0], spp, r.response_ids.device)
             groups = groups + self.rank * self.schedule.local_prompts
-        rollout = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores, group_ids=groups)
+        rollout = Rollout(r.query_ids, r.query_mask, r.response_ids, r.response_mask, scores, group_ids=groups,
+                          action_mask=None if ep is None else ep.action_mask,
+                          turn_rewards=None if ep is None else ep.turn_rewards)
         return rollout, RolloutExtras(has_stop=r.has_stop, engine_logprobs=r.logprobs, raw_scores=raw,
-                                      prompts=list(prompts), score_ids=r.score_ids, score_mask=r.score_mask)
+                                      prompts=list(prompts), score_ids=r.score_ids, score_mask=r.score_mask,
+                                      turns=None if ep is None else ep.turns)
 
 
 def _select_rows(rollout: Rollout, extras: RolloutExtras, rows: torch.Tensor) -> tuple[Rollout, RolloutExtras]:

@@ -67,9 +67,13 @@ class SampleLogger:
 
     def log(self, iteration: int, tokenizer, prompts: Sequence[str], responses: torch.Tensor,
             response_mask: torch.Tensor, scores: torch.Tensor, raw_scores: Optional[torch.Tensor] = None,
-            stopped: Optional[torch.Tensor] = None) -> list[dict]:
+            stopped: Optional[torch.Tensor] = None, turns: Optional[list] = None) -> list[dict]:
         """Writes the first ``rows`` rollouts; ``responses`` / ``response_mask``: (B, R) token ids
-        and the mask of the kept (truncated) tokens; ``scores`` / ``raw_scores`` / ``stopped``: (B,)."""
+        and the mask of the kept (truncated) tokens; ``scores`` / ``raw_scores`` / ``stopped``: (B,).
+        ``turns`` (multi-turn episodes): per row the segments ``{"role", "start", "end"}``; the row
+        then also holds ``"turns"``: ``[{"role": "model" | "env", "text"}]`` (a model turn followed
+        by an "env" one was answered by the environment: a tool call and its reply), and its
+        response marks each segment ``[model]`` / ``[env]``."""
         if not self.enabled:
             return []
         n = min(self.rows, len(prompts))
@@ -79,6 +83,11 @@ class SampleLogger:
         for i in range(n):
             row = {"iteration": int(iteration), "prompt": prompts[i], "response": texts[i],
                    "score": float(scores[i])}
+            if turns is not None:
+                row["turns"] = [{"role": seg["role"], "text": tokenizer.decode(ids[i, seg["start"]:seg["end"]].tolist(),
+                                                                            skip_special_tokens=False)}
+                                for seg in turns[i]]
+                row["response"] = " ".join(f"[{t['role']}] {t['text']}" for t in row["turns"])
             if raw_scores is not None:
                 row["raw_score"] = float(raw_scores[i])
             if stopped is not None:

@@ -114,7 +114,7 @@ def make_experience(
                                              rollout, micro_batches)
     ref_logprobs, _, _ = _scored_in_batches(lambda part: _forward(ref_policy, None, part, hp.temperature),
                                             rollout, micro_batches)
-    mask = rollout.response_mask
+    mask = rollout.train_mask  # multi-turn: the model's tokens (docs/architecture.md, "Multi-turn episodes")
     scores = rollout.scores.to(dtype)
     if hp.score_clip is not None:
         scores = scores.clamp(-hp.score_clip, hp.score_clip)
@@ -123,6 +123,8 @@ def make_experience(
         scores, logprobs, ref_logprobs, mask, kl_coef=beta_in_reward, estimator=hp.kl_estimator,
         clamp=hp.kl_clamp, compute_dtype=dtype,
     )
+    if rollout.turn_rewards is not None:  # multi-turn: earlier turns' rewards at their turn's last model token
+        rewards = rewards + torch.where(mask, rollout.turn_rewards.to(dtype), 0.0)
     if values is not None:
         values = torch.where(mask, values.to(dtype), 0.0)
     out = rollout.replace(
@@ -135,7 +137,7 @@ def make_experience(
 
 def _gae_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
     """GAE with the N-details whitening."""
-    mask = batch.response_mask
+    mask = batch.train_mask
     if batch.values is None:
         raise ValueError("gae needs values: give the policy a value head or pass a critic")
     rewards = batch.rewards
@@ -171,7 +173,7 @@ _WHITENS_SEQUENCES = {"grpo": False, "rloo": True}
 
 def _group_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
     """grpo / rloo group baselines written as loops over the groups."""
-    mask = batch.response_mask
+    mask = batch.train_mask
     seq = group_baseline_advantages((batch.rewards.to(dtype) * mask).sum(-1), batch.group_ids, hp.advantage_estimator)
     if _WHITENS_SEQUENCES[hp.advantage_estimator] and hp.whiten_advantages:
         seq = ref.masked_whiten(
@@ -211,7 +213,7 @@ def _reinforce_oracle(batch: Rollout, hp: PPOHyperParams, dtype):
     """REINFORCE++ (OpenRLHF ``reinforce``) and its group-mean baseline (``reinforce_baseline``):
     rewards (minus the group's mean sequence reward at each row's last token for the baseline)
     -> returns -> whitening over every valid token of the batch."""
-    mask = batch.response_mask
+    mask = batch.train_mask
     rewards = (batch.rewards.to(dtype) * mask).clone()
     if _SUBTRACTS_GROUP_MEAN[hp.advantage_estimator]:
         means = group_baseline_advantages(rewards.sum(-1), batch.group_ids, "dr_grpo")  # r - mean per group
@@ -355,7 +357,7 @@ def value_loss_per_token(values, old_values, returns, hp: PPOHyperParams):
 
 def _minibatch_loss(policy, critic, micro: Rollout, hp: PPOHyperParams, kl_coef: float, normalizer, dtype):
     """Loss of one micro-batch (a share of the minibatch loss) and the per-token pieces for stats."""
-    mask = micro.response_mask
+    mask = micro.train_mask
     fmask = mask.to(dtype)
     logprobs, entropy, values = _forward(policy, critic, micro, hp.temperature)
     logprobs, entropy = logprobs.to(dtype), entropy.to(dtype)
@@ -418,7 +420,7 @@ def _minibatch_step(policy, critic, minibatch: Rollout, hp: PPOHyperParams, kl_c
     if hp.advantages_per_minibatch:  # lm-human-preferences: whitening + GAE inside loss()
         adv, ret = compute_advantages(minibatch, hp, dtype)
         minibatch = minibatch.replace(advantages=adv, returns=ret)
-    normalizer = _NORMALIZER_ORACLES[hp.loss_aggregation](minibatch.response_mask, dtype)
+    normalizer = _NORMALIZER_ORACLES[hp.loss_aggregation](minibatch.train_mask, dtype)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     parts, pieces = [], []
