@@ -20,9 +20,10 @@ EnvFactory = Callable[[], Environment]
 ENVIRONMENTS: Registry[EnvFactory] = Registry("environment")
 
 
-def _import(module: str):
-    """``importlib.import_module``, also from the current directory (the console script does not
-    put it on sys.path)."""
+def import_user_module(module: str):
+    """``importlib.import_module``, also from the current directory: the ``rlhf-fast`` console
+    script, unlike ``python -m``, does not put it on sys.path, so ``my_rewards:fn`` or ``my_env:Env``
+    next to the config would not be found. Used for ``ppo.env`` and ``ppo.reward.function``."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -44,7 +45,7 @@ def load_environment(spec: str) -> EnvFactory:
     if not module or not name:
         raise ValueError(f"ppo.env must look like 'package.module:Class', got {spec!r}")
     try:
-        factory = getattr(_import(module), name)
+        factory = getattr(import_user_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"ppo.env {spec!r} cannot be loaded: {e} (searched the current directory and sys.path)") from None
     if not callable(factory):

@@ -17,9 +17,6 @@ One call of ``RolloutStage.collect`` (docs/architecture.md, "One PPO iteration")
 from __future__ import annotations
 
 import contextlib
-import importlib
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -31,6 +28,7 @@ from rlhf_fast import algos
 from rlhf_fast.algos import Rollout
 from rlhf_fast.config import PPOConfig
 from rlhf_fast.engine import SamplingParams
+from rlhf_fast.envs.registry import import_user_module
 from rlhf_fast.trainers.data_order import epoch_order
 from rlhf_fast.trainers.ppo_trim import trim_columns
 
@@ -38,20 +36,6 @@ RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
 # ---- reward functions -------------------------------------------------------------------------------
-
-
-def _import_user_module(module: str):
-    """``importlib.import_module``, also from the current directory: the ``rlhf-fast`` console
-    script, unlike ``python -m``, does not put it on sys.path, so ``my_rewards:fn`` next to the
-    config was not found."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        cwd = os.getcwd()
-        if e.name != module.split(".")[0] or cwd in sys.path or "" in sys.path:
-            raise
-        sys.path.insert(0, cwd)
-        return importlib.import_module(module)
 
 
 def load_reward_function(spec: str, *, task=None) -> RewardFn:
@@ -65,7 +49,7 @@ def load_reward_function(spec: str, *, task=None) -> RewardFn:
     if not sep or not module or not name:
         raise ValueError(f"reward.function must look like 'package.module:function', got {spec!r}")
     try:
-        fn = getattr(_import_user_module(module), name)
+        fn = getattr(import_user_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"reward.function {spec!r} cannot be loaded: {e} (searched the current directory and "
                          "sys.path; set PYTHONPATH to the module's directory)") from None
