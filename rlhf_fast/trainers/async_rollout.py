@@ -136,6 +136,10 @@ def _worker_main(worker: int, port: int, stage: RolloutStage, module: torch.nn.M
     """A rollout worker (forked: ``stage`` and ``module`` are its own copies). Never returns."""
     code = 0
     try:
+        # libgomp's thread pool does not survive fork: a child whose parent already ran an OpenMP
+        # region with several threads hangs in its first one. One thread per worker (rollouts run
+        # beside the trainer's threads anyway).
+        torch.set_num_threads(1)
         _die_with_parent(parent_pid)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
         size = schedule.workers + 1
