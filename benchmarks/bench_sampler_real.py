@@ -13,9 +13,10 @@ Per decode step (B rows of V logits, temperature 0.7), for top-p 1 / 0.9 and top
   log_softmax      torch.log_softmax over the same logits: the yardstick of the issue
 Per log-prob batch (N rows of V logits, labels):
   gather           rlhf_fast.ops.gather_logprobs unfiltered, and with top-p 0.9 / top-k 20
-Logits: "flat" = randn (a random-init model: top-p 0.9 keeps most of V) and "peaked" = 5 * randn
-(a trained model's confident steps: top-p 0.9 keeps a few tokens); they take different paths in
-csrc/sampling.cpp. Bytes: one read of the logits.
+Logits: "flat" = randn (a random-init model: top-p 0.9 keeps ~40 % of V), "mid" = 2 * randn and
+"peaked" = 5 * randn (a trained model's confident steps: top-p 0.9 keeps a few tokens); they take
+different ways in csrc/kept_cut.h (each gather row records how many rows took which way,
+``rows_by_way``). Bytes: one read of the logits.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from rlhf_fast.engine.sampling import SamplingParams, counter_uniform, sample_ne
 
 T = 0.7
 FILTERS = {"p1": (0, 1.0), "p0.9": (0, 0.9), "k20": (20, 1.0)}
-SCALES = {"flat": 1.0, "peaked": 5.0}
+SCALES = {"flat": 1.0, "mid": 2.0, "peaked": 5.0}
 
 
 def sort_cumsum(logits, top_k, top_p, seed, rows):
@@ -94,6 +95,9 @@ def sampler_rows(B, V, reps, dev):
     return out
 
 
+WAYS = ("none", "candidates", "bracket", "row")  # csrc/kept_cut.h Found (kept_cut_path; -1: no C++ kernel)
+
+
 def logprob_rows(N, V, reps, dev):
     out = []
     labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
@@ -107,8 +111,11 @@ def logprob_rows(N, V, reps, dev):
                 continue
             t = _common.time_fn(lambda: ops.gather_logprobs(logits, labels, temperature=T, top_k=k, top_p=p),
                                 torch.device("cpu"), reps=reps)
+            paths = torch.ops.rlhf_fast.kept_cut_path(logits, T, k, p)
+            ways = paths.bincount(minlength=4).tolist() if bool((paths >= 0).all()) else None
             out.append(_common.result_row("gather", {**case, "filter": fname}, "fwd", t, dev, bytes_moved=N * V * 4,
-                                          vs_unfiltered=round(t["p50_ms"] / base["p50_ms"], 3)))
+                                          vs_unfiltered=round(t["p50_ms"] / base["p50_ms"], 3),
+                                          rows_by_way=dict(zip(WAYS, ways)) if ways else None))
     return out
 
 
@@ -129,7 +136,8 @@ def main(argv=None):
             rows += sampler_rows(B, V, reps, dev)
             rows += logprob_rows(N, V, reps, dev)
     flat = [{**r, **r["case"]} for r in rows]
-    _common.print_table(flat, ["impl", "B", "N", "V", "logits", "filter", "p50_ms", "vs_log_softmax", "vs_unfiltered"])
+    _common.print_table(flat, ["impl", "B", "N", "V", "logits", "filter", "p50_ms", "vs_log_softmax", "vs_unfiltered",
+                               "rows_by_way"])
     if not args.no_save:
         print("record:", _common.write_record("sampler_real", torch.device("cpu"),
                                               {"cases": cases, "reps": reps, "threads": args.threads,

@@ -7,21 +7,25 @@
 // rlhf_fast::sample_tokens(logits (B, V), u (B,) float64, temperature, top_k, top_p, do_sample,
 //     blocked_ids, block_active) -> (tokens (B,) int64, logprobs (B,) float32): one decode step.
 //
-// Per row, z = x / T in a float row buffer (the float32 values torch's `logits.float() / T` gives),
+// Per row (the cut itself lives in csrc/kept_cut.h, shared with the fused log-prob op of
+// csrc/logprobs_filtered.cpp), z = x / T (the float32 values torch's `logits.float() / T` gives),
 // blocked stop ids set to -inf, m = max z:
-//   - top-k: a histogram of counts over NB bins of (m - z) finds the bin holding the k-th largest
-//     logit; only the tokens down to that bin are copied and nth_element'd (no sort of V);
-//   - top-p: e_j = exp(z_j - m) (float32, csrc/vec_math.h's vexp_nonpos), a histogram of their
-//     float64 mass over the same bins finds the bin where the mass from the top reaches p * S; only
-//     that bin's tokens (and, if rounding says so, the next bins') are sorted, by (z desc, id asc);
+//   - one pass forms z, m and a running threshold collection of the largest logits (k + 1 for
+//     top-k, 128 for top-p): the k-th value by nth_element on those; a peaked row's top-p walk
+//     (e_j = exp(z_j - m), csrc/vec_math.h's vexp_nonpos, float64 mass from the top against p * S)
+//     ends among them;
+//   - other top-p rows: bins of (m - z); a sample of every 16th token brackets the bin where the mass
+//     from the top reaches p * S, one pass sums the bins above and keeps the bracket's tokens; rows
+//     where the bracket fails (flat rows: too wide) take a float64 histogram of every token's mass;
+//     only the crossing bin's tokens (and, if rounding says so, the next bins') are sorted, by
+//     (z desc, id asc); a top-k above 4,095 finds its k-th value by a histogram of counts;
 //   - the draw: float64 sums of the kept e_j over blocks of kBlock ids, the block where u * S falls,
 //     then a float64 walk inside it (inverse CDF in token-id order, as rlhf_fast/reference/sampling.py).
 // The bins are monotone in z (fl(m - z) and the scaling are monotone), so a bin holds a contiguous
 // range of the (z desc, id asc) order and the walk over whole bins is a walk over that order.
 // Rows are independent (at::parallel_for over rows, one thread reduces a row in a fixed order), so
 // no result depends on the thread count or on the other rows.
-#include "common.h"
-#include "vec_math.h"
+#include "kept_cut.h"
 
 #include <ATen/Parallel.h>
 
@@ -32,314 +36,6 @@
 
 namespace rlhf_fast {
 namespace {
-
-constexpr int64_t kW = fVec::size();
-constexpr int64_t kBins = 4096;          // histogram bins over [m - kSpan, m]
-constexpr float kSpan = 32.f;            // e^-32 ~ 1.3e-14 per token; below: the last bin
-constexpr float kInvWidth = kBins / kSpan;
-constexpr int64_t kBlock = 256;          // ids per block of the two-level inverse CDF
-
-inline int64_t bin_of(float m, float z) {
-  // monotone non-increasing in z; -inf (and anything below m - kSpan) lands in the last bin
-  const float b = (m - z) * kInvWidth;
-  return b < static_cast<float>(kBins - 1) ? static_cast<int64_t>(b) : kBins - 1;
-}
-
-struct Cut {
-  bool on;
-  float value;
-  int64_t index;
-};
-
-inline bool kept(const Cut& c, float z, int64_t j) {
-  return !c.on || z > c.value || (z == c.value && j <= c.index);
-}
-
-// G(c) + t * e_c with two roundings on every build (the torch rule in rlhf_fast/_filter.py computes
-// the same two operations): no contraction into one fused multiply-add.
-__attribute__((noinline)) double tie_mass(double above, int64_t t, double e_c) {
-  volatile double prod = static_cast<double>(t) * e_c;
-  return above + prod;
-}
-
-struct Scratch {
-  std::vector<int64_t> count;
-  std::vector<double> mass;
-  std::vector<std::pair<float, int64_t>> cand;  // (z, id)
-  std::vector<float> e;                           // exp(z - m) of the row, 0 outside the top-k set
-  std::vector<int64_t> ties;                      // ids of the tokens at the cut value, ascending
-  std::vector<int32_t> bin;                       // bin_of of every token (top_p_histogram)
-  explicit Scratch(int64_t V) : count(kBins), mass(kBins), e(static_cast<size_t>(V)), bin(static_cast<size_t>(V)) {}
-};
-
-inline bool by_order(const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-  return a.first > b.first || (a.first == b.first && a.second < b.second);
-}
-
-inline bool by_value(const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-  return a.first > b.first;
-}
-
-constexpr int64_t kTopP0 = 128;        // top-p first walks the 128 largest logits (peaked rows stop there)
-constexpr int64_t kMaxCollect = 4096;  // top-k above this: the histogram finds the k-th value
-// The scans work in whole 64-token blocks (the collection shrinks only between blocks, the mass
-// keeps 64 logical lanes), so no result depends on the vector width (AVX2 = AVX-512).
-constexpr int64_t kScanBlock = 64;
-
-// float64 sum of exp(z - m) over z >= kth: 64 compensated float lanes (element j of a 64-block in
-// lane j % 64, on every vector width), merged in double in lane order, then the tail.
-double kept_mass(const float* z, int64_t V, float m, float kth) {
-  constexpr int64_t nv = kScanBlock / kW;
-  const fVec mv(m), kv(kth), zero(0.f);
-  fVec acc[nv], comp[nv];
-  for (int64_t v = 0; v < nv; ++v) acc[v] = comp[v] = zero;
-  int64_t j = 0;
-  for (; j + kScanBlock <= V; j += kScanBlock) {
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < nv; ++v) {
-      const fVec zj = fVec::loadu(z + j + v * kW);
-      const fVec e = vexp_nonpos(zj - mv) & (zj >= kv);
-      const fVec y = e - comp[v], t = acc[v] + y;
-      comp[v] = (t - acc[v]) - y;
-      acc[v] = t;
-    }
-  }
-  float a[kScanBlock], c[kScanBlock];
-  for (int64_t v = 0; v < nv; ++v) {
-    acc[v].store(a + v * kW);
-    comp[v].store(c + v * kW);
-  }
-  double S = 0.0;
-  for (int64_t l = 0; l < kScanBlock; ++l) S += static_cast<double>(a[l]) - static_cast<double>(c[l]);
-  for (; j < V; ++j) S += z[j] >= kth ? static_cast<double>(fast_expf(z[j] - m)) : 0.0;
-  return S;
-}
-
-// The top-p walk over the first n tokens of `sorted` ((z desc, id asc), every token of each value
-// present): from mass `above` (strictly above the first), keep values while the mass above them is
-// < pS. Returns true when the walk stopped (the cut is the last kept value, its ids in s.ties),
-// false when the tokens ran out first (`above` carries on).
-bool walk(const std::vector<std::pair<float, int64_t>>& sorted, size_t n, float m, double pS, double& above,
-          bool& have, float& c, double& G_c, Scratch& s) {
-  size_t g = 0;
-  while (g < n) {
-    const float w = sorted[g].first;
-    if (above >= pS) return true;
-    have = true;
-    c = w;
-    G_c = above;
-    s.ties.clear();
-    const double e = static_cast<double>(fast_expf(w - m));
-    for (; g < n && sorted[g].first == w; ++g) {
-      above += e;
-      s.ties.push_back(sorted[g].second);
-    }
-  }
-  return above >= pS;
-}
-
-// The cut from the tokens at value c (ids ascending in s.ties): the t-th is kept iff t == 0 or
-// G(c) + t * e_c < pS.
-Cut tie_cut(float c, float m, double G_c, double pS, const Scratch& s) {
-  const double e_c = static_cast<double>(fast_expf(c - m));
-  int64_t index = s.ties[0];
-  for (size_t t = 1; t < s.ties.size(); ++t) {
-    if (!(tie_mass(G_c, static_cast<int64_t>(t), e_c) < pS)) break;
-    index = s.ties[t];
-  }
-  return Cut{true, c, index};
-}
-
-// The k-th largest z (k in [1, V)) by a histogram of counts, NaN-free row with finite max m.
-float kth_largest(const float* z, int64_t V, float m, int64_t k, Scratch& s) {
-  std::fill(s.count.begin(), s.count.end(), 0);
-  for (int64_t j = 0; j < V; ++j) s.count[bin_of(m, z[j])] += 1;
-  int64_t bk = 0, above = 0;
-  for (; bk < kBins; ++bk) {
-    if (above + s.count[bk] >= k) break;
-    above += s.count[bk];
-  }
-  s.cand.clear();
-  for (int64_t j = 0; j < V; ++j)
-    if (bin_of(m, z[j]) == bk) s.cand.emplace_back(z[j], j);
-  const int64_t r = k - 1 - above;  // rank of the k-th largest inside the bin
-  std::nth_element(s.cand.begin(), s.cand.begin() + r, s.cand.end(), by_value);
-  return s.cand[r].first;
-}
-
-// The top-p cut when the largest logits did not reach p * S: a histogram of the float64 mass over
-// the bins of (m - z) finds the bin where it does; only that bin's tokens are sorted. The exps and
-// bin numbers are computed vectorised into row buffers; the histogram itself is one scalar loop.
-Cut top_p_histogram(const float* z, int64_t V, float m, float kth, double pS, Scratch& s) {
-  const fVec mv(m), kv(kth), inv(kInvWidth), last(static_cast<float>(kBins - 1));
-  int64_t j = 0;
-  for (; j + kW <= V; j += kW) {
-    const fVec zj = fVec::loadu(z + j);
-    (vexp_nonpos(zj - mv) & (zj >= kv)).store(s.e.data() + j);
-    // bin_of, lane for lane: (m - z) * inv, capped at the last bin (a -inf z gives inf: capped)
-    const fVec b = fVec::blendv(last, (mv - zj) * inv, (mv - zj) * inv < last);
-    at::vec::convert_to_int_of_same_size(b).store(s.bin.data() + j);
-  }
-  for (; j < V; ++j) {
-    s.e[j] = z[j] >= kth ? fast_expf(z[j] - m) : 0.f;
-    s.bin[j] = static_cast<int32_t>(bin_of(m, z[j]));
-  }
-  std::fill(s.mass.begin(), s.mass.end(), 0.0);
-  for (j = 0; j < V; ++j) s.mass[s.bin[j]] += static_cast<double>(s.e[j]);
-  double above = 0.0;
-  int64_t b = 0;
-  for (; b < kBins; ++b) {
-    if (above + s.mass[b] >= pS) break;
-    above += s.mass[b];
-  }
-  bool have = false;
-  float c = 0.f;
-  double G_c = 0.0;
-  const int full = static_cast<int>((1LL << kW) - 1);
-  // Rounding (bin sums against the walk's) may leave the walk short of pS at the end of bin b:
-  // then the next bins follow.
-  for (; b < kBins; ++b) {
-    if (s.mass[b] == 0.0 && b != kBins - 1) continue;
-    s.cand.clear();
-    const iVec bv(static_cast<int32_t>(b));
-    int64_t i = 0;
-    for (; i + kW <= V; i += kW) {
-      const int bits = ~at::vec::cast<float>(iVec::loadu(s.bin.data() + i) == bv).zero_mask() & full;
-      if (bits == 0) continue;
-      for (int l = 0; l < kW; ++l)
-        if ((bits & (1 << l)) && z[i + l] >= kth) s.cand.emplace_back(z[i + l], i + l);
-    }
-    for (; i < V; ++i)
-      if (s.bin[i] == b && z[i] >= kth) s.cand.emplace_back(z[i], i);
-    std::sort(s.cand.begin(), s.cand.end(), by_order);
-    if (walk(s.cand, s.cand.size(), m, pS, above, have, c, G_c, s)) break;
-  }
-  if (!have) return Cut{kth > -std::numeric_limits<float>::infinity(), kth, V - 1};
-  return tie_cut(c, m, G_c, pS, s);
-}
-
-
-// How many of the largest logits row_cut collects in the scan (0: none).
-inline int64_t collect_count(int64_t V, int64_t top_k, double top_p) {
-  const bool k_on = top_k > 0 && top_k < V, p_on = top_p < 1.0;
-  if (!(k_on || p_on)) return 0;
-  const int64_t k0 = std::min<int64_t>(V, std::max<int64_t>(k_on ? top_k : 0, p_on ? kTopP0 : 0));
-  return k0 <= kMaxCollect ? k0 : 0;
-}
-
-// One vectorised pass over the row: its max (NaN skipped), whether it holds a NaN, and with
-// k0 > 0 a running threshold collection that leaves in s.cand every token with z > *thr and at
-// least k0 tokens with z >= *thr, or (fewer than k0 logits above -inf) every token above -inf with
-// *thr = -inf; the threshold is raised by nth_element when a block ends with 2 * k0 held.
-void scan_row(const float* z, int64_t V, int64_t k0, Scratch& s, float* m_out, bool* nan_out, float* thr_out) {
-  constexpr int64_t nv = kScanBlock / kW;
-  const float kNegInf = -std::numeric_limits<float>::infinity();
-  const int full = static_cast<int>((1LL << kW) - 1);
-  float thr = kNegInf;
-  s.cand.clear();
-  auto shrink = [&]() {
-    std::nth_element(s.cand.begin(), s.cand.begin() + (k0 - 1), s.cand.end(), by_value);
-    thr = s.cand[k0 - 1].first;
-    s.cand.resize(k0);
-  };
-  fVec mv(kNegInf), nanv(0.f);
-  int64_t j = 0;
-  for (; j + kScanBlock <= V; j += kScanBlock) {
-    const fVec tv(thr);
-#pragma GCC unroll 8
-    for (int64_t v = 0; v < nv; ++v) {
-      const fVec zv = fVec::loadu(z + j + v * kW);
-      mv = at::vec::clamp_min(mv, zv);  // `z > m ? z : m`: a NaN is skipped here, caught below
-      nanv = nanv | (zv != zv);
-      if (k0 > 0) {
-        const int bits = ~(zv > tv).zero_mask() & full;
-        if (bits != 0)
-          for (int l = 0; l < kW; ++l)
-            if (bits & (1 << l)) s.cand.emplace_back(z[j + v * kW + l], j + v * kW + l);
-      }
-    }
-    if (k0 > 0 && static_cast<int64_t>(s.cand.size()) >= 2 * k0) shrink();
-  }
-  float lanes[kW], nl[kW];
-  mv.store(lanes);
-  nanv.store(nl);
-  float m = kNegInf;
-  bool has_nan = false;
-  for (int64_t l = 0; l < kW; ++l) {
-    m = lanes[l] > m ? lanes[l] : m;
-    has_nan |= nl[l] != 0.f;  // an all-ones lane is a NaN, != 0
-  }
-  for (; j < V; ++j) {
-    has_nan |= z[j] != z[j];
-    m = z[j] > m ? z[j] : m;
-    if (k0 > 0 && z[j] > thr) s.cand.emplace_back(z[j], j);
-  }
-  if (k0 > 0 && static_cast<int64_t>(s.cand.size()) > k0) shrink();
-  *m_out = m;
-  *nan_out = has_nan;
-  *thr_out = thr;
-}
-
-// The row as float32 z = x / T (the values torch's `logits.float() / T` gives), blocked ids -inf,
-// then scan_row: float32 logits at T = 1 with nothing blocked are read in place, otherwise written
-// to buf first. Returns (z, max z, whether the row is NaN-free with a finite max: otherwise the
-// filter keeps everything, the collection's threshold).
-template <typename scalar_t>
-std::tuple<const float*, float, bool, float> load_row(const scalar_t* x, int64_t V, float temp,
-                                                      const int64_t* blocked, int64_t n_blocked, float* buf,
-                                                      int64_t k0, Scratch& s) {
-  const float* z = buf;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (temp == 1.f && n_blocked == 0) {
-      z = x;
-    } else {
-      const fVec tv(temp);
-      int64_t j = 0;
-      for (; j + kW <= V; j += kW) (fVec::loadu(x + j) / tv).store(buf + j);
-      for (; j < V; ++j) buf[j] = x[j] / temp;
-    }
-  } else {
-    for (int64_t j = 0; j < V; ++j) buf[j] = to_float(x[j]) / temp;
-  }
-  for (int64_t i = 0; i < n_blocked; ++i) buf[blocked[i]] = -std::numeric_limits<float>::infinity();
-  float m = 0.f, thr = 0.f;
-  bool has_nan = false;
-  scan_row(z, V, k0, s, &m, &has_nan, &thr);
-  return {z, m, !has_nan && std::isfinite(m), thr};
-}
-
-Cut row_cut(const float* z, int64_t V, float m, bool finite, int64_t top_k, double top_p, float thr, Scratch& s) {
-  const float kNegInf = -std::numeric_limits<float>::infinity();
-  const bool k_on = top_k > 0 && top_k < V, p_on = top_p < 1.0;
-  if (!finite || !(k_on || p_on)) return Cut{false, kNegInf, V - 1};
-  const bool collected = collect_count(V, top_k, top_p) > 0;  // s.cand: every z > thr, >= k0 tokens >= thr
-  float kth = kNegInf;
-  if (k_on) {
-    if (collected && static_cast<int64_t>(s.cand.size()) < top_k) {
-      kth = kNegInf;  // fewer than k tokens above -inf (the only ones scan_row skips): all kept
-    } else if (collected) {
-      std::nth_element(s.cand.begin(), s.cand.begin() + (top_k - 1), s.cand.end(), by_value);
-      kth = s.cand[top_k - 1].first;
-    } else {
-      kth = kth_largest(z, V, m, top_k, s);
-    }
-  }
-  if (!p_on) return Cut{true, kth, V - 1};
-  const double pS = top_p * kept_mass(z, V, m, kth);
-  if (collected) {
-    // Peaked rows: the walk over the tokens above thr (every token of each such value is held)
-    // reaches pS there.
-    auto mid = std::partition(s.cand.begin(), s.cand.end(),
-                              [&](const auto& a) { return a.first > thr && a.first >= kth; });
-    const size_t n = static_cast<size_t>(mid - s.cand.begin());
-    std::sort(s.cand.begin(), mid, by_order);
-    double above = 0.0, G_c = 0.0;
-    bool have = false;
-    float c = 0.f;
-    if (walk(s.cand, n, m, pS, above, have, c, G_c, s) && have) return tie_cut(c, m, G_c, pS, s);
-  }
-  return top_p_histogram(z, V, m, kth, pS, s);
-}
 
 at::Tensor as_rows(const char* name, const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, name, ": logits must be (N, V), got ", logits.sizes());
@@ -365,13 +61,36 @@ std::tuple<at::Tensor, at::Tensor> kept_cut_cpu(const at::Tensor& logits, double
       for (int64_t i = begin; i < end; ++i) {
         auto [z, m, finite, thr] =
             load_row<scalar_t>(x_p + i * V, V, temp, nullptr, 0, buf.data(), collect_count(V, top_k, top_p), s);
-        const Cut c = row_cut(z, V, m, finite, top_k, top_p, thr, s);
+        const Cut c = row_cut(z, V, m, finite, top_k, top_p, thr, s).cut;
         v_p[i] = c.on ? c.value : -std::numeric_limits<float>::infinity();
         i_p[i] = c.on ? c.index : V - 1;
       }
     });
   });
   return {value, index};
+}
+
+// Which way row_cut found each row's cut (Found in csrc/kept_cut.h: 0 no cut, 1 among the collected
+// candidates, 2 a sampled bracket, 3 a pass over the whole row): a diagnostic for the tests and the
+// benchmarks, which must show every way taken.
+at::Tensor kept_cut_path_cpu(const at::Tensor& logits, double temperature, int64_t top_k, double top_p) {
+  at::Tensor x = as_rows("kept_cut_path", logits);
+  const int64_t N = x.size(0), V = x.size(1);
+  at::Tensor path = at::empty({N}, x.options().dtype(at::kLong));
+  int64_t* p_p = path.data_ptr<int64_t>();
+  const float temp = static_cast<float>(temperature);
+  dispatch_floating(x.scalar_type(), "kept_cut_path", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    std::vector<float> buf(static_cast<size_t>(V));
+    Scratch s(V);
+    for (int64_t i = 0; i < N; ++i) {
+      auto [z, m, finite, thr] =
+          load_row<scalar_t>(x_p + i * V, V, temp, nullptr, 0, buf.data(), collect_count(V, top_k, top_p), s);
+      p_p[i] = static_cast<int64_t>(row_cut(z, V, m, finite, top_k, top_p, thr, s).how);
+    }
+  });
+  return path;
 }
 
 // One row's token and log-prob. z: the scaled row; greedy picks the argmax of the unscaled row x
@@ -476,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, c
       for (int64_t i = begin; i < end; ++i) {
         auto [z, m, finite, thr] =
             load_row<scalar_t>(x_p + i * V, V, temp, blk_p, n_blk, buf.data(), collect_count(V, top_k, top_p), s);
-        const Cut cut = row_cut(z, V, m, finite, top_k, top_p, thr, s);
+        const Cut cut = row_cut(z, V, m, finite, top_k, top_p, thr, s).cut;
         auto [tok, lp] = draw_row<scalar_t>(x_p + i * V, z, V, m, cut, do_sample, u_p[i], blk_p, n_blk, s, blocks);
         t_p[i] = tok;
         l_p[i] = lp;
@@ -491,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, c
 // The schemas are mirrored in rlhf_fast/ops/sampling.py (SCHEMAS) for the no-compiler fallback.
 TORCH_LIBRARY_FRAGMENT(rlhf_fast, m) {
   m.def("kept_cut(Tensor logits, float temperature, int top_k, float top_p) -> (Tensor, Tensor)");
+  m.def("kept_cut_path(Tensor logits, float temperature, int top_k, float top_p) -> Tensor");
   m.def(
       "sample_tokens(Tensor logits, Tensor u, float temperature, int top_k, float top_p, bool do_sample, "
       "Tensor? blocked_ids=None, Tensor? block_active=None) -> (Tensor, Tensor)");
@@ -498,6 +218,7 @@ TORCH_LIBRARY_FRAGMENT(rlhf_fast, m) {
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("kept_cut", &kept_cut_cpu);
+  m.impl("kept_cut_path", &kept_cut_path_cpu);
   m.impl("sample_tokens", &sample_tokens_cpu);
 }
 

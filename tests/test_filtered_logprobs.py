@@ -5,7 +5,8 @@ gradients: ties at the k-th logit, top_p near 0 and 1, k >= V, masked rows, -inf
 outside the kept set; the kept set is the engine's (rlhf_fast/_filter.py) and agrees with the
 independent row-by-row rule of rlhf_fast.reference.sampling; filter off is bit-identical to the
 unfiltered op; bad filters name the argument; engine rollout log-probs equal Policy.logprobs with
-the filter at float32 rounding.
+the filter at float32 rounding; the fused op (cut and sums in one, csrc/logprobs_filtered.cpp) on
+each way its cut is found, and against kept_cut + gather_logprobs.
 """
 
 from __future__ import annotations
@@ -383,6 +384,59 @@ def test_opcheck_with_cut():
     cv, ci = _filter.kept_cut((h @ w.T).detach(), 0.7, 5, 0.8)
     torch.library.opcheck(torch.ops.rlhf_fast.linear_logprobs.default,
                           (h, w, labels.reshape(-1), 0.7, True, IGNORE, cv, ci))
+
+
+def _mixed_rows(V, seed=3):
+    """(1, 6, V) logits: flat, in-between and peaked rows, two of each (csrc/kept_cut.h's three ways)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(2, V, generator=g) * s for s in (0.3, 2.0, 8.0)]).unsqueeze(0)
+    labels = torch.randint(0, V, (1, 6), generator=g)
+    labels[0, ::2] = x[0, ::2].argmax(-1)  # kept whatever the filter: finite log-probs on every way
+    return x, labels
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (0, 0.9), (300, 0.9), (20, 1.0)])
+def test_fused_filtered_op_against_the_reference_on_every_way(top_k, top_p):
+    """gather_logprobs_filtered (csrc/logprobs_filtered.cpp) sums the kept set where the cut was found:
+    among the candidates, in the sampled bracket, or in a pass over the row; each held to the float64
+    reference, outputs and gradients (the ways taken are asserted where the C++ kernel runs)."""
+    from rlhf_fast.ops import _library
+
+    x, labels = _mixed_rows(20_000)
+    labels[0, 3] = IGNORE
+    if _library.extension_loaded() and top_p < 1.0:
+        ways = set(torch.ops.rlhf_fast.kept_cut_path(x[0], 1.0, top_k, top_p).tolist())
+        # top-k 300: every kept token is among the 301 collected; top-p alone: all three at 0.5
+        assert ways == ({1} if top_k else {1, 2, 3} if top_p == 0.5 else {1, 3}), ways
+    check_filtered(_gather, _gather_ref, [x], labels, dict(temperature=1.0, top_k=top_k, top_p=top_p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_filtered_op_keeps_the_cut_of_kept_cut(dtype, temperature):
+    """One op or two (kept_cut, then gather_logprobs with its cut): the same cut bit for bit, the same
+    log-probs and entropy to float32 rounding (the kept sums are added in another order)."""
+    x, labels = _mixed_rows(20_000)
+    x = x.to(dtype)
+    for top_k, top_p in [(0, 0.9), (0, 0.5), (50, 0.9), (20, 1.0)]:
+        lp, ent, stats, cv, ci = torch.ops.rlhf_fast.gather_logprobs_filtered(x, labels, temperature, True, IGNORE,
+                                                                              top_k, top_p)
+        want_cut = _filter.kept_cut(x, temperature, top_k, top_p)
+        assert torch.equal(cv, want_cut[0]) and torch.equal(ci, want_cut[1])
+        lp2, ent2, stats2 = torch.ops.rlhf_fast.gather_logprobs(x, labels, temperature, True, IGNORE, *want_cut)
+        assert torch.equal(torch.isfinite(lp), torch.isfinite(lp2))
+        fin = torch.isfinite(lp2)
+        torch.testing.assert_close(lp[fin], lp2[fin], rtol=0, atol=4e-6 * (1 + float(lp2[fin].abs().max())))
+        torch.testing.assert_close(ent, ent2, rtol=0, atol=4e-6 * (1 + math.log(x.shape[-1])))
+        assert torch.equal(stats[..., 0], stats2[..., 0])
+
+
+def test_opcheck_fused_filtered():
+    logits = torch.randn(2, 3, 37, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 3))
+    labels[0, 0] = IGNORE
+    torch.library.opcheck(torch.ops.rlhf_fast.gather_logprobs_filtered.default,
+                          (logits, labels, 0.7, True, IGNORE, 5, 0.8))
 
 
 def test_torch_compile_fullgraph_filtered():

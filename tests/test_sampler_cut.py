@@ -6,6 +6,8 @@
   covering ties, -inf tokens, NaN rows, every path of the kernel (peaked, flat, a top-k above the
   candidate limit) and V up to 151,936; cases where a token's mass above lies within rounding of
   top_p * S (ill-conditioned: the summation order decides) are left out.
+- rows of V >= 16,384, where flat-ish rows take the sampled bracket (csrc/kept_cut.h), against the
+  same definition, and a check that every way of the kernel is taken.
 - ``torch.ops.rlhf_fast.sample_tokens`` against its torch twin and the inverse CDF of the reference.
 """
 
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 import rlhf_fast.ops  # noqa: F401  (registers the ops)
 from rlhf_fast import _filter
+from rlhf_fast.ops import _library
 from rlhf_fast.ops import sampling as ops_sampling
 from rlhf_fast.reference import sampling as ref
 
@@ -95,6 +98,53 @@ def test_kept_cut_at_a_real_vocabulary(scale, top_k, top_p):
     got = _filter.kept_cut(x, 1.0, top_k, top_p)
     assert _same_set(x, 1.0, got, want)
     assert _same_set(x, 1.0, _filter.kept_cut_torch(x, 1.0, top_k, top_p), want)
+
+
+@st.composite
+def large_rows(draw):
+    """Rows of V >= 16,384 (csrc/kept_cut.h kMinBracketV), where top-p tries the sampled bracket."""
+    V = draw(st.integers(16_384, 24_000))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(2, V, generator=g) * draw(st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.0]))
+    if draw(st.booleans()):  # ties, also inside the bracket
+        x = (x * 8).round() / 8
+    if draw(st.booleans()):
+        x[:, :: draw(st.integers(2, 7))] = -math.inf
+    top_k = draw(st.sampled_from([0, 0, 300, 6000]))
+    top_p = draw(st.sampled_from([0.5, 0.8, 0.9, 0.97]))
+    return x.to(draw(st.sampled_from([torch.float32, torch.bfloat16]))), top_k, top_p, draw(st.sampled_from([1.0, 0.7]))
+
+
+@given(large_rows())
+@settings(max_examples=25, deadline=None)
+def test_kept_cut_at_large_vocabularies_matches_its_definition(case):
+    """Every way of csrc/kept_cut.h (candidates, the sampled bracket, the full histogram) keeps the
+    rule's set; the ways the examples took are checked to include the bracket in
+    test_each_way_of_the_cut_is_taken."""
+    x, top_k, top_p, temperature = case
+    assume(_margin_ok(x, temperature, top_k, top_p))
+    want = ref.kept_cut(x, temperature, top_k, top_p)
+    got = _filter.kept_cut(x, temperature, top_k, top_p)
+    assert _same_set(x, temperature, got, want), torch.ops.rlhf_fast.kept_cut_path(x, temperature, top_k, top_p)
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="the ways are the C++ kernel's")
+@pytest.mark.parametrize("V", [20_000, 151_936])
+def test_each_way_of_the_cut_is_taken(V):
+    """Flat rows fall back to the histogram, rows in between take the bracket, peaked rows stop among
+    the candidates: each on the rule's set (against the sorted float64 definition)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(2, V, generator=g) * s for s in (0.3, 2.0, 8.0)])
+    ways = {}
+    for top_p in (0.5, 0.9):
+        paths = torch.ops.rlhf_fast.kept_cut_path(x, 1.0, 0, top_p).tolist()
+        ways.update({p: top_p for p in paths})
+        assert _margin_ok(x, 1.0, 0, top_p)
+        want = ref.kept_cut(x, 1.0, 0, top_p, e_dtype=torch.float32)
+        assert _same_set(x, 1.0, _filter.kept_cut(x, 1.0, 0, top_p), want), paths
+    assert {1, 2, 3} <= set(ways), ways  # candidates, bracket, row
+    assert torch.ops.rlhf_fast.kept_cut_path(x, 1.0, 20, 1.0).tolist() == [1] * 6  # top-k: the candidates
+    assert torch.ops.rlhf_fast.kept_cut_path(x, 1.0, 0, 1.0).tolist() == [0] * 6  # filter off
 
 
 def test_nan_and_infinite_rows_keep_everything():

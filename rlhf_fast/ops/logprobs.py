@@ -7,9 +7,12 @@ CPU (csrc/logprobs.cpp) and the Triton kernel on CUDA (kernels/logprobs.py); a f
 torch.compile trace it; autograd runs ``gather_logprobs_backward``, one pass writing d(logits).
 
 The sampling filter (top-k / top-p) enters as an optional cut per row (``rlhf_fast/_filter.py``):
-the public function finds it with the engine's own rule (one extra pass: a top-k selection, or
-the engine's sort for top-p), the kernels then sum over the kept tokens only, in the same single
-pass as without a filter.
+the kernels sum over the kept tokens only. With a filter the public function calls
+``torch.ops.rlhf_fast.gather_logprobs_filtered(logits, labels, temperature, return_entropy,
+ignore_index, top_k, top_p) -> (logprobs, entropy, row_stats, cut_value, cut_index)``, which finds
+the cut with the sampler's own rule and sums the kept set in the same passes (csrc/logprobs_filtered.cpp
+on CPU; elsewhere ``kept_cut`` then ``gather_logprobs`` with its cut); its backward is
+``gather_logprobs_backward`` with that cut.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ SCHEMAS = {
         "gather_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
         "Tensor labels, Tensor row_stats, Tensor entropy, float temperature, int ignore_index, "
         "Tensor? cut_value=None, Tensor? cut_index=None) -> Tensor"
+    ),
+    "gather_logprobs_filtered": (
+        "gather_logprobs_filtered(Tensor logits, Tensor labels, float temperature, bool return_entropy, "
+        "int ignore_index, int top_k, float top_p) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 
@@ -97,6 +104,21 @@ def _bwd_cuda(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, t
                                cut_value, cut_index)
 
 
+# ---- the filtered op where no fused kernel exists: the cut, then the op with it ------------
+
+def _filtered_composite(logits, labels, temperature, return_entropy, ignore_index, top_k, top_p):
+    """``gather_logprobs_filtered`` as kept_cut + gather_logprobs (CUDA, and CPU without the C++
+    library); a disabled filter gives the "no cut" the C++ kernel returns (-inf, V - 1)."""
+    cut = _filter.kept_cut(logits, temperature, top_k, top_p)
+    if cut is None:
+        V = logits.shape[-1]
+        cut = (torch.full(labels.shape, float("-inf"), device=logits.device),
+               torch.full(labels.shape, V - 1, dtype=torch.int64, device=logits.device))
+    lp, ent, stats = torch.ops.rlhf_fast.gather_logprobs(logits, labels, temperature, return_entropy, ignore_index,
+                                                         cut[0], cut[1])
+    return lp, ent, stats, cut[0], cut[1]
+
+
 # ---- fake (meta) kernels, autograd -----------------------------------------------------------
 
 def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_index=-100, cut_value=None,
@@ -112,6 +134,23 @@ def _fwd_fake(logits, labels, temperature=1.0, return_entropy=False, ignore_inde
 def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, row_stats, entropy, temperature, ignore_index,
               cut_value=None, cut_index=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _filtered_fake(logits, labels, temperature, return_entropy, ignore_index, top_k, top_p):
+    lp, ent, stats = _fwd_fake(logits, labels)
+    return lp, ent, stats, lp.new_empty(lp.shape), lp.new_empty(lp.shape, dtype=torch.int64)
+
+
+def _setup_context_filtered(ctx, inputs, output):
+    logits, labels, temperature, return_entropy, ignore_index, _top_k, _top_p = inputs
+    _, entropy, row_stats, cut_value, cut_index = output
+    ctx.save_for_backward(logits, labels, row_stats, entropy, cut_value, cut_index)
+    ctx.temperature, ctx.return_entropy, ctx.ignore_index = temperature, return_entropy, ignore_index
+    ctx.mark_non_differentiable(row_stats, cut_value, cut_index)
+
+
+def _backward_filtered(ctx, grad_logprobs, grad_entropy, _grad_stats, _grad_cut_value, _grad_cut_index):
+    return _backward(ctx, grad_logprobs, grad_entropy, None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,13 +177,18 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
 def _register() -> None:
     if not _library.load_extension():
         _library.define_fallback(
-            SCHEMAS, {"gather_logprobs": _fwd_torch, "gather_logprobs_backward": _bwd_torch}
+            SCHEMAS, {"gather_logprobs": _fwd_torch, "gather_logprobs_backward": _bwd_torch,
+                      "gather_logprobs_filtered": _filtered_composite}
         )
     torch.library.register_fake("rlhf_fast::gather_logprobs")(_fwd_fake)
     torch.library.register_fake("rlhf_fast::gather_logprobs_backward")(_bwd_fake)
     torch.library.register_kernel("rlhf_fast::gather_logprobs", "cuda", _fwd_cuda)
     torch.library.register_kernel("rlhf_fast::gather_logprobs_backward", "cuda", _bwd_cuda)
     torch.library.register_autograd("rlhf_fast::gather_logprobs", _backward, setup_context=_setup_context)
+    torch.library.register_fake("rlhf_fast::gather_logprobs_filtered")(_filtered_fake)
+    torch.library.register_kernel("rlhf_fast::gather_logprobs_filtered", "cuda", _filtered_composite)
+    torch.library.register_autograd("rlhf_fast::gather_logprobs_filtered", _backward_filtered,
+                                    setup_context=_setup_context_filtered)
 
 
 _register()
@@ -189,8 +233,8 @@ def gather_logprobs(
             Off (the defaults, or top_k >= V): bit-identical to the unfiltered op.
     Returns:
         logprobs (...) float32, and entropy (...) float32 if ``return_entropy``. Differentiable
-        w.r.t. logits through both; no [..., V] float32 temporary is ever created (a top-p
-        filter sorts ``_filter.CUT_CHUNK_BYTES`` of rows at a time to find the kept set).
+        w.r.t. logits through both; no [..., V] float32 temporary is ever created on CPU (the
+        torch cut of CUDA / no C++ library works on ``_filter.CUT_CHUNK_BYTES`` of rows at a time).
     Raises:
         ValueError naming the argument: non-floating logits, integer labels of the wrong shape or
         out of range, a device mismatch, temperature <= 0 or not finite, top_k not an int >= 0,
@@ -201,10 +245,12 @@ def gather_logprobs(
     lead = logits.shape[:-1]
     x = _as_3d(logits)
     y = labels.reshape(x.shape[:-1]).long()
-    cut = _filter.kept_cut(x, temperature, top_k, top_p)
-    cut_value, cut_index = cut if cut is not None else (None, None)
-    lp, ent, _ = torch.ops.rlhf_fast.gather_logprobs(x, y, temperature, bool(return_entropy), int(ignore_index),
-                                                     cut_value, cut_index)
+    if _filter.filter_active(top_k, top_p, x.shape[-1]):
+        # the cut and the sums in one op (csrc/logprobs_filtered.cpp on CPU)
+        lp, ent, *_ = torch.ops.rlhf_fast.gather_logprobs_filtered(x, y, temperature, bool(return_entropy),
+                                                                   int(ignore_index), top_k, top_p)
+    else:
+        lp, ent, _ = torch.ops.rlhf_fast.gather_logprobs(x, y, temperature, bool(return_entropy), int(ignore_index))
     if return_entropy:
         return lp.reshape(lead), ent.reshape(lead)
     return lp.reshape(lead)

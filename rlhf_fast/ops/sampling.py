@@ -3,6 +3,10 @@
 ``torch.ops.rlhf_fast.kept_cut(logits (N, V), temperature, top_k, top_p) -> (cut_value (N,)
 float32, cut_index (N,) int64)``: the cut of ``rlhf_fast/_filter.py`` ("The kept set").
 
+``torch.ops.rlhf_fast.kept_cut_path(logits (N, V), temperature, top_k, top_p) -> (N,) int64``: which
+way the C++ kernel found each row's cut (0 no cut, 1 among the largest logits collected in the scan,
+2 a sampled bracket, 3 a pass over the whole row; -1 without the C++ library): a diagnostic.
+
 ``torch.ops.rlhf_fast.sample_tokens(logits (B, V), u (B,) float64, temperature, top_k, top_p,
 do_sample, blocked_ids, block_active) -> (tokens (B,) int64, logprobs (B,) float32)``: one decode
 step of ``rlhf_fast.engine.sampling.sample_next``: blocked ids (the stop ids before
@@ -28,6 +32,7 @@ from rlhf_fast.ops import _library
 # built); a test checks the two agree.
 SCHEMAS = {
     "kept_cut": "kept_cut(Tensor logits, float temperature, int top_k, float top_p) -> (Tensor, Tensor)",
+    "kept_cut_path": "kept_cut_path(Tensor logits, float temperature, int top_k, float top_p) -> Tensor",
     "sample_tokens": (
         "sample_tokens(Tensor logits, Tensor u, float temperature, int top_k, float top_p, bool do_sample, "
         "Tensor? blocked_ids=None, Tensor? block_active=None) -> (Tensor, Tensor)"
@@ -43,6 +48,11 @@ def _kept_cut_torch(logits, temperature, top_k, top_p):
         return (torch.full((N,), float("-inf"), device=logits.device),
                 torch.full((N,), V - 1, dtype=torch.int64, device=logits.device))
     return _filter.kept_cut_torch(logits, temperature, top_k, top_p)
+
+
+def _kept_cut_path_torch(logits, temperature, top_k, top_p):
+    """-1 per row: no C++ kernel, so none of its ways (csrc/kept_cut.h ``Found``) was taken."""
+    return torch.full((logits.shape[0],), -1, dtype=torch.int64, device=logits.device)
 
 
 def _sample_torch(logits, u, temperature, top_k, top_p, do_sample, blocked_ids=None, block_active=None):
@@ -94,7 +104,8 @@ def _sample_fake(logits, u, temperature, top_k, top_p, do_sample, blocked_ids=No
 
 def _register() -> None:
     if not _library.load_extension():
-        _library.define_fallback(SCHEMAS, {"kept_cut": _kept_cut_torch, "sample_tokens": _sample_torch})
+        _library.define_fallback(SCHEMAS, {"kept_cut": _kept_cut_torch, "sample_tokens": _sample_torch,
+                                           "kept_cut_path": _kept_cut_path_torch})
     torch.library.register_fake("rlhf_fast::kept_cut")(_kept_cut_fake)
     torch.library.register_fake("rlhf_fast::sample_tokens")(_sample_fake)
     torch.library.register_kernel("rlhf_fast::kept_cut", "cuda", _kept_cut_torch)
