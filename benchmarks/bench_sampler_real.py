@@ -95,7 +95,7 @@ def sampler_rows(B, V, reps, dev):
     return out
 
 
-WAYS = ("none", "candidates", "bracket", "row")  # csrc/kept_cut.h Found (kept_cut_path; -1: no C++ kernel)
+WAYS = ("none", "candidates", "bracket", "row", "histogram")  # csrc/kept_cut.h Found (kept_cut_path; -1: no C++ kernel)
 
 
 def logprob_rows(N, V, reps, dev):
@@ -112,7 +112,7 @@ def logprob_rows(N, V, reps, dev):
             t = _common.time_fn(lambda: ops.gather_logprobs(logits, labels, temperature=T, top_k=k, top_p=p),
                                 torch.device("cpu"), reps=reps)
             paths = torch.ops.rlhf_fast.kept_cut_path(logits, T, k, p)
-            ways = paths.bincount(minlength=4).tolist() if bool((paths >= 0).all()) else None
+            ways = paths.bincount(minlength=5).tolist() if bool((paths >= 0).all()) else None
             out.append(_common.result_row("gather", {**case, "filter": fname}, "fwd", t, dev, bytes_moved=N * V * 4,
                                           vs_unfiltered=round(t["p50_ms"] / base["p50_ms"], 3),
                                           rows_by_way=dict(zip(WAYS, ways)) if ways else None))

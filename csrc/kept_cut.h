@@ -75,6 +75,7 @@ struct Scratch {
   std::vector<float> samp;                        // the bracket's sample of the row
   std::vector<BracketTok> br;                     // the bracket's tokens (top_p_bracket)
   double G = 0.0, T = 0.0;                        // sum e, sum e (z - m) over the bins above the bracket
+  double kept = 0.0;                              // the kept set's mass after a top-p walk (tie_cut)
   explicit Scratch(int64_t V)
       : count(kBins), mass(kBins), mass2(kBins), e(static_cast<size_t>(V)), bin(static_cast<size_t>(V)) {}
 };
@@ -146,14 +147,16 @@ bool walk(const std::vector<std::pair<float, int64_t>>& sorted, size_t n, float 
 }
 
 // The cut from the tokens at value c (ids ascending in s.ties): the t-th is kept iff t == 0 or
-// G(c) + t * e_c < pS.
-Cut tie_cut(float c, float m, double G_c, double pS, const Scratch& s) {
+// G(c) + t * e_c < pS. s.kept = G(c) + (kept ties) * e_c: the kept set's mass as the walk counts it.
+Cut tie_cut(float c, float m, double G_c, double pS, Scratch& s) {
   const double e_c = static_cast<double>(fast_expf(c - m));
   int64_t index = s.ties[0];
-  for (size_t t = 1; t < s.ties.size(); ++t) {
+  size_t t = 1;
+  for (; t < s.ties.size(); ++t) {
     if (!(tie_mass(G_c, static_cast<int64_t>(t), e_c) < pS)) break;
     index = s.ties[t];
   }
+  s.kept = tie_mass(G_c, static_cast<int64_t>(t), e_c);
   return Cut{true, c, index};
 }
 
@@ -191,8 +194,16 @@ Cut top_p_histogram(const float* z, int64_t V, float m, float kth, double pS, Sc
     s.e[j] = z[j] >= kth ? fast_expf(z[j] - m) : 0.f;
     s.bin[j] = static_cast<int32_t>(bin_of(m, z[j]));
   }
+  // Two histograms, even and odd ids, merged after: an add into a bin does not wait for the
+  // previous token's store when both fall in the same bin (the loop is this way's largest cost).
   std::fill(s.mass.begin(), s.mass.end(), 0.0);
-  for (j = 0; j < V; ++j) s.mass[s.bin[j]] += static_cast<double>(s.e[j]);
+  std::fill(s.mass2.begin(), s.mass2.end(), 0.0);
+  for (j = 0; j + 1 < V; j += 2) {
+    s.mass[s.bin[j]] += static_cast<double>(s.e[j]);
+    s.mass2[s.bin[j + 1]] += static_cast<double>(s.e[j + 1]);
+  }
+  if (j < V) s.mass[s.bin[j]] += static_cast<double>(s.e[j]);
+  for (int64_t b = 0; b < kBins; ++b) s.mass[b] += s.mass2[b];
   double above = 0.0;
   int64_t b = 0;
   for (; b < kBins; ++b) {
@@ -398,12 +409,12 @@ bool bracket_bins(const float* z, int64_t V, float m, float kth, float thr, size
     if (G + kSigmas * kStride * std::sqrt(var) < pS) *lo = b;
     G += s.mass[b];
     var += s.mass2[b];
-    if (b >= *lo) tokens += s.count[b];
     if (G - kSigmas * kStride * std::sqrt(var) >= pS) {
       *hi = b;
       break;
     }
   }
+  for (b = *lo; b <= *hi; ++b) tokens += s.count[b];
   return tokens <= V / 4;
 }
 
@@ -510,6 +521,8 @@ enum class Found {
   kCandidates,  // every kept token is in s.cand
   kBracket,     // the kept tokens: every token of a bin above the bracket (sums s.G, s.T) + kept s.br
   kRow,         // the kept set needs a pass over the row to be summed
+  kHistogram,   // top-p by the histogram of every token (flat rows): the kept mass is s.kept; its
+                // entropy sum needs a pass over the row
 };
 
 struct CutInfo {
@@ -560,7 +573,9 @@ CutInfo row_cut(const float* z, int64_t V, float m, bool finite, int64_t top_k, 
   if (top_p_bracket(z, V, m, kth, collected ? thr : std::numeric_limits<float>::infinity(), n, pS, want_t, s,
                     &cut))
     return {cut, Found::kBracket};
-  return {top_p_histogram(z, V, m, kth, pS, s), Found::kRow};
+  s.kept = -1.0;  // set by tie_cut when the histogram's walk ends
+  const Cut hist = top_p_histogram(z, V, m, kth, pS, s);
+  return {hist, s.kept >= 0.0 ? Found::kHistogram : Found::kRow};
 }
 
 }  // namespace

@@ -13,6 +13,8 @@
 //     are taken over those tokens only: no further pass;
 //   - top-p on flat rows: the bracket pass of csrc/kept_cut.h sums the bins above the bracket and
 //     keeps the bracket's tokens, whose kept part is added;
+//   - top-p on flat rows by the histogram of every token: the walk's kept mass, and for the entropy
+//     one pass over the row;
 //   - otherwise (the fallbacks) one pass sums the kept tokens.
 // The sums are s = sum exp(z - m), t = sum exp(z - m) (z - m) over the kept tokens, float64 (the
 // candidates' and the bracket's tokens one by one, a row pass in 64 compensated float lanes merged in
@@ -95,6 +97,8 @@ void kept_sums(const float* z, int64_t V, float m, const CutInfo& ci, bool want_
       if (kept(ci.cut, b.z, b.j)) add(b.z, b.e);
   } else if (want_t) {
     row_sums<true>(z, V, m, ci.cut, &s, &t);
+  } else if (ci.how == Found::kHistogram) {
+    s = sc.kept;  // the walk's mass of the kept set (float64 bin sums, then the crossing bin's tokens)
   } else {
     row_sums<false>(z, V, m, ci.cut, &s, &t);
   }

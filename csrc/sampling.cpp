@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> kept_cut_cpu(const at::Tensor& logits, double
 }
 
 // Which way row_cut found each row's cut (Found in csrc/kept_cut.h: 0 no cut, 1 among the collected
-// candidates, 2 a sampled bracket, 3 a pass over the whole row): a diagnostic for the tests and the
+// candidates, 2 a sampled bracket, 3 a pass over the whole row, 4 top-p's histogram of every token): a diagnostic for the tests and the
 // benchmarks, which must show every way taken.
 at::Tensor kept_cut_path_cpu(const at::Tensor& logits, double temperature, int64_t top_k, double top_p) {
   at::Tensor x = as_rows("kept_cut_path", logits);

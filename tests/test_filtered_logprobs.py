@@ -406,9 +406,15 @@ def test_fused_filtered_op_against_the_reference_on_every_way(top_k, top_p):
     labels[0, 3] = IGNORE
     if _library.extension_loaded() and top_p < 1.0:
         ways = set(torch.ops.rlhf_fast.kept_cut_path(x[0], 1.0, top_k, top_p).tolist())
-        # top-k 300: every kept token is among the 301 collected; top-p alone: all three at 0.5
-        assert ways == ({1} if top_k else {1, 2, 3} if top_p == 0.5 else {1, 3}), ways
-    check_filtered(_gather, _gather_ref, [x], labels, dict(temperature=1.0, top_k=top_k, top_p=top_p))
+        # top-k 300: every kept token is among the 301 collected; top-p alone: the bracket at 0.5, the histogram at 0.9
+        assert ways == ({1} if top_k else {1, 2} if top_p == 0.5 else {1, 4}), ways
+    kw = dict(temperature=1.0, top_k=top_k, top_p=top_p)
+    check_filtered(_gather, _gather_ref, [x], labels, kw)
+    # without the entropy a flat row's kept mass is the histogram walk's (no pass over the row)
+    lp = _gather(x, labels, **kw)
+    want, base = _gather_ref(x.double(), labels, **kw), _gather_ref(x, labels, compute_dtype=torch.float32, **kw)
+    scale = 1.0 + float(_finite(want).abs().max())
+    assert_no_worse_than_baseline("logprobs without entropy", lp, want, base, atol=2e-6 * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -429,6 +435,8 @@ def test_fused_filtered_op_keeps_the_cut_of_kept_cut(dtype, temperature):
         torch.testing.assert_close(lp[fin], lp2[fin], rtol=0, atol=4e-6 * (1 + float(lp2[fin].abs().max())))
         torch.testing.assert_close(ent, ent2, rtol=0, atol=4e-6 * (1 + math.log(x.shape[-1])))
         assert torch.equal(stats[..., 0], stats2[..., 0])
+        lp3 = torch.ops.rlhf_fast.gather_logprobs_filtered(x, labels, temperature, False, IGNORE, top_k, top_p)[0]
+        torch.testing.assert_close(lp3[fin], lp2[fin], rtol=0, atol=4e-6 * (1 + float(lp2[fin].abs().max())))
 
 
 def test_opcheck_fused_filtered():

@@ -12,7 +12,6 @@ one prefill (``prefix_share.py``; ``HybridEngine(share_prefill=False)`` turns it
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,7 +48,7 @@ class EagerDecoder:
 
     def __init__(self, ctx: DecoderContext):
         self.ctx = ctx
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(ctx.lm.forward).parameters
+        self._logits_to_keep = ctx.logits_to_keep
 
     @classmethod
     def unsupported(cls, ctx: DecoderContext) -> Optional[str]:

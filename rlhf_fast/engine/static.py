@@ -37,7 +37,6 @@ Only models whose cache layers are all plain full-attention ``StaticLayer`` s us
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -143,7 +142,7 @@ class StaticDecoder:
         self.pad_token_id = ctx.pad_token_id
         self.kv_bucket = ctx.kv_bucket
         self._states: dict[tuple, _State] = {}
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(ctx.lm.forward).parameters
+        self._logits_to_keep = ctx.logits_to_keep
 
     @staticmethod
     def supports(config, max_seq_len: int) -> Optional[str]:

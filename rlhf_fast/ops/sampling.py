@@ -5,7 +5,8 @@ float32, cut_index (N,) int64)``: the cut of ``rlhf_fast/_filter.py`` ("The kept
 
 ``torch.ops.rlhf_fast.kept_cut_path(logits (N, V), temperature, top_k, top_p) -> (N,) int64``: which
 way the C++ kernel found each row's cut (0 no cut, 1 among the largest logits collected in the scan,
-2 a sampled bracket, 3 a pass over the whole row; -1 without the C++ library): a diagnostic.
+2 a sampled bracket, 3 a pass over the whole row (top-k fallbacks), 4 top-p's histogram of every
+token (flat rows); -1 without the C++ library): a diagnostic.
 
 ``torch.ops.rlhf_fast.sample_tokens(logits (B, V), u (B,) float64, temperature, top_k, top_p,
 do_sample, blocked_ids, block_active) -> (tokens (B,) int64, logprobs (B,) float32)``: one decode
