@@ -268,6 +268,28 @@ def test_dropout_off_during_generate():
     assert model.training
 
 
+def test_lm_head_gets_a_contiguous_input_while_generating():
+    """A frozen head (LoRA) fed HF's non-contiguous ``hidden[:, -1:]`` after the prefill made torch
+    copy its weight once per row (engine/inference.py ``_contiguous_input``): the head sees contiguous
+    inputs in every forward of generate, its logits are the GEMM's bits (those of a trained head, which
+    torch already folds into one GEMM), and the hook is gone afterwards."""
+    model = _model("llama")
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)
+    seen = []
+    # a forward hook sees the input the forward got (after every pre-hook, the engine's included)
+    spy = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    ids, mask = _prompts(B=4, P=9)
+    engine = HybridEngine(model, pad_token_id=PAD, max_batch_size=4, max_seq_len=32)
+    frozen = engine.generate(ids, mask, SamplingParams(max_new_tokens=4, do_sample=False, seed=0))
+    assert len(seen) >= 4 and all(seen), seen  # the prefill (P = 9 > 1) included
+    assert not head._forward_pre_hooks  # the engine removed its own
+    spy.remove()
+    head.weight.requires_grad_(True)
+    trained = engine.generate(ids, mask, SamplingParams(max_new_tokens=4, do_sample=False, seed=0))
+    assert torch.equal(frozen.sequences, trained.sequences) and torch.equal(frozen.logprobs, trained.logprobs)
+
+
 def test_bad_inputs():
     model = _model("gpt2")
     engine = HybridEngine(model, pad_token_id=PAD, max_batch_size=4, max_seq_len=16)
