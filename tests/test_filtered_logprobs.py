@@ -202,6 +202,7 @@ def test_linear_filtered_matches_gather_over_chunks(monkeypatch):
     lin = sys.modules["rlhf_fast.ops.linear_logprobs"]  # the package attribute is the function
     h, w, labels = linear_case(13, 5, 40, torch.float32, dup=8, seed=3)
     monkeypatch.setattr(lin, "CPU_CHUNK_BYTES", 4 * 40 * 4)  # 4 rows per chunk
+    monkeypatch.setattr(lin, "CPU_MIN_ROWS", 1)
     kw = dict(temperature=0.9, top_k=9, top_p=0.8, return_entropy=True)
     a = ops.linear_logprobs(h, w, labels, **kw)
     b = ops.gather_logprobs(h @ w.T, labels, **kw)
