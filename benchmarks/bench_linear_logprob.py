@@ -17,9 +17,10 @@ Implementations (temperature 1, float32 log-probs, differentiable w.r.t. hidden 
                    log_softmax + gather per chunk, the backward recomputes each chunk under autograd
   compile          torch.compile of materialise + log_softmax(float) + gather (DeepSpeed-Chat style)
 Filtered (the engine's sampling filter, top_k 50 / top_p 0.9, issue 18):
-  rlhf_fast_filtered    ops.linear_logprobs(top_k=, top_p=): a chunked pre-pass finds each row's
-                        kept set (one more lm_head GEMM over the rows), then the same chunked
-                        kernel path summing kept tokens only; still no [N, V] tensor
+  rlhf_fast_filtered    ops.linear_logprobs(top_k=, top_p=): with autograd, a chunked pre-pass finds
+                        each row's kept set (one more lm_head GEMM over the rows), then the same
+                        chunked kernel path summing kept tokens only; without a graph (the forward
+                        rows here), each chunk's cut and log-probs from one GEMM; no [N, V] tensor
   materialise_filtered  logits stored, the engine's filter_logits, log_softmax + gather
 Real shapes (``--real``, issue 35: what ``ppo.use_linear_logprobs: auto`` chooses between): the
 library's two paths only, ``rlhf_fast`` / ``materialise`` and the same at top-p 0.9 (top-k off;

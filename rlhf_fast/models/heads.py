@@ -80,11 +80,11 @@ def init_value_head(head: ScalarHead) -> ScalarHead:
 
 # ---- the fused-or-stored choice (``ppo.use_linear_logprobs``) ----------------------------------
 
-LINEAR_LOGPROB_MODES = ("auto", True, False)
-# The logits budget of "auto" (``ppo.logits_budget_mb``), from benchmarks/bench_linear_logprob.py
-# --real (issue 35; README "What fits where"): below it the stored logits cost less than the
-# activations beside them and the GEMM + one fused pass is never slower; above it the fused op keeps
-# the head's memory at one row chunk whatever the number of tokens.
+# The logits budget of "auto" (``ppo.logits_budget_mb``; benchmarks/bench_linear_logprob.py --real,
+# docs/architecture.md "Log-probs from hidden states"): up to it (441 tokens at V = 151,936 in
+# float32) the stored logits are smaller than the head's own (V, H) weight gradient, so storing them
+# at most doubles the head's memory; beyond it they grow without bound while the fused op keeps one
+# row chunk, at a time within ~10 % of the stored path's on the CPU from 1,024 tokens (float32).
 DEFAULT_LOGITS_BUDGET_MB = 256.0
 
 

@@ -22,7 +22,9 @@ kernels let torch.compile trace them.
 
 The sampling filter (top-k / top-p) enters as a cut per row (``rlhf_fast/_filter.py``), found by
 the public function in a pre-pass that forms the logits ``_row_chunk`` rows at a time (one more
-GEMM over the rows; the engine's rule needs every logit of a row before the set is known). The
+GEMM over the rows; the engine's rule needs every logit of a row before the set is known). A call
+that builds no graph skips the pre-pass: each chunk's cut is found on the logits the kernel then
+reduces (``_fwd_filtered_one_pass``, the same bits). The
 forward and backward recompute each chunk with the same GEMM on the same rows, so the kernels
 compare the cut against the very logits it was found on. With a cut, CUDA also takes the chunked
 path (the Triton ``gather_logprobs`` kernel on each stored chunk), not the fused Triton kernel:
@@ -151,6 +153,35 @@ def _cut(hidden, weight, temperature, top_k, top_p):
         z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
         value[r0:r1], index[r0:r1] = _filter.kept_cut(z, temperature, top_k, top_p)
     return value, index
+
+
+@torch.no_grad()
+def _fwd_filtered_one_pass(hidden, weight, labels, temperature, return_entropy, ignore_index, top_k, top_p):
+    """(logprobs, entropy) (N,) float32 under the filter for a call that builds no graph (the
+    old-log-prob and reference passes): each chunk's logits are formed once, its rows' cut found on
+    them and the kernel run on them, where ``_cut`` + the op form every chunk twice (issue 35: the
+    pre-pass doubled the GEMM). Same chunks, same GEMM, same cut: the same bits as that route, so
+    a micro-batch's scoring pass and its update forward still agree exactly."""
+    N, V = hidden.shape[0], weight.shape[0]
+    opts = dict(dtype=torch.float32, device=hidden.device)
+    lp, ent = torch.empty(N, **opts), torch.empty(N, **opts)
+    cd = _compute_dtype(hidden.dtype)
+    rows = _row_chunk(N, V)
+    buf = torch.empty((rows, V), dtype=cd, device=hidden.device)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
+        value, index = _filter.kept_cut(z, temperature, top_k, top_p)
+        out = torch.ops.rlhf_fast.gather_logprobs(
+            z.unsqueeze(0), labels[r0:r1].unsqueeze(0), temperature, return_entropy, ignore_index,
+            value.unsqueeze(0), index.unsqueeze(0),
+        )
+        lp[r0:r1], ent[r0:r1] = out[0][0], out[1][0]
+    return lp, ent
+
+
+def _builds_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @torch.no_grad()
@@ -310,6 +341,11 @@ def linear_logprobs(
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long()
+    if (_filter.filter_active(top_k, top_p, weight.shape[0]) and not _builds_graph(h, weight)
+            and not torch.compiler.is_compiling()):
+        lp, ent = _fwd_filtered_one_pass(h, weight, y, temperature, bool(return_entropy), int(ignore_index),
+                                         top_k, top_p)
+        return (lp.reshape(lead), ent.reshape(lead)) if return_entropy else lp.reshape(lead)
     cut = _cut(h.detach(), weight.detach(), temperature, top_k, top_p)
     cut_value, cut_index = cut if cut is not None else (None, None)
     lp, ent, _ = torch.ops.rlhf_fast.linear_logprobs(
