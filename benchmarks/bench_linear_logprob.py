@@ -3,6 +3,7 @@ peers' ways.
 
     python benchmarks/bench_linear_logprob.py            # this device's default sizes, JSON record
     python benchmarks/bench_linear_logprob.py --quick    # small sizes, a smoke run
+    python benchmarks/bench_linear_logprob.py --real     # the vocabularies users run (issue 35)
     pytest benchmarks/bench_linear_logprob.py --benchmark-disable   # CI: every path runs once, checked
 
 Implementations (temperature 1, float32 log-probs, differentiable w.r.t. hidden and weight):
@@ -16,10 +17,18 @@ Implementations (temperature 1, float32 log-probs, differentiable w.r.t. hidden 
                    log_softmax + gather per chunk, the backward recomputes each chunk under autograd
   compile          torch.compile of materialise + log_softmax(float) + gather (DeepSpeed-Chat style)
 Filtered (the engine's sampling filter, top_k 50 / top_p 0.9, issue 18):
-  rlhf_fast_filtered    ops.linear_logprobs(top_k=, top_p=): a chunked pre-pass finds each row's
-                        kept set (one more lm_head GEMM over the rows), then the same chunked
-                        kernel path summing kept tokens only; still no [N, V] tensor
+  rlhf_fast_filtered    ops.linear_logprobs(top_k=, top_p=): with autograd, a chunked pre-pass finds
+                        each row's kept set (one more lm_head GEMM over the rows), then the same
+                        chunked kernel path summing kept tokens only; without a graph (the forward
+                        rows here), each chunk's cut and log-probs from one GEMM; no [N, V] tensor
   materialise_filtered  logits stored, the engine's filter_logits, log_softmax + gather
+Real shapes (``--real``, issue 35: what ``ppo.use_linear_logprobs: auto`` chooses between): the
+library's two paths only, ``rlhf_fast`` / ``materialise`` and the same at top-p 0.9 (top-k off;
+``materialise_top_p`` is ``gather_logprobs(h @ w.T, top_p=0.9)``, what the unfused policy runs), at
+Qwen2-0.5B's head (H 896, V 151,936) and Llama-3.2-1B's (H 2,048, V 128,256), 256 / 1,024 / 4,096
+tokens, float32 and bfloat16 (bf16 only where the CPU has native bf16 matmuls). Each (impl, pass)
+runs once after one warm-up at the smallest size, time and memory from the same profiled call
+(the profiler adds a few events per chunk: negligible beside 0.1-60 s calls).
 FLOPs: forward 2*N*V*H, forward+backward 6*N*V*H (the useful matmuls; recomputation not counted),
 so TFLOP/s is comparable across implementations. Peak memory: ``_common.peak_extra_bytes`` —
 on CUDA the caching allocator's peak; on CPU the running total of torch's CPU allocator as seen
@@ -121,6 +130,106 @@ FILTERED_IMPLS = {
 }
 
 
+REAL_TOP_P = 0.9
+REAL_IMPLS = {
+    "rlhf_fast": lambda h, w, y: ops.linear_logprobs(h, w, y),
+    "materialise": materialise,
+    "rlhf_fast_top_p": lambda h, w, y: ops.linear_logprobs(h, w, y, top_p=REAL_TOP_P),
+    "materialise_top_p": lambda h, w, y: ops.gather_logprobs(h @ w.T, y, top_p=REAL_TOP_P),
+}
+
+
+def real_cases(tokens=(256, 1024, 4096), llama_tokens=(256, 1024)):
+    """(N, H, V, dtype): Qwen2-0.5B's head at every size, Llama-3.2-1B's (twice the work per
+    token) at the smaller ones; bfloat16 only with native bf16 matmuls (else ~40x slower, not a
+    setting anyone runs)."""
+    from rlhf_fast.models.precision import cpu_has_fast_matmul
+
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_fast_matmul("bf16") else [])
+    return ([(n, 896, 151936, d) for d in dtypes for n in tokens]
+            + [(n, 2048, 128256, d) for d in dtypes for n in llama_tokens])
+
+
+def _timed_peak(fn) -> tuple[dict, int]:
+    """One call of ``fn`` under the memory profiler: ({p20,p50,p80}_ms of that call, peak extra bytes)."""
+    import time
+
+    box = {}
+
+    def timed():
+        t0 = time.perf_counter()
+        fn()
+        box["ms"] = (time.perf_counter() - t0) * 1e3
+
+    peak = _common.peak_extra_bytes(timed, torch.device("cpu"))
+    ms = box["ms"]
+    return {"p20_ms": ms, "p50_ms": ms, "p80_ms": ms, "reps": 1}, peak
+
+
+def run_real_case(N, H, V, dtype, impls, *, warm: bool):
+    dev = _common.device_info(torch.device("cpu"))
+    hidden, weight, labels = make_inputs(N, H, V, dtype, torch.device("cpu"))
+    case = {"N": N, "H": H, "V": V, "dtype": str(dtype).replace("torch.", ""),
+            "logits_mb": round(N * V * hidden.element_size() / 2**20, 1)}
+    flops = 2.0 * N * V * H
+    rows = []
+    for name, fn in impls.items():
+        with torch.no_grad():
+            if warm:
+                fn(hidden, weight, labels)
+            t, mem = _timed_peak(lambda: fn(hidden, weight, labels))
+        rows.append(_common.result_row(name, case, "fwd", t, dev, flops=flops, peak_extra=mem))
+        h = hidden.detach().clone().requires_grad_(True)
+        w = weight.detach().clone().requires_grad_(True)
+        grad = torch.randn(N)
+
+        def fwd_bwd():
+            (fn(h, w, labels) * grad).sum().backward()
+
+        t, mem = _timed_peak(fwd_bwd)
+        del h, w
+        rows.append(_common.result_row(name, case, "fwd+bwd", t, dev, flops=3 * flops, peak_extra=mem))
+        print(f"  {name}: fwd {rows[-2]['p50_ms']:.0f} ms {rows[-2]['peak_extra_mb']:.0f} MB, "
+              f"fwd+bwd {rows[-1]['p50_ms']:.0f} ms {rows[-1]['peak_extra_mb']:.0f} MB", flush=True)
+    return rows
+
+
+def main_real(args) -> None:
+    torch.set_num_threads(args.threads)
+    cases = real_cases()
+    if args.max_tokens:
+        cases = [c for c in cases if c[0] <= args.max_tokens]
+    if args.dtype:
+        cases = [c for c in cases if c[3] == getattr(torch, args.dtype)]
+    rows, loads, path = [], [], None
+    for i, (N, H, V, dtype) in enumerate(cases):
+        loads.append(_load())
+        print(f"N={N} H={H} V={V} {dtype} (load average {loads[-1]:.2f}) ...", flush=True)
+        rows += run_real_case(N, H, V, dtype, REAL_IMPLS, warm=(i == 0 or N == min(c[0] for c in cases)))
+        if not args.no_save:  # after every case: a long grid cut short still leaves its record
+            config = {"mode": "real", "cases": [[n, h, v, str(d)] for n, h, v, d in cases[: i + 1]], "reps": 1,
+                      "top_p": REAL_TOP_P, "torch_threads": torch.get_num_threads(),
+                      "load_average_1min_before_each_case": loads, "cpu_chunk_bytes": _lin().CPU_CHUNK_BYTES,
+                      "cpu_min_rows": _lin().CPU_MIN_ROWS}
+            if path is not None:
+                path.unlink()
+            path = _common.write_record("linear_logprob_real", torch.device("cpu"), config, rows)
+    flat = [{**r, **r["case"]} for r in rows]
+    _common.print_table(flat, ["impl", "N", "H", "V", "dtype", "logits_mb", "pass", "p50_ms", "tflops",
+                               "peak_extra_mb"])
+    print("record:", path)
+
+
+def _lin():
+    return sys.modules["rlhf_fast.ops.linear_logprobs"]  # the package attribute is the function
+
+
+def _load() -> float:
+    import os
+
+    return os.getloadavg()[0]
+
+
 def _impls(with_compile: bool):
     impls = {**IMPLS, **FILTERED_IMPLS}
     if with_compile:
@@ -173,7 +282,13 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-save", action="store_true", help="do not write a JSON record")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--real", action="store_true", help="the real-shape grid (CPU, one call per case)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for --real")
+    p.add_argument("--max-tokens", type=int, default=None, help="--real: skip cases above this many tokens")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="--real: this dtype only")
     args = p.parse_args(argv)
+    if args.real:
+        return main_real(args)
     device = torch.device(args.device)
     if args.quick:
         cases, reps = [(512, 128, 4096, torch.float32)], 5
@@ -243,6 +358,14 @@ def test_bench_linear_logprob_filtered(benchmark, impl):
     expected = ref.linear_logprobs(hidden.double(), weight.double(), labels, top_k=TOP_K, top_p=TOP_P)
     assert torch.isfinite(expected).any() and torch.isinf(expected).any()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+
+
+def test_bench_real_case_runs():
+    """The --real path on a small case: every impl, both passes, a peak and a time each."""
+    rows = run_real_case(24, 16, 300, torch.float32, REAL_IMPLS, warm=True)
+    assert {(r["impl"], r["pass"]) for r in rows} == {(i, p) for i in REAL_IMPLS for p in ("fwd", "fwd+bwd")}
+    assert all(r["p50_ms"] > 0 and r["peak_extra_mb"] >= 0 for r in rows)
+    assert {c[1:3] for c in real_cases()} == {(896, 151936), (2048, 128256)}
 
 
 def test_bench_linear_logprob_record(tmp_path):

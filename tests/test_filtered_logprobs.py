@@ -203,10 +203,37 @@ def test_linear_filtered_matches_gather_over_chunks(monkeypatch):
     lin = sys.modules["rlhf_fast.ops.linear_logprobs"]  # the package attribute is the function
     h, w, labels = linear_case(13, 5, 40, torch.float32, dup=8, seed=3)
     monkeypatch.setattr(lin, "CPU_CHUNK_BYTES", 4 * 40 * 4)  # 4 rows per chunk
+    monkeypatch.setattr(lin, "CPU_MIN_ROWS", 1)
     kw = dict(temperature=0.9, top_k=9, top_p=0.8, return_entropy=True)
     a = ops.linear_logprobs(h, w, labels, **kw)
     b = ops.gather_logprobs(h @ w.T, labels, **kw)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_filtered_without_graph_forms_each_chunk_once(monkeypatch, dtype):
+    """A call that builds no graph (old log-probs, reference) finds each chunk's cut on the logits it
+    then reduces: one GEMM per chunk instead of two (issue 35), and the bits of the call with autograd."""
+    import sys
+
+    lin = sys.modules["rlhf_fast.ops.linear_logprobs"]  # the package attribute is the function
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(13, 24, generator=g).to(dtype), torch.randn(300, 24, generator=g).to(dtype)
+    labels = torch.randint(0, 300, (13,), generator=g)
+    labels[::2] = (h.float() @ w.float().T).argmax(-1)[::2]  # kept: every other row's top token
+    monkeypatch.setattr(lin, "CPU_CHUNK_BYTES", 4 * 300 * 4)  # 4 rows per chunk: 4 chunks
+    monkeypatch.setattr(lin, "CPU_MIN_ROWS", 1)
+    calls = []
+    real = lin._logits_chunk
+    monkeypatch.setattr(lin, "_logits_chunk", lambda *a: calls.append(1) or real(*a))
+    kw = dict(temperature=0.7, top_k=40, top_p=0.9, return_entropy=True)
+    with torch.no_grad():
+        old = ops.linear_logprobs(h, w, labels, **kw)
+    assert len(calls) == 4
+    new = ops.linear_logprobs(h.requires_grad_(), w, labels, **kw)  # pre-pass + op: 8 GEMMs
+    assert len(calls) == 4 + 8
+    assert torch.equal(old[0], new[0].detach()) and torch.equal(old[1], new[1].detach())
+    assert torch.isinf(old[0]).any() and torch.isfinite(old[0]).any()  # the filter cut some labels, kept others
 
 
 @pytest.mark.parametrize("return_entropy", [False, True])

@@ -126,6 +126,7 @@ def test_public_op_many_chunks_and_slices(monkeypatch, dtype):
     """Several row chunks (and, for bf16, several float32 vocabulary slices of the weight)."""
     N, H, V = 21, 24, 341
     monkeypatch.setattr(lin, "CPU_CHUNK_BYTES", 4 * V * 4)  # 4 rows per chunk: 6 chunks, a ragged last
+    monkeypatch.setattr(lin, "CPU_MIN_ROWS", 1)
     monkeypatch.setattr(lin, "VOCAB_SLICE", 100)  # 4 slices, a ragged last
     hidden, weight, labels = make_case(N, H, V, dtype)
     check_impl(public_op, hidden, weight, labels, 1.3, True)
@@ -182,12 +183,12 @@ def test_public_op_property(case):
     note(f"N={N} H={H} V={V} dtype={dtype} T={temperature} entropy={return_entropy} "
          f"ignore={ignore_frac} chunk_rows={chunk_rows} seed={seed}")
     hidden, weight, labels = make_case(N, H, V, dtype, ignore_frac=ignore_frac, seed=seed)
-    old = lin.CPU_CHUNK_BYTES
-    lin.CPU_CHUNK_BYTES = 4 * V * chunk_rows
+    old = lin.CPU_CHUNK_BYTES, lin.CPU_MIN_ROWS
+    lin.CPU_CHUNK_BYTES, lin.CPU_MIN_ROWS = 4 * V * chunk_rows, 1
     try:
         check_impl(public_op, hidden, weight, labels, temperature, return_entropy)
     finally:
-        lin.CPU_CHUNK_BYTES = old
+        lin.CPU_CHUNK_BYTES, lin.CPU_MIN_ROWS = old
 
 
 # ---- CPU memory bound ----------------------------------------------------------------------------
@@ -195,9 +196,12 @@ def test_public_op_property(case):
 def test_row_chunk_logic():
     assert lin._row_chunk(4096, 32000, 32 << 20) == (32 << 20) // (4 * 32000)
     assert lin._row_chunk(10, 32000, 32 << 20) == 10  # never more rows than there are
-    assert lin._row_chunk(10, 10**9, 1024) == 1  # at least one row
+    assert lin._row_chunk(10, 10**9, 1024, min_rows=1) == 1  # at least one row
     for n, v, b in [(4096, 32000, 32 << 20), (7, 341, 4 * 341 * 3), (100, 152064, 64 << 20)]:
-        assert lin._row_chunk(n, v, b) * v * 4 <= max(b, v * 4)
+        assert lin._row_chunk(n, v, b, min_rows=1) * v * 4 <= max(b, v * 4)
+    # the GEMM-efficiency floor: 128 rows at V = 151,936 (32 MiB alone gives 55), never above N
+    assert lin._row_chunk(4096, 151936, 32 << 20) == lin.CPU_MIN_ROWS == 128
+    assert lin._row_chunk(100, 151936, 32 << 20) == 100
 
 
 def test_cpu_path_extra_memory_bounded_by_chunk(monkeypatch):
@@ -207,6 +211,7 @@ def test_cpu_path_extra_memory_bounded_by_chunk(monkeypatch):
     N, H, V = 64, 16, 1000
     budget = 4 * V * 8  # 8 rows
     monkeypatch.setattr(lin, "CPU_CHUNK_BYTES", budget)
+    monkeypatch.setattr(lin, "CPU_MIN_ROWS", 1)
     seen = []
     real = lin._logits_chunk
 

@@ -80,6 +80,11 @@ def _child() -> dict:
         stats = ppo_core.ppo_update(st, exp, hp, kl_coef=0.05, generator=gen)
         out[f"fast B={B} mb={n_mb} micro={micro}"] = _exact(stats[0])
 
+    # use_linear_logprobs "auto" with a budget between the micro-batches' logits (issue 35): 3-row
+    # micro-batches take the fused op, 1-row ones store their logits; the scoring pass, the
+    # reference and the update must agree on each.
+    out.update(_auto_case(base))
+
     # With the sampling filter (issue 18): the scoring pass (no grad) and the update's forward
     # (autograd) on the same micro-batch give the same bits, kept set included.
     rollout = _rollout(8, seed=1)
@@ -103,6 +108,9 @@ def _child() -> dict:
 def test_first_minibatch_ratio_exactly_one(threads, isa, load):
     env = {k: v for k, v in os.environ.items() if k not in AVX2}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(AVX2 if isa == "avx2" else {}))
+    # the child runs this file as a script (sys.path[0] = tests/): the package beside it, not an installed one
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     busy = None
     if load:  # another process competing for a core while the child runs
         busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 60\nwhile time.time() < t: pass"])
@@ -116,6 +124,39 @@ def test_first_minibatch_ratio_exactly_one(threads, isa, load):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     wrong = [case for case, ok in result.items() if not ok]
     assert not wrong, f"ratio not exactly 1 on the first minibatch ({threads} threads, {isa}, load={load}): {wrong}"
+
+
+def _auto_case(base) -> dict:
+    from rlhf_fast.algos import PRESETS, RunningMoments
+    policy_mod = sys.modules["rlhf_fast.models.policy"]  # the package's ``policy`` name is not this module
+    from rlhf_fast.trainers import ppo_core
+
+    B, n_mb, micro = 8, 2, 3
+    hp = PRESETS["tldr"].replace(num_minibatches=n_mb, micro_batch_size=micro, num_epochs=1)
+    rollout = _rollout(B, seed=2)
+    seen = []
+    real = policy_mod.use_fused_head
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    policy_mod.use_fused_head = spy
+    try:
+        policy, ref = copy.deepcopy(base), copy.deepcopy(base).eval()
+        for p in (policy, ref):  # between a 1-row micro-batch's logits (<= 6 x 48 x 4 B) and a 3-row one's
+            p.use_linear_logprobs, p.logits_budget_mb = "auto", 1500 / 2**20
+        gen = torch.Generator().manual_seed(0)
+        plan = ppo_core.first_epoch_plan(gen, B, hp)
+        lp, ref_lp, values = ppo_core.score_logprobs(policy, None, ref, rollout, hp, plan=plan)
+        exp = ppo_core.finish_experience(rollout.replace(logprobs=lp, ref_logprobs=ref_lp, values=values), hp,
+                                         kl_coef=0.05, score_stats=RunningMoments())
+        st = ppo_core.TorchStepper(policy, torch.optim.Adam(policy.parameters(), lr=1e-3))
+        stats = ppo_core.ppo_update(st, exp, hp, kl_coef=0.05, generator=gen)
+    finally:
+        policy_mod.use_fused_head = real
+    return {"auto budget both paths taken": True in seen and False in seen,
+            f"auto budget B={B} mb={n_mb} micro={micro}": _exact(stats[0])}
 
 
 if __name__ == "__main__":

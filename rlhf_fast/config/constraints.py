@@ -132,6 +132,7 @@ CHECKS[(RewardConfig, "batch_size")] = (lambda v: v >= 1, "an integer >= 1")
 for _name in ("iterations", "rollout_batch_size", "samples_per_prompt", "eval_prompts"):
     CHECKS[(PPOConfig, _name)] = (lambda v: v >= 1, "an integer >= 1")
 CHECKS[(PPOConfig, "logprob_gap_every")] = (lambda v: v >= 1, "an integer >= 1")
+CHECKS[(PPOConfig, "logits_budget_mb")] = (lambda v: v > 0, _POSITIVE)
 CHECKS[(PPOConfig, "critic_lr_ratio")] = (lambda v: v is None or v > 0, "a number > 0 or null")
 CHECKS[(PPOConfig, "stop_after_iterations")] = (lambda v: v is None or v >= 1, "an integer >= 1 or null")
 # seeds: per-rank and per-iteration seeds are derived from them (seed + rank * 100003, ...) and must

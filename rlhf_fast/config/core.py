@@ -57,8 +57,9 @@ def _coerce(value, tp, path: str):
         return _coerce(value, inner, path)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
-            return value
+        for choice in choices:  # 1 == True in Python: a bool choice takes a bool value only
+            if value == choice and isinstance(value, bool) == isinstance(choice, bool):
+                return choice
         raise ValueError(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):

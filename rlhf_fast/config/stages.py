@@ -324,8 +324,20 @@ class PPOConfig:
     rank holds 1/world of their weights (DeepSpeed-Chat and OpenRLHF do this when the actor is
     ZeRO-3). None: on when ``deepspeed.zero_stage`` is 3 and ``ref_on_cpu`` is off. With
     ``lora.rank`` > 0 only the reward model is sharded: the reference is the policy's own weights."""
-    use_linear_logprobs: bool = False
-    """Log-probs straight from hidden states (``ops.linear_logprobs``): the logits are never stored."""
+    use_linear_logprobs: Literal["auto", True, False] = "auto"
+    """How the policy's and the reference's log-probs are taken from the hidden states. true:
+    always ``ops.linear_logprobs`` (the LM-head matmul fused, logits never stored whole; works
+    under ZeRO-3); false: the logits of the whole micro-batch, (micro_batch, R, V), are formed and
+    kept for the backward (1.2 GB per 2,048-token sequence at V = 151,936 in float32); "auto"
+    (default): per LM-head call, fused when those logits (rows x V x element size) would exceed
+    ``logits_budget_mb``, stored below it (docs/architecture.md "Log-probs from hidden states").
+    The choice depends on the rows' count only: a micro-batch's old, new and reference log-probs
+    take the same path, and the first minibatch's ratio stays exactly 1. Issue 35: real shapes
+    never store tokens x V logits, small ones keep the stored path's numbers."""
+    logits_budget_mb: float = 256.0
+    """The logits budget of ``use_linear_logprobs: auto``, in MB (2**20 bytes). 256 (441 tokens at
+    V = 151,936 in float32, 883 in bf16): chosen from benchmarks/bench_linear_logprob.py --real
+    (README "What fits where"): above it the stored logits outweigh any time the fused op costs."""
     packing: Optional[bool] = None
     """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
     the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed

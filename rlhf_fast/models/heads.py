@@ -78,6 +78,50 @@ def init_value_head(head: ScalarHead) -> ScalarHead:
     return head
 
 
+# ---- the fused-or-stored choice (``ppo.use_linear_logprobs``) ----------------------------------
+
+# The logits budget of "auto" (``ppo.logits_budget_mb``; benchmarks/bench_linear_logprob.py --real,
+# docs/architecture.md "Log-probs from hidden states"): up to it (441 tokens at V = 151,936 in
+# float32) the stored logits are smaller than the head's own (V, H) weight gradient, so storing them
+# at most doubles the head's memory; beyond it they grow without bound while the fused op keeps one
+# row chunk, at a time within ~10 % of the stored path's on the CPU from 1,024 tokens (float32).
+DEFAULT_LOGITS_BUDGET_MB = 256.0
+
+
+def check_linear_logprob_mode(mode, logits_budget_mb: float) -> None:
+    """ValueError naming the argument unless ``mode`` is "auto", True or False and the budget is a
+    finite number > 0 (MB)."""
+    if not (mode == "auto" or isinstance(mode, bool)):
+        raise ValueError(f"use_linear_logprobs must be 'auto', True or False, got {mode!r}")
+    if isinstance(logits_budget_mb, bool) or not isinstance(logits_budget_mb, (int, float)) \
+            or not math.isfinite(logits_budget_mb) or logits_budget_mb <= 0:
+        raise ValueError(f"logits_budget_mb must be a finite number > 0, got {logits_budget_mb!r}")
+
+
+def head_out_features(lm_head: nn.Module) -> int:
+    """V of the head: ``out_features`` (kept when ZeRO-3 empties the weight's local shard), else the
+    weight's first dimension."""
+    v = getattr(lm_head, "out_features", None)
+    return int(v) if v is not None else int(lm_head.weight.shape[0])
+
+
+def logits_bytes(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Bytes of the (n_rows, vocab) logits the stored path forms, in the head's output ``dtype``."""
+    return int(n_rows) * int(vocab) * torch.empty((), dtype=dtype).element_size()
+
+
+def use_fused_head(mode, hidden: torch.Tensor, lm_head: nn.Module, logits_budget_mb: float) -> bool:
+    """Whether the call on ``hidden`` (..., H) takes ``ops.linear_logprobs``: True / False as given;
+    "auto" when the logits it would otherwise form, rows x V x element size, exceed
+    ``logits_budget_mb`` MB (2**20 bytes). A function of the rows' count only, so one micro-batch's
+    policy log-probs take the same path in the scoring pass, the reference and the update."""
+    if mode != "auto":
+        return bool(mode)
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    dtype = torch.promote_types(hidden.dtype, lm_head.weight.dtype)
+    return logits_bytes(rows, head_out_features(lm_head), dtype) > logits_budget_mb * 2**20
+
+
 def _linear_logprobs_op():
     """``rlhf_fast.ops.linear_logprobs`` if this build has it, else None (imported lazily)."""
     try:
@@ -95,9 +139,10 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    use_linear_logprobs: bool = False,
+    use_linear_logprobs: bool | str = False,
     top_k: int = 0,
     top_p: float = 1.0,
+    logits_budget_mb: float = DEFAULT_LOGITS_BUDGET_MB,
 ):
     """Per-token log-probs of ``labels`` under ``softmax(lm_head(hidden) / temperature)``, or under
     the engine's top-k / top-p filtered and renormalised distribution (``ops.gather_logprobs``).
@@ -105,13 +150,17 @@ def logprobs_from_hidden(
     hidden (..., H), labels (...) -> float32 (...) [, entropy (...)]. With
     ``use_linear_logprobs`` and an ``ops.linear_logprobs`` present (and a bias-free ``nn.Linear``
     head), the logits are never stored whole; otherwise the logits are formed and
-    ``ops.gather_logprobs`` fuses the log-softmax and gather. Labels equal to ``ignore_index``
-    give 0. Temperature divides the logits ("The N Implementation Details of RLHF with PPO" #10).
+    ``ops.gather_logprobs`` fuses the log-softmax and gather. ``use_linear_logprobs="auto"``: the
+    fused op when the logits would exceed ``logits_budget_mb`` (``use_fused_head``). Labels equal
+    to ``ignore_index`` give 0. Temperature divides the logits ("The N Implementation Details of
+    RLHF with PPO" #10).
     """
     from rlhf_fast.ops import gather_logprobs
 
     _checks.check_tensor("hidden", hidden, floating=True, min_dim=1)
-    op = _linear_logprobs_op() if use_linear_logprobs else None
+    check_linear_logprob_mode(use_linear_logprobs, logits_budget_mb)
+    fused = use_fused_head(use_linear_logprobs, hidden, lm_head, logits_budget_mb)
+    op = _linear_logprobs_op() if fused else None
     if op is not None and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
         return op(
             hidden, lm_head.weight, labels, temperature=temperature,

@@ -13,7 +13,10 @@ from transformers import PreTrainedModel
 from rlhf_fast import _checks
 from rlhf_fast.models import _io
 from rlhf_fast.models.heads import (
+    DEFAULT_LOGITS_BUDGET_MB,
     FusedHeadLogprobs,
+    check_linear_logprob_mode,
+    use_fused_head,
     ScalarHead,
     init_value_head,
     logprobs_from_hidden,
@@ -105,10 +108,13 @@ class Policy(nn.Module):
     ``model`` stays a plain Hugging Face model (``policy.model.generate`` works); the value head,
     when present, is zero-initialised ("The N Implementation Details of RLHF with PPO" #11).
     ``use_linear_logprobs`` computes log-probs with ``ops.linear_logprobs`` straight from the
-    hidden state when that op exists, never storing the logits.
+    hidden state when that op exists, never storing the logits; "auto" does so for a call whose
+    logits would exceed ``logits_budget_mb`` (``heads.use_fused_head``; docs/architecture.md
+    "Log-probs from hidden states"), and stores them below it.
     """
 
-    def __init__(self, model: PreTrainedModel, *, value_head: bool = False, use_linear_logprobs: bool = False):
+    def __init__(self, model: PreTrainedModel, *, value_head: bool = False, use_linear_logprobs: bool | str = "auto",
+                 logits_budget_mb: float = DEFAULT_LOGITS_BUDGET_MB):
         super().__init__()
         for key in _LOGIT_TRANSFORMS:
             if getattr(model.config, key, None) is not None:
@@ -120,7 +126,9 @@ class Policy(nn.Module):
             raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
         self.model = model
         self.value_head = init_value_head(ScalarHead(hidden_size_of(model.config))) if value_head else None
+        check_linear_logprob_mode(use_linear_logprobs, logits_budget_mb)
         self.use_linear_logprobs = use_linear_logprobs
+        self.logits_budget_mb = logits_budget_mb
         # run the backbone on packed sequences (models/packing.py); the trainer sets it from <stage>.packing
         self.packing = False
         # the fused path as a module call, so ZeRO-3 gathers lm_head.weight around it (no parameters of its own)
@@ -137,7 +145,8 @@ class Policy(nn.Module):
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         seed: int | None = None,
-        use_linear_logprobs: bool = False,
+        use_linear_logprobs: bool | str = "auto",
+        logits_budget_mb: float = DEFAULT_LOGITS_BUDGET_MB,
     ) -> "Policy":
         """Loads from a local directory (a plain HF causal LM or one saved by ``save_pretrained``)
         or builds from a config. ``value_head=None`` keeps a saved value head if there is one;
@@ -149,7 +158,8 @@ class Policy(nn.Module):
         saved_head = _io.head_tensors(tensors, "value_head.", source, "policy with a value head") \
             if meta.get("value_head") else {}
         want_head = bool(saved_head) if value_head is None else value_head
-        policy = cls(model, value_head=want_head, use_linear_logprobs=use_linear_logprobs)
+        policy = cls(model, value_head=want_head, use_linear_logprobs=use_linear_logprobs,
+                     logits_budget_mb=logits_budget_mb)
         if want_head and saved_head:
             policy.value_head.load_state_dict(saved_head)
         return policy
@@ -223,7 +233,9 @@ class Policy(nn.Module):
         return PolicyLogProbs(logprobs=logprobs, entropy=entropy, values=values, hidden=hidden)
 
     def _head_logprobs(self, hidden, labels, **kw):
-        if self.use_linear_logprobs:
+        """The LM head's log-probs of ``labels`` from ``hidden`` (..., H): fused or through stored
+        logits, decided per call from the rows' count (``use_fused_head``)."""
+        if use_fused_head(self.use_linear_logprobs, hidden, self.lm_head, self.logits_budget_mb):
             self.fused_head.register_zero3_weight()
             return self.fused_head(hidden, labels, **kw)
         return logprobs_from_hidden(hidden, self.lm_head, labels, **kw)

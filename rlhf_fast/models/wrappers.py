@@ -41,10 +41,10 @@ class PolicyWrapper(Protocol):
 
 @dataclass(frozen=True)
 class PolicyWrapperType:
-    """load(source, *, value_head, seed, attn_implementation, use_linear_logprobs) -> the trained
-    policy from a model directory, a config or a model (``Policy.from_pretrained``'s arguments);
-    wrap(causal_lm, *, use_linear_logprobs) -> a wrapper around a causal LM with no value head
-    (the frozen reference of full fine-tuning is ``wrap`` of a copy of the policy's ``model``)."""
+    """load(source, *, value_head, seed, attn_implementation, use_linear_logprobs, logits_budget_mb)
+    -> the trained policy from a model directory, a config or a model (``Policy.from_pretrained``'s
+    arguments); wrap(causal_lm, *, use_linear_logprobs, logits_budget_mb) -> a wrapper around a
+    causal LM with no value head (the frozen reference of full fine-tuning is ``wrap`` of a copy of the policy's ``model``)."""
 
     load: Callable[..., PolicyWrapper]
     wrap: Callable[..., PolicyWrapper]

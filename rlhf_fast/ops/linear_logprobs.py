@@ -22,7 +22,9 @@ kernels let torch.compile trace them.
 
 The sampling filter (top-k / top-p) enters as a cut per row (``rlhf_fast/_filter.py``), found by
 the public function in a pre-pass that forms the logits ``_row_chunk`` rows at a time (one more
-GEMM over the rows; the engine's rule needs every logit of a row before the set is known). The
+GEMM over the rows; the engine's rule needs every logit of a row before the set is known). A call
+that builds no graph skips the pre-pass: each chunk's cut is found on the logits the kernel then
+reduces (``_fwd_filtered_one_pass``, the same bits). The
 forward and backward recompute each chunk with the same GEMM on the same rows, so the kernels
 compare the cut against the very logits it was found on. With a cut, CUDA also takes the chunked
 path (the Triton ``gather_logprobs`` kernel on each stored chunk), not the fused Triton kernel:
@@ -54,14 +56,22 @@ SCHEMAS = {
 # run at full speed (>= 256 rows for V = 32k), small enough to stay a fraction of a materialised
 # [N, V] for any N worth chunking. Module-level so callers and tests can change it.
 CPU_CHUNK_BYTES = 32 << 20
+# Rows per CPU chunk at least (never more than the call has): at V = 151,936 the 32 MiB budget gives
+# 55 rows, and a float32 GEMM of 55 rows re-reads the whole (V, H) weight per 55 rows: 31 GFLOP/s vs
+# 68 at 256 rows, and the op 1.2-1.5x slower than the stored-logits path (issue 35, H = 896, one
+# thread, AMD EPYC Zen 5). 128 rows reach the unchunked GEMM's rate; the chunk is then
+# 128 x V x 4 bytes (78 MB at V = 151,936), still independent of the number of tokens.
+CPU_MIN_ROWS = 128
 # Rows of a half-precision weight upcast to float32 at a time on the CPU path.
 VOCAB_SLICE = 4096
 
 
-def _row_chunk(n_rows: int, vocab: int, chunk_bytes: int | None = None) -> int:
-    """Rows per CPU chunk: as many as fit ``chunk_bytes`` of float32 logits, at least 1."""
+def _row_chunk(n_rows: int, vocab: int, chunk_bytes: int | None = None, min_rows: int | None = None) -> int:
+    """Rows per CPU chunk: as many as fit ``chunk_bytes`` of float32 logits, at least ``min_rows``
+    (``CPU_MIN_ROWS``) and 1, at most ``n_rows``."""
     budget = CPU_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    return max(1, min(n_rows, budget // (4 * max(vocab, 1))))
+    floor = CPU_MIN_ROWS if min_rows is None else min_rows
+    return max(1, min(n_rows, max(floor, budget // (4 * max(vocab, 1)))))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,6 +153,35 @@ def _cut(hidden, weight, temperature, top_k, top_p):
         z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
         value[r0:r1], index[r0:r1] = _filter.kept_cut(z, temperature, top_k, top_p)
     return value, index
+
+
+@torch.no_grad()
+def _fwd_filtered_one_pass(hidden, weight, labels, temperature, return_entropy, ignore_index, top_k, top_p):
+    """(logprobs, entropy) (N,) float32 under the filter for a call that builds no graph (the
+    old-log-prob and reference passes): each chunk's logits are formed once, its rows' cut found on
+    them and the kernel run on them, where ``_cut`` + the op form every chunk twice (issue 35: the
+    pre-pass doubled the GEMM). Same chunks, same GEMM, same cut: the same bits as that route, so
+    a micro-batch's scoring pass and its update forward still agree exactly."""
+    N, V = hidden.shape[0], weight.shape[0]
+    opts = dict(dtype=torch.float32, device=hidden.device)
+    lp, ent = torch.empty(N, **opts), torch.empty(N, **opts)
+    cd = _compute_dtype(hidden.dtype)
+    rows = _row_chunk(N, V)
+    buf = torch.empty((rows, V), dtype=cd, device=hidden.device)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = _logits_chunk(hidden[r0:r1].to(cd), weight, buf[: r1 - r0])
+        value, index = _filter.kept_cut(z, temperature, top_k, top_p)
+        out = torch.ops.rlhf_fast.gather_logprobs(
+            z.unsqueeze(0), labels[r0:r1].unsqueeze(0), temperature, return_entropy, ignore_index,
+            value.unsqueeze(0), index.unsqueeze(0),
+        )
+        lp[r0:r1], ent[r0:r1] = out[0][0], out[1][0]
+    return lp, ent
+
+
+def _builds_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @torch.no_grad()
@@ -302,6 +341,11 @@ def linear_logprobs(
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long()
+    if (_filter.filter_active(top_k, top_p, weight.shape[0]) and not _builds_graph(h, weight)
+            and not torch.compiler.is_compiling()):
+        lp, ent = _fwd_filtered_one_pass(h, weight, y, temperature, bool(return_entropy), int(ignore_index),
+                                         top_k, top_p)
+        return (lp.reshape(lead), ent.reshape(lead)) if return_entropy else lp.reshape(lead)
     cut = _cut(h.detach(), weight.detach(), temperature, top_k, top_p)
     cut_value, cut_index = cut if cut is not None else (None, None)
     lp, ent, _ = torch.ops.rlhf_fast.linear_logprobs(

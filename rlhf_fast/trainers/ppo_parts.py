@@ -150,7 +150,8 @@ def _models(cfg: PPOConfig, hp: PPOHyperParams, task, tokenizer, dist: dss.DistI
     wrapper = POLICY_WRAPPERS[cfg.policy_wrapper]
     src = _build.model_source(cfg.policy, cfg.data, tokenizer)
     policy = wrapper.load(src, value_head=layout.value_head, seed=cfg.policy.init_seed,
-                          attn_implementation=cfg.policy.attn_implementation, use_linear_logprobs=cfg.use_linear_logprobs)
+                          attn_implementation=cfg.policy.attn_implementation, use_linear_logprobs=cfg.use_linear_logprobs,
+                          logits_budget_mb=cfg.logits_budget_mb)
     if policy.config.vocab_size < len(tokenizer):
         raise ValueError(f"policy vocabulary {policy.config.vocab_size} < tokenizer size {len(tokenizer)}: "
                          "start PPO from an SFT checkpoint (rlhf-fast sft) made with this tokenizer")
@@ -175,7 +176,8 @@ def _models(cfg: PPOConfig, hp: PPOHyperParams, task, tokenizer, dist: dss.DistI
             policy.value_head.requires_grad_(cfg.lora.train_head)
         ref_policy = lora.AdaptersOff(policy)
     else:  # full fine-tuning: a frozen copy of the initial policy, in the training precision
-        ref_policy = wrapper.wrap(copy.deepcopy(policy.model), use_linear_logprobs=cfg.use_linear_logprobs)
+        ref_policy = wrapper.wrap(copy.deepcopy(policy.model), use_linear_logprobs=cfg.use_linear_logprobs,
+                                  logits_budget_mb=cfg.logits_budget_mb)
         ref_policy.eval().requires_grad_(False)
         if frozen_dtype is not None:
             ref_policy.to(frozen_dtype)
