@@ -22,8 +22,9 @@ Filtered (the engine's sampling filter, top_k 50 / top_p 0.9, issue 18):
                         chunked kernel path summing kept tokens only; without a graph (the forward
                         rows here), each chunk's cut and log-probs from one GEMM; no [N, V] tensor
   materialise_filtered  logits stored, the engine's filter_logits, log_softmax + gather
-Real shapes (``--real``, issue 35: what ``ppo.use_linear_logprobs: auto`` chooses between): the
-library's two paths only, ``rlhf_fast`` / ``materialise`` and the same at top-p 0.9 (top-k off;
+Real shapes (``--real``, issue 35: the settings of ``ppo.use_linear_logprobs``): the library's
+paths only, ``rlhf_fast`` (true: the fused op) / ``materialise`` (false: stored logits) / ``auto``
+(the stored path in checkpointed row chunks of 256 MB of logits) and the first two at top-p 0.9 (top-k off;
 ``materialise_top_p`` is ``gather_logprobs(h @ w.T, top_p=0.9)``, what the unfused policy runs), at
 Qwen2-0.5B's head (H 896, V 151,936) and Llama-3.2-1B's (H 2,048, V 128,256), 256 / 1,024 / 4,096
 tokens, float32 and bfloat16 (bf16 only where the CPU has native bf16 matmuls). Each (impl, pass)
@@ -131,8 +132,28 @@ FILTERED_IMPLS = {
 
 
 REAL_TOP_P = 0.9
+class _Head(torch.nn.Module):
+    """A bias-free head around a given (V, H) weight (a plain tensor: the benchmark owns it)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight, self.out_features = weight, weight.shape[0]
+
+    def forward(self, h):
+        return torch.nn.functional.linear(h, self.weight)
+
+
+def auto_chunked(h, w, y):
+    """``ppo.use_linear_logprobs: auto`` at the default budget: the stored path, in checkpointed row
+    chunks of 256 MB of logits when the call's would exceed that (models/heads.py)."""
+    from rlhf_fast.models.heads import DEFAULT_LOGITS_BUDGET_MB, logprobs_from_hidden
+
+    return logprobs_from_hidden(h, _Head(w), y, use_linear_logprobs="auto", logits_budget_mb=DEFAULT_LOGITS_BUDGET_MB)
+
+
 REAL_IMPLS = {
     "rlhf_fast": lambda h, w, y: ops.linear_logprobs(h, w, y),
+    "auto": auto_chunked,
     "materialise": materialise,
     "rlhf_fast_top_p": lambda h, w, y: ops.linear_logprobs(h, w, y, top_p=REAL_TOP_P),
     "materialise_top_p": lambda h, w, y: ops.gather_logprobs(h @ w.T, y, top_p=REAL_TOP_P),

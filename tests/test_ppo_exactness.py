@@ -128,23 +128,23 @@ def test_first_minibatch_ratio_exactly_one(threads, isa, load):
 
 def _auto_case(base) -> dict:
     from rlhf_fast.algos import PRESETS, RunningMoments
-    policy_mod = sys.modules["rlhf_fast.models.policy"]  # the package's ``policy`` name is not this module
+    heads_mod = sys.modules["rlhf_fast.models.heads"]
     from rlhf_fast.trainers import ppo_core
 
     B, n_mb, micro = 8, 2, 3
     hp = PRESETS["tldr"].replace(num_minibatches=n_mb, micro_batch_size=micro, num_epochs=1)
     rollout = _rollout(B, seed=2)
     seen = []
-    real = policy_mod.use_fused_head
+    real = heads_mod.chunk_rows
 
     def spy(*args):
         seen.append(real(*args))
         return seen[-1]
 
-    policy_mod.use_fused_head = spy
+    heads_mod.chunk_rows = spy
     try:
         policy, ref = copy.deepcopy(base), copy.deepcopy(base).eval()
-        for p in (policy, ref):  # between a 1-row micro-batch's logits (<= 6 x 48 x 4 B) and a 3-row one's
+        for p in (policy, ref):  # between a 1-row micro-batch's logits (<= 6 x 48 x 4 B) and a 3-row one's:
             p.use_linear_logprobs, p.logits_budget_mb = "auto", 1500 / 2**20
         gen = torch.Generator().manual_seed(0)
         plan = ppo_core.first_epoch_plan(gen, B, hp)
@@ -154,8 +154,9 @@ def _auto_case(base) -> dict:
         st = ppo_core.TorchStepper(policy, torch.optim.Adam(policy.parameters(), lr=1e-3))
         stats = ppo_core.ppo_update(st, exp, hp, kl_coef=0.05, generator=gen)
     finally:
-        policy_mod.use_fused_head = real
-    return {"auto budget both paths taken": True in seen and False in seen,
+        heads_mod.chunk_rows = real
+    # None: a call's logits fit the budget (one piece); an int: chunks of that many rows
+    return {"auto budget both paths taken": None in seen and any(isinstance(r, int) for r in seen),
             f"auto budget B={B} mb={n_mb} micro={micro}": _exact(stats[0])}
 
 

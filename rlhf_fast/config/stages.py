@@ -329,15 +329,18 @@ class PPOConfig:
     always ``ops.linear_logprobs`` (the LM-head matmul fused, logits never stored whole; works
     under ZeRO-3); false: the logits of the whole micro-batch, (micro_batch, R, V), are formed and
     kept for the backward (1.2 GB per 2,048-token sequence at V = 151,936 in float32); "auto"
-    (default): per LM-head call, fused when those logits (rows x V x element size) would exceed
-    ``logits_budget_mb``, stored below it (docs/architecture.md "Log-probs from hidden states").
-    The choice depends on the rows' count only: a micro-batch's old, new and reference log-probs
-    take the same path, and the first minibatch's ratio stays exactly 1. Issue 35: real shapes
-    never store tokens x V logits, small ones keep the stored path's numbers."""
+    (default): per LM-head call, when those logits (rows x V x element size) would exceed
+    ``logits_budget_mb``, the stored path in row chunks that fit it, each under activation
+    checkpointing (its logits formed in its forward and again in its backward), else the whole call
+    stored (docs/architecture.md "Log-probs from hidden states"). The choice depends on the rows'
+    count only: a micro-batch's old, new and reference log-probs are taken the same way, and the
+    first minibatch's ratio stays exactly 1. Issue 35: real shapes never store tokens x V logits,
+    small ones keep the stored path's numbers, and bf16 keeps bf16 GEMMs (the fused op computes in
+    float32: 3-12x the stored path's time in bf16 on a CPU)."""
     logits_budget_mb: float = 256.0
-    """The logits budget of ``use_linear_logprobs: auto``, in MB (2**20 bytes). 256 (441 tokens at
-    V = 151,936 in float32, 883 in bf16): chosen from benchmarks/bench_linear_logprob.py --real
-    (README "What fits where"): above it the stored logits outweigh any time the fused op costs."""
+    """The logits budget of ``use_linear_logprobs: auto``, in MB (2**20 bytes): the most logits one
+    chunk forms. 256 (441 tokens at V = 151,936 in float32, 883 in bf16): no larger than the head's
+    own (V, H) weight gradient at Qwen2-0.5B's shape, so the logits at most double the head's memory."""
     packing: Optional[bool] = None
     """Run every model forward of this stage on packed sequences (``rlhf_fast/models/packing.py``:
     the valid tokens only, attention confined to each sequence; docs/architecture.md "Packed

@@ -111,15 +111,55 @@ def logits_bytes(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
 
 
 def use_fused_head(mode, hidden: torch.Tensor, lm_head: nn.Module, logits_budget_mb: float) -> bool:
-    """Whether the call on ``hidden`` (..., H) takes ``ops.linear_logprobs``: True / False as given;
-    "auto" when the logits it would otherwise form, rows x V x element size, exceed
-    ``logits_budget_mb`` MB (2**20 bytes). A function of the rows' count only, so one micro-batch's
-    policy log-probs take the same path in the scoring pass, the reference and the update."""
+    """Whether the call on ``hidden`` (..., H) takes ``ops.linear_logprobs``: only ``mode`` True
+    ("auto" never does: ``chunk_rows`` splits its calls instead)."""
+    return mode is True
+
+
+def chunk_rows(mode, hidden: torch.Tensor, lm_head: nn.Module, logits_budget_mb: float) -> int | None:
+    """Rows per chunk of the stored path under "auto" when the call's logits, rows x V x element
+    size, would exceed ``logits_budget_mb`` MB (2**20 bytes): as many rows as fit the budget (at
+    least one); None (one piece, the plain stored path) otherwise, or when ``mode`` is not "auto".
+    A function of the rows' count only, so one micro-batch's policy log-probs are taken the same way
+    in the scoring pass, the reference and the update."""
     if mode != "auto":
-        return bool(mode)
+        return None
     rows = hidden.numel() // max(hidden.shape[-1], 1)
     dtype = torch.promote_types(hidden.dtype, lm_head.weight.dtype)
-    return logits_bytes(rows, head_out_features(lm_head), dtype) > logits_budget_mb * 2**20
+    per_row = logits_bytes(1, head_out_features(lm_head), dtype)
+    budget = logits_budget_mb * 2**20
+    if rows * per_row <= budget:
+        return None
+    return max(1, int(budget // per_row))
+
+
+def _stored_logprobs(hidden, lm_head, labels, **kw):
+    from rlhf_fast.ops import gather_logprobs
+
+    # A sliced (non-contiguous) hidden makes torch fall back from one GEMM to a batched matmul
+    # for frozen weights (2.25x slower on CPU, measured in bench_ppo): the copy is (..., H), small.
+    return gather_logprobs(lm_head(hidden.contiguous()), labels, **kw)
+
+
+def _chunked_stored_logprobs(hidden, lm_head, labels, rows: int, **kw):
+    """The stored path on ``rows`` rows at a time; with gradients, each chunk under activation
+    checkpointing (``torch.utils.checkpoint``, non-reentrant), so its logits exist only inside its
+    own forward and again inside its backward: memory rows x V instead of tokens x V, for one more
+    head forward per chunk in the backward. Each chunk's numbers are the stored path's on those rows
+    (the same GEMM on a slice of them, the same gather_logprobs)."""
+    from torch.utils.checkpoint import checkpoint
+
+    lead = labels.shape
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    parts = []
+    for r0 in range(0, y.numel(), rows):
+        hc, yc = h[r0 : r0 + rows], y[r0 : r0 + rows]
+        out = (checkpoint(_stored_logprobs, hc, lm_head, yc, use_reentrant=False, **kw) if grad
+               else _stored_logprobs(hc, lm_head, yc, **kw))
+        parts.append(out if isinstance(out, tuple) else (out,))
+    joined = [torch.cat(p).reshape(lead) for p in zip(*parts)]
+    return tuple(joined) if kw.get("return_entropy") else joined[0]
 
 
 def _linear_logprobs_op():
@@ -159,20 +199,15 @@ def logprobs_from_hidden(
 
     _checks.check_tensor("hidden", hidden, floating=True, min_dim=1)
     check_linear_logprob_mode(use_linear_logprobs, logits_budget_mb)
-    fused = use_fused_head(use_linear_logprobs, hidden, lm_head, logits_budget_mb)
-    op = _linear_logprobs_op() if fused else None
+    kw = dict(temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index, top_k=top_k,
+              top_p=top_p)
+    op = _linear_logprobs_op() if use_fused_head(use_linear_logprobs, hidden, lm_head, logits_budget_mb) else None
     if op is not None and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
-        return op(
-            hidden, lm_head.weight, labels, temperature=temperature,
-            return_entropy=return_entropy, ignore_index=ignore_index, top_k=top_k, top_p=top_p,
-        )
-    # A sliced (non-contiguous) hidden makes torch fall back from one GEMM to a batched matmul
-    # for frozen weights (2.25x slower on CPU, measured in bench_ppo): the copy is (..., H), small.
-    logits = lm_head(hidden.contiguous())
-    return gather_logprobs(
-        logits, labels, temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
-        top_k=top_k, top_p=top_p,
-    )
+        return op(hidden, lm_head.weight, labels, **kw)
+    rows = chunk_rows(use_linear_logprobs, hidden, lm_head, logits_budget_mb)
+    if rows is not None:
+        return _chunked_stored_logprobs(hidden, lm_head, labels, rows, **kw)
+    return _stored_logprobs(hidden, lm_head, labels, **kw)
 
 
 class FusedHeadLogprobs(nn.Module):

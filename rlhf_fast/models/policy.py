@@ -107,10 +107,10 @@ class Policy(nn.Module):
 
     ``model`` stays a plain Hugging Face model (``policy.model.generate`` works); the value head,
     when present, is zero-initialised ("The N Implementation Details of RLHF with PPO" #11).
-    ``use_linear_logprobs`` computes log-probs with ``ops.linear_logprobs`` straight from the
-    hidden state when that op exists, never storing the logits; "auto" does so for a call whose
-    logits would exceed ``logits_budget_mb`` (``heads.use_fused_head``; docs/architecture.md
-    "Log-probs from hidden states"), and stores them below it.
+    ``use_linear_logprobs`` True computes log-probs with ``ops.linear_logprobs`` straight from the
+    hidden state when that op exists, never storing the logits; "auto" stores them, in row chunks
+    that fit ``logits_budget_mb`` under activation checkpointing when a call's logits would exceed it
+    (``heads.chunk_rows``; docs/architecture.md "Log-probs from hidden states").
     """
 
     def __init__(self, model: PreTrainedModel, *, value_head: bool = False, use_linear_logprobs: bool | str = "auto",
@@ -233,12 +233,14 @@ class Policy(nn.Module):
         return PolicyLogProbs(logprobs=logprobs, entropy=entropy, values=values, hidden=hidden)
 
     def _head_logprobs(self, hidden, labels, **kw):
-        """The LM head's log-probs of ``labels`` from ``hidden`` (..., H): fused or through stored
-        logits, decided per call from the rows' count (``use_fused_head``)."""
+        """The LM head's log-probs of ``labels`` from ``hidden`` (..., H): the fused op (``true``), the
+        stored logits (``false``), or under "auto" the stored logits in row chunks that fit
+        ``logits_budget_mb`` (``heads.chunk_rows``, decided per call from the rows' count)."""
         if use_fused_head(self.use_linear_logprobs, hidden, self.lm_head, self.logits_budget_mb):
             self.fused_head.register_zero3_weight()
             return self.fused_head(hidden, labels, **kw)
-        return logprobs_from_hidden(hidden, self.lm_head, labels, **kw)
+        return logprobs_from_hidden(hidden, self.lm_head, labels, use_linear_logprobs=self.use_linear_logprobs,
+                                    logits_budget_mb=self.logits_budget_mb, **kw)
 
 
 def _head_on_targets(head, hidden, labels, **kw):
