@@ -29,11 +29,13 @@ ratios (p20 / p80 beside it). The JSON record ``results/peer_trl_grid_cpu_<CPU>_
 every point (both sides' phases, response lengths, peak RSS, per-pair ratios, ``uptime`` before and
 after), the range over the grid and the median ratio along each axis; a plot goes beside it.
 
-Sizes (B = 16, R = 32, 2 minibatches, 2 epochs, 3 iterations, 2 pairs by default) keep the whole grid
-near 20 minutes on 2 quiet cores: the 12x512 points at V = 151,936 hold 0.2 B-parameter policies
-(0.3 B trained with the critic) and take most of it. The held-out harness's B = 64, R = 48, 4 epochs at
-its own point: ``peer_trl_ppo.py``-sized runs with ``--batch 64 --resp-len 48 --epochs 4 --shapes 6x256
---vocabs 1024``. Never run in CI (a ``peer_*`` name: pytest does not collect it).
+Sizes (B = 8, R = 16, 2 minibatches, 2 epochs, 3 iterations of which 2 are kept, 2 pairs by
+default): at B = 16, R = 32 one pair of the 12x512, V = 151,936 point alone took 7 minutes here (0.2 B-
+parameter policy, 0.3 B trained with the critic; ~65-85 s per iteration), so the whole grid would
+have taken hours. Small B and R weigh per-token and per-iteration overheads (HF generate's Python
+loop, TRL's gc.collect) more than B = 64, R = 48 does: the ratios here are not the ratios at the
+held-out harness's size. That size at its own point: ``--batch 64 --resp-len 48 --epochs 4 --shapes
+6x256 --vocabs 1024``. Never run in CI (a ``peer_*`` name: pytest does not collect it).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def run_point(args, point: dict, inputs: dict, env: dict, work: Path) -> dict:
     spec = {**side_inputs, "batch": args.batch, "resp_len": args.resp_len, "minibatches": args.minibatches,
             "epochs": args.epochs, "iters": args.iters, "threads": args.threads, "temperature": TEMPERATURE,
             "kl_coef": 0.05, "lr": args.lr, "adam_eps": 1e-5, "seed": 1, "missing_eos_penalty": 1.0,
-            "precision": point["precision"], "skip_final_save": True,
+            "precision": point["precision"], "skip_final_save": True, "trl_optim": args.trl_optim,
             "overrides": peer.rlhf_fast_overrides(ns, side_inputs)}
     sides = {"trl": (args.trl_python, HERE / "peers" / "trl_ppo_runner.py", env),
              "rlhf_fast": (sys.executable, HERE / "peers" / "rlhf_fast_ppo_runner.py", peer.checkout_env(env))}
@@ -120,6 +122,7 @@ def run_point(args, point: dict, inputs: dict, env: dict, work: Path) -> dict:
                        for impl in runs},
            "peak_rss_mb": {impl: round(summary[impl]["peak_rss_mb"], 1) for impl in runs},
            "load_s": {impl: round(summary[impl]["load_s"], 2) for impl in runs},
+           "trl_optimizer": runs["trl"][0].get("optimizer"),  # fused AdamW unless --trl-optim says otherwise
            "trl_resp_len_max": [it.get("resp_len_max") for r in runs["trl"] for it in r["iterations"][1:]],
            "rlhf_fast_resp_len_mean": [it.get("resp_len_mean") for r in runs["rlhf_fast"]
                                        for it in r["iterations"][1:]],
@@ -171,6 +174,22 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(points: list[dict]) -> str:
+    """One row per point: both sides' s/iteration (p50), the ratio (median of pair ratios, p20-p80), the
+    rollout and update ratios, the response lengths each side saw."""
+    out = ["| shape | V | lengths | precision | TRL s/it | rlhf_fast s/it | TRL / rlhf_fast (p20-p80) | rollout | update "
+           "| TRL longest / ours mean response |", "|" + "---|" * 10]
+    for p in points:
+        s, r, ph = p["seconds"], p["ratio"], p["phase_ratios_of_medians"]
+        lens = [x for x in p["trl_resp_len_max"] if x is not None]
+        ours = [x for x in p["rlhf_fast_resp_len_mean"] if x is not None]
+        out.append(f"| {p['shape']} | {p['vocab']:,} | {p['lengths']} | {p['precision']} | "
+                   f"{s['trl']['iteration']['p50']:.2f} | {s['rlhf_fast']['iteration']['p50']:.2f} | "
+                   f"**{r['p50']:.2f}x** ({r['p20']:.2f}-{r['p80']:.2f}) | {ph['rollout']:.2f}x | {ph['update']:.2f}x | "
+                   f"{max(lens) if lens else '-'} / {statistics.mean(ours) if ours else 0:.1f} |")
+    return "\n".join(out)
+
+
 def result_rows(points: list[dict], args, dev: dict) -> list[dict]:
     rows = []
     for p in points:
@@ -204,9 +223,18 @@ def parse_args(argv=None):
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "rlhf_fast",
                                                          "peer_trl_grid_inputs"))
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", peer.DEFAULT_TRL_PYTHON))
+    p.add_argument("--trl-optim", default=None,
+                   help="TRL's PPOConfig.optim (default: transformers' own, adamw_torch_fused with torch >= 2.8; "
+                        "adamw_torch steps with the per-tensor AdamW loop that rlhf_fast uses on a CPU)")
     p.add_argument("--note", default="", help="recorded with the results (e.g. 'under load: shared machine')")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--table", metavar="RECORD", help="print RECORD's points as a markdown table and exit")
     args = p.parse_args(argv)
+    if args.table:
+        points = json.loads(Path(args.table).read_text())["config"]["points"]
+        print(markdown_table(points))
+        print(json.dumps(summarise_grid(points), indent=1))
+        sys.exit(0)
     if args.batch % args.minibatches:
         p.error("--batch must be a multiple of --minibatches")
     if args.iters < 2:

@@ -372,6 +372,9 @@ def main(argv=None):
                    help="users (default): each side with the malloc its users get (rlhf_fast sets its policy on "
                         "import, rlhf_fast/_malloc.py; TRL runs on glibc's defaults); same: both with rlhf_fast's "
                         "policy through MALLOC_* variables (the setting of the records before issue 35)")
+    p.add_argument("--trl-optim", default=None,
+                   help="TRL's PPOConfig.optim (default: transformers' own, adamw_torch_fused with torch >= 2.8; "
+                        "adamw_torch steps with the per-tensor AdamW loop that rlhf_fast uses on a CPU)")
     p.add_argument("--replica-reps", type=int, default=3, help="bench_ppo.py repetitions (0: skip the replica)")
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
                                                          "rlhf_fast", "peer_trl_inputs"))
@@ -408,6 +411,7 @@ def main(argv=None):
             "batch": args.batch, "resp_len": args.resp_len, "minibatches": args.minibatches, "epochs": args.epochs,
             "iters": args.iters, "threads": args.threads, "temperature": 0.7, "kl_coef": 0.05, "lr": args.lr,
             "adam_eps": 1e-5, "seed": 1, "missing_eos_penalty": 1.0, "precision": args.precision,
+            "trl_optim": args.trl_optim,
             "overrides": rlhf_fast_overrides(args, inputs)}
     work = Path(tempfile.mkdtemp(prefix="peer_trl_ppo_"))
     runs = {"trl": [], "rlhf_fast": []}
