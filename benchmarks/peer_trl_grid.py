@@ -30,7 +30,7 @@ every point (both sides' phases, response lengths, peak RSS, per-pair ratios, ``
 after), the range over the grid and the median ratio along each axis; a plot goes beside it.
 
 Sizes (B = 8, R = 16, 2 minibatches, 2 epochs, 3 iterations of which 2 are kept, 2 pairs by
-default): at B = 16, R = 32 one pair of the 12x512, V = 151,936 point alone took 7 minutes here (0.2 B-
+default): at B = 16, R = 32 one pair of the 12x512, V = 151,936 point alone took 7 minutes here, under load (0.2 B-
 parameter policy, 0.3 B trained with the critic; ~65-85 s per iteration), so the whole grid would
 have taken hours. Small B and R weigh per-token and per-iteration overheads (HF generate's Python
 loop, TRL's gc.collect) more than B = 64, R = 48 does: the ratios here are not the ratios at the
