@@ -53,6 +53,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # this checkout's rlhf_fast, not another one the venv may have installed
 import _common  # noqa: E402
 
 DEFAULT_TRL_PYTHON = "/work/trlvenv/bin/python"
@@ -255,6 +256,13 @@ def rlhf_fast_overrides(args, inputs: dict) -> list[str]:
     return out
 
 
+def checkout_env(env: dict) -> dict:
+    """``env`` with this checkout first on PYTHONPATH: the rlhf_fast child runs this repository's code even
+    when the venv has another checkout installed (a git worktree beside the main one)."""
+    repo = str(HERE.parent)
+    return {**env, "PYTHONPATH": os.pathsep.join([repo, *filter(None, [env.get("PYTHONPATH")])])}
+
+
 def run_child(python: str, runner: Path, spec: dict, work: Path, env: dict, tag: str) -> dict:
     """One runner process; its own JSON plus the peak RSS of that child from ``os.wait4``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -364,6 +372,9 @@ def main(argv=None):
                    help="users (default): each side with the malloc its users get (rlhf_fast sets its policy on "
                         "import, rlhf_fast/_malloc.py; TRL runs on glibc's defaults); same: both with rlhf_fast's "
                         "policy through MALLOC_* variables (the setting of the records before issue 35)")
+    p.add_argument("--trl-optim", default=None,
+                   help="TRL's PPOConfig.optim (default: transformers' own, adamw_torch_fused with torch >= 2.8; "
+                        "adamw_torch steps with the per-tensor AdamW loop that rlhf_fast uses on a CPU)")
     p.add_argument("--replica-reps", type=int, default=3, help="bench_ppo.py repetitions (0: skip the replica)")
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"),
                                                          "rlhf_fast", "peer_trl_inputs"))
@@ -395,20 +406,22 @@ def main(argv=None):
     if args.allocator == "same":  # rlhf_fast/_malloc.py's policy, given to both sides
         env.update(MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
     t_all = time.perf_counter()
-    inputs = build_inputs(args, env)
+    inputs = build_inputs(args, checkout_env(env))
     spec = {"policy_dir": inputs["policy_dir"], "reward_dir": inputs["reward_dir"], "prompts": inputs["prompts"],
             "batch": args.batch, "resp_len": args.resp_len, "minibatches": args.minibatches, "epochs": args.epochs,
             "iters": args.iters, "threads": args.threads, "temperature": 0.7, "kl_coef": 0.05, "lr": args.lr,
             "adam_eps": 1e-5, "seed": 1, "missing_eos_penalty": 1.0, "precision": args.precision,
+            "trl_optim": args.trl_optim,
             "overrides": rlhf_fast_overrides(args, inputs)}
     work = Path(tempfile.mkdtemp(prefix="peer_trl_ppo_"))
     runs = {"trl": [], "rlhf_fast": []}
     sides = {"trl": (args.trl_python, HERE / "peers" / "trl_ppo_runner.py"),
              "rlhf_fast": (sys.executable, HERE / "peers" / "rlhf_fast_ppo_runner.py")}
+    envs = {"trl": env, "rlhf_fast": checkout_env(env)}
     for pair in range(args.pairs):
         for impl in ("trl", "rlhf_fast"):
             python, runner = sides[impl]
-            res = run_child(python, runner, spec, work / f"{impl}_{pair}", env, impl)
+            res = run_child(python, runner, spec, work / f"{impl}_{pair}", envs[impl], impl)
             runs[impl].append(res)
             its = [round(it["iteration_s"], 2) for it in res["iterations"]]
             print(f"pair {pair} {impl:9s} s/iteration {its}  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)

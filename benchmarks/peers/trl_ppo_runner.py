@@ -8,7 +8,7 @@ never collected by pytest (no ``test_`` / ``bench_`` name) and never run in CI.
 SPEC (written by peer_trl_ppo.py): policy_dir, reward_dir (an AutoModelForSequenceClassification
 directory with num_labels 1; the value model is a second copy of it: critic from the RM), prompts
 (a JSONL of {"prompt"}), batch, resp_len, minibatches, epochs, iters, threads, temperature, kl_coef,
-lr, adam_eps, seed, missing_eos_penalty, work_dir.
+lr, adam_eps, seed, missing_eos_penalty, work_dir; optional trl_optim (PPOConfig.optim).
 
 Timing hooks (no TRL code is changed; the train loop is TRL's own):
   iteration  between consecutive ``on_step_end`` callbacks (the first from ``on_train_begin``): the
@@ -95,6 +95,10 @@ def main(spec_path: str, out_path: str) -> None:
         seed=spec["seed"],
         use_cpu=True,
         dataloader_num_workers=0,
+        # TRL's optimizer is transformers' default (torch >= 2.8: "adamw_torch_fused", one fused kernel per
+        # step, also on a CPU) unless the spec names another ("adamw_torch": torch's per-tensor loop, the
+        # AdamW rlhf_fast steps with on a CPU): peer_trl_ppo.py / peer_trl_grid.py --trl-optim
+        **({"optim": spec["trl_optim"]} if spec.get("trl_optim") else {}),
     )
 
     marks: list[dict] = []
@@ -162,6 +166,7 @@ def main(spec_path: str, out_path: str) -> None:
     trainer.train()
     train_s = time.perf_counter() - t0
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    inner_opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds torch's
     out = {"impl": "trl", "iterations": marks, "load_s": load_s, "train_s": train_s,
            "gc_tracked_objects": len(__import__("gc").get_objects()),  # what each gc.collect() walks
            "peak_rss_mb_self": rss_kb / 1024, "torch_threads": torch.get_num_threads(),
@@ -170,6 +175,8 @@ def main(spec_path: str, out_path: str) -> None:
                         "accelerate": __import__("accelerate").__version__,
                         "datasets": __import__("datasets").__version__},
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "optimizer": {"optim": str(args.optim), "class": type(inner_opt).__name__,
+                         "defaults": {k: str(v) for k, v in getattr(inner_opt, "defaults", {}).items()}},
            "params": {"policy": sum(p.numel() for p in policy.parameters()),
                       "value": sum(p.numel() for p in value.parameters())},
            "log_history": trainer.state.log_history}
