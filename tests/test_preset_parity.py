@@ -186,6 +186,31 @@ def test_schedule_unit_errors_and_state_round_trip():
     assert other.steps_per_unit == 4 and other.get_last_lr() == sched.get_last_lr()
 
 
+def test_fused_adamw_option():
+    """optim.fused: "auto" keeps torch's per-tensor loop on a CPU (the pinned numbers), true takes the
+    fused step, the same update to float32 rounding; a bad value is named."""
+    assert C.load_config().ppo.optim.fused == "auto"
+    cfg = C.load_config(overrides=["--ppo.optim.fused", "true", "--ppo.optim.weight_decay", "0.01"])
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(1000, generator=g)
+    grads = [torch.randn(1000, generator=g) for _ in range(5)]
+    final = {}
+    for fused in ("auto", True):
+        p = torch.nn.Parameter(w0.clone())
+        opt = dss.make_optimizer([p], C.load_config(overrides=["--ppo.optim.fused", str(fused).lower(),
+                                                               "--ppo.optim.weight_decay", "0.01"]).ppo.optim,
+                                 offload=False)
+        assert bool(opt.defaults.get("fused")) is (fused is True or torch.cuda.is_available())
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+        final[fused] = p.detach().clone()
+    assert not torch.equal(final["auto"], w0)
+    torch.testing.assert_close(final[True], final["auto"], rtol=0, atol=1e-6 * cfg.ppo.optim.lr * 1000)
+    with pytest.raises(ValueError, match="optim.fused"):
+        C.load_config(overrides=["--ppo.optim.fused", "sometimes"])
+
+
 # ---- the trainer under the preset ---------------------------------------------------------------------
 
 

@@ -218,8 +218,10 @@ def make_optimizer(params, optim: OptimConfig, *, offload: bool):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    return torch.optim.AdamW(params, **kwargs, **fused)
+    # optim.fused "auto": fused with CUDA, torch's per-tensor loop on a CPU (11x the fused step over
+    # 78 M parameters in one thread: issue 35's peer grid, benchmarks/PEERS.md); true: fused anywhere
+    fused = torch.cuda.is_available() if optim.fused == "auto" else bool(optim.fused)
+    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
 
 
 def make_scheduler(optimizer, *, optim: OptimConfig, sched: SchedulerConfig, total_steps: int,
