@@ -89,7 +89,8 @@ def _load() -> float:
 def run_point(args, point: dict, inputs: dict, env: dict, work: Path) -> dict:
     """``args.pairs`` alternated pairs of runs at one grid point; the point's summary."""
     ns = Namespace(batch=args.batch, resp_len=args.resp_len, minibatches=args.minibatches, epochs=args.epochs,
-                   iters=args.iters, lr=args.lr, precision=point["precision"], ours_old_logprobs="recompute")
+                   iters=args.iters, lr=args.lr, precision=point["precision"], ours_old_logprobs="recompute",
+                   ours_fused_adamw=args.ours_fused_adamw)
     side_inputs = {"policy_dir": inputs["policy_dirs"][point["lengths"]], "reward_dir": inputs["reward_dir"],
                    "prompts": inputs["prompts"]}
     spec = {**side_inputs, "batch": args.batch, "resp_len": args.resp_len, "minibatches": args.minibatches,
@@ -223,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--inputs-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "rlhf_fast",
                                                          "peer_trl_grid_inputs"))
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", peer.DEFAULT_TRL_PYTHON))
+    p.add_argument("--ours-fused-adamw", action="store_true",
+                   help="rlhf_fast's side with ppo.optim.fused true (torch's fused AdamW on a CPU, as TRL's default)")
     p.add_argument("--trl-optim", default=None,
                    help="TRL's PPOConfig.optim (default: transformers' own, adamw_torch_fused with torch >= 2.8; "
                         "adamw_torch steps with the per-tensor AdamW loop that rlhf_fast uses on a CPU)")

@@ -250,6 +250,8 @@ def rlhf_fast_overrides(args, inputs: dict) -> list[str]:
     }
     if args.precision == "bf16":
         o["ppo.deepspeed.dtype"] = "bf16"
+    if getattr(args, "ours_fused_adamw", False):  # torch's fused AdamW on the CPU too (optim.fused)
+        o["ppo.optim.fused"] = o["ppo.critic_optim.fused"] = "true"
     out = []
     for k, v in o.items():
         out += [f"--{k}", str(v)]
@@ -362,6 +364,8 @@ def main(argv=None):
                    help="model family of the task-size model (the default pipeline's is gpt2)")
     p.add_argument("--sft-steps", type=int, default=100)
     p.add_argument("--rm-steps", type=int, default=30)
+    p.add_argument("--ours-fused-adamw", action="store_true",
+                   help="rlhf_fast's side with ppo.optim.fused / critic_optim.fused true (torch's fused AdamW on a CPU)")
     p.add_argument("--ours-old-logprobs", default="recompute", choices=("recompute", "rollout"),
                    help="rlhf_fast's ppo.old_logprobs (rollout: from the engine, as TRL)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
