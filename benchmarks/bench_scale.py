@@ -30,7 +30,9 @@ measured GEMM rate in the same dtype and thread count (generate also: the weight
 decode step, as GB/s and percent of the copy bandwidth: at small B decoding reads every weight
 once per token). The peak rise counts memory the phase took from the OS: blocks under 32 MiB
 freed by an earlier phase are reused without a rise (rlhf_fast/_malloc.py keeps them), while
-anything of tokens x V size (logits, their gradient) is above that and shows in full. Per axis (tokens R at fixed B; batch B at
+anything of tokens x V size (logits, their gradient) is above that and shows in full: with
+``--linear-logprobs false``; the default, the library's ``auto``, forms them in checkpointed row chunks
+of at most ``ppo.logits_budget_mb`` (256 MB) once a call's would exceed it. Per axis (tokens R at fixed B; batch B at
 fixed R) a least-squares slope of log(seconds) and log(peak rise) against log(axis): the growth
 exponent, printed next to the work's own exponent. A phase whose time grows faster than its work,
 or whose memory grows with tokens x V, is what this benchmark exists to find.
@@ -90,7 +92,7 @@ class Case:
     layers: int | None = 2
     minibatches: int = 1
     micro_batch: int | None = None
-    linear_logprobs: bool = False
+    linear_logprobs: bool | str = "auto"  # ppo.use_linear_logprobs (the library's default)
     epochs: int = 4  # PRESETS["tldr"]'s; the sweeps default to 1 (the growth does not depend on it)
 
     def hf_config(self):
@@ -338,7 +340,7 @@ class Grid:
     prompt_len: int = 64
     micro_batch: int | None = 2
     epochs: int = 1
-    linear_logprobs: bool = False
+    linear_logprobs: bool | str = "auto"
     reps: int = 1
 
 
@@ -410,6 +412,10 @@ backbone), B = 16, R = 512, all 24 layers, PRESETS["tldr"] (4 epochs, 1 minibatc
 of 4 rows; the target is a peak resident memory within 24 GiB on 2 cores."""
 
 
+def _mode(text: str) -> bool | str:
+    return {"true": True, "false": False}.get(text, text)
+
+
 def _csv(kind):
     return lambda text: tuple(kind(x) for x in text.split(",") if x)
 
@@ -429,7 +435,9 @@ def parse(argv=None):
     p.add_argument("--micro-batch", type=int, default=g.micro_batch, help="rows per micro-batch (0: the minibatch)")
     p.add_argument("--epochs", type=int, default=None,
                    help="PPO epochs in the update (default: 1 in the sweeps; 4, the preset's, with --iteration)")
-    p.add_argument("--linear-logprobs", action="store_true", help="ppo.use_linear_logprobs (logits never stored whole)")
+    p.add_argument("--linear-logprobs", default="auto", choices=("auto", "true", "false"),
+                   help="ppo.use_linear_logprobs: auto (default: stored logits, in checkpointed row chunks above "
+                        "ppo.logits_budget_mb), true (the fused op), false (stored whole: memory grows as tokens x V)")
     p.add_argument("--reps", type=int, default=g.reps, help="timed iterations per case (the best is kept)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed iterations before the first case of each setting (default 1; --iteration: 0)")
@@ -446,7 +454,7 @@ def parse(argv=None):
     grid = Grid(models=args.models, modes=args.modes, dtypes=args.dtypes, tokens=args.tokens,
                 tokens_batch=args.tokens_batch, batches=args.batches, batch_tokens=args.batch_tokens,
                 layers=args.layers or None, prompt_len=args.prompt_len, micro_batch=args.micro_batch or None,
-                epochs=args.epochs or g.epochs, linear_logprobs=args.linear_logprobs, reps=args.reps)
+                epochs=args.epochs or g.epochs, linear_logprobs=_mode(args.linear_logprobs), reps=args.reps)
     if args.quick:
         grid = replace(grid, models=("qwen2-0.5b",), modes=("lora",), dtypes=("fp32",), tokens=(32, 64), tokens_batch=2,
                        batches=(2, 4), batch_tokens=32, layers=1, prompt_len=16)
@@ -463,7 +471,7 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (0 if args.iteration else 1)
     if args.iteration:
         case = replace(ITERATION, dtype=grid.dtypes[0], micro_batch=args.micro_batch or ITERATION.micro_batch,
-                       linear_logprobs=args.linear_logprobs, epochs=args.epochs or ITERATION.epochs)
+                       linear_logprobs=_mode(args.linear_logprobs), epochs=args.epochs or ITERATION.epochs)
         gemm = {case.dtype: round(gemm_gflops(DTYPES[case.dtype]), 1)}
         rows = [{**r, "sweep": "iteration"} for r in measure_in_child(case, grid.reps, gemm, warmup)]
         peak = max((r.get("peak_rss_mb", 0) for r in rows if r["phase"] == "memory"), default=None)
