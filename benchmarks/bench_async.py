@@ -106,7 +106,8 @@ def run_ppo(work: Path, name: str, seed: int, iterations: int, eval_every: int, 
     steady = [r["perf/iteration_s"] for r in train[1:]]
     phase = lambda *ks: statistics.mean(sum(r.get(f"time/{k}_s", 0.0) for k in ks) for r in train[1:])  # noqa: E731
     phases = {k: round(phase(k), 4) for k in ("generate", "score", "logprobs", "advantages", "train")}
-    return {"impl": name, "seed": seed, "threads_per_process": threads, "iterations": len(train), "wall_s": round(wall, 2),
+    return {"impl": name, "seed": seed, "threads_per_process": threads, "iterations": len(train),
+            "wall_s": round(wall, 2) if wall is not None else None,
             "iterations_per_s": round(len(steady) / sum(steady), 4),
             "gen_score_s": round(phase("generate", "score"), 4),
             "trainer_s": round(phase("logprobs", "advantages", "train"), 4), "phases_s": phases,
