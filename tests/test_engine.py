@@ -5,6 +5,8 @@ copies, mode restoration, KV-buffer reuse, and bad input."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -288,6 +290,21 @@ def test_lm_head_gets_a_contiguous_input_while_generating():
     head.weight.requires_grad_(True)
     trained = engine.generate(ids, mask, SamplingParams(max_new_tokens=4, do_sample=False, seed=0))
     assert torch.equal(frozen.sequences, trained.sequences) and torch.equal(frozen.logprobs, trained.logprobs)
+
+
+def test_logits_to_keep_is_seen_through_a_peft_wrapper():
+    """A ``PeftModel``'s forward takes ``**kwargs``: the decoders still ask the model it wraps for the
+    last position's logits only (generator.DecoderContext.logits_to_keep)."""
+    peft = pytest.importorskip("peft")
+    from rlhf_fast.engine.cache import KVBufferPool
+    from rlhf_fast.engine.generator import DecoderContext, EngineStats
+
+    model = _model("llama")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ctx = lambda lm: DecoderContext(lm=lm, config=model.config, pad_token_id=PAD, max_seq_len=32,  # noqa: E731
+                                    kv_pool=KVBufferPool(2, 32), stats=EngineStats())
+    assert "logits_to_keep" not in inspect.signature(wrapped.forward).parameters
+    assert ctx(wrapped).logits_to_keep and ctx(model).logits_to_keep
 
 
 def test_bad_inputs():

@@ -134,14 +134,13 @@ class DecoderContext:
     share_prefill: bool = True
     """identical consecutive prompts share one prefill (eager path; ``engine/prefix_share.py``)."""
     kv_bucket: Optional[int] = None
+    zero3: bool = False
 
     @property
     def logits_to_keep(self) -> bool:
         """Whether the model takes ``logits_to_keep`` (then the decoders ask for the last position's
-        logits only). A PEFT wrapper's forward takes ``**kwargs`` and hands them to the model it wraps:
-        that model's signature decides. Without this, a LoRA policy's prefill formed the logits of
-        every prompt position (B x P x V; issue 35: 15 of the 17 s of a 16-token generate at
-        Qwen2-0.5B's V = 151,936, B = 8, P = 64)."""
+        logits only). A PEFT ``PeftModel``'s forward takes ``**kwargs`` and hands them to the model
+        it wraps: that model's signature decides (its own would say no)."""
         lm = self.lm
         while True:
             if "logits_to_keep" in inspect.signature(lm.forward).parameters:
@@ -150,7 +149,6 @@ class DecoderContext:
             if inner is None or inner is lm:
                 return False
             lm = inner
-    zero3: bool = False
 
     def __post_init__(self):
         b = self.kv_bucket
