@@ -356,7 +356,7 @@ std::tuple<const float*, float, bool, float> load_row(const scalar_t* x, int64_t
 // ---- top-p on flat rows: a bracket from a sample, then one pass (issue 35) ----------------------
 //
 // top_p_histogram costs a scalar histogram of every token's mass, ~2.5x the whole unfiltered
-// log-prob op at V = 151,936. Instead: every kStride-th token of the row (the sample; the collected
+// log-prob op at V = 151,936. Instead: one token in kStride of the row, in runs of kSampleRun ids (the sample; the collected
 // candidates above the scan's threshold counted exactly) estimates the mass above each bin, with its
 // standard error; the bins [lo, hi] where the crossing of p * S lies within kSigmas errors are the
 // bracket. One vectorised pass then sums the mass of the bins above the bracket (G, and with the
@@ -365,16 +365,20 @@ std::tuple<const float*, float, bool, float> load_row(const scalar_t* x, int64_t
 // runs from G over the bracket's bins. A walk that does not end inside the bracket (the sample was
 // unlucky, or the row is not flat enough for it) falls back to top_p_histogram: the cut is the
 // rule's either way, only the float64 rounding of the mass above differs (rlhf_fast/_filter.py).
-constexpr int64_t kStride = 16;
+constexpr int64_t kStride = 16;         // one token of 16 sampled
+constexpr int64_t kSampleRun = 16;       // in runs of 16 consecutive ids (one 64-byte line of floats)
 constexpr int64_t kMinBracketV = 16384;  // below: top_p_histogram (a sample of < 1,024 tokens)
 constexpr double kSigmas = 4.0;
 
 // The bracket's bins from the sample; false when it would hold more than a quarter of the row.
 bool bracket_bins(const float* z, int64_t V, float m, float kth, float thr, size_t n_cand, double pS,
                   Scratch& s, int64_t* lo, int64_t* hi) {
-  const int64_t ns = (V + kStride - 1) / kStride;
-  s.samp.resize(static_cast<size_t>(ns));
-  for (int64_t i = 0; i < ns; ++i) s.samp[i] = z[i * kStride];
+  // the sample: the first kSampleRun tokens of every kStride * kSampleRun (whole cache lines, not
+  // one float per line: a strided gather of single floats cost more than the rest of the bracket)
+  int64_t ns = 0;
+  s.samp.resize(static_cast<size_t>((V / (kStride * kSampleRun) + 1) * kSampleRun));
+  for (int64_t j0 = 0; j0 < V; j0 += kStride * kSampleRun)
+    for (int64_t j = j0; j < std::min(V, j0 + kSampleRun); ++j, ++ns) s.samp[ns] = z[j];
   const fVec mv(m), inv(kInvWidth), last(static_cast<float>(kBins - 1));
   int64_t i = 0;
   for (; i + kW <= ns; i += kW) {

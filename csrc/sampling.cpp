@@ -14,7 +14,7 @@
 //     top-k, 128 for top-p): the k-th value by nth_element on those; a peaked row's top-p walk
 //     (e_j = exp(z_j - m), csrc/vec_math.h's vexp_nonpos, float64 mass from the top against p * S)
 //     ends among them;
-//   - other top-p rows: bins of (m - z); a sample of every 16th token brackets the bin where the mass
+//   - other top-p rows: bins of (m - z); a sample of 1 token in 16 brackets the bin where the mass
 //     from the top reaches p * S, one pass sums the bins above and keeps the bracket's tokens; rows
 //     where the bracket fails (flat rows: too wide) take a float64 histogram of every token's mass;
 //     only the crossing bin's tokens (and, if rounding says so, the next bins') are sorted, by
