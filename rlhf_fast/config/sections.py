@@ -99,6 +99,11 @@ class OptimConfig:
     CPU Adam)."""
 
 
+def fused_adamw(fused, cuda_available: bool) -> bool:
+    """Whether ``OptimConfig.fused`` takes torch's fused AdamW: "auto" where CUDA is present, else as set."""
+    return cuda_available if fused == "auto" else bool(fused)
+
+
 @dataclass
 class SchedulerConfig:
     """Learning-rate schedule: linear warm-up from 0, then decay to ``min_lr_ratio * lr``."""

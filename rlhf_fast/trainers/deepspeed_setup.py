@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from rlhf_fast.algos.schedules import LR_SCHEDULE_UNITS, lr_factor
 from rlhf_fast.config import BatchPlan, DeepSpeedConfig, OptimConfig, SchedulerConfig
+from rlhf_fast.config.sections import fused_adamw
 from rlhf_fast.models.precision import PRECISIONS, cpu_has_fast_matmul
 
 SEED_STRIDE = 100003  # N details #6: a different seed per process
@@ -220,7 +221,7 @@ def make_optimizer(params, optim: OptimConfig, *, offload: bool):
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     # optim.fused "auto": fused with CUDA, torch's per-tensor loop on a CPU (11x the fused step over
     # 78 M parameters in one thread: issue 35's peer grid, benchmarks/PEERS.md); true: fused anywhere
-    fused = torch.cuda.is_available() if optim.fused == "auto" else bool(optim.fused)
+    fused = fused_adamw(optim.fused, torch.cuda.is_available())
     return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
 
 
